@@ -1,0 +1,82 @@
+"""Typed errors. Every error has a stable ``code`` the API returns as ``{"error": {"code", ...}}``.
+
+Catch only what you mean: the OOM ladder catches ``torch.OutOfMemoryError`` and nothing wider.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TrinityError(Exception):
+    """Base class. ``code`` is stable; ``message`` is for humans; ``details`` is JSON-able."""
+
+    code = "trinity_error"
+    retryable = False
+
+    def __init__(self, message: str, *, details: Any = None, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.details = details
+        self.param = param
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"code": self.code, "message": self.message, "param": self.param}
+        if self.details is not None:
+            out["details"] = self.details
+        return out
+
+
+class SpecError(TrinityError):
+    """The job spec is invalid. ``details`` lists every problem: ``[{"loc": "lora.r", "msg": ...}]``."""
+
+    code = "invalid_spec"
+
+
+class DatasetError(TrinityError):
+    """The dataset is unreadable or has invalid rows. ``details`` lists every problem found."""
+
+    code = "invalid_dataset"
+
+
+class HubDownloadError(TrinityError):
+    """A model or dataset could not be fetched from the hub. Transient: the worker may retry."""
+
+    code = "hub_download_failed"
+    retryable = True
+
+
+class BackendUnavailable(TrinityError):
+    """The requested training backend cannot run here (e.g. unsloth without CUDA)."""
+
+    code = "backend_unavailable"
+
+
+class OOMLadderExhausted(TrinityError):
+    """Every rung of the OOM ladder ran out of memory. ``details`` holds the attempts."""
+
+    code = "oom_ladder_exhausted"
+
+
+class TrainingError(TrinityError):
+    """Training failed for a reason other than memory (NaN loss, data/model mismatch...)."""
+
+    code = "training_failed"
+
+
+class JobCancelled(TrinityError):
+    """The job's stop flag was raised; training stopped at a step boundary."""
+
+    code = "cancelled"
+
+
+class ExportError(TrinityError):
+    """Merging, GGUF conversion or quantisation failed."""
+
+    code = "export_failed"
+
+
+class ArtifactError(TrinityError):
+    """An artifact could not be written (disk full, permission...)."""
+
+    code = "artifact_write_failed"

