@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trinity_core.errors import SpecError
 
@@ -93,12 +93,13 @@ class LoraSpec(_Part):
     use_rslora: bool = Field(True, description="Scale by alpha/sqrt(r) instead of alpha/r.")
     use_dora: bool = Field(True, description="Weight-decomposed LoRA (magnitude vector per layer).")
 
-    @model_validator(mode="after")
-    def _known_targets(self) -> LoraSpec:
-        unknown = [t for t in self.target_modules if t not in ALL_PROJECTIONS]
+    @field_validator("target_modules")
+    @classmethod
+    def _known_targets(cls, targets: list[str]) -> list[str]:
+        unknown = [t for t in targets if t not in ALL_PROJECTIONS]
         if unknown:
             raise ValueError(f"unknown target_modules {unknown}; choose from {list(ALL_PROJECTIONS)}")
-        return self
+        return list(dict.fromkeys(targets))
 
 
 class TrainSpec(_Part):

@@ -1,0 +1,81 @@
+"""Local commands around trinity_core: ``tiny-model`` and ``train``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from trinity_core.errors import TrinityError
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("tiny-model", help="write the tiny random Gemma-3 + offline tokenizer to DIR")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tiny_model)
+
+    p = sub.add_parser("train", help="run a job spec locally: train, export, report")
+    p.add_argument("spec", type=Path, help="YAML or JSON job spec")
+    p.add_argument("--workdir", type=Path, required=True)
+    p.add_argument("--json", action="store_true", help="print events as JSON lines")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_tiny_model(args) -> int:
+    from trinity_core.tiny import build_tiny_model
+
+    path = build_tiny_model(args.dir, seed=args.seed)
+    print(f"tiny Gemma-3 written to {path}")
+    return 0
+
+
+class ProgressPrinter:
+    """A one-line progress bar on a terminal; plain lines otherwise (logs, CI, pipes)."""
+
+    def __init__(self, stream=sys.stderr, as_json: bool = False):
+        self.stream = stream
+        self.tty = stream.isatty() and not as_json
+        self.as_json = as_json
+
+    def __call__(self, event) -> None:
+        if self.as_json:
+            print(json.dumps(event.to_dict()), file=self.stream, flush=True)
+            return
+        d = event.data
+        if event.type == "metrics" and self.tty:
+            step, total = d.get("step", 0), d.get("total_steps") or 1
+            filled = int(30 * step / total)
+            eta = f" eta {d['eta_s']:.0f}s" if d.get("eta_s") is not None else ""
+            line = f"\r[{'#' * filled}{'.' * (30 - filled)}] {step}/{total} loss {d['loss']:.4f}{eta}"
+            print(line, end="", file=self.stream, flush=True)
+            if step >= total:
+                print(file=self.stream)
+            return
+        prefix = {"warning": "WARNING ", "error": "ERROR "}.get(event.level, "")
+        end = "\n"
+        if self.tty:
+            print("\r\033[K", end="", file=self.stream)
+        print(f"{prefix}{event.message}", end=end, file=self.stream, flush=True)
+
+
+def cmd_train(args) -> int:
+    from trinity_core.pipeline import run_job
+    from trinity_core.spec import load_spec
+
+    try:
+        spec = load_spec(args.spec)
+        result = run_job(spec, args.workdir, ProgressPrinter(as_json=args.json))
+    except TrinityError as e:
+        print(f"error [{e.code}]: {e.message}", file=sys.stderr)
+        for d in e.details if isinstance(e.details, list) else []:
+            print(f"  - {json.dumps(d)}", file=sys.stderr)
+        return 1
+    losses = [h["loss"] for h in result.loss_history]
+    print(f"status: {result.status}")
+    print(f"rung: {result.final_rung}  settings: {json.dumps(result.final_settings)}")
+    if losses:
+        print(f"loss: {losses[0]:.4f} -> {losses[-1]:.4f} over {result.global_step} steps "
+              f"({result.train_seconds:.1f}s)")
+    print(f"workdir: {args.workdir}")
+    return 0

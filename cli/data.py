@@ -1,0 +1,202 @@
+"""``trinity validate``, ``trinity data prepare`` and ``trinity data inspect``.
+
+``add_parsers(subparsers)`` registers the commands; each sets ``func(args) -> exit code``
+(0 clean, 1 data errors or an unreadable source; argparse itself exits 2 on bad usage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from trinity_core.artifacts import atomic_file, atomic_write_json
+from trinity_core.data import DataReport, canonical_line, iter_examples, start_report, validate_source
+from trinity_core.errors import TrinityError
+from trinity_core.formats import FORMATS
+from trinity_core.sources import open_source, resolve_cli_source
+from trinity_core.spec import ModelSpec
+from trinity_core.template import show_masked
+
+DEFAULT_MAX_SEQ_LENGTH = ModelSpec.model_fields["max_seq_length"].default
+SHOWN_PER_KIND = 20  # errors of one kind printed in the human report (the JSON has up to 100)
+
+
+def add_parsers(subparsers: Any) -> None:
+    """Register ``validate`` and ``data {prepare,inspect}`` on an argparse subparsers object."""
+    v = subparsers.add_parser("validate", help="validate a dataset file and print its report",
+                              description="Check every row of FILE (JSONL, JSON, Parquet, CSV or a "
+                              "save_to_disk directory); exit 1 if any row is invalid.")  # fmt: skip
+    v.add_argument("file", help="dataset file or save_to_disk directory")
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_mapping_args(v)
+    v.set_defaults(func=cmd_validate)
+
+    d = subparsers.add_parser("data", help="prepare or inspect a dataset")
+    sub = d.add_subparsers(dest="data_command", required=True, metavar="{prepare,inspect}")
+    p = sub.add_parser("prepare", help="convert a file, save_to_disk directory or hub dataset to canonical JSONL",
+                       description="Load SOURCE, map its fields, convert to canonical chat JSONL, validate "
+                       "every row and write OUTPUT plus OUTPUT's .report.json.")  # fmt: skip
+    p.add_argument("-o", "--output", default="data/dataset.jsonl", help="canonical JSONL to write")
+    p.add_argument("--drop-invalid", action="store_true", help="write the valid rows even if some are invalid")
+    i = sub.add_parser("inspect", help="print a dataset's report and examples without writing anything")
+    for cmd, func in ((p, cmd_prepare), (i, cmd_inspect)):
+        cmd.add_argument("source", help="file, save_to_disk directory or hub dataset id (namespace/name)")
+        cmd.add_argument("--split", default="train", help="split of a hub or save_to_disk dataset")
+        cmd.add_argument("--config", help="hub dataset config (subset)")
+        cmd.add_argument("--revision", help="hub dataset revision")
+        cmd.add_argument("--examples", type=int, default=3, help="rendered examples to show")
+        cmd.add_argument("--json", action="store_true", help="print the report as JSON")
+        _add_mapping_args(cmd)
+        cmd.set_defaults(func=func)
+
+
+def _add_mapping_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", default="auto", choices=("auto",) + FORMATS, help="row format")
+    parser.add_argument("--map", action="append", type=_mapping_arg, default=[], metavar="FIELD=ROLE",
+                        help="map a source field to a role field (instruction, input, output, system, "
+                        "conversations, messages), e.g. --map question=instruction; repeatable")  # fmt: skip
+    parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer (model dir) for token counts and the loss mask")
+    parser.add_argument("--max-seq-length", type=int, metavar="N",
+                        help=f"longest row in tokens (with --tokenizer; default {DEFAULT_MAX_SEQ_LENGTH})")
+
+
+def _mapping_arg(text: str) -> tuple[str, str]:
+    src, sep, dst = text.partition("=")
+    if not (sep and src.strip() and dst.strip()):
+        raise argparse.ArgumentTypeError(f"expected FIELD=ROLE, got {text!r}")
+    return src.strip(), dst.strip()
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        tokenizer, max_len = _tokenizer(args)
+        report = validate_source(open_source(path=args.file), format=args.format, columns=dict(args.map),
+                                 tokenizer=tokenizer, max_seq_length=max_len)  # fmt: skip
+    except TrinityError as e:
+        return _error(e)
+    print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json else format_report(report))
+    return 0 if report.ok else 1
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    return _run(args, write=False)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    return _run(args, write=True)
+
+
+def _run(args: argparse.Namespace, *, write: bool) -> int:
+    out = Path(args.output) if write else None
+    try:
+        tokenizer, max_len = _tokenizer(args)
+        source = resolve_cli_source(args.source, config=args.config, split=args.split, revision=args.revision)
+        report, mapping = start_report(source, format=args.format, columns=dict(args.map))
+        shown: list[Any] = []
+        if not mapping.problems:
+            examples = iter_examples(source, mapping, report, tokenizer=tokenizer, max_seq_length=max_len)
+            if out is None:
+                shown = _consume(examples, args.examples, None)
+            else:
+                with atomic_file(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+                    shown = _consume(examples, args.examples, f)
+                    if not report.ok and not args.drop_invalid:
+                        raise _NotWritten
+        if mapping.problems and out is not None:
+            raise _NotWritten
+    except _NotWritten:
+        out = None
+    except TrinityError as e:
+        return _error(e)
+    if write:  # the report is written even when the data is not, to be read at leisure
+        report.stats["output"] = str(out) if out is not None else None
+        report_path = Path(args.output).with_suffix(".report.json")
+        atomic_write_json(report_path, report.to_dict())
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        print(format_report(report))
+        print(_format_examples(shown, tokenizer))
+        if out is not None:
+            print(f"wrote {out} ({report.stats['valid_rows']} rows) and {report_path}")
+        elif write:
+            print(f"{args.output} not written (report in {report_path}): fix the rows above, or pass "
+                  "--drop-invalid to keep only the valid rows")
+    return 0 if report.ok or (out is not None and report.stats.get("valid_rows")) else 1
+
+
+class _NotWritten(Exception):
+    """Raised inside the atomic write so the temp file is removed when there were errors."""
+
+
+def _consume(examples: Any, n: int, f: Any) -> list[Any]:
+    shown = []
+    for ex in examples:
+        if f is not None:
+            f.write(canonical_line(ex.messages))
+        if len(shown) < n:
+            shown.append(ex)
+    return shown
+
+
+def _tokenizer(args: argparse.Namespace) -> tuple[Any, int | None]:
+    if not args.tokenizer:
+        return None, None
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    except (OSError, ValueError) as e:
+        raise TrinityError(f"cannot load a tokenizer from {args.tokenizer}: {e}") from None
+    return tokenizer, args.max_seq_length or DEFAULT_MAX_SEQ_LENGTH
+
+
+def _error(e: TrinityError) -> int:
+    print(f"error: {e.message}", file=sys.stderr)
+    return 1
+
+
+def format_report(report: DataReport) -> str:
+    """A plain-text report: summary lines, then errors and warnings as a table."""
+    s, length = report.stats, report.stats.get("length") or {}
+    lines = [f"source      {report.source}", f"format      {report.format or '?'}"]
+    if report.mapping_note:
+        lines.append(f"mapping     {report.mapping_note}")
+    if s:
+        lines.append(f"{report.unit + 's':<12}{s['rows']} ({s['valid_rows']} valid, {s['invalid_rows']} invalid)")
+        if length.get("max") is not None:
+            limit = f"   max_seq_length {s['max_seq_length']}: {s['too_long']} too long" if s.get("max_seq_length") else ""
+            lines.append(f"length      {length['unit']}: p50 {length['p50']}  p95 {length['p95']}  max {length['max']}{limit}")
+        lines.append(f"duplicates  {s['duplicates']} exact (errors), {s['near_duplicates']} near (warnings)")
+    for title, items, counts in (("ERRORS", report.errors, report.error_counts),
+                                 ("WARNINGS", report.warnings, report.warning_counts)):  # fmt: skip
+        if not counts:
+            continue
+        lines += ["", f"{title} ({sum(counts.values())}: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + ")",
+                  f"  {report.unit:<7} {'field':<24} message"]  # fmt: skip
+        printed: dict[str, int] = {}
+        for item in items:
+            printed[item["kind"]] = printed.get(item["kind"], 0) + 1
+            if printed[item["kind"]] <= SHOWN_PER_KIND:
+                row = "-" if item["row"] is None else item["row"]
+                lines.append(f"  {row!s:<7} {item['field'] or '-':<24} {item['message']}")
+        for kind, n in sorted(counts.items()):
+            if n > min(printed.get(kind, 0), SHOWN_PER_KIND):
+                lines.append(f"  ... {n - min(printed.get(kind, 0), SHOWN_PER_KIND)} more {kind} (see --json)")
+    lines += ["", "OK" if report.ok else f"FAILED: {report.summary()}"]
+    return "\n".join(lines)
+
+
+def _format_examples(shown: list[Any], tokenizer: Any) -> str:
+    if not shown:
+        return ""
+    if tokenizer is None:
+        head = "\nEXAMPLES (canonical messages; pass --tokenizer DIR to see the chat template and loss mask)"
+        body = ["\n".join(f"  {m['role']:>9}: {m['content']}" for m in ex.messages) for ex in shown]
+    else:
+        head = "\nEXAMPLES (rendered with the chat template; [[...]] = trained tokens, the rest is masked out)"
+        body = [show_masked(tokenizer, ex.input_ids, ex.assistant_masks) for ex in shown]
+    return "\n".join([head] + [f"--- row {ex.row} ---\n{text}" for ex, text in zip(shown, body, strict=True)])

@@ -1,0 +1,66 @@
+"""The ladder's logic (pure) and its walk through run_job under the TRINITY_INJECT_OOM seam."""
+
+import pytest
+import torch
+
+from tests.helpers import make_spec
+from trinity_core import oom
+from trinity_core.errors import OOMLadderExhausted
+from trinity_core.pipeline import run_job
+from trinity_core.spec import JobSpec
+
+
+def test_rungs_in_seed_order_and_cumulative():
+    rungs = oom.ladder(JobSpec())
+    assert [r.name for r in rungs] == ["recipe", "seq_2048", "r_32", "dora_off", "targets_qv"]
+    last = rungs[-1].settings
+    assert (last.max_seq_length, last.r, last.use_dora, last.target_modules) == (2048, 32, False, ("q_proj", "v_proj"))
+    assert rungs[2].settings.max_seq_length == 2048  # r_32 keeps seq_2048's cut
+
+
+def test_noop_rungs_are_skipped():
+    spec = JobSpec.model_validate({"model": {"max_seq_length": 1024}, "lora": {"r": 16, "use_dora": False}})
+    assert [r.name for r in oom.ladder(spec)] == ["recipe", "targets_qv"]
+
+
+def test_disabled_ladder_has_one_rung():
+    assert len(oom.ladder(JobSpec.model_validate({"ladder": {"enabled": False}}))) == 1
+
+
+def test_is_oom_matches_only_memory_errors():
+    assert oom.is_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert oom.is_oom(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
+    assert not oom.is_oom(ValueError("out of memory"))
+    assert not oom.is_oom(RuntimeError("shape mismatch"))
+
+
+def _ladder_spec(tiny_spec):
+    # seq 4096 so that every rung of the seed's ladder changes something; 2 steps are enough.
+    return make_spec(tiny_spec, **{"model.max_seq_length": 4096, "train.max_steps": 2, "train.save_steps": 100,
+                                   "export.merge": False, "export.gguf": False, "export.evaluate": False})
+
+
+def test_ladder_walks_the_rungs_in_order(tiny_spec, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRINITY_INJECT_OOM", "3")
+    events = []
+    result = run_job(_ladder_spec(tiny_spec), tmp_path, events.append)
+    assert [(a["rung"], a["outcome"]) for a in result.attempts] == [
+        ("recipe", "oom"), ("seq_2048", "oom"), ("r_32", "oom"), ("dora_off", "ok")]
+    assert result.final_rung == "dora_off"
+    assert result.final_settings == {"max_seq_length": 2048, "r": 32, "use_dora": False,
+                                     "target_modules": list(tiny_spec.lora.target_modules)}
+    assert result.resolved_spec["lora"]["r"] == 32 and result.resolved_spec["lora"]["use_dora"] is False
+    downgrades = [e for e in events if e.level == "warning"]
+    assert [e.data["rung"] for e in downgrades] == ["seq_2048", "r_32", "dora_off"]
+    assert all("injected" in a["error"] for a in result.attempts[:3])
+    assert result.global_step == 2
+
+
+def test_exhausted_ladder_fails_clearly(tiny_spec, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRINITY_INJECT_OOM", "5")
+    with pytest.raises(OOMLadderExhausted) as e:
+        run_job(_ladder_spec(tiny_spec), tmp_path)
+    assert e.value.code == "oom_ladder_exhausted"
+    assert [a["rung"] for a in e.value.details] == ["recipe", "seq_2048", "r_32", "dora_off", "targets_qv"]
+    assert all(a["outcome"] == "oom" for a in e.value.details)
+    assert "targets_qv (oom)" in e.value.message
