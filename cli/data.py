@@ -95,41 +95,49 @@ def _run(args: argparse.Namespace, *, write: bool) -> int:
         tokenizer, max_len = _tokenizer(args)
         source = resolve_cli_source(args.source, config=args.config, split=args.split, revision=args.revision)
         report, mapping = start_report(source, format=args.format, columns=dict(args.map))
-        shown: list[Any] = []
-        if not mapping.problems:
-            examples = iter_examples(source, mapping, report, tokenizer=tokenizer, max_seq_length=max_len)
-            if out is None:
-                shown = _consume(examples, args.examples, None)
-            else:
-                with atomic_file(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
-                    shown = _consume(examples, args.examples, f)
-                    if not report.ok and not args.drop_invalid:
-                        raise _NotWritten
-        if mapping.problems and out is not None:
-            raise _NotWritten
-    except _NotWritten:
-        out = None
+        examples = [] if mapping.problems else iter_examples(source, mapping, report, tokenizer=tokenizer,
+                                                             max_seq_length=max_len)  # fmt: skip
+        if out is None:
+            shown, written = _consume(examples, args.examples, None), False
+        else:
+            shown, written = _write(examples, out, report, args)
     except TrinityError as e:
         return _error(e)
-    if write:  # the report is written even when the data is not, to be read at leisure
-        report.stats["output"] = str(out) if out is not None else None
-        report_path = Path(args.output).with_suffix(".report.json")
+    if out is not None:  # the report is written even when the data is not, to be read at leisure
+        report.stats["output"] = str(out) if written else None
+        report_path = out.with_suffix(".report.json")
         atomic_write_json(report_path, report.to_dict())
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     else:
         print(format_report(report))
-        print(_format_examples(shown, tokenizer))
-        if out is not None:
+        print(_format_examples(shown, tokenizer, report.unit))
+        if written:
             print(f"wrote {out} ({report.stats['valid_rows']} rows) and {report_path}")
-        elif write:
-            print(f"{args.output} not written (report in {report_path}): fix the rows above, or pass "
+        elif out is not None:
+            print(f"{out} not written (report in {report_path}): fix the rows above, or pass "
                   "--drop-invalid to keep only the valid rows")
-    return 0 if report.ok or (out is not None and report.stats.get("valid_rows")) else 1
+    return 0 if report.ok or (written and report.stats.get("valid_rows")) else 1
 
 
 class _NotWritten(Exception):
-    """Raised inside the atomic write so the temp file is removed when there were errors."""
+    """Raised inside the atomic write so that its temp file is removed."""
+
+    def __init__(self, shown: list[Any]):
+        self.shown = shown
+
+
+def _write(examples: Any, out: Path, report: DataReport, args: argparse.Namespace) -> tuple[list[Any], bool]:
+    """Stream the valid rows into ``out`` atomically; keep it only if every row was valid, or some
+    were and ``--drop-invalid`` was given."""
+    try:
+        with atomic_file(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            shown = _consume(examples, args.examples, f)
+            if not (report.ok or (args.drop_invalid and report.stats.get("valid_rows"))):
+                raise _NotWritten(shown)
+    except _NotWritten as e:
+        return e.shown, False
+    return shown, True
 
 
 def _consume(examples: Any, n: int, f: Any) -> list[Any]:
@@ -165,7 +173,7 @@ def format_report(report: DataReport) -> str:
     lines = [f"source      {report.source}", f"format      {report.format or '?'}"]
     if report.mapping_note:
         lines.append(f"mapping     {report.mapping_note}")
-    if s:
+    if "rows" in s:
         lines.append(f"{report.unit + 's':<12}{s['rows']} ({s['valid_rows']} valid, {s['invalid_rows']} invalid)")
         if length.get("max") is not None:
             limit = f"   max_seq_length {s['max_seq_length']}: {s['too_long']} too long" if s.get("max_seq_length") else ""
@@ -190,7 +198,7 @@ def format_report(report: DataReport) -> str:
     return "\n".join(lines)
 
 
-def _format_examples(shown: list[Any], tokenizer: Any) -> str:
+def _format_examples(shown: list[Any], tokenizer: Any, unit: str) -> str:
     if not shown:
         return ""
     if tokenizer is None:
@@ -199,4 +207,4 @@ def _format_examples(shown: list[Any], tokenizer: Any) -> str:
     else:
         head = "\nEXAMPLES (rendered with the chat template; [[...]] = trained tokens, the rest is masked out)"
         body = [show_masked(tokenizer, ex.input_ids, ex.assistant_masks) for ex in shown]
-    return "\n".join([head] + [f"--- row {ex.row} ---\n{text}" for ex, text in zip(shown, body, strict=True)])
+    return "\n".join([head] + [f"--- {unit} {ex.row} ---\n{text}" for ex, text in zip(shown, body, strict=True)])

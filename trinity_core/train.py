@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
 
 from trinity_core.events import Emitter
 from trinity_core.spec import JobSpec
@@ -216,6 +217,7 @@ def train(
         processing_class=tokenizer,
         callbacks=[progress, CheckpointCallback(ckpt_root, spec.train.save_total_limit)],
     )
+    trainer.remove_callback(PrinterCallback)  # our events replace its raw log dicts on stdout
     resumed_from = int(STEP_DIR.match(resume.name).group(1)) if resume else None
     if resume:
         emit(f"resuming from checkpoint step {resumed_from}", resumed_from=resumed_from)

@@ -35,8 +35,8 @@ def test_is_oom_matches_only_memory_errors():
 
 
 def _ladder_spec(tiny_spec):
-    # seq 4096 so that every rung of the seed's ladder changes something; 2 steps are enough.
-    return make_spec(tiny_spec, **{"model.max_seq_length": 4096, "train.max_steps": 2, "train.save_steps": 100,
+    # seq 4096 and r 64 so that every rung of the seed's ladder changes something; 2 steps are enough.
+    return make_spec(tiny_spec, **{"model.max_seq_length": 4096, "lora.r": 64, "train.max_steps": 2, "train.save_steps": 100,
                                    "export.merge": False, "export.gguf": False, "export.evaluate": False})
 
 

@@ -19,6 +19,8 @@ class PeftBackend:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+        from trinity_core.qdora import enable_fast_dora
+
         dtype = compute_dtype(spec)
         quant = None
         if spec.model.load_in_4bit:
@@ -46,7 +48,8 @@ class PeftBackend:
         torch.manual_seed(spec.train.seed)
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora_kwargs(spec)))
         self._info = {"backend": self.name, "compute_dtype": str(dtype).removeprefix("torch."),
-                      "device": "cuda" if torch.cuda.is_available() else "cpu"}
+                      "device": "cuda" if torch.cuda.is_available() else "cpu",
+                      "fast_dora_layers": enable_fast_dora(model) if spec.lora.use_dora else 0}
         return model, tokenizer
 
     def info(self) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""The HTTP service: FastAPI + SQLModel around ``trinity_core`` (no training code here)."""

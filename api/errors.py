@@ -1,0 +1,85 @@
+"""One error shape everywhere: ``{"error": {"code", "message", "param"[, "details"]}}``.
+
+Handlers cover errors raised by routes (``ApiError``, ``TrinityError``), by FastAPI itself
+(request validation, unknown routes, wrong methods) and anything unexpected (500).
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.settings import get_settings
+from trinity_core.errors import TrinityError
+
+log = logging.getLogger("trinity.api")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, *, param: str | None = None,
+                 details: Any = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.param, self.details, self.headers = param, details, headers
+
+
+def not_found(what: str, ident: str, param: str | None = None) -> ApiError:
+    return ApiError(404, "not_found", f"no {what} {ident!r}", param=param)
+
+
+def error_body(code: str, message: str, param: str | None = None, details: Any = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": code, "message": message, "param": param}
+    if details is not None:
+        error["details"] = details
+    return {"error": error}
+
+
+def _loc(loc: tuple | list) -> str:
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        parts = parts[1:] or parts
+    return ".".join(parts)
+
+
+async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse(error_body(exc.code, exc.message, exc.param, exc.details), exc.status, headers=exc.headers)
+
+
+async def _trinity_error(_: Request, exc: TrinityError) -> JSONResponse:
+    return JSONResponse({"error": exc.to_dict()}, 422)
+
+
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    details = [{"loc": _loc(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
+    message = "; ".join(f"{d['loc']}: {d['msg']}" for d in details) or "invalid request"
+    return JSONResponse(error_body("invalid_request", message, details[0]["loc"] if details else None, details), 422)
+
+
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    try:
+        phrase = HTTPStatus(exc.status_code).phrase
+    except ValueError:
+        phrase = "error"
+    code = phrase.lower().replace(" ", "_").replace("-", "_")
+    message = exc.detail if isinstance(exc.detail, str) else phrase
+    return JSONResponse(error_body(code, message), exc.status_code, headers=getattr(exc, "headers", None))
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    message = f"{type(exc).__name__}: {exc}" if get_settings().expose_errors else "internal server error"
+    return JSONResponse(error_body("internal_error", message), 500)
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(TrinityError, _trinity_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,46 @@
+"""Assembles the app: routers, error handlers, and a lifespan that creates tables and runs the
+reaper thread (``worker/reaper.py``). Run with ``uvicorn api.main:app`` or ``trinity serve``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI
+
+from api import errors
+from api.db import init_db
+from api.deps import get_tenant
+from api.routes import artifacts, datasets, events, health, jobs
+from api.settings import get_settings
+
+
+@asynccontextmanager
+async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    settings = get_settings()
+    logging.getLogger("trinity").setLevel(logging.INFO)
+    init_db()
+    stop = None
+    if settings.reaper_enabled:
+        from worker.reaper import start_thread
+
+        stop = start_thread(settings)
+    yield
+    if stop is not None:
+        stop.set()
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(title="Trinity", version="0.1.0", lifespan=lifespan,
+                  description="Self-hosted fine-tuning jobs. Every route but /health needs "
+                              "`Authorization: Bearer <key>` (`trinity keys create --tenant NAME`).")
+    errors.install(app)
+    app.include_router(health.router)
+    authed = [Depends(get_tenant)]
+    for module in (datasets, jobs, events, artifacts):
+        app.include_router(module.router, dependencies=authed)
+    return app
+
+
+app = create_app()

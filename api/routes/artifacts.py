@@ -1,0 +1,88 @@
+"""GET /jobs/{id}/checkpoints, /artifacts (the manifest) and /artifacts/{name} (download).
+
+A download is looked up by its exact ``name`` in the job's manifest (``artifacts.json``, written
+by the core); the path comes from the manifest, is resolved and must stay inside the job's
+workdir. No path is ever built from the requested name, so ``../`` and friends are just unknown
+names (404). Downloads stream with Content-Length, ``ETag`` = the sha256, and HTTP Range (206).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header
+from fastapi.responses import FileResponse
+
+from api.deps import JobDep, SettingsDep
+from api.errors import ApiError, not_found
+from api.models import ArtifactPublic, CheckpointPublic
+from api.settings import Settings
+from trinity_core.artifacts import MANIFEST, read_json
+
+router = APIRouter(prefix="/jobs/{job_id}", tags=["artifacts"])
+STEP_DIR = re.compile(r"^step-(\d+)$")  # trinity_core.train's complete-checkpoint names (without importing torch)
+
+
+def workdir(settings: Settings, job_id: str) -> Path:
+    return settings.jobs_dir / job_id
+
+
+def manifest(settings: Settings, job_id: str) -> list[dict[str, Any]]:
+    rows = read_json(workdir(settings, job_id) / MANIFEST) or []
+    return [r for r in rows if isinstance(r, dict) and isinstance(r.get("name"), str)]
+
+
+@router.get("/checkpoints", response_model=list[CheckpointPublic])
+def list_checkpoints(job: JobDep, settings: SettingsDep):
+    """Complete checkpoints (``checkpoints/step-N``), oldest first; a resumed job starts from the newest."""
+    root = workdir(settings, job.id) / "checkpoints"
+    found = []
+    if root.is_dir():
+        for path in root.iterdir():
+            if (m := STEP_DIR.match(path.name)) and path.is_dir():
+                size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+                found.append(CheckpointPublic(step=int(m.group(1)), created_at=path.stat().st_mtime, size_bytes=size))
+    return sorted(found, key=lambda c: c.step)
+
+
+@router.get("/artifacts", response_model=list[ArtifactPublic])
+def list_artifacts(job: JobDep, settings: SettingsDep):
+    """The job's manifest: every downloadable file with its kind, size and sha256."""
+    return [ArtifactPublic(name=r["name"], kind=r.get("kind"), size=r.get("size"), sha256=r.get("sha256"))
+            for r in manifest(settings, job.id)]
+
+
+@router.get("/artifacts/{name:path}", response_class=FileResponse,
+            responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "Range"}})
+def download_artifact(job: JobDep, settings: SettingsDep, name: str,
+                      range_header: Annotated[str | None, Header(alias="Range")] = None):
+    entry = next((r for r in manifest(settings, job.id) if r["name"] == name), None)
+    if entry is None:
+        raise not_found("artifact", name, "name")
+    root = workdir(settings, job.id).resolve()
+    path = (root / str(entry.get("path", ""))).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        raise not_found("artifact", name, "name")
+    size = path.stat().st_size
+    if range_header and _unsatisfiable(range_header, size):
+        raise ApiError(416, "range_not_satisfiable", f"{range_header!r} is outside the {size} bytes of {name}",
+                       param="Range", headers={"Content-Range": f"bytes */{size}"})
+    headers = {"ETag": f'"{entry["sha256"]}"'} if entry.get("sha256") else {}
+    return FileResponse(path, filename=Path(name).name, headers=headers, media_type="application/octet-stream")
+
+
+def _unsatisfiable(header: str, size: int) -> bool:
+    """True when every range of a ``bytes=`` header starts past the end (Starlette answers the rest)."""
+    unit, _, spec = header.partition("=")
+    if unit.strip() != "bytes":
+        return False
+    starts = []
+    for part in spec.split(","):
+        first = part.strip().partition("-")[0].strip()
+        if first.isdigit():
+            starts.append(int(first))
+        elif part.strip().startswith("-"):
+            starts.append(0 if size else 1)  # a suffix range is satisfiable on a non-empty file
+    return bool(starts) and all(s >= size for s in starts)

@@ -1,0 +1,119 @@
+"""Service settings: one ``Settings`` read from ``TRINITY_*`` environment variables.
+
+Development defaults run on a laptop (SQLite file and uploads under ``./.trinity``, Redis on
+loopback or the embedded broker). ``TRINITY_ENV=production`` refuses the defaults that are only
+safe on a developer's machine.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_DATA_DIR = Path(".trinity")
+LOOPBACK = {"127.0.0.1", "localhost", "::1", None, ""}
+
+
+def _split(value: object) -> object:
+    """Comma-separated env values (``gpu.default,gpu.t4``) become lists."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TRINITY_", env_file=None, extra="ignore")
+
+    env: Literal["development", "production"] = Field("development", description="production refuses insecure defaults.")
+    data_dir: Path = Field(DEFAULT_DATA_DIR, description="Uploads, job workdirs, the SQLite file, the embedded broker.")
+    database_url: str = Field("", description="SQLAlchemy URL; default sqlite:///<data_dir>/trinity.db. PostgreSQL works too.")
+    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker. `trinity serve` falls back to an embedded one.")
+    max_upload_mb: float = Field(1024, gt=0, description="Largest dataset upload; bigger bodies get 413 while streaming.")
+    model_dirs: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Local directories a spec's model.name_or_path may point into (hub ids are always allowed).",
+    )
+    gpu_queues: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["gpu.default"], description="Queues jobs may be sent to, one per GPU class."
+    )
+    worker_queues: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Queues this worker consumes (TRINITY_WORKER_QUEUES); default all gpu_queues."
+    )
+    worker_max_tasks_per_child: int = Field(1, ge=0, description="Fresh process per job (frees GPU memory); 0 = reuse.")
+    worker_preload: Literal["auto", "on", "off"] = Field(
+        "auto", description="Import the training stack in the worker parent so each job's child starts fast "
+        "(auto: only when unsloth is not installed: it must be imported before transformers).",
+    )
+    task_time_limit_s: int = Field(7 * 24 * 3600, ge=60, description="Hard limit per job run (the child is killed).")
+    task_soft_time_limit_s: int = Field(7 * 24 * 3600 - 300, ge=30, description="Soft limit: the job fails cleanly.")
+    max_retries: int = Field(3, ge=0, description="Retries of a run that failed with a retryable error (hub download).")
+    retry_backoff_s: float = Field(30.0, ge=0, description="First retry delay; doubles each time.")
+    heartbeat_interval_s: float = Field(10.0, gt=0, description="How often a running job touches its row.")
+    stale_after_s: float = Field(60.0, gt=0, description="A running job whose heartbeat is older is re-queued.")
+    reaper_enabled: bool = Field(True, description="Run the reaper thread in the API process.")
+    reaper_interval_s: float = Field(15.0, gt=0, description="Seconds between reaper sweeps.")
+    requeue_after_s: float = Field(60.0, gt=0, description="A queued job not seen in the broker after this is re-sent.")
+    requeue_blind_after_s: float = Field(900.0, gt=0, description="Same, for brokers that cannot be inspected.")
+    max_resumes: int = Field(5, ge=0, description="A job whose worker died more often than this fails (worker_lost).")
+    cancel_poll_s: float = Field(1.0, gt=0, description="should_stop reads the cancel flag at most this often.")
+    sse_poll_s: float = Field(0.5, gt=0, description="How often the event stream looks for new events.")
+    expose_errors: bool | None = Field(None, description="Show exception text in 500 responses; default: in development.")
+
+    _split_lists = field_validator("model_dirs", "gpu_queues", "worker_queues", mode="before")(_split)
+
+    @model_validator(mode="after")
+    def _derive_and_check(self) -> Settings:
+        if self.env == "production":
+            self._refuse_insecure_defaults()
+        self.data_dir = self.data_dir.expanduser().resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{(self.data_dir / 'trinity.db').resolve()}"
+        if not self.worker_queues:
+            self.worker_queues = list(self.gpu_queues)
+        if not self.gpu_queues:
+            raise ValueError("gpu_queues must name at least one queue")
+        if self.task_soft_time_limit_s >= self.task_time_limit_s:
+            raise ValueError("task_soft_time_limit_s must be below task_time_limit_s")
+        if self.expose_errors is None:
+            self.expose_errors = self.env == "development"
+        return self
+
+    def _refuse_insecure_defaults(self) -> None:
+        problems = []
+        if not self.data_dir.is_absolute():
+            problems.append("TRINITY_DATA_DIR must be an absolute path")
+        if self.expose_errors:
+            problems.append("TRINITY_EXPOSE_ERRORS=true leaks internals in 500 responses")
+        for name, url in (("TRINITY_BROKER_URL", self.broker_url), ("TRINITY_DATABASE_URL", self.database_url)):
+            parts = urlsplit(url)
+            if parts.scheme.startswith(("redis", "postgres", "amqp")) and parts.hostname not in LOOPBACK \
+                    and not parts.password:
+                problems.append(f"{name} reaches {parts.hostname} without a password")
+        if problems:
+            raise ValueError("refusing insecure settings in production: " + "; ".join(problems))
+
+    @property
+    def default_queue(self) -> str:
+        return self.gpu_queues[0]
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.data_dir / "datasets"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 2**20)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,270 @@
+"""Fast DoRA against PEFT's own DoRA: same outputs, same gradients, fresh norms after every step.
+
+Tolerance: everything runs in fp32. The factored norm sums the same products in another order
+(‖W_i‖² + 2s·B_i·(WAᵀ)_i + s²·B_iAAᵀB_iᵀ instead of ‖W_i + s·B_iA‖²), so the two agree to fp32
+reassociation error, ≈ u·√in relative (u = 2⁻²⁴ ≈ 6e-8, in ≤ 512 here → ~1e-6); we allow 2e-5
+relative on outputs and gradients, and compare the norm itself with a float64 reference.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from trinity_core import qdora
+from trinity_core.qdora import FastDoraLinearLayer, enable_fast_dora, linear_norm_reference
+
+RTOL = 2e-5
+TINY_RTOL = 1e-4
+
+
+class Block(nn.Module):
+    """Two projections, like an attention/MLP pair, so shapes differ within one model."""
+
+    def __init__(self, d_in: int, d_mid: int, d_out: int, bias: bool):
+        super().__init__()
+        self.up = nn.Linear(d_in, d_mid, bias=bias)
+        self.down = nn.Linear(d_mid, d_out, bias=bias)
+
+    def forward(self, x):
+        return self.down(torch.tanh(self.up(x)))
+
+
+def _quantize(block: Block) -> Block:
+    import bitsandbytes as bnb
+
+    for name in ("up", "down"):
+        lin = getattr(block, name)
+        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                              compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+        q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True)
+        if lin.bias is not None:
+            q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+        setattr(block, name, q.to("cpu"))
+    return block
+
+
+def _pair(d_in, d_mid, d_out, *, four_bit, bias=False, r=8, dropout=0.0, seed=0):
+    """(PEFT DoRA model, the same model with fast DoRA), B random so the norms are non-trivial."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    block = Block(d_in, d_mid, d_out, bias)
+    if four_bit:
+        block = _quantize(block)
+    config = LoraConfig(r=r, lora_alpha=16, use_rslora=True, use_dora=True, lora_dropout=dropout,
+                        target_modules=["up", "down"])
+    ref = get_peft_model(block, config)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    # the magnitude vector was initialised from B = 0; re-initialise it from the current B, as
+    # after some training, so the DoRA factor m/‖W+sBA‖ is not exactly 1
+    for m in ref.modules():
+        if hasattr(m, "lora_magnitude_vector") and "default" in m.lora_magnitude_vector:
+            dora = m.lora_magnitude_vector["default"]
+            with torch.no_grad():
+                dora.weight.copy_(linear_norm_reference(_dense(m.get_base_layer()), m.lora_A["default"].weight,
+                                                        m.lora_B["default"].weight, m.scaling["default"])
+                                  .float() * (1 + 0.1 * torch.randn_like(dora.weight)))
+    fast = copy.deepcopy(ref)
+    assert enable_fast_dora(fast) == 2
+    return ref, fast
+
+
+def _dense(base) -> torch.Tensor:
+    from peft.utils.integrations import dequantize_module_weight
+
+    return dequantize_module_weight(base).float()
+
+
+def _trainable(model):
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_close(actual, expected, what, rtol=RTOL):
+    scale = expected.abs().max().clamp_min(1e-12)
+    err = (actual - expected).abs().max() / scale
+    assert err <= rtol, f"{what}: max |Δ| / max |ref| = {err:.2e} > {rtol}"
+
+
+def _train_side_by_side(ref, fast, d_in, *, steps=3, accum=3, seed=1, lr=0.05):
+    """Step both models with their own SGD and gradient accumulation; compare at every micro-batch."""
+    opt_ref = torch.optim.SGD(_trainable(ref).values(), lr=lr)
+    opt_fast = torch.optim.SGD(_trainable(fast).values(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        for _ in range(accum):
+            x = torch.randn(4, 5, d_in, generator=gen)
+            torch.manual_seed(step)  # same dropout masks on both sides
+            y_ref = ref(x)
+            torch.manual_seed(step)
+            y_fast = fast(x)
+            _assert_close(y_fast, y_ref, f"output, step {step}")
+            target = torch.randn(y_ref.shape, generator=gen)
+            ((y_ref - target) ** 2).mean().div(accum).backward()
+            ((y_fast - target) ** 2).mean().div(accum).backward()
+        grads_ref = {n: p.grad for n, p in _trainable(ref).items()}
+        for name, p in _trainable(fast).items():
+            _assert_close(p.grad, grads_ref[name], f"grad {name}, step {step}")
+        assert any("lora_magnitude_vector" in n for n in grads_ref)
+        opt_ref.step()
+        opt_fast.step()
+        opt_ref.zero_grad()
+        opt_fast.zero_grad()
+
+
+SHAPES = [(64, 96, 32), (256, 512, 128), (96, 160, 96)]  # in 96: rows cut on 2-row block boundaries
+
+
+@pytest.mark.parametrize("four_bit", [False, True], ids=["linear", "nf4"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_peft_dora_over_steps_with_accumulation(shape, four_bit):
+    ref, fast = _pair(*shape, four_bit=four_bit)
+    _train_side_by_side(ref, fast, shape[0])
+
+
+def test_matches_with_bias_and_dropout():
+    ref, fast = _pair(64, 96, 32, four_bit=True, bias=True, dropout=0.1)
+    _train_side_by_side(ref, fast, 64)
+
+
+def _fast_layers(model):
+    return [(m, m.lora_magnitude_vector["default"]) for m in model.modules()
+            if isinstance(getattr(m, "lora_magnitude_vector", None), nn.ModuleDict)
+            and isinstance(m.lora_magnitude_vector["default"], FastDoraLinearLayer)]
+
+
+def test_norm_is_computed_once_per_optimizer_step_and_never_stale(monkeypatch):
+    ref, fast = _pair(64, 96, 32, four_bit=True)
+    calls = []
+    original = FastDoraLinearLayer._factored_norm
+    monkeypatch.setattr(FastDoraLinearLayer, "_factored_norm",
+                        lambda self, *a: calls.append(id(self)) or original(self, *a))
+    opt = torch.optim.AdamW(_trainable(fast).values(), lr=1e-2)
+    for _ in range(3):
+        for _ in range(4):  # micro-batches
+            fast(torch.randn(2, 64)).pow(2).mean().backward()
+        assert len(calls) == 2  # two layers, one refresh each in this optimizer step
+        for module, dora in _fast_layers(fast):  # ...of the A and B this step trains (not stale)
+            expected = linear_norm_reference(_dense(module.get_base_layer()), module.lora_A["default"].weight,
+                                             module.lora_B["default"].weight, module.scaling["default"])
+            torch.testing.assert_close(dora._cached_norm.double(), expected, rtol=1e-5, atol=0)
+        calls.clear()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_in_place_edit_without_optimizer_refreshes_the_norm():
+    _, fast = _pair(64, 96, 32, four_bit=False)
+    module, dora = _fast_layers(fast)[0]
+    fast(torch.randn(1, 64))
+    before = dora._cached_norm.clone()
+    with torch.no_grad():
+        module.lora_B["default"].weight.mul_(3.0)
+    fast(torch.randn(1, 64))
+    assert not torch.allclose(before, dora._cached_norm)
+    expected = linear_norm_reference(module.get_base_layer().weight, module.lora_A["default"].weight,
+                                     module.lora_B["default"].weight, module.scaling["default"])
+    torch.testing.assert_close(dora._cached_norm.double(), expected, rtol=1e-5, atol=0)
+
+
+def test_rows_are_dequantised_in_blocks_exactly(monkeypatch):
+    ref, _ = _pair(96, 160, 96, four_bit=True)
+    monkeypatch.setattr(qdora, "CHUNK_ELEMENTS", 96 * 6)  # force many small blocks of rows
+    for m in ref.modules():
+        if hasattr(m, "lora_magnitude_vector") and "default" in m.lora_magnitude_vector:
+            base = m.get_base_layer()
+            pieces = list(qdora._weight_rows(base))
+            assert len(pieces) > 1
+            assert torch.equal(torch.cat([rows for _, rows in pieces]), _dense(base))
+
+
+@pytest.mark.parametrize("four_bit", [False, True], ids=["linear", "nf4"])
+def test_near_cancellation_stays_accurate(four_bit):
+    """Rows where s·B_iA ≈ -W_i: the expanded sum would lose them to rounding; they are recomputed."""
+    _, fast = _pair(256, 64, 32, four_bit=four_bit, r=16)
+    module, dora = _fast_layers(fast)[0]  # "up": out 64, in 256
+    w = _dense(module.get_base_layer())
+    a, b, s = module.lora_A["default"].weight, module.lora_B["default"].weight, module.scaling["default"]
+    with torch.no_grad():
+        a[:4] = w[:4]  # put rows 0..3 of W into A's row space...
+        b[:4] = 0
+        b[0, 0] = -1 / s  # ...and cancel them: exactly,
+        b[1, 1] = -(1 - 1e-3) / s  # to 1e-3,
+        b[2, 2] = -(1 - 1e-2) / s  # to 1e-2,
+        b[3, 3] = -(1 + 1e-4) / s  # and past zero
+    norm = dora.weight_norm(a, b, s, module.get_base_layer())
+    expected = linear_norm_reference(w, a, b, s)
+    assert torch.isfinite(norm).all() and (norm >= 0).all()
+    row_scale = w.norm(dim=1).double()
+    assert ((norm.double() - expected).abs() <= 1e-6 * row_scale).all()
+    assert ((norm.double() - expected).abs()[4:] <= 1e-5 * expected[4:]).all()
+
+
+@pytest.mark.slow
+def test_tiny_model_forward_backward_and_adapter_format(tiny_spec, tmp_path):
+    """The real 4-bit tiny Gemma-3 (42 DoRA layers, gradient checkpointing): logits and every
+    gradient match PEFT's DoRA over two accumulated micro-batches, steps refresh, and the adapter
+    is PEFT's format (loads back into a plain PEFT DoRA model with identical logits).
+
+    Tolerance 1e-4 here: six layers, a 1024-way softmax and the loss chain the per-layer fp32
+    differences, and after the first SGD step the two models' parameters already differ by them."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from trinity_core.backends.peft import PeftBackend
+
+    ref, _ = PeftBackend().load(tiny_spec)  # backends patch: undo that for the reference
+    assert any(isinstance(m, FastDoraLinearLayer) for m in ref.modules())
+    for m in ref.modules():
+        if isinstance(m, FastDoraLinearLayer):
+            m.__class__ = qdora.DoraLinearLayer
+    with torch.no_grad():  # non-zero B, as after some training
+        for name, p in ref.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    fast = copy.deepcopy(ref)
+    assert enable_fast_dora(fast) == 42
+    ref.train(), fast.train()
+    opt_ref = torch.optim.SGD(_trainable(ref).values(), lr=0.5)
+    opt_fast = torch.optim.SGD(_trainable(fast).values(), lr=0.5)
+    gen = torch.Generator().manual_seed(0)
+    vocab = ref.config.vocab_size
+    for step in range(2):
+        for _ in range(2):
+            ids = torch.randint(7, vocab, (1, 16), generator=gen)
+            out_ref, out_fast = ref(input_ids=ids, labels=ids), fast(input_ids=ids, labels=ids)
+            _assert_close(out_fast.logits, out_ref.logits, f"logits, step {step}", TINY_RTOL)
+            out_ref.loss.backward()
+            out_fast.loss.backward()
+        grads = {n: p.grad for n, p in _trainable(ref).items()}
+        for name, p in _trainable(fast).items():
+            _assert_close(p.grad, grads[name], f"grad {name}, step {step}", TINY_RTOL)
+        opt_ref.step(), opt_fast.step()
+        opt_ref.zero_grad(), opt_fast.zero_grad()
+
+    assert get_peft_model_state_dict(fast).keys() == get_peft_model_state_dict(ref).keys()
+    fast.save_pretrained(tmp_path / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(
+        tiny_spec.model.name_or_path, dtype=torch.float32,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32))
+    loaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    fast.eval()
+    ids = torch.randint(7, vocab, (1, 16), generator=gen)
+    with torch.no_grad():
+        _assert_close(loaded(input_ids=ids).logits, fast(input_ids=ids).logits, "reloaded adapter")
+
+
+def test_opt_out_env(monkeypatch):
+    monkeypatch.setenv(qdora.FAST_DORA_ENV, "0")
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(Block(8, 8, 8, False), LoraConfig(r=2, use_dora=True, target_modules=["up"]))
+    assert enable_fast_dora(model) == 0

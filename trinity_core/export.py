@@ -1,0 +1,77 @@
+"""The export stage, top to bottom: merge -> GGUF f16 -> quantisations -> Modelfile.
+
+``export_all`` is what ``run_job`` calls after training; the work lives in :mod:`trinity_core.merge`
+(shard-streamed merge into the NF4-dequantised or original base) and :mod:`trinity_core.gguf`
+(llama.cpp conversion, quantisation, checks, Ollama Modelfile). Layout written::
+
+    workdir/merged/   model*.safetensors (+ index), config.json, tokenizer, trinity_merge.json
+    workdir/gguf/     model-f16.gguf, model-q4_k_m.gguf..., Modelfile
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from trinity_core.gguf import export_gguf
+from trinity_core.merge import Quant, merge_adapter
+from trinity_core.spec import JobSpec
+
+
+def quant_of(spec: JobSpec, compute_dtype: str | None = None) -> Quant | None:
+    """How bitsandbytes quantised the base during training (None: it was not quantised).
+
+    bitsandbytes quantises weights in the dtype the model is loaded in, which the backends set to
+    the compute dtype (float32 on CPU, bfloat16 on most GPUs)."""
+    if not spec.model.load_in_4bit:
+        return None
+    if compute_dtype is None:
+        from trinity_core.backends.common import compute_dtype as resolve
+
+        compute_dtype = str(resolve(spec)).removeprefix("torch.")
+    return Quant(quant_type=spec.model.quant_type, double_quant=spec.model.double_quant, dtype=compute_dtype)
+
+
+def export_all(
+    spec: JobSpec,
+    workdir: str | Path,
+    *,
+    emit: Callable[..., Any],
+    base_model: str | None = None,
+    compute_dtype: str | None = None,
+) -> dict[str, Any]:
+    """Merge ``workdir/adapter`` into the base, convert and quantise to GGUF, write the Modelfile.
+
+    ``base_model``: the checkpoint training loaded (default ``spec.model.name_or_path``);
+    ``compute_dtype``: the dtype training loaded it in (default: the backends' choice).
+    Returns ``{"merge": {...}, "gguf": {type: relative path}, "modelfile": path, "timings": {...}}``.
+    Raises ``ExportError`` / ``ArtifactError``; nothing half-written is left under a final name.
+    """
+    workdir = Path(workdir)
+    ex = spec.export
+    result: dict[str, Any] = {"merge": None, "gguf": {}, "modelfile": None, "timings": {}}
+    if not ex.merge:
+        return result
+
+    emit("merging the adapter into the base", type="status", stage="merge", merge_into=ex.merge_into)
+    t0 = time.monotonic()
+    result["merge"] = merge_adapter(
+        workdir / "adapter", workdir / "merged",
+        base_model=base_model or spec.model.name_or_path, revision=spec.model.revision,
+        merge_into=ex.merge_into, original_model=ex.original_model, quant=quant_of(spec, compute_dtype), emit=emit,
+    )
+    result["timings"]["merge_s"] = round(time.monotonic() - t0, 2)
+
+    if ex.gguf:
+        emit("converting to GGUF", type="status", stage="gguf", quantizations=list(ex.quantizations))
+        t0 = time.monotonic()
+        gguf = export_gguf(workdir / "merged", workdir / "gguf", list(ex.quantizations),
+                           num_ctx=spec.model.max_seq_length, model_name=spec.name, emit=emit)
+        result["gguf"] = {q: p.relative_to(workdir).as_posix() for q, p in gguf["files"].items()}
+        result["gguf_info"] = gguf["info"]
+        result["modelfile"] = gguf["modelfile"].relative_to(workdir).as_posix()
+        result["timings"].update({f"gguf_{q}_s": s for q, s in gguf["seconds"].items()})
+        result["timings"]["gguf_s"] = round(time.monotonic() - t0, 2)
+    return result

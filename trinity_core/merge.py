@@ -1,0 +1,421 @@
+"""Merge a LoRA/rsLoRA/DoRA adapter into its base, one safetensors shard at a time.
+
+What "the base" is matters. During QLoRA training every ``nn.Linear`` of the base was NF4: the
+trained model computes with ``dequantize(NF4(W))``, not ``W``. So by default
+(``merge_into="dequantized"``) the merge starts from exactly those weights:
+
+* a pre-quantised ``*-bnb-4bit`` checkpoint (packed ``uint8`` + ``weight.absmax``,
+  ``weight.quant_map``, ``weight.nested_*``, ``weight.quant_state.bitsandbytes__nf4``) is
+  dequantised with its stored quant state;
+* a 16-bit checkpoint is re-quantised the way bitsandbytes did at load time
+  (``quantize_4bit`` in the load dtype, same quant type, blocksize 64, double quant) and
+  dequantised; which modules bitsandbytes converted is decided by transformers' own rules on a
+  meta-device copy of the model. Tests check both against a loaded ``Linear4bit``.
+
+``merge_into="original"`` starts from the 16-bit weights of another checkpoint instead (the
+un-quantised release of the same model); the result then differs from the trained model by the
+NF4 rounding, and equals PEFT's ``merge_and_unload`` on that 16-bit model.
+
+For every adapted module (fp32 math, cast to the output dtype at the end)::
+
+    delta = scaling * B @ A            scaling = alpha / sqrt(r) (rsLoRA) or alpha / r
+    LoRA:  W' = W + delta
+    DoRA:  W' = m / ||W + delta||_row * (W + delta)    (norm over in_features, one per output row)
+
+which is what PEFT's ``DoraLinearVariant.merge_safe`` computes. Peak memory is one output shard
+(``max_shard_size``) plus the adapter plus one tensor in fp32: input shards are opened with
+``safe_open`` and read tensor by tensor, output shards are written as soon as they are full.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from trinity_core.artifacts import atomic_dir, atomic_write_json
+from trinity_core.errors import ExportError, HubDownloadError
+
+Emit = Callable[..., Any]
+
+ADAPTER_PREFIX = "base_model.model."
+QUANT_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map",
+                  "quant_state.bitsandbytes__nf4", "quant_state.bitsandbytes__fp4")
+COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                "preprocessor_config.json", "processor_config.json")
+TOKENIZER_FILES = COPIED_FILES[1:8]
+MERGE_INFO = "trinity_merge.json"
+DEFAULT_SHARD_BYTES = 2 << 30
+
+
+@dataclass(frozen=True)
+class Quant:
+    """How bitsandbytes quantised the base during training (BitsAndBytesConfig + load dtype)."""
+
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    blocksize: int = 64  # bitsandbytes' Params4bit default; BitsAndBytesConfig does not change it
+    dtype: str = "float32"  # dtype of the weights when quantised = from_pretrained(dtype=...)
+
+
+@dataclass
+class Delta:
+    """One adapted module: ``W' = f(W, scaling * B @ A, magnitude)``."""
+
+    A: Any
+    B: Any
+    scaling: float
+    magnitude: Any = None
+
+    def apply(self, weight):
+        import torch
+
+        w = weight.float()
+        delta = (self.B.float() @ self.A.float()) * self.scaling
+        if delta.shape != w.shape:
+            raise ExportError(f"adapter delta {tuple(delta.shape)} does not fit weight {tuple(w.shape)}")
+        w = w + delta
+        if self.magnitude is not None:
+            norm = torch.linalg.norm(w, dim=1)
+            w = (self.magnitude.float() / norm).view(-1, 1) * w
+        return w
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def model_dir(name_or_path: str | Path, revision: str | None = None) -> Path:
+    """A local model directory: ``name_or_path`` itself, or a hub snapshot (safetensors only)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(name_or_path), revision=revision,
+                                      allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]))
+    except Exception as e:  # network, auth, missing repo: the hub raises many types
+        raise HubDownloadError(f"cannot download {name_or_path}: {e}") from e
+
+
+def shard_files(src: Path) -> list[Path]:
+    """The safetensors shards of a checkpoint, in index order."""
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [src / name for name in dict.fromkeys(weight_map.values())]
+    if (src / "model.safetensors").is_file():
+        return [src / "model.safetensors"]
+    raise ExportError(f"{src} has no safetensors weights (model.safetensors or an index)")
+
+
+def load_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, Delta]]:
+    """Read a PEFT adapter: ``(adapter_config, {model module name: Delta})``."""
+    from peft.utils.other import get_pattern_key
+    from safetensors.torch import load_file
+
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    unsupported = [k for k in ("modules_to_save", "layer_replication", "target_parameters") if config.get(k)]
+    if config.get("fan_in_fan_out") or config.get("lora_bias"):
+        unsupported.append("fan_in_fan_out/lora_bias")
+    if config.get("peft_type", "LORA") != "LORA" or unsupported:
+        raise ExportError(f"cannot merge this adapter: unsupported {unsupported or config.get('peft_type')}")
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    parts: dict[str, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        m = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)", key)
+        if not m:
+            raise ExportError(f"unexpected adapter tensor {key} (embedding or bias adapters are not supported)")
+        parts.setdefault(m.group(1).removeprefix(ADAPTER_PREFIX), {})[m.group(2).split(".")[0]] = value
+    deltas = {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    for module, p in parts.items():
+        if "lora_A" not in p or "lora_B" not in p:
+            raise ExportError(f"adapter module {module} lacks lora_A or lora_B")
+        r = p["lora_A"].shape[0]
+        key = get_pattern_key(alpha_pattern.keys(), module) if alpha_pattern else None
+        alpha = alpha_pattern.get(key, config["lora_alpha"]) if key else config["lora_alpha"]
+        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        deltas[module] = Delta(p["lora_A"], p["lora_B"], scaling, p.get("lora_magnitude_vector"))
+    return config, deltas
+
+
+def _meta_model(src: Path):
+    """The model class of ``src/config.json`` instantiated on the meta device (no memory)."""
+    import torch
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(src)
+    config.quantization_config = None
+    arch = (config.architectures or ["AutoModelForCausalLM"])[0]
+    cls = getattr(transformers, arch, None)
+    with torch.device("meta"):
+        if cls is None or arch.startswith("Auto"):
+            return transformers.AutoModelForCausalLM.from_config(config)
+        return cls(config)
+
+
+def checkpoint_renamer(model) -> Callable[[str], str]:
+    """Checkpoint key -> model parameter name, with transformers' renames for this architecture
+    (e.g. gemma3's ``language_model.model.X`` -> ``model.language_model.X``). Adapter keys use the
+    model's names; merged checkpoints keep the checkpoint's names."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+
+        renames = [t for t in get_model_conversion_mapping(model, add_legacy=False) if type(t) is WeightRenaming]
+    except Exception:  # an internal API: without it, names are taken as they are
+        renames = []
+
+    def rename(key: str) -> str:
+        for t in renames:
+            key, _ = t.rename_source_key(key)
+        return key
+
+    return rename
+
+
+def bnb_linear_names(model, quant_config: dict[str, Any] | None = None) -> set[str]:
+    """Names of the ``nn.Linear`` modules bitsandbytes replaces when loading ``model`` in 4 bits,
+    using transformers' own skip rules (tied/output embeddings, ``llm_int8_skip_modules``)."""
+    import torch
+    from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    skip = list(get_keys_to_not_convert(model))
+    skip += list((quant_config or {}).get("llm_int8_skip_modules") or [])
+    skip += list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    return {name for name, mod in model.named_modules()
+            if type(mod) is torch.nn.Linear and should_convert_module(name, skip)}
+
+
+# --------------------------------------------------------------------------- 4-bit
+
+
+def nf4_roundtrip(weight, quant: Quant):
+    """``dequantize(quantize(weight))`` exactly as bitsandbytes' ``Params4bit`` quantised it."""
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    w = weight.to(getattr(torch, quant.dtype)).contiguous()
+    packed, state = bnbf.quantize_4bit(w, blocksize=quant.blocksize, compress_statistics=quant.double_quant,
+                                       quant_type=quant.quant_type)
+    return bnbf.dequantize_4bit(packed, state)
+
+
+def dequantize_prequantized(packed, stats: dict[str, Any]):
+    """Dequantise a packed ``Params4bit`` tensor from its serialized quant-state tensors."""
+    import bitsandbytes.functional as bnbf
+
+    state = bnbf.QuantState.from_dict({f"weight.{k}": v for k, v in stats.items()}, device=packed.device)
+    return bnbf.dequantize_4bit(packed, state)
+
+
+# --------------------------------------------------------------------------- output
+
+
+class ShardWriter:
+    """Collect tensors and write ``model-0000i-of-0000N.safetensors`` shards of at most
+    ``max_bytes`` (one tensor may exceed it) plus the index; a single shard is ``model.safetensors``."""
+
+    def __init__(self, out_dir: Path, max_bytes: int):
+        self.out_dir, self.max_bytes = out_dir, max_bytes
+        self.buffer: dict[str, Any] = {}
+        self.buffered = 0
+        self.files: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def add(self, key: str, tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.buffer and self.buffered + size > self.max_bytes:
+            self.flush()
+        self.buffer[key] = tensor.contiguous()
+        self.buffered += size
+        self.total += size
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.buffer:
+            return
+        path = self.out_dir / f".shard-{len(self.files):05d}.safetensors"
+        try:
+            save_file(self.buffer, str(path), metadata={"format": "pt"})
+        except OSError:
+            raise
+        except Exception as e:  # safetensors reports I/O errors as SafetensorError
+            if "No space" in str(e) or "os error 28" in str(e):
+                raise OSError(28, f"No space left on device ({e})") from e
+            raise
+        self.files.append((path, list(self.buffer)))
+        self.buffer, self.buffered = {}, 0
+
+    def close(self) -> list[str]:
+        self.flush()
+        n = len(self.files)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        weight_map = {}
+        for (path, keys), name in zip(self.files, names, strict=True):
+            path.rename(self.out_dir / name)
+            weight_map.update(dict.fromkeys(keys, name))
+        if n > 1:
+            index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return names
+
+
+def _iter_checkpoint(src: Path) -> Iterator[tuple[str, Any, dict[str, Any] | None]]:
+    """Yield ``(key, tensor, quant_stats or None)`` shard by shard; quant-state tensors of a
+    pre-quantised weight are folded into its ``quant_stats``. One shard is open at a time."""
+    from safetensors import safe_open
+
+    for shard in shard_files(src):
+        with safe_open(str(shard), framework="pt") as f:
+            keys = list(f.keys())
+            stats_of: dict[str, dict[str, Any]] = {}
+            for key in keys:
+                for suffix in QUANT_SUFFIXES:
+                    if key.endswith("." + suffix):
+                        stats_of.setdefault(key[: -len(suffix) - 1], {})[suffix] = key
+            aux = {k for s in stats_of.values() for k in s.values()}
+            for key in keys:
+                if key in aux:
+                    continue
+                stats = {s: f.get_tensor(k) for s, k in stats_of[key].items()} if key in stats_of else None
+                yield key, f.get_tensor(key), stats
+
+
+def _output_dtype(src_config: dict[str, Any], dtype: str | None):
+    import torch
+
+    name = dtype or src_config.get("dtype") or src_config.get("torch_dtype") \
+        or (src_config.get("text_config") or {}).get("dtype") or "float32"
+    return getattr(torch, str(name).removeprefix("torch."))
+
+
+def _clean_config(config: dict[str, Any], dtype) -> dict[str, Any]:
+    config = {k: v for k, v in config.items() if k != "quantization_config"}
+    if isinstance(config.get("text_config"), dict):
+        config["text_config"] = {k: v for k, v in config["text_config"].items() if k != "quantization_config"}
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config.pop("torch_dtype", None)
+    return config
+
+
+def copy_tokenizer(srcs: list[Path], out: Path) -> None:
+    """Copy generation config + tokenizer files (the first of ``srcs`` that has a tokenizer wins)
+    and make sure ``tokenizer_config.json`` carries ``added_tokens_decoder`` for llama.cpp."""
+    from transformers import AutoTokenizer
+
+    from trinity_core.tiny import write_added_tokens_decoder
+
+    tok_src = next((s for s in srcs if (s / "tokenizer_config.json").is_file()), None)
+    if tok_src is None:
+        raise ExportError(f"no tokenizer found in {[str(s) for s in srcs]}")
+    for name in COPIED_FILES:
+        src = tok_src if name in TOKENIZER_FILES else next((s for s in srcs if (s / name).is_file()), None)
+        if src is not None and (src / name).is_file():
+            shutil.copyfile(src / name, out / name)
+    write_added_tokens_decoder(AutoTokenizer.from_pretrained(out), out)
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def merge_adapter(
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    base_model: str | Path,
+    revision: str | None = None,
+    merge_into: str = "dequantized",
+    original_model: str | Path | None = None,
+    quant: Quant | None = Quant(),
+    dtype: str | None = None,
+    max_shard_size: int = DEFAULT_SHARD_BYTES,
+    emit: Emit | None = None,
+) -> dict[str, Any]:
+    """Merge ``adapter_dir`` into the base and write safetensors + config + tokenizer to ``out_dir``.
+
+    ``base_model``: the checkpoint training loaded (16-bit or pre-quantised bnb-4bit).
+    ``merge_into``: ``dequantized`` (the NF4 weights training saw; ``quant`` says how a 16-bit base
+    was quantised, ``None`` if it was not) or ``original`` (16-bit weights of ``original_model``).
+    ``dtype``: output dtype name; default the checkpoint's ``config.dtype``.
+    The directory appears complete or not at all. Returns what was done (also written to
+    ``out_dir/trinity_merge.json``).
+    """
+    emit = emit or (lambda *a, **k: None)
+    t0 = time.monotonic()
+    adapter_dir = Path(adapter_dir)
+    base_dir = model_dir(base_model, revision)
+    if merge_into == "original":
+        if original_model is None:
+            raise ExportError("merge_into='original' needs original_model")
+        src = model_dir(original_model)
+    elif merge_into == "dequantized":
+        src = base_dir
+    else:
+        raise ExportError(f"unknown merge_into {merge_into!r}")
+
+    adapter_config, deltas = load_adapter(adapter_dir)
+    src_config = json.loads((src / "config.json").read_text())
+    out_dtype = _output_dtype(src_config, dtype)
+    meta = _meta_model(src)
+    rename = checkpoint_renamer(meta)
+    roundtrip = merge_into == "dequantized" and quant is not None
+    bnb_names = bnb_linear_names(meta, src_config.get("quantization_config")) if roundtrip else set()
+    del meta
+
+    counts = {"tensors": 0, "merged": 0, "dequantized": 0, "requantized": 0}
+    seen: set[str] = set()
+    with atomic_dir(out_dir) as tmp:
+        writer = ShardWriter(tmp, max_shard_size)
+        for key, tensor, stats in _iter_checkpoint(src):
+            counts["tensors"] += 1
+            module = rename(key).removesuffix(".weight")
+            if stats is not None:
+                if merge_into == "original":
+                    raise ExportError(f"original_model {original_model} is itself 4-bit ({key}); give a 16-bit one")
+                tensor = dequantize_prequantized(tensor, stats)
+                counts["dequantized"] += 1
+            elif roundtrip and key.endswith(".weight") and module in bnb_names:
+                tensor = nf4_roundtrip(tensor, quant)
+                counts["requantized"] += 1
+            if key.endswith(".weight") and module in deltas:
+                tensor = deltas[module].apply(tensor)
+                seen.add(module)
+                counts["merged"] += 1
+            if tensor.is_floating_point():
+                tensor = tensor.to(out_dtype)
+            writer.add(key, tensor)
+            del tensor
+        missing = sorted(set(deltas) - seen)
+        if missing:
+            raise ExportError(f"{len(missing)} adapter modules not found in {src}: {missing[:5]}",
+                              details={"missing": missing})
+        shards = writer.close()
+        atomic_write_json(tmp / "config.json", _clean_config(src_config, out_dtype))
+        copy_tokenizer([adapter_dir, base_dir, src], tmp)
+        info = {
+            "merge_into": merge_into,
+            "source": str(original_model if merge_into == "original" else base_model),
+            "quant": asdict(quant) if roundtrip else None,
+            "dtype": str(out_dtype).removeprefix("torch."),
+            "shards": shards,
+            "bytes": writer.total,
+            **counts,
+            "rslora": bool(adapter_config.get("use_rslora")),
+            "dora": any(d.magnitude is not None for d in deltas.values()),
+            "seconds": round(time.monotonic() - t0, 2),
+        }
+        atomic_write_json(tmp / MERGE_INFO, info)
+    emit(f"merged {counts['merged']} modules into {info['source']} ({merge_into}) in {info['seconds']} s",
+         **{k: info[k] for k in ("merge_into", "dtype", "shards", "seconds")})
+    return info

@@ -1,0 +1,111 @@
+"""The reaper: finds jobs the system lost and puts them back on track. The job row is the truth.
+
+Each sweep:
+
+1. **Dead workers.** A ``running`` job whose heartbeat is older than ``stale_after_s`` is moved
+   back to ``queued`` (``resumes`` + 1) and re-sent; ``run_job`` on the same workdir resumes from
+   the newest checkpoint. A ``cancelling`` one becomes ``cancelled``. After ``max_resumes`` the job
+   fails with ``worker_lost``. The move is fenced by ``run_token`` and the stale heartbeat, so a
+   worker that was only slow keeps its job.
+2. **Lost messages.** A ``queued`` job last sent more than ``requeue_after_s`` ago whose message is
+   not in the broker (Redis restarted without persistence, an enqueue that failed, a worker killed
+   while holding it) is sent again. On Redis the queue lists are read; other brokers cannot be
+   inspected, so their queued jobs are re-sent blindly every ``requeue_blind_after_s``.
+3. **Interrupted requests.** A job left in ``validating_files`` by an API process that died is
+   validated again.
+
+Duplicates are harmless by design: the task's claim (``UPDATE ... WHERE status='queued'``) lets
+one delivery run the job; the others return at once. The reaper runs as a thread in the API
+process (``reaper_enabled``; ``trinity serve`` has one) — any number of API processes may run it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+from api import crud
+from api.admission import admit
+from api.db import session_scope
+from api.settings import Settings, get_settings
+from api.states import JobStatus
+from worker.app import app, enqueue
+
+log = logging.getLogger("trinity.reaper")
+
+
+def sweep(settings: Settings | None = None) -> dict[str, int]:
+    settings = settings or get_settings()
+    counts = {"requeued": 0, "ended": 0, "resent": 0, "admitted": 0}
+    now = time.time()
+    with session_scope() as session:
+        cutoff = now - settings.stale_after_s
+        for job in crud.stale_jobs(session=session, heartbeat_before=cutoff):
+            moved = crud.requeue_lost(session=session, job=job, heartbeat_before=cutoff,
+                                      max_resumes=settings.max_resumes)
+            if moved is not None and moved.status == JobStatus.queued:
+                counts["requeued"] += 1
+                enqueue(session=session, job=moved)
+            elif moved is not None:
+                counts["ended"] += 1
+
+        for job in crud.stuck_validating(session=session, created_before=now - settings.requeue_after_s):
+            moved = admit(session=session, job=job)
+            if moved is not None and moved.status == JobStatus.queued:
+                counts["admitted"] += 1
+                enqueue(session=session, job=moved)
+
+        candidates = crud.unsent_candidates(session=session, enqueued_before=now - settings.requeue_after_s)
+        present = queued_task_ids({job.queue for job in candidates}) if candidates else set()
+        for job in candidates:
+            if present is None and (job.enqueued_at or 0) > now - settings.requeue_blind_after_s:
+                continue
+            if present is not None and job.task_id in present:
+                continue
+            crud.add_event(session=session, job_id=job.id, type="message", level="warning",
+                           message="the job's message is not in the broker; sending it again",
+                           data={"task_id": job.task_id})
+            counts["resent"] += enqueue(session=session, job=job)
+    if any(counts.values()):
+        log.info("reaper: %s", counts)
+    return counts
+
+
+def queued_task_ids(queues: set[str]) -> set[str] | None:
+    """Task ids waiting in the broker's queues, or None when the broker cannot be inspected."""
+    url = app.conf.broker_url or ""
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        return None
+    with app.connection_for_read() as conn:
+        client = conn.default_channel.client
+        found: set[str] = set()
+        for queue in queues:
+            for raw in client.lrange(queue, 0, -1):
+                found.add(_task_id(raw))
+    return found
+
+
+def _task_id(raw: bytes) -> str:
+    try:
+        message = json.loads(raw)
+        return message["headers"]["id"]
+    except (ValueError, KeyError, TypeError):
+        return ""
+
+
+def start_thread(settings: Settings | None = None) -> threading.Event:
+    """Sweep every ``reaper_interval_s`` in a daemon thread; set the returned event to stop it."""
+    settings = settings or get_settings()
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(settings.reaper_interval_s):
+            try:
+                sweep(settings)
+            except Exception:  # the DB or broker being down for a moment must not kill the reaper
+                log.exception("reaper sweep failed")
+
+    threading.Thread(target=loop, name="trinity-reaper", daemon=True).start()
+    return stop
