@@ -254,7 +254,7 @@ def prepare_data(spec: Any, tokenizer: Any, out_dir: Path, *, max_seq_length: in
         content = "".join(canonical_line(e.messages) for e in part).encode("utf-8")
         digest.update(content)
         atomic_write_bytes(out_dir / name, content)
-    report.stats.update(train_rows=len(train), eval_rows=len(held), dropped_rows=report.stats["invalid_rows"],
+    report.stats.update(train_rows=len(train), eval_rows=len(held), dropped_rows=report.stats["invalid_rows"] + report.stats["skipped_rows"],
                         sha256=digest.hexdigest())  # fmt: skip
     atomic_write_json(out_dir / "report.json", report.to_dict())
 

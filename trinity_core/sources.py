@@ -198,7 +198,7 @@ def _parquet(p: Path) -> Source:
 
     try:
         pq.ParquetFile(p)
-    except Exception as e:  # pyarrow raises ArrowInvalid/OSError for a corrupt or non-Parquet file
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
         raise DatasetError(f"cannot read Parquet file {p.name}: {e}", param="data.path") from None
 
     def rows() -> RowIter:

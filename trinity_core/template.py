@@ -17,9 +17,12 @@ from trinity_core.errors import DatasetError
 
 
 def render(tokenizer: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> str:
+    """The conversation as text, through the tokenizer's chat template."""
+    from jinja2 import TemplateError  # raise_exception() in a template raises it
+
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    except Exception as e:  # jinja2 TemplateError / ValueError from raise_exception() in the template
+    except TemplateError as e:
         raise DatasetError(f"the chat template rejected this conversation: {e}") from None
 
 
@@ -71,13 +74,13 @@ def tokenize_conversation(
     return input_ids, masks
 
 
-def show_masked(tokenizer: Any, input_ids: list[int], masks: list[int], *, open: str = "[[", close: str = "]]") -> str:
-    """Decoded text with trained runs wrapped in ``open``/``close`` (plain text, for a terminal or log)."""
+def show_masked(tokenizer: Any, input_ids: list[int], masks: list[int], *, left: str = "[[", right: str = "]]") -> str:
+    """Decoded text with trained runs wrapped in ``left``/``right`` (plain text, for a terminal or log)."""
     out, run, state = [], [], None
     for token, m in [*zip(input_ids, masks, strict=True), (None, None)]:
         if m != state and run:
             text = tokenizer.decode(run, skip_special_tokens=False)
-            out.append(f"{open}{text}{close}" if state else text)
+            out.append(f"{left}{text}{right}" if state else text)
             run = []
         state = m
         if token is not None:
