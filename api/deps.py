@@ -35,7 +35,7 @@ def get_tenant(session: SessionDep,
 TenantDep = Annotated[str, Depends(get_tenant)]
 
 
-def get_own_job(session: SessionDep, tenant: TenantDep, job_id: Annotated[str, Path(max_length=40)]) -> Job:
+def get_own_job(session: SessionDep, tenant: TenantDep, job_id: Annotated[str, Path()]) -> Job:
     """Another tenant's job is reported exactly like a missing one (404, not 403)."""
     job = crud.get_job(session=session, tenant=tenant, job_id=job_id)
     if job is None:

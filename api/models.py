@@ -175,10 +175,19 @@ class JobPublic(SQLModel):
 
     @classmethod
     def of(cls, job: Job, *, queue_position: int | None = None) -> JobPublic:
-        result = {k: v for k, v in (job.result or {}).items() if k not in ("loss_history", "workdir")} or None
-        return cls.model_validate(
-            job.model_dump() | {"queue_position": queue_position, "result": result}
-        )
+        return cls.model_validate(job.model_dump() | {"queue_position": queue_position, "result": _summary(job)})
+
+
+def _summary(job: Job) -> dict[str, Any] | None:
+    """The run's result without the loss history (it is in the metrics events) or server paths."""
+    if not job.result:
+        return None
+    result = {k: v for k, v in job.result.items() if k not in ("loss_history", "workdir")}
+    data = (result.get("resolved_spec") or {}).get("data")
+    if isinstance(data, dict) and job.dataset_id:
+        data = {**data, "path": None, "dataset_id": job.dataset_id}
+        result["resolved_spec"] = {**result["resolved_spec"], "data": data}
+    return result
 
 
 class JobList(SQLModel):

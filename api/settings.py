@@ -29,11 +29,15 @@ def _split(value: object) -> object:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TRINITY_", env_file=None, extra="ignore")
 
-    env: Literal["development", "production"] = Field("development", description="production refuses insecure defaults.")
-    data_dir: Path = Field(DEFAULT_DATA_DIR, description="Uploads, job workdirs, the SQLite file, the embedded broker.")
-    database_url: str = Field("", description="SQLAlchemy URL; default sqlite:///<data_dir>/trinity.db. PostgreSQL works too.")
-    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker. `trinity serve` falls back to an embedded one.")
-    max_upload_mb: float = Field(1024, gt=0, description="Largest dataset upload; bigger bodies get 413 while streaming.")
+    env: Literal["development", "production"] = Field(
+        "development", description="production refuses insecure defaults.")
+    data_dir: Path = Field(
+        DEFAULT_DATA_DIR, description="Uploads, job workdirs, the SQLite file, the embedded broker.")
+    database_url: str = Field(
+        "", description="SQLAlchemy URL; default sqlite:///<data_dir>/trinity.db. PostgreSQL works too.")
+    broker_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="Celery broker. `trinity serve` falls back to an embedded one.")
+    max_upload_mb: float = Field(1024, gt=0, description="Largest upload; bigger bodies get 413 while streaming.")
     model_dirs: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="Local directories a spec's model.name_or_path may point into (hub ids are always allowed).",
@@ -62,7 +66,8 @@ class Settings(BaseSettings):
     max_resumes: int = Field(5, ge=0, description="A job whose worker died more often than this fails (worker_lost).")
     cancel_poll_s: float = Field(1.0, gt=0, description="should_stop reads the cancel flag at most this often.")
     sse_poll_s: float = Field(0.5, gt=0, description="How often the event stream looks for new events.")
-    expose_errors: bool | None = Field(None, description="Show exception text in 500 responses; default: in development.")
+    expose_errors: bool | None = Field(
+        None, description="Show exception text in 500 responses; default: in development only.")
 
     _split_lists = field_validator("model_dirs", "gpu_queues", "worker_queues", mode="before")(_split)
 

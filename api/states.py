@@ -14,10 +14,10 @@ UPDATE (``WHERE status IN sources(to)``), so a race between two writers cannot b
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class JobStatus(str, Enum):
+class JobStatus(StrEnum):
     validating_files = "validating_files"
     queued = "queued"
     running = "running"

@@ -6,10 +6,10 @@ Builds (once) a random bf16 ``Gemma3ForCausalLM`` checkpoint shaped like gemma-3
 intermediate 6912, 26 layers, 4 heads x 256, 1 KV head, vocab 262144; ~1.0 B parameters) in shards
 of ``--shard-mb``, plus a random rsLoRA + DoRA adapter on all 7 projections (r 64, alpha 32).
 The checkpoint is written tensor by tensor from a meta-device model, so building it never holds the
-whole model either. Then it runs ``merge_adapter`` (NF4 round trip + DoRA, bf16 output in shards
-of ``--shard-mb``) in a fresh subprocess and prints that process's peak RSS (``ru_maxrss``) next
-to the model size and the largest shard. Expect: peak ~ import baseline + one input shard (mmap)
-+ one output shard + adapter, far below the model size.
+whole model either. Then it runs ``merge_adapter`` (NF4 round trip + DoRA, bf16 output, one output shard per input
+shard) in a fresh subprocess and prints that process's peak RSS (``VmHWM``) next to the model
+size and the largest shard. The merge streams tensor by tensor, so expect: peak ~ import baseline
++ adapter + the largest tensor and its fp32 temporaries, independent of the shard size.
 """
 
 from __future__ import annotations
@@ -97,20 +97,28 @@ def build(out: Path, layers: int, shard_bytes: int, r: int = 64) -> None:
          "target_modules": list(PROJ), "task_type": "CAUSAL_LM"}))
 
 
-def merge_child(base: Path, adapter: Path, out: Path, shard_bytes: int) -> None:
+def peak_rss() -> int:
+    """This process's peak RSS in bytes: VmHWM (ru_maxrss would include the pre-exec parent's)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def merge_child(base: Path, adapter: Path, out: Path) -> None:
     """Runs in the measured subprocess."""
     import torch  # noqa: F401  (import cost is part of the baseline)
     import transformers  # noqa: F401
 
     from trinity_core.merge import merge_adapter
 
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    baseline = peak_rss()
     t0 = time.monotonic()
-    info = merge_adapter(adapter, out, base_model=base, max_shard_size=shard_bytes)
+    info = merge_adapter(adapter, out, base_model=base)
     seconds = time.monotonic() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     print(json.dumps({"baseline_rss": baseline, "peak_rss": peak, "seconds": round(seconds, 1),
-                      "shards_out": len(info["shards"]), "merged": info["merged"],
+                      "shards_out": info["shards"], "merged": info["merged"],
                       "requantized": info["requantized"]}))
 
 
@@ -123,10 +131,10 @@ def main() -> None:
     args = ap.parse_args()
     shard_bytes = args.shard_mb * 2**20
     if args.child:
-        merge_child(*map(Path, args.child), shard_bytes)
+        merge_child(*map(Path, args.child))
         return
 
-    base, adapter, out = args.dir / f"base-{args.layers}", args.dir / "adapter", args.dir / "merged"
+    base, adapter, out = args.dir / f"base-{args.layers}-{args.shard_mb}mb", args.dir / "adapter", args.dir / "merged"
     if not (base / "config.json").is_file():
         t0 = time.monotonic()
         build(base, args.layers, shard_bytes)
@@ -137,7 +145,7 @@ def main() -> None:
     shards = sorted(base.glob("*.safetensors"))
     model_bytes = sum(s.stat().st_size for s in shards)
     adapter_bytes = (adapter / "adapter_model.safetensors").stat().st_size
-    run = subprocess.run([sys.executable, __file__, "--shard-mb", str(args.shard_mb), "--child",
+    run = subprocess.run([sys.executable, __file__, "--child",
                           str(base), str(adapter), str(out)], capture_output=True, text=True, check=True)
     m = json.loads(run.stdout.strip().splitlines()[-1])
     gib = 2**30

@@ -96,6 +96,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     worker = None if args.no_worker else WorkerProcess(settings.worker_queues)
     if worker:
         worker.start()
+    # uvicorn re-raises SIGTERM after its graceful shutdown; make that an exit that runs `finally`.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         uvicorn.run("api.main:app", host=args.host, port=args.port, log_level="info")
     finally:
@@ -151,7 +153,8 @@ class WorkerProcess:
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--loglevel", "INFO",
-                "--concurrency", "1", "-Q", ",".join(self.queues), "-n", f"trinity-{os.getpid()}@%h"]
+                "--concurrency", "1", "-Q", ",".join(self.queues), "-n", f"trinity-{os.getpid()}@%h",
+                "--without-mingle", "--without-gossip", "--without-heartbeat"]
 
     def start(self) -> None:
         self.proc = subprocess.Popen(self.command(), start_new_session=True)

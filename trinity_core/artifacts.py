@@ -179,9 +179,9 @@ def entry(workdir: Path, path: Path, *, name: str, kind: str) -> dict[str, Any]:
             "size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
-def _is_final(path: Path) -> bool:
-    """Skip temp files (``.x.tmp-…``), temp dirs (``x.tmp-…``) and hidden files."""
-    return path.is_file() and not any(p.startswith(".") or ".tmp-" in p or ".old-" in p for p in path.parts)
+def _is_final(relative: Path) -> bool:
+    """False for temp files (``.x.tmp-…``), temp dirs (``x.tmp-…``, ``x.old-…``) and hidden files."""
+    return not any(p.startswith(".") or ".tmp-" in p or ".old-" in p for p in relative.parts)
 
 
 def build_manifest(workdir: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -212,8 +212,6 @@ def build_manifest(workdir: str | os.PathLike[str]) -> list[dict[str, Any]]:
         add(workdir / "report" / name, name, "report")
     add(workdir / "report" / "loss.png", "loss.png", "plot")
     add(workdir / "result.json", "result.json", "result")
-    names = [r["name"] for r in rows]
-    assert len(names) == len(set(names)), names
     return rows
 
 

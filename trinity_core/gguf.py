@@ -16,8 +16,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -67,13 +70,8 @@ def convert_to_gguf(merged_dir: str | Path, out_path: str | Path, *, outtype: st
 def quantize_gguf(f16_path: str | Path, out_path: str | Path, qtype: str, *, threads: int | None = None) -> Path:
     """Quantise an f16 GGUF to ``qtype`` (q4_k_m, q5_k_m, q8_0) with ``llama_model_quantize``."""
     import ctypes
-    import logging
 
     import llama_cpp
-
-    log = logging.getLogger("llama-cpp-python")  # llama.cpp's own log goes through this logger
-    if log.level == logging.NOTSET:
-        log.setLevel(logging.WARNING)  # quantize prints a line per tensor at INFO
 
     if qtype not in GGUF_TYPES or qtype == "f16":
         raise ExportError(f"cannot quantize to {qtype!r}; choose from {sorted(set(GGUF_TYPES) - {'f16'})}")
@@ -81,11 +79,35 @@ def quantize_gguf(f16_path: str | Path, out_path: str | Path, qtype: str, *, thr
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = GGUF_TYPES[qtype][0]
     params.nthread = threads or os.cpu_count() or 1
-    with atomic_file(out_path) as tmp:
+    with atomic_file(out_path) as tmp, _native_output() as log:
         rc = llama_cpp.llama_model_quantize(str(f16_path).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
-            raise ExportError(f"llama.cpp could not quantize {f16_path} to {qtype} (code {rc})")
+            sys.stderr.flush()
+            log.seek(0)
+            tail = "\n".join(log.read().decode("utf-8", "replace").splitlines()[-15:])
+            raise ExportError(f"llama.cpp could not quantize {f16_path} to {qtype} (code {rc}): {tail[-2000:]}")
     return out_path
+
+
+@contextmanager
+def _native_output() -> Iterator[Any]:
+    """Send llama.cpp's log (a line per tensor) to a temp file: what C code writes to fds 1 and 2,
+    and what llama-cpp-python's log callback prints to ``sys.stderr``."""
+    with tempfile.TemporaryFile() as f, open(os.dup(f.fileno()), "w", encoding="utf-8", closefd=True) as text:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = [os.dup(1), os.dup(2)]
+        try:
+            os.dup2(f.fileno(), 1)
+            os.dup2(f.fileno(), 2)
+            with redirect_stdout(text), redirect_stderr(text):
+                yield f
+        finally:
+            text.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
 
 
 def inspect_gguf(path: str | Path) -> dict[str, Any]:
@@ -175,10 +197,11 @@ def write_modelfile(gguf_dir: str | Path, gguf_file: str, *, num_ctx: int) -> Pa
 
 
 def export_gguf(merged_dir: Path, gguf_dir: Path, quantizations: list[str], *, num_ctx: int,
-                model_name: str | None = None, emit=None) -> dict[str, Any]:
+                model_name: str | None = None, emit: Any = None) -> dict[str, Any]:
     """f16 conversion, then each quantisation, each checked; then the Modelfile.
 
-    Returns ``{"files": {qtype: path}, "info": {qtype: inspect}, "seconds": {...}, "modelfile": path}``.
+    Returns ``{"files": {qtype: path}, "info": {qtype: inspect}, "seconds": {...}, "modelfile": path,
+    "served": qtype}``; the Modelfile serves the first of q4_k_m, q5_k_m, q8_0 made, else f16.
     """
     emit = emit or (lambda *a, **k: None)
     files: dict[str, Path] = {}

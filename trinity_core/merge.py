@@ -22,9 +22,9 @@ For every adapted module (fp32 math, cast to the output dtype at the end)::
     LoRA:  W' = W + delta
     DoRA:  W' = m / ||W + delta||_row * (W + delta)    (norm over in_features, one per output row)
 
-which is what PEFT's ``DoraLinearVariant.merge_safe`` computes. Peak memory is one output shard
-(``max_shard_size``) plus the adapter plus one tensor in fp32: input shards are opened with
-``safe_open`` and read tensor by tensor, output shards are written as soon as they are full.
+which is what PEFT's ``DoraLinearVariant.merge_safe`` computes. Each input shard becomes one
+output shard, streamed tensor by tensor (:mod:`trinity_core.shards`): peak memory is the adapter
+plus one weight and its fp32 temporaries, whatever the shard size (``bench/merge_rss.py``).
 """
 
 from __future__ import annotations
@@ -34,13 +34,14 @@ import math
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from trinity_core.artifacts import atomic_dir, atomic_write_json
 from trinity_core.errors import ExportError, HubDownloadError
+from trinity_core.shards import SafetensorsReader, SafetensorsWriter
 
 Emit = Callable[..., Any]
 
@@ -52,7 +53,6 @@ COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.js
                 "preprocessor_config.json", "processor_config.json")
 TOKENIZER_FILES = COPIED_FILES[1:8]
 MERGE_INFO = "trinity_merge.json"
-DEFAULT_SHARD_BYTES = 2 << 30
 
 
 @dataclass(frozen=True)
@@ -106,11 +106,11 @@ def model_dir(name_or_path: str | Path, revision: str | None = None) -> Path:
 
 
 def shard_files(src: Path) -> list[Path]:
-    """The safetensors shards of a checkpoint, in index order."""
+    """The safetensors shards of a checkpoint, in file-name order."""
     index = src / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
-        return [src / name for name in dict.fromkeys(weight_map.values())]
+        return [src / name for name in sorted(set(weight_map.values()))]
     if (src / "model.safetensors").is_file():
         return [src / "model.safetensors"]
     raise ExportError(f"{src} has no safetensors weights (model.safetensors or an index)")
@@ -221,75 +221,38 @@ def dequantize_prequantized(packed, stats: dict[str, Any]):
 # --------------------------------------------------------------------------- output
 
 
-class ShardWriter:
-    """Collect tensors and write ``model-0000i-of-0000N.safetensors`` shards of at most
-    ``max_bytes`` (one tensor may exceed it) plus the index; a single shard is ``model.safetensors``."""
+def _shard_plan(reader: SafetensorsReader, out_dtype: Any) -> tuple[list[tuple[str, Any, tuple[int, ...]]],
+                                                                    dict[str, dict[str, str]]]:
+    """What an input shard becomes: ``[(key, dtype, shape)]`` of the output tensors (packed 4-bit
+    weights take the shape in their quant state) and, per packed weight, its quant-state keys."""
+    import bitsandbytes.functional as bnbf
 
-    def __init__(self, out_dir: Path, max_bytes: int):
-        self.out_dir, self.max_bytes = out_dir, max_bytes
-        self.buffer: dict[str, Any] = {}
-        self.buffered = 0
-        self.files: list[tuple[Path, list[str]]] = []
-        self.total = 0
+    from trinity_core.shards import _torch_dtype
 
-    def add(self, key: str, tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.buffer and self.buffered + size > self.max_bytes:
-            self.flush()
-        self.buffer[key] = tensor.contiguous()
-        self.buffered += size
-        self.total += size
-
-    def flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self.buffer:
-            return
-        path = self.out_dir / f".shard-{len(self.files):05d}.safetensors"
-        try:
-            save_file(self.buffer, str(path), metadata={"format": "pt"})
-        except OSError:
-            raise
-        except Exception as e:  # safetensors reports I/O errors as SafetensorError
-            if "No space" in str(e) or "os error 28" in str(e):
-                raise OSError(28, f"No space left on device ({e})") from e
-            raise
-        self.files.append((path, list(self.buffer)))
-        self.buffer, self.buffered = {}, 0
-
-    def close(self) -> list[str]:
-        self.flush()
-        n = len(self.files)
-        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        weight_map = {}
-        for (path, keys), name in zip(self.files, names, strict=True):
-            path.rename(self.out_dir / name)
-            weight_map.update(dict.fromkeys(keys, name))
-        if n > 1:
-            index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
-            (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        return names
+    stats_of: dict[str, dict[str, str]] = {}
+    for key in reader.keys():
+        for suffix in QUANT_SUFFIXES:
+            if key.endswith("." + suffix):
+                stats_of.setdefault(key[: -len(suffix) - 1], {})[suffix] = key
+    aux = {k for s in stats_of.values() for k in s.values()}
+    plan = []
+    for key in reader.keys():
+        if key in aux:
+            continue
+        info = reader.header[key]
+        dtype, shape = _torch_dtype(info["dtype"]), tuple(info["shape"])
+        if key in stats_of:
+            packed_state = next(k for s, k in stats_of[key].items() if s.startswith("quant_state."))
+            shape = tuple(bnbf.unpack_tensor_to_dict(reader.get(packed_state))["shape"])
+            dtype = out_dtype
+        elif dtype.is_floating_point:
+            dtype = out_dtype
+        plan.append((key, dtype, shape))
+    return plan, stats_of
 
 
-def _iter_checkpoint(src: Path) -> Iterator[tuple[str, Any, dict[str, Any] | None]]:
-    """Yield ``(key, tensor, quant_stats or None)`` shard by shard; quant-state tensors of a
-    pre-quantised weight are folded into its ``quant_stats``. One shard is open at a time."""
-    from safetensors import safe_open
-
-    for shard in shard_files(src):
-        with safe_open(str(shard), framework="pt") as f:
-            keys = list(f.keys())
-            stats_of: dict[str, dict[str, Any]] = {}
-            for key in keys:
-                for suffix in QUANT_SUFFIXES:
-                    if key.endswith("." + suffix):
-                        stats_of.setdefault(key[: -len(suffix) - 1], {})[suffix] = key
-            aux = {k for s in stats_of.values() for k in s.values()}
-            for key in keys:
-                if key in aux:
-                    continue
-                stats = {s: f.get_tensor(k) for s, k in stats_of[key].items()} if key in stats_of else None
-                yield key, f.get_tensor(key), stats
+def shard_name(i: int, n: int) -> str:
+    return "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
 
 
 def _output_dtype(src_config: dict[str, Any], dtype: str | None):
@@ -339,7 +302,6 @@ def merge_adapter(
     original_model: str | Path | None = None,
     quant: Quant | None = Quant(),
     dtype: str | None = None,
-    max_shard_size: int = DEFAULT_SHARD_BYTES,
     emit: Emit | None = None,
 ) -> dict[str, Any]:
     """Merge ``adapter_dir`` into the base and write safetensors + config + tokenizer to ``out_dir``.
@@ -375,32 +337,44 @@ def merge_adapter(
 
     counts = {"tensors": 0, "merged": 0, "dequantized": 0, "requantized": 0}
     seen: set[str] = set()
+    weight_map: dict[str, str] = {}
+    total = 0
     with atomic_dir(out_dir) as tmp:
-        writer = ShardWriter(tmp, max_shard_size)
-        for key, tensor, stats in _iter_checkpoint(src):
-            counts["tensors"] += 1
-            module = rename(key).removesuffix(".weight")
-            if stats is not None:
-                if merge_into == "original":
-                    raise ExportError(f"original_model {original_model} is itself 4-bit ({key}); give a 16-bit one")
-                tensor = dequantize_prequantized(tensor, stats)
-                counts["dequantized"] += 1
-            elif roundtrip and key.endswith(".weight") and module in bnb_names:
-                tensor = nf4_roundtrip(tensor, quant)
-                counts["requantized"] += 1
-            if key.endswith(".weight") and module in deltas:
-                tensor = deltas[module].apply(tensor)
-                seen.add(module)
-                counts["merged"] += 1
-            if tensor.is_floating_point():
-                tensor = tensor.to(out_dtype)
-            writer.add(key, tensor)
-            del tensor
+        shards = shard_files(src)
+        for number, shard in enumerate(shards, 1):
+            name = shard_name(number, len(shards))
+            with SafetensorsReader(shard) as reader:
+                plan, stats_of = _shard_plan(reader, out_dtype)
+                with SafetensorsWriter(tmp / name, plan) as writer:
+                    for key, _, _ in plan:
+                        tensor = reader.get(key)
+                        module = rename(key).removesuffix(".weight")
+                        if key in stats_of:
+                            if merge_into == "original":
+                                raise ExportError(f"original_model {original_model} is 4-bit ({key})")
+                            stats = {s: reader.get(k) for s, k in stats_of[key].items()}
+                            tensor = dequantize_prequantized(tensor, stats)
+                            counts["dequantized"] += 1
+                        elif roundtrip and key.endswith(".weight") and module in bnb_names:
+                            tensor = nf4_roundtrip(tensor, quant)
+                            counts["requantized"] += 1
+                        if key.endswith(".weight") and module in deltas:
+                            tensor = deltas[module].apply(tensor)
+                            seen.add(module)
+                            counts["merged"] += 1
+                        writer.write(key, tensor.to(out_dtype) if tensor.is_floating_point() else tensor)
+                        weight_map[key] = name
+                        counts["tensors"] += 1
+                        del tensor
+                total += writer.data_size
+            emit(f"merge: shard {number}/{len(shards)} written", shard=number, shards=len(shards))
         missing = sorted(set(deltas) - seen)
         if missing:
             raise ExportError(f"{len(missing)} adapter modules not found in {src}: {missing[:5]}",
                               details={"missing": missing})
-        shards = writer.close()
+        if len(shards) > 1:
+            atomic_write_json(tmp / "model.safetensors.index.json",
+                              {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
         atomic_write_json(tmp / "config.json", _clean_config(src_config, out_dtype))
         copy_tokenizer([adapter_dir, base_dir, src], tmp)
         info = {
@@ -408,8 +382,8 @@ def merge_adapter(
             "source": str(original_model if merge_into == "original" else base_model),
             "quant": asdict(quant) if roundtrip else None,
             "dtype": str(out_dtype).removeprefix("torch."),
-            "shards": shards,
-            "bytes": writer.total,
+            "shards": len(shards),
+            "bytes": total,
             **counts,
             "rslora": bool(adapter_config.get("use_rslora")),
             "dora": any(d.magnitude is not None for d in deltas.values()),
@@ -417,5 +391,5 @@ def merge_adapter(
         }
         atomic_write_json(tmp / MERGE_INFO, info)
     emit(f"merged {counts['merged']} modules into {info['source']} ({merge_into}) in {info['seconds']} s",
-         **{k: info[k] for k in ("merge_into", "dtype", "shards", "seconds")})
+         merge_into=merge_into, dtype=info["dtype"], shards=len(shards), seconds=info["seconds"])
     return info

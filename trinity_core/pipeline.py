@@ -129,6 +129,9 @@ def train_with_ladder(spec, backend, train_dataset, workdir, emit, should_stop, 
         if index > 0 and index != start:
             emit.warning(f"out of memory: stepping down to rung '{rung.name}'",
                          rung=rung.name, settings=rung.settings.to_dict())
+        if spec.ladder.preflight and index < len(rungs) - 1 and skip_by_estimate(attempt, rung, spec, backend, emit):
+            atomic_write_json(progress_file, {"rung_index": index, "attempts": [a.to_dict() for a in attempts]})
+            continue
         t0 = time.monotonic()
         try:
             model, tokenizer = backend.load(rung.settings.apply(spec))
@@ -143,19 +146,40 @@ def train_with_ladder(spec, backend, train_dataset, workdir, emit, should_stop, 
                 raise
             attempt.outcome, attempt.error = "oom", str(error).splitlines()[0][:300]
             attempt.seconds = round(time.monotonic() - t0, 2)
-            model = tokenizer = None  # noqa: F841  (drop references before freeing)
-            oom.free_memory()
-            clear_checkpoints(workdir)  # a cheaper rung has other shapes: start it fresh
-            continue
-        attempt.outcome = "cancelled" if outcome.stopped else "ok"
-        attempt.seconds = round(time.monotonic() - t0, 2)
-        attempt.steps_done = outcome.global_step
-        atomic_write_json(progress_file, {"rung_index": index, "attempts": [a.to_dict() for a in attempts]})
-        return rung, outcome, attempts
+        else:
+            attempt.outcome = "cancelled" if outcome.stopped else "ok"
+            attempt.seconds = round(time.monotonic() - t0, 2)
+            attempt.steps_done = outcome.global_step
+            atomic_write_json(progress_file, {"rung_index": index, "attempts": [a.to_dict() for a in attempts]})
+            return rung, outcome, attempts
+        # Free only here, past the except block: until it ends, the error's traceback holds the
+        # failed attempt's frames (model, trainer, optimizer) and nothing could be released.
+        model = tokenizer = None  # noqa: F841
+        oom.free_memory()
+        clear_checkpoints(workdir)  # a cheaper rung has other shapes: start it fresh
 
     tried = ", ".join(f"{a.rung} ({a.outcome})" for a in attempts)
     raise OOMLadderExhausted(f"out of memory on every rung of the ladder: {tried}",
                              details=[a.to_dict() for a in attempts])
+
+
+def skip_by_estimate(attempt, rung, spec, backend, emit) -> bool:
+    """Pre-flight: record the rung's memory estimate; mark it skipped when it cannot fit the GPU."""
+    from trinity_core import memory
+
+    checked = memory.preflight(rung.settings.apply(spec), backend.name)
+    if checked is None:  # no CUDA, or a config we cannot read: the OOM ladder alone decides
+        return False
+    estimate, budget = checked
+    attempt.estimate_gib = round(estimate.gib, 2)
+    attempt.extra["budget_gib"] = round(budget, 2)
+    if estimate.fits(budget):
+        return False
+    attempt.outcome = "skipped"
+    attempt.extra["estimate"] = estimate.to_dict()
+    emit.warning(f"rung '{rung.name}' skipped: estimated {estimate.gib:.1f} GiB, {budget:.1f} GiB available",
+                 rung=rung.name, estimate_gib=attempt.estimate_gib, budget_gib=attempt.extra["budget_gib"])
+    return True
 
 
 def clear_checkpoints(workdir: Path) -> None:

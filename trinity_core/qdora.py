@@ -22,8 +22,10 @@ and the sum is clamped at 0 before the square root, so the norm stays within ~1e
 the direct one everywhere (~1e-6 on ordinary rows).
 
 Patching swaps the class of each LoRA layer's ``lora_magnitude_vector[adapter]`` module for
-:class:`FastDoraLinearLayer`, a subclass that only replaces ``forward``: parameter names, the
-adapter file, merging (PEFT's ``get_weight_norm``) and GGUF export are unchanged.
+:class:`FastDoraLinearLayer` (a subclass that replaces ``forward`` and holds the cache) and its
+``lora_variant[adapter]`` for :class:`FastDoraLinearVariant` (same merge/unmerge, a fused
+forward). Parameter names, the adapter file, merging (PEFT's ``get_weight_norm``) and GGUF export
+are unchanged.
 ``TRINITY_FAST_DORA=0`` turns it off (PEFT's own DoRA runs; used by the benchmark).
 """
 
@@ -35,6 +37,7 @@ from collections.abc import Iterator
 
 import torch
 from peft.tuners.lora.dora import DoraLinearLayer
+from peft.tuners.lora.variants import DoraLinearVariant
 
 FAST_DORA_ENV = "TRINITY_FAST_DORA"
 CANCELLATION_RATIO = 0.05
@@ -113,6 +116,40 @@ class FastDoraLinearLayer(DoraLinearLayer):
         return "trinity.fast_" + super().__repr__()
 
 
+class FastDoraLinearVariant(DoraLinearVariant):
+    """The whole DoRA output in two kernels instead of PEFT's chain of fp32 element-wise passes.
+
+    With g = m/‖W+sBA‖ (per output), PEFT returns ``result + (g-1)·base + g·s·B(Ax)``. Here
+    ``(g-1)·base`` is one ``addcmul`` into ``result`` in the activation dtype (``g-1`` is small, so
+    bf16 keeps its precision where ``g`` itself would lose it) and ``g·s`` is folded into the
+    out × r matrix B, so ``B(Ax)`` and its addition are one ``addmm``. Dropout (which needs the
+    base output of the dropped input) falls back to PEFT's arrangement.
+    """
+
+    @staticmethod
+    def forward(module, active_adapter, x, result, **kwargs):
+        dora = module.lora_magnitude_vector[active_adapter]
+        if not isinstance(dora, FastDoraLinearLayer) or (
+                module.training and not isinstance(module.lora_dropout[active_adapter], torch.nn.Identity)):
+            return DoraLinearVariant.forward(module, active_adapter, x, result, **kwargs)
+        lora_A, lora_B = module.lora_A[active_adapter], module.lora_B[active_adapter]
+        scaling = module.scaling[active_adapter]
+        base_layer = module.get_base_layer()
+        g = dora.weight / dora.weight_norm(lora_A.weight, lora_B.weight, scaling, base_layer)
+        bias = base_layer.bias
+        base = result if bias is None else result - bias
+        out = torch.addcmul(result, base, (g - 1).to(result.dtype))
+        xa = lora_A(x)
+        b_scaled = (lora_B.weight * (g * scaling).unsqueeze(1)).to(result.dtype)
+        flat = torch.addmm(out.reshape(-1, out.shape[-1]), xa.reshape(-1, xa.shape[-1]).to(result.dtype), b_scaled.T)
+        return flat.view(out.shape)
+
+
+def fast_dora_enabled() -> bool:
+    """False when ``TRINITY_FAST_DORA`` is 0/false/no/off."""
+    return os.environ.get(FAST_DORA_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def enable_fast_dora(model: torch.nn.Module) -> int:
     """Swap every PEFT DoRA linear layer of ``model`` for :class:`FastDoraLinearLayer`.
 
@@ -120,17 +157,18 @@ def enable_fast_dora(model: torch.nn.Module) -> int:
     Call it after ``get_peft_model`` and after the model is on its device.
     """
     global _hook_handle
-    if os.environ.get(FAST_DORA_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    if not fast_dora_enabled():
         return 0
     patched = 0
     for module in model.modules():
         magnitudes = getattr(module, "lora_magnitude_vector", None)
         if not isinstance(magnitudes, torch.nn.ModuleDict) or getattr(module, "fan_in_fan_out", False):
             continue
-        for dora in magnitudes.values():
+        for name, dora in magnitudes.items():
             if type(dora) is DoraLinearLayer:  # not the Embedding/Conv variants, not already patched
                 dora.__class__ = FastDoraLinearLayer
                 dora.prepare(module.get_base_layer())
+                module.lora_variant[name] = FastDoraLinearVariant()
                 patched += 1
     if patched and _hook_handle is None:
         from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -201,5 +239,5 @@ def linear_norm_reference(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: to
     return torch.linalg.vector_norm(w, dim=1)
 
 
-__all__ = ["FastDoraLinearLayer", "enable_fast_dora", "optimizer_steps", "linear_norm_reference",
-           "CANCELLATION_RATIO", "FAST_DORA_ENV"]
+__all__ = ["FastDoraLinearLayer", "FastDoraLinearVariant", "enable_fast_dora", "fast_dora_enabled",
+           "optimizer_steps", "linear_norm_reference", "CANCELLATION_RATIO", "FAST_DORA_ENV"]

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -139,7 +140,7 @@ class Recorder:
             with session_scope() as session:
                 seq = crud.record_event(
                     session=session, job_id=self.job.job_id, run_token=self.job.run_token, type=event.type,
-                    level=event.level, message=event.message, data=event.data, time=event.time,
+                    level=event.level, message=event.message, data=_jsonable(event.data), time=event.time,
                     progress=self._progress(event))
             if seq is None:
                 self.lost = True
@@ -152,14 +153,25 @@ class Recorder:
             return {k: data[k] for k in METRIC_FIELDS if data.get(k) is not None}
         if event.type == "status" and data.get("stage"):
             return {"stage": str(data["stage"])[:40]}
-        if event.level == "warning" and "rung" in data and "settings" in data:  # an OOM-ladder downgrade
-            if self.attempts:
-                self.attempts[-1] = {**self.attempts[-1], "outcome": "oom"}
-            else:
+        if event.level == "warning" and "settings" in data and "rung" in data:  # an OOM-ladder downgrade
+            if not self.attempts:
                 self.attempts.append({"rung": "recipe", "outcome": "oom"})
+            elif self.attempts[-1].get("outcome") == "running":
+                self.attempts[-1] = {**self.attempts[-1], "outcome": "oom"}
             self.attempts.append({"rung": data["rung"], "settings": data["settings"], "outcome": "running"})
             return {"rung": data["rung"], "settings": data["settings"], "attempts": list(self.attempts)}
+        if event.level == "warning" and "rung" in data:  # pre-flight: the rung about to run cannot fit
+            if self.attempts and self.attempts[-1].get("rung") == data["rung"]:
+                self.attempts[-1] = {**self.attempts[-1], "outcome": "skipped"}
+            else:
+                self.attempts.append({"rung": data["rung"], "outcome": "skipped"})
+            return {"attempts": list(self.attempts)}
         return {}
+
+
+def _jsonable(data: dict[str, Any] | None) -> dict[str, Any]:
+    """Event data as plain JSON (numpy scalars, paths... become numbers or strings)."""
+    return json.loads(json.dumps(data or {}, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
 
 
 # ── Endings ──────────────────────────────────────────────────────────────────────────────────
@@ -208,12 +220,15 @@ def fail(job: Run, error: BaseException) -> str:
 
 def requeue(job: Run, error: TrinityError, *, task_id: str, countdown: float, attempt: int) -> bool:
     """A retryable error (hub download): back to queued; Celery re-sends the task after ``countdown``."""
-    with session_scope() as session:
-        done = crud.transition(
-            session=session, job_id=job.job_id, to=S.queued, run_token=job.run_token, only_from={S.running},
-            level="warning", message=f"{error.message}; retry {attempt} in {countdown:.0f} s",
-            values={"task_id": task_id, "enqueued_at": time.time() + countdown},
-            event_data={"error": error.to_dict()})
+    try:
+        with session_scope() as session:
+            done = crud.transition(
+                session=session, job_id=job.job_id, to=S.queued, run_token=job.run_token, only_from={S.running},
+                level="warning", message=f"{error.message}; retry {attempt} in {countdown:.0f} s",
+                values={"task_id": task_id, "enqueued_at": time.time() + countdown},
+                event_data={"error": error.to_dict()})
+    except IllegalTransition:  # cancelling (or lost): no retry, the caller records the ending
+        return False
     return done is not None
 
 

@@ -142,7 +142,7 @@ def list_datasets(session: SessionDep, tenant: TenantDep, limit: Annotated[int, 
 
 
 @router.get("/{dataset_id}", response_model=DatasetPublic)
-def get_dataset(session: SessionDep, tenant: TenantDep, dataset_id: Annotated[str, PathParam(max_length=40)]):
+def get_dataset(session: SessionDep, tenant: TenantDep, dataset_id: Annotated[str, PathParam()]):
     dataset = crud.get_dataset(session=session, tenant=tenant, dataset_id=dataset_id)
     if dataset is None:
         raise not_found("dataset", dataset_id, "dataset_id")

@@ -207,7 +207,6 @@ def test_near_cancellation_stays_accurate(four_bit):
     assert ((norm.double() - expected).abs()[4:] <= 1e-5 * expected[4:]).all()
 
 
-@pytest.mark.slow
 def test_tiny_model_forward_backward_and_adapter_format(tiny_spec, tmp_path):
     """The real 4-bit tiny Gemma-3 (42 DoRA layers, gradient checkpointing): logits and every
     gradient match PEFT's DoRA over two accumulated micro-batches, steps refresh, and the adapter

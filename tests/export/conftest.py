@@ -10,12 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.export.export_helpers import Events, perturb_adapter
+from tests.export.export_helpers import EVAL_ROWS, FIDELITY, Events, perturb_adapter
 from trinity_core.spec import JobSpec
 
 ROOT = Path(__file__).resolve().parents[2]
-EVAL_ROWS = 6
 PROBE_IDS_SEED = 0
+
+
+@pytest.fixture(scope="session", autouse=True)
+def print_fidelity():
+    yield
+    if FIDELITY:
+        print("\nexport fidelity:", json.dumps(FIDELITY, indent=1))
 
 
 @pytest.fixture(scope="session")
@@ -38,12 +44,13 @@ def export_spec(sharded_base) -> JobSpec:
 
 @pytest.fixture(scope="session")
 def workdir(export_spec, tmp_path_factory) -> Path:
-    """A job workdir holding ``adapter/`` as training leaves it (PEFT format, A/B in bf16 as TRL
-    casts them for quantised models), made with the real backend's loader."""
+    """A job workdir holding ``adapter/`` in PEFT format, made with the real backend's loader, and
+    ``data/eval.jsonl``. A/B are stored in bf16 (as TRL leaves them when it computes in bf16), the
+    DoRA magnitudes in fp32, so the merge's dtype handling is exercised too."""
     from trinity_core.backends.peft import PeftBackend
 
     wd = tmp_path_factory.mktemp("job")
-    model, tokenizer = PeftBackend().load(export_spec)
+    model, _ = PeftBackend().load(export_spec)
     perturb_adapter(model)
     for name, module in model.named_modules():
         if name.endswith(("lora_A.default", "lora_B.default")):
@@ -99,15 +106,10 @@ def probe_ids(tokenizer) -> list[int]:
 
 
 @pytest.fixture(scope="session")
-def report(exported, workdir, trained_model, tokenizer, export_spec):
-    from trinity_core.evaluate import evaluate
+def report(exported, workdir, tokenizer, export_spec):
+    """The report stage as the pipeline runs it, after the export."""
+    from trinity_core.evaluate import evaluate_job
 
-    rows = [json.loads(line) for line in (workdir / "data" / "eval.jsonl").read_text().splitlines()]
     result, _ = exported
     history = [{"step": s, "loss": 7.0 * 0.9**s, "lr": 2e-3 * min(1, s / 2)} for s in range(1, 31)]
-    return evaluate(
-        workdir, trained_model=trained_model, tokenizer=tokenizer, eval_rows=rows,
-        max_seq_length=export_spec.model.max_seq_length, loss_history=history, merged_dir=workdir / "merged",
-        gguf_files={q: workdir / p for q, p in result["gguf"].items() if q in ("f16", "q4_k_m")},
-        eval_prompts=export_spec.export.eval_prompts, max_new_tokens=export_spec.export.max_new_tokens,
-    )
+    return evaluate_job(export_spec, workdir, export=result, tokenizer=tokenizer, loss_history=history)

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import torch
 
+EVAL_ROWS = 6  # held-out conversations in the session workdir
+FIDELITY: dict[str, float] = {}
+"""Measured numbers (max |logit diff|, top-1 agreement), printed at the end of the session (pytest -s)."""
+
 
 class Events(list):
-    """``emit`` for tests: records ``(message, data)``."""
+    """``emit`` for tests: records each event as a dict."""
 
     def __call__(self, message, *, level="info", type="message", **data):
         self.append({"message": message, "level": level, "type": type, **data})

@@ -44,6 +44,9 @@ class UnslothBackend:
             max_seq_length=spec.model.max_seq_length,
             **lora_kwargs(spec),
         )
+        from trinity_core.qdora import enable_fast_dora
+
+        fast_dora_layers = enable_fast_dora(model) if spec.lora.use_dora else 0
         compiled = os.environ.get(COMPILE_ENV, "0") not in ("1", "true", "True")
         self._info = {
             "backend": self.name,
@@ -52,6 +55,7 @@ class UnslothBackend:
             "unsloth_compile": compiled,
             "unsloth_compile_reason": "DoRA on: compile disabled" if spec.lora.use_dora and not compiled
             else ("LoRA: compiled" if compiled else f"{COMPILE_ENV} set"),
+            "fast_dora_layers": fast_dora_layers,
         }
         return model, tokenizer
 

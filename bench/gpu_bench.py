@@ -1,0 +1,370 @@
+"""12B-shaped Gemma-3 benchmark on one GPU: step time and peak memory per variant, two depths,
+per-layer fit, extrapolation to 48 layers. One device call:
+
+    python bench/gpu_bench.py build /tmp/m12b 2 4           # random bf16 weights + offline tokenizer
+    python bench/gpu_bench.py run peft    /tmp/m12b $OUT/peft.jsonl    --deadline 240
+    python bench/gpu_bench.py run unsloth /tmp/m12b $OUT/unsloth.jsonl --deadline 300
+    python bench/gpu_bench.py table $OUT/*.jsonl                        # fit + 48-layer table
+
+A step is one micro-batch of ``batch × seq`` random tokens (labels = inputs) + backward + one
+8-bit AdamW step (bitsandbytes, not paged: the paged one hides its state from
+``max_memory_allocated``), under bf16 autocast, gradient checkpointing on. ``accum`` > 1 steps the
+optimizer every ``accum`` micro-batches (fast DoRA refreshes its norm once per optimizer step).
+Time: median of the timed micro-batches after warm-up, each synchronised. T4 emulation: the
+per-process memory cap is set to 15.1 GiB, fp16 is requested (Gemma-3 then runs in fp32) and
+attention is eager. Plain ``peft`` loads the 4-bit base once per depth and swaps adapters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+QV = ["q_proj", "v_proj"]
+SHAPE_12B = dict(hidden_size=3840, intermediate_size=15360, num_attention_heads=16, num_key_value_heads=8,
+                 head_dim=256, query_pre_attn_scalar=256, vocab_size=262208, sliding_window=1024,
+                 max_position_embeddings=131072, tie_word_embeddings=True, rope_theta=1_000_000.0)
+T4_CAP_GIB = 15.1
+
+
+def variants(backend: str) -> list[dict]:
+    """What each process measures, most important first (a deadline cuts the tail)."""
+    def v(name, dora="none", seq=4096, r=64, targets=ALL7, t4=False, accum=1):
+        return dict(name=name, backend=backend, dora=dora, seq=seq, r=r, targets=targets, t4=t4, accum=accum)
+
+    common = [v("lora"), v("dora_fast", "fast"), v("dora_fast_acc4", "fast", accum=4), v("dora_peft", "peft")]
+    if backend == "peft":
+        return common + [v("lora_s2048_r32_qv", seq=2048, r=32, targets=QV), v("dora_fast_s2048", "fast", seq=2048)]
+    return common[:3] + [v("t4_lora", t4=True), v("t4_dora_fast", "fast", t4=True),
+                         v("t4_dora_fast_s2048", "fast", seq=2048, t4=True), v("t4_dora_peft", "peft", t4=True),
+                         common[3]]
+
+
+GROWN = {"peft": ["lora", "dora_fast"], "unsloth": ["t4_dora_fast", "dora_fast", "lora", "t4_lora"]}
+"""Variants also measured at ``--grow-to`` layers (the built model's layers repeated)."""
+
+
+# --------------------------------------------------------------------------- build
+
+
+def build(out: Path, depths: list[int]) -> None:
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from trinity_core.tiny import build_tokenizer
+
+    for depth in depths:
+        path = out / f"L{depth}"
+        if (path / "config.json").exists():
+            continue
+        tok = build_tokenizer(path)
+        config = Gemma3TextConfig(**SHAPE_12B, num_hidden_layers=depth, bos_token_id=tok.bos_token_id,
+                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        config.architectures = ["Gemma3ForCausalLM"]
+        t0 = time.time()
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = Gemma3ForCausalLM._from_config(config, dtype=torch.bfloat16)
+        model.save_pretrained(path)
+        print(f"built {path} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params) "
+              f"in {time.time() - t0:.1f}s", flush=True)
+        del model
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- measure
+
+
+def measure(model, v: dict, vocab: int, warmup: int = 2, timed: int = 4) -> dict:
+    import bitsandbytes as bnb
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = bnb.optim.AdamW8bit(params, lr=1e-4)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=not v["t4"])
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    ids = torch.randint(10, vocab, (1, v["seq"]), device="cuda", generator=gen)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    weights_gib = torch.cuda.memory_allocated() / 2**30
+    times, losses = [], []
+    total = (warmup + timed) * v["accum"] if v["accum"] > 1 else warmup + timed
+    model.train()
+    for i in range(total):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with autocast:
+            loss = model(input_ids=ids, labels=ids).loss
+        (loss / v["accum"]).backward()
+        if (i + 1) % v["accum"] == 0:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        losses.append(float(loss))
+    skip = warmup * v["accum"] if v["accum"] > 1 else warmup
+    step_s = statistics.median(times[skip:]) if v["accum"] == 1 else sum(times[skip:]) / len(times[skip:])
+    return dict(step_s=round(step_s, 4), tok_s=round(v["seq"] / step_s, 1),
+                peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
+                peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3),
+                weights_gib=round(weights_gib, 3), first_loss=round(losses[0], 4), last_loss=round(losses[-1], 4),
+                trainable_m=round(sum(p.numel() for p in params) / 1e6, 2))
+
+
+def lora_config(v: dict):
+    from peft import LoraConfig
+
+    return LoraConfig(task_type="CAUSAL_LM", r=v["r"], lora_alpha=32, lora_dropout=0.0, use_rslora=True,
+                      use_dora=v["dora"] != "none", target_modules=list(v["targets"]), bias="none")
+
+
+def repeat_layers(model, depth: int) -> None:
+    """Grow a loaded model to ``depth`` decoder layers by deep-copying its layers (4-bit included)."""
+    layers = model.model.layers
+    grown = [layers[i] if i < len(layers) else copy.deepcopy(layers[i % len(layers)]) for i in range(depth)]
+    for i, layer in enumerate(grown):
+        layer.self_attn.layer_idx = i
+    model.model.layers = type(layers)(grown)
+    model.config.num_hidden_layers = depth
+    model.config.layer_types = [layer.self_attn.layer_type for layer in grown]
+
+
+def cleanup() -> None:
+    import torch
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+def set_t4(v: dict) -> None:
+    import torch
+
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    torch.cuda.set_per_process_memory_fraction(T4_CAP_GIB / total if v["t4"] else 1.0)
+
+
+def run_peft(model_root: Path, depths: list[int], out, deadline: float, grow_to: int) -> None:
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from trinity_core.qdora import enable_fast_dora
+
+    for depth in depths + ([grow_to] if grow_to else []):
+        src = model_root / f"L{depth if depth != grow_to else depths[-1]}"
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16)
+        t0 = time.time()
+        base = AutoModelForCausalLM.from_pretrained(src, quantization_config=quant, dtype=torch.bfloat16,
+                                                    device_map={"": 0}, attn_implementation="sdpa")
+        if depth == grow_to:
+            repeat_layers(base, grow_to)
+        base.config.use_cache = False
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        print(f"[peft] loaded L{depth} in {time.time() - t0:.1f}s", flush=True)
+        todo = variants("peft") if depth != grow_to else [v for v in variants("peft") if v["name"] in GROWN["peft"]]
+        for v in todo:
+            if time.time() > deadline:
+                emit(out, dict(v, depth=depth, status="skipped: deadline"))
+                continue
+            v = dict(v, depth=depth)
+            model = None
+            try:
+                model = get_peft_model(base, lora_config(v))
+                v["fast_dora_layers"] = enable_fast_dora(model) if v["dora"] == "fast" else 0
+                v.update(measure(model, v, base.config.vocab_size, timed=3 if depth == grow_to else 4))
+                v["status"] = "ok"
+            except torch.OutOfMemoryError as e:
+                v["status"] = f"oom: {str(e).splitlines()[0][:120]}"
+            except Exception as e:  # a bench records failures and moves on
+                v["status"] = f"error: {type(e).__name__}: {str(e)[:200]}"
+            emit(out, v)
+            if model is not None:
+                base = model.unload()
+                base.__dict__.pop("peft_config", None)  # else get_peft_model warns of a second adapter
+            model = None
+            cleanup()
+        del base
+        cleanup()
+
+
+def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_to: int) -> None:
+    from unsloth import FastLanguageModel  # noqa: I001  (before transformers is used)
+    import torch
+
+    from trinity_core.qdora import enable_fast_dora
+
+    todo = [dict(v, depth=d) for v in variants("unsloth") for d in depths]
+    if grow_to:
+        todo += [dict(v, depth=grow_to) for name in GROWN["unsloth"] for v in variants("unsloth") if v["name"] == name]
+    for v2 in todo:
+        if time.time() > deadline:
+            emit(out, dict(v2, status="skipped: deadline"))
+            continue
+        set_t4(v2)
+        model = None
+        try:
+            t0 = time.time()
+            model, _ = FastLanguageModel.from_pretrained(
+                model_name=str(model_root / f"L{min(v2['depth'], depths[-1])}"), max_seq_length=v2["seq"],
+                load_in_4bit=True, dtype=torch.float16 if v2["t4"] else torch.bfloat16,
+                **({"attn_implementation": "eager"} if v2["t4"] else {}))
+            if v2["depth"] > depths[-1]:
+                repeat_layers(model, v2["depth"])
+            v2["load_s"] = round(time.time() - t0, 1)
+            model = FastLanguageModel.get_peft_model(
+                model, r=v2["r"], lora_alpha=32, lora_dropout=0.0, target_modules=list(v2["targets"]),
+                use_rslora=True, use_dora=v2["dora"] != "none", bias="none",
+                use_gradient_checkpointing="unsloth", random_state=0, max_seq_length=v2["seq"])
+            v2["fast_dora_layers"] = enable_fast_dora(model) if v2["dora"] == "fast" else 0
+            v2["param_dtype"] = str(next(p for p in model.parameters() if p.is_floating_point()).dtype)
+            v2["attn"] = getattr(model.config, "_attn_implementation", "?")
+            v2["force_fp32"] = os.environ.get("UNSLOTH_FORCE_FLOAT32")
+            v2.update(measure(model, v2, model.config.vocab_size, timed=3 if v2["depth"] > depths[-1] else 4))
+            v2["status"] = "ok"
+        except torch.OutOfMemoryError as e:
+            v2["status"] = f"oom: {str(e).splitlines()[0][:120]}"
+            v2["peak_alloc_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        except Exception as e:
+            v2["status"] = f"error: {type(e).__name__}: {str(e)[:200]}"
+        emit(out, v2)
+        model = None
+        cleanup()
+
+
+def profile(model_root: Path, depth: int, out_dir: Path) -> None:
+    """Where fast DoRA's extra time goes: CUDA kernel totals for LoRA vs fast DoRA (plain peft)."""
+    import torch
+    from peft import get_peft_model
+    from torch.profiler import ProfilerActivity
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from trinity_core.qdora import enable_fast_dora
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(model_root / f"L{depth}", quantization_config=quant,
+                                                dtype=torch.bfloat16, device_map={"": 0}, attn_implementation="sdpa")
+    base.config.use_cache = False
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for v in [v for v in variants("peft") if v["name"] in ("lora", "dora_fast")]:
+        model = get_peft_model(base, lora_config(v))
+        enable_fast_dora(model) if v["dora"] == "fast" else None
+        ids = torch.randint(10, base.config.vocab_size, (1, v["seq"]), device="cuda")
+        for _ in range(2):  # warm-up
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                model(input_ids=ids, labels=ids).loss.backward()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):  # micro-batches between optimizer steps: no norm refresh
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    model(input_ids=ids, labels=ids).loss.backward()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60)
+        (out_dir / f"profile_{v['name']}.txt").write_text(table)
+        total = sum(e.self_device_time_total for e in prof.key_averages()) / 3e3
+        print(f"[profile] {v['name']} L{depth}: CUDA self time {total:.1f} ms per micro-batch", flush=True)
+        print("\n".join(table.splitlines()[:14]), flush=True)
+        base = model.unload()
+        base.__dict__.pop("peft_config", None)
+        model = None
+        cleanup()
+
+
+def emit(out, row: dict) -> None:
+    row = {k: v for k, v in row.items() if k != "targets"} | {"targets": "all7" if row["targets"] == ALL7 else "qv"}
+    print(json.dumps(row), flush=True)
+    out.write(json.dumps(row) + "\n")
+    out.flush()
+
+
+# --------------------------------------------------------------------------- table
+
+
+def fit(rows: list[dict], to_depth: int = 48) -> list[dict]:
+    """Per (backend, variant): linear fit of memory and time over depth, extrapolated to ``to_depth``."""
+    groups: dict[tuple, dict[int, dict]] = {}
+    for r in rows:
+        if r.get("status") == "ok":
+            groups.setdefault((r["backend"], r["name"]), {})[r["depth"]] = r
+    table = []
+    for (backend, name), by_depth in groups.items():
+        ds = sorted(d for d in by_depth if d <= 8)
+        row = dict(backend=backend, name=name, depths=ds)
+        if len(ds) >= 2:
+            d0, d1 = ds[0], ds[-1]
+            for key in ("peak_alloc_gib", "peak_reserved_gib", "step_s"):
+                slope = (by_depth[d1][key] - by_depth[d0][key]) / (d1 - d0)
+                row[key + "_per_layer"] = round(slope, 4)
+                row[key + f"_at{to_depth}"] = round(by_depth[d1][key] + slope * (to_depth - d1), 3)
+            row[f"tok_s_at{to_depth}"] = round(by_depth[d1]["seq"] / row[f"step_s_at{to_depth}"], 1)
+        if to_depth in by_depth:
+            row["measured_at48"] = {k: by_depth[to_depth][k] for k in ("peak_alloc_gib", "step_s", "tok_s")}
+        table.append(row)
+    return table
+
+
+def print_table(paths: list[str]) -> None:
+    rows = [json.loads(line) for p in paths if Path(p).exists() for line in Path(p).read_text().splitlines()]
+    print(f"{'backend':8} {'variant':20} {'L':>3} {'status':8} {'step_s':>7} {'tok/s':>8} {'alloc':>7} {'resv':>7} "
+          f"{'weights':>7}")
+    for r in rows:
+        print(f"{r['backend']:8} {r['name']:20} {r['depth']:>3} {r['status'][:8]:8} {r.get('step_s', ''):>7} "
+              f"{r.get('tok_s', ''):>8} {r.get('peak_alloc_gib', ''):>7} {r.get('peak_reserved_gib', ''):>7} "
+              f"{r.get('weights_gib', ''):>7}")
+    print("\nfit to 48 layers (from the two smallest depths):")
+    for f in fit(rows):
+        print(f"{f['backend']:8} {f['name']:20} alloc/L {f.get('peak_alloc_gib_per_layer', ''):>7} "
+              f"alloc@48 {f.get('peak_alloc_gib_at48', ''):>7} step/L {f.get('step_s_per_layer', ''):>7} "
+              f"tok/s@48 {f.get('tok_s_at48', ''):>8} measured@48 {f.get('measured_at48', '')}")
+
+
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("root", type=Path)
+    b.add_argument("depths", type=int, nargs="+")
+    r = sub.add_parser("run")
+    r.add_argument("backend", choices=["peft", "unsloth"])
+    r.add_argument("root", type=Path)
+    r.add_argument("out", type=Path)
+    r.add_argument("--depths", type=int, nargs="+", default=[2, 4])
+    r.add_argument("--deadline", type=float, default=300, help="seconds after which variants are skipped")
+    r.add_argument("--grow-to", type=int, default=0, help="also measure GROWN variants at this depth")
+    pr = sub.add_parser("profile")
+    pr.add_argument("root", type=Path)
+    pr.add_argument("out", type=Path)
+    pr.add_argument("--depth", type=int, default=4)
+    t = sub.add_parser("table")
+    t.add_argument("paths", nargs="+")
+    a = ap.parse_args(argv)
+    if a.cmd == "build":
+        build(a.root, a.depths)
+    elif a.cmd == "run":
+        deadline = time.time() + a.deadline
+        with open(a.out, "a") as out:
+            if a.backend == "peft":
+                run_peft(a.root, a.depths, out, deadline, a.grow_to)
+            else:
+                run_unsloth(a.root, a.depths, out, deadline, a.grow_to)
+    elif a.cmd == "profile":
+        profile(a.root, a.depth, a.out)
+    else:
+        print_table(a.paths)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main(sys.argv[1:])

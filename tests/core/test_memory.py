@@ -1,0 +1,228 @@
+"""The memory estimate: its arithmetic, its fit to the GPU measurements, and the rung it picks."""
+
+from __future__ import annotations
+
+import pytest
+
+from trinity_core import memory, oom
+from trinity_core.spec import ALL_PROJECTIONS, JobSpec
+
+GEMMA3_12B = dict(hidden_size=3840, intermediate_size=15360, num_attention_heads=16, num_key_value_heads=8,
+                  head_dim=256, vocab_size=262208, num_hidden_layers=48, tie_word_embeddings=True,
+                  model_type="gemma3_text")
+T4_GIB = 15.1
+
+# Peak max_memory_allocated (GiB) measured with bench/gpu_bench.py, 2026-11-25 (docs/BENCHMARKS.md):
+# (card, backend, layers, seq, r, targets, dora, t4 path, grad accum, measured). Batch 1, gradient
+# checkpointing, 8-bit AdamW; "fast" = trinity_core.qdora, "peft" = PEFT's own DoRA. 48-layer rows
+# were measured directly (the 4-layer model's layers repeated), not extrapolated.
+MEASURED = [
+    ('H100', 'peft', 2, 4096, 64, 'all7', 'none', False, 1, 14.358),
+    ('H100', 'peft', 2, 4096, 64, 'all7', 'peft', False, 1, 14.387),
+    ('H100', 'peft', 2, 2048, 32, 'qv', 'none', False, 1, 8.225),
+    ('H100', 'peft', 4, 4096, 64, 'all7', 'none', False, 1, 14.693),
+    ('H100', 'peft', 4, 4096, 64, 'all7', 'peft', False, 1, 14.782),
+    ('H100', 'peft', 4, 2048, 32, 'qv', 'none', False, 1, 8.474),
+    ('H100', 'peft', 48, 4096, 64, 'all7', 'none', False, 1, 22.217),
+    ('H100', 'peft', 48, 4096, 64, 'all7', 'peft', False, 1, 23.61),
+    ('H100', 'unsloth', 2, 4096, 64, 'all7', 'none', False, 1, 3.682),
+    ('H100', 'unsloth', 4, 4096, 64, 'all7', 'none', False, 1, 4.0),
+    ('H100', 'unsloth', 2, 4096, 64, 'all7', 'peft', False, 1, 6.355),
+    ('H100', 'unsloth', 4, 4096, 64, 'all7', 'peft', False, 1, 6.712),
+    ('H100', 'unsloth', 2, 4096, 64, 'all7', 'none', True, 1, 5.191),
+    ('H100', 'unsloth', 4, 4096, 64, 'all7', 'none', True, 1, 5.526),
+    ('H100', 'unsloth', 2, 4096, 64, 'all7', 'peft', True, 1, 7.956),
+    ('H100', 'unsloth', 4, 4096, 64, 'all7', 'peft', True, 1, 8.292),
+    ('H200', 'peft', 2, 4096, 64, 'all7', 'none', False, 1, 14.358),
+    ('H200', 'peft', 2, 4096, 64, 'all7', 'fast', False, 1, 14.359),
+    ('H200', 'peft', 2, 4096, 64, 'all7', 'fast', False, 4, 14.401),
+    ('H200', 'peft', 2, 4096, 64, 'all7', 'peft', False, 1, 14.387),
+    ('H200', 'peft', 2, 2048, 32, 'qv', 'none', False, 1, 8.225),
+    ('H200', 'peft', 2, 2048, 64, 'all7', 'fast', False, 1, 8.282),
+    ('H200', 'peft', 4, 4096, 64, 'all7', 'none', False, 1, 14.693),
+    ('H200', 'peft', 4, 4096, 64, 'all7', 'fast', False, 1, 14.696),
+    ('H200', 'peft', 4, 4096, 64, 'all7', 'fast', False, 4, 14.78),
+    ('H200', 'peft', 4, 4096, 64, 'all7', 'peft', False, 1, 14.782),
+    ('H200', 'peft', 4, 2048, 32, 'qv', 'none', False, 1, 8.474),
+    ('H200', 'peft', 4, 2048, 64, 'all7', 'fast', False, 1, 8.59),
+    ('H200', 'peft', 48, 4096, 64, 'all7', 'none', False, 1, 22.217),
+    ('H200', 'peft', 48, 4096, 64, 'all7', 'fast', False, 1, 22.25),
+    ('H200', 'unsloth', 2, 4096, 64, 'all7', 'none', False, 1, 3.682),
+    ('H200', 'unsloth', 4, 4096, 64, 'all7', 'none', False, 1, 4.0),
+    ('H200', 'unsloth', 2, 4096, 64, 'all7', 'fast', False, 1, 4.039),
+    ('H200', 'unsloth', 4, 4096, 64, 'all7', 'fast', False, 1, 4.359),
+    ('H200', 'unsloth', 2, 4096, 64, 'all7', 'fast', False, 4, 4.08),
+    ('H200', 'unsloth', 4, 4096, 64, 'all7', 'fast', False, 4, 4.4),
+    ('H200', 'unsloth', 2, 4096, 64, 'all7', 'none', True, 1, 5.191),
+    ('H200', 'unsloth', 4, 4096, 64, 'all7', 'none', True, 1, 5.526),
+    ('H200', 'unsloth', 2, 4096, 64, 'all7', 'fast', True, 1, 5.605),
+    ('H200', 'unsloth', 4, 4096, 64, 'all7', 'fast', True, 1, 5.942),
+    ('H200', 'unsloth', 2, 2048, 64, 'all7', 'fast', True, 1, 3.937),
+    ('H200', 'unsloth', 4, 2048, 64, 'all7', 'fast', True, 1, 4.257),
+    ('H200', 'unsloth', 2, 4096, 64, 'all7', 'peft', True, 1, 7.956),
+    ('H200', 'unsloth', 4, 4096, 64, 'all7', 'peft', True, 1, 8.292),
+    ('H200', 'unsloth', 2, 4096, 64, 'all7', 'peft', False, 1, 6.497),
+    ('H200', 'unsloth', 4, 4096, 64, 'all7', 'peft', False, 1, 6.833),
+    ('H200', 'unsloth', 48, 4096, 64, 'all7', 'fast', True, 1, 13.11),
+]
+
+
+def _spec(seq=4096, r=64, targets="all7", dora="none", t4=False, accum=1) -> JobSpec:
+    return JobSpec.model_validate({
+        "model": {"max_seq_length": seq, "compute_dtype": "float16" if t4 else "bfloat16"},
+        "lora": {"r": r, "use_dora": dora != "none",
+                 "target_modules": list(ALL_PROJECTIONS) if targets == "all7" else ["q_proj", "v_proj"]},
+        "train": {"grad_accum": accum}})
+
+
+@pytest.mark.parametrize("row", MEASURED, ids=lambda r: f"{r[0]}-{r[1]}-L{r[2]}-s{r[3]}-r{r[4]}-{r[5]}-{r[6]}"
+                         f"{'-t4' if r[7] else ''}-acc{r[8]}")
+def test_within_ten_percent_of_measured_peak(row):
+    _, backend, layers, seq, r, targets, dora, t4, accum, measured = row
+    est = memory.estimate(dict(GEMMA3_12B, num_hidden_layers=layers), _spec(seq, r, targets, dora, t4, accum),
+                          backend, fast_dora=dora != "peft")
+    assert abs(est.gib / measured - 1) <= 0.10, (est.to_dict(), measured)
+
+
+def test_enough_variants_are_calibrated():
+    variants = {row[1:9] for row in MEASURED}
+    assert len(variants) >= 6 and any(row[2] == 48 for row in MEASURED)
+
+
+def test_arithmetic_of_the_parts():
+    est = memory.estimate(GEMMA3_12B, _spec(dora="fast"), "unsloth")
+    proj = memory.projection_shapes(memory._shapes(GEMMA3_12B))
+    linear = sum(i * o for i, o in proj.values())
+    assert linear == 224_133_120  # one 12B decoder layer's 7 projections
+    embedding = 262208 * 3840 * 2  # bf16, tied
+    assert est.parts["weights"] * memory.GIB == pytest.approx(48 * linear * (0.5 + 1 / 64) + embedding)
+    lora = 64 * sum(i + o for i, o in proj.values()) + sum(o for _, o in proj.values())  # + DoRA magnitudes
+    assert lora == 64 * 85248 + 46592
+    assert est.parts["adapter"] * memory.GIB == pytest.approx(48 * lora * (4 + 2))  # fp32 params + 8-bit Adam
+    with_accum = memory.estimate(GEMMA3_12B, _spec(dora="fast", accum=4), "unsloth")
+    assert with_accum.parts["adapter"] * memory.GIB == pytest.approx(48 * lora * (4 + 2 + 4))  # + fp32 grads
+
+
+def test_logits_dominate_plain_peft_and_not_unsloth():
+    plain = memory.estimate(GEMMA3_12B, _spec(), "peft")
+    fused = memory.estimate(GEMMA3_12B, _spec(), "unsloth")
+    assert plain.assumptions["transient"] == "logits and loss"
+    assert plain.parts["transient"] == pytest.approx(3.05 * 4096 * 262208 * 4 / memory.GIB)  # ~12.2 GiB
+    assert fused.assumptions["transient"] == "a layer's recompute and backward"
+    assert plain.gib - fused.gib > 10
+
+
+def test_t4_path_is_fp32_only_for_unsloth_gemma3():
+    spec = _spec(t4=True)
+    assert memory.activation_bytes(spec, "unsloth", "gemma3_text") == 4
+    assert memory.activation_bytes(spec, "peft", "gemma3_text") == 2
+    assert memory.activation_bytes(_spec(), "unsloth", "gemma3_text") == 2
+    assert memory.activation_bytes(_spec(), "unsloth", "llama", bf16_supported=False) == 2
+
+
+def test_reads_transformers_and_multimodal_configs():
+    from transformers import Gemma3TextConfig
+
+    text = Gemma3TextConfig(**{k: v for k, v in GEMMA3_12B.items() if k != "model_type"})
+    a = memory.estimate(text, _spec(), "unsloth")
+    b = memory.estimate({"text_config": GEMMA3_12B}, _spec(), "unsloth")
+    assert a.gib == pytest.approx(b.gib)
+
+
+def test_fits_keeps_a_margin():
+    assert memory.Estimate(14.0).fits(15.1)
+    assert not memory.Estimate(14.7).fits(15.1)  # 14.7 + 0.735 > 15.1
+
+
+def test_t4_rung_choice():
+    """Under a T4's 15.1 GiB: Unsloth + fast DoRA runs the recipe itself; with PEFT's DoRA the
+    recipe is predicted over (15.7 GiB, measured 2026-11-25 extrapolation) and seq 2048 is the
+    first rung that fits; plain PEFT (the 262k-vocab logits) fits only the last, q,v at seq 2048."""
+    spec = _spec(dora="fast", t4=True, accum=4)
+    rungs = oom.ladder(spec)
+    assert memory.pick_rung(rungs, spec, GEMMA3_12B, "unsloth", T4_GIB) == 0
+    plan = memory.plan(rungs, spec, GEMMA3_12B, "unsloth", T4_GIB, fast_dora=False)
+    assert [p.fits for p in plan][:2] == [False, True]
+    assert memory.pick_rung(rungs, spec, GEMMA3_12B, "unsloth", T4_GIB, fast_dora=False) == 1
+    plain = memory.plan(rungs, spec, GEMMA3_12B, "peft", T4_GIB)
+    assert [p.fits for p in plain] == [False] * (len(rungs) - 1) + [True]
+
+
+def test_estimates_fall_down_the_ladder():
+    spec = _spec(dora="fast", accum=4)
+    gibs = [p.estimate.gib for p in memory.plan(oom.ladder(spec), spec, GEMMA3_12B, "unsloth", 80.0)]
+    assert gibs == sorted(gibs, reverse=True)
+
+
+def test_no_cuda_means_no_preflight(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert memory.gpu_budget_gib() is None
+    assert memory.preflight(JobSpec(), "peft") is None
+
+
+def test_ladder_skips_rungs_the_estimate_rules_out(tiny_spec, tmp_path, monkeypatch):
+    """pipeline.train_with_ladder asks memory.preflight before each rung but the last; a rung
+    predicted not to fit is recorded as skipped (with its estimate) and never loaded."""
+    from tests.helpers import make_spec
+    from trinity_core.pipeline import run_job
+
+    def fake_preflight(spec, backend):
+        need = 20.0 if spec.model.max_seq_length > 2048 else 10.0
+        return memory.Estimate(need, {"transient": need}), 15.1
+
+    monkeypatch.setattr(memory, "preflight", fake_preflight)
+    spec = make_spec(tiny_spec, **{"model.max_seq_length": 4096, "train.max_steps": 1, "train.save_steps": 100,
+                                   "export.merge": False, "export.gguf": False, "export.evaluate": False})
+    events = []
+    result = run_job(spec, tmp_path, events.append)
+    assert [(a["rung"], a["outcome"], a["estimate_gib"]) for a in result.attempts] == [
+        ("recipe", "skipped", 20.0), ("seq_2048", "ok", 10.0)]
+    assert result.attempts[0]["extra"]["budget_gib"] == 15.1
+    assert any("skipped" in e.message for e in events if e.level == "warning")
+
+
+def test_a_failed_attempt_is_released_before_the_next_rung_loads(tiny_spec, tmp_path, monkeypatch):
+    """Seen on the GPU (2026-11-25): freeing inside the ``except`` block released nothing (the
+    error's traceback holds the failed attempt's frames), so every later rung OOMed on the
+    leftovers. The previous attempt's model must be garbage by the time the next rung loads."""
+    import gc
+    import weakref
+
+    import torch
+
+    from tests.helpers import make_spec
+    from trinity_core import pipeline
+    from trinity_core.events import Emitter
+
+    loaded: list[weakref.ref] = []
+
+    class Model:  # stands in for a loaded model: real ones are full of reference cycles
+        def __init__(self):
+            self.cycle = self
+
+    class Backend:
+        name = "peft"
+
+        def load(self, spec):
+            assert all(ref() is None for ref in loaded), "the failed attempt's model is still alive"
+            model = Model()
+            loaded.append(weakref.ref(model))
+            return model, None
+
+    def train(model, *args, **kwargs):
+        if len(loaded) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        from trinity_core.train import TrainOutcome
+
+        return TrainOutcome(stopped=False, global_step=1, resumed_from=None)
+
+    monkeypatch.setattr("trinity_core.train.train", train)
+    spec = make_spec(tiny_spec, **{"model.max_seq_length": 4096})
+    gc.disable()  # only the ladder's own gc.collect may free the cycle
+    try:
+        rung, _, attempts = pipeline.train_with_ladder(spec, Backend(), None, tmp_path, Emitter(), None, None)
+    finally:
+        gc.enable()
+    assert [a.outcome for a in attempts] == ["oom", "ok"] and rung.name == "seq_2048"

@@ -1,0 +1,161 @@
+"""Service fixtures. DB-level tests run twice: on a SQLite file and on a fresh PostgreSQL database
+(created for the session on postgresql://postgres@127.0.0.1:5432, dropped after; skipped if
+PostgreSQL does not answer). Brokers are real: Redis DB 15, flushed per session."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+
+import pytest
+
+PG_ADMIN_URL = os.environ.get("TRINITY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("TRINITY_TEST_REDIS", "redis://127.0.0.1:6379/15")
+
+# Before any api/worker import: in-process apps use the test broker and no reaper thread.
+os.environ["TRINITY_BROKER_URL"] = REDIS_URL
+os.environ["TRINITY_REAPER_ENABLED"] = "false"
+os.environ["TRINITY_GPU_QUEUES"] = "gpu.default,gpu.t4"
+os.environ["TRINITY_MAX_UPLOAD_MB"] = "1"
+os.environ["TRINITY_MAX_RETRIES"] = "1"
+os.environ["TRINITY_RETRY_BACKOFF_S"] = "0"
+
+
+def alpaca_rows(n: int, *, bad: int = 0) -> bytes:
+    lines = [json.dumps({"instruction": f"What is {i} plus {i}?", "output": f"{i} plus {i} is {2 * i}."})
+             for i in range(n)]
+    lines += ["{not json" for _ in range(bad)]
+    return ("\n".join(lines) + "\n").encode()
+
+
+@pytest.fixture(scope="session")
+def redis_client():
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.ping()
+    except redis.ConnectionError:
+        pytest.skip(f"no Redis at {REDIS_URL}")
+    client.flushdb()
+    yield client
+    client.flushdb()
+
+
+def _postgres_database():
+    import psycopg2
+    from sqlalchemy.engine import make_url
+
+    name = f"trinity_test_{secrets.token_hex(4)}"
+    try:
+        admin = psycopg2.connect(PG_ADMIN_URL, connect_timeout=3)
+    except psycopg2.OperationalError as error:
+        pytest.skip(f"no PostgreSQL at {PG_ADMIN_URL}: {error}")
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    url = make_url(PG_ADMIN_URL).set(drivername="postgresql+psycopg2", database=name)
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        from api import db
+
+        for key in [k for k in db._engines if k[1].endswith(f"/{name}")]:
+            db._engines.pop(key).dispose()
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def database_url(request, tmp_path_factory):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'trinity.db'}"
+    else:
+        yield from _postgres_database()
+
+
+@pytest.fixture
+def settings(database_url, tmp_path_factory, monkeypatch):
+    """Settings pointing at this parameter's database and a data dir shared per database."""
+    from api.db import init_db
+    from api.settings import get_settings
+
+    data_dir = tmp_path_factory.getbasetemp() / f"data-{abs(hash(database_url)) % 10**8}"
+    monkeypatch.setenv("TRINITY_DATABASE_URL", database_url)
+    monkeypatch.setenv("TRINITY_DATA_DIR", str(data_dir))
+    get_settings.cache_clear()
+    init_db()
+    yield get_settings()
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def session(settings):
+    from api.db import session_scope
+
+    with session_scope() as s:
+        yield s
+
+
+@pytest.fixture
+def enqueued(monkeypatch):
+    """Record enqueues instead of publishing (API tests need no worker)."""
+    import worker.app
+    from api import crud
+
+    sent: list[str] = []
+
+    def fake_enqueue(*, session, job):
+        sent.append(job.id)
+        crud.mark_enqueued(session=session, job_id=job.id, task_id=f"{job.id}.fake")
+        return True
+
+    monkeypatch.setattr(worker.app, "enqueue", fake_enqueue)
+    return sent
+
+
+@pytest.fixture
+def client(settings, enqueued):
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    with TestClient(create_app()) as c:
+        yield c
+
+
+def new_tenant(session) -> tuple[str, dict[str, str]]:
+    from api import crud
+
+    tenant = f"tenant-{secrets.token_hex(3)}"
+    _, key = crud.create_api_key(session=session, tenant=tenant)
+    return tenant, {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def auth(session):
+    """(tenant, headers) of a fresh tenant."""
+    return new_tenant(session)
+
+
+@pytest.fixture
+def dataset_id(client, auth):
+    r = client.post("/datasets", headers=auth[1], files={"file": ("train.jsonl", alpaca_rows(12))})
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def job_body(dataset_id: str, **parts) -> dict:
+    body = {"model": {"name_or_path": "org/some-model", "max_seq_length": 128}, "lora": {"r": 8, "alpha": 16},
+            "train": {"max_steps": 3}, "export": {"merge": False, "gguf": False, "evaluate": False},
+            "data": {"dataset_id": dataset_id}}
+    body.update(parts)
+    return body
+
+
+@pytest.fixture
+def data_dir(settings) -> Path:
+    return settings.data_dir

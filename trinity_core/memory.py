@@ -1,0 +1,189 @@
+"""Pre-flight peak-GPU-memory estimate, so the OOM ladder can skip rungs that cannot fit.
+
+peak ≈ weights + adapter state + saved activations + the largest transient, where
+
+- **weights**: 4-bit NF4 projections (½ byte a parameter + one absmax byte per 64 with double
+  quantisation) and the 16-bit tied embedding; 16-bit projections when not quantised.
+- **adapter state**: LoRA A/B (+ DoRA magnitudes) in fp32, 8-bit AdamW's two uint8 states, and
+  fp32 gradients when gradient accumulation keeps them alive between micro-batches.
+- **saved activations**: with gradient checkpointing one hidden-state tensor per layer (Unsloth
+  offloads most of them to CPU).
+- **transient**: plain PEFT materialises the logits over the whole vocabulary (bf16, then fp32
+  for the loss, its log-softmax and gradient: ~3 fp32 copies; 12 GiB for Gemma-3's 262k vocab
+  at seq 4096); Unsloth's fused loss never does, so its peak is a layer's recompute and backward
+  (~12.5 MLP-sized activations). PEFT's DoRA adds its out × in and fp32 element-wise temporaries;
+  Trinity's fast DoRA (``qdora.py``) far less.
+
+The constants are fitted on the H100 measurements in docs/BENCHMARKS.md (12B Gemma-3 shape,
+2/4/48 layers, seq 2048/4096, r 32/64, all 7 or q,v, bf16 and the T4 fp32 path) and hold them
+within ±10%; ``tests/core/test_memory.py`` keeps them honest against that table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from trinity_core.spec import JobSpec
+
+GIB = 2**30
+
+# Fitted constants (see the module docstring; each names what it multiplies).
+LOGITS_FP32_COPIES = 3.05  # plain PEFT: loss-time peak / (batch·seq·vocab·4 bytes)
+LAYER_TRANSIENT_MLP = 12.5  # Unsloth: a layer's recompute+backward peak / (batch·seq·intermediate·act bytes)
+SAVED_PER_LAYER = {("peft", 2): 1.0, ("peft", 4): 2.0, ("unsloth", 2): 0.7, ("unsloth", 4): 1.0}
+"""Hidden states kept per layer with checkpointing / (batch·seq·hidden·2 bytes), by (backend, act bytes)."""
+PEFT_DORA_SAVED_PER_LAYER = {("peft", 2): 1.0, ("unsloth", 2): 0.5}  # PEFT's DoRA keeps a bit more per layer
+PEFT_DORA_TRANSIENT = (4.0, 9.5)  # × (out·in·2 bytes, batch·seq·out·4 bytes) of the largest projection
+FAST_DORA_TRANSIENT = 3.0  # × batch·seq·out·2 bytes of the widest projection
+ALLOCATOR_MARGIN = (0.5, 0.05)  # fits when estimate + max(0.5 GiB, 5%) <= budget
+
+
+@dataclass
+class Estimate:
+    gib: float
+    parts: dict[str, float] = field(default_factory=dict)
+    assumptions: dict[str, Any] = field(default_factory=dict)
+
+    def fits(self, budget_gib: float) -> bool:
+        return self.gib + max(ALLOCATOR_MARGIN[0], ALLOCATOR_MARGIN[1] * self.gib) <= budget_gib
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"gib": round(self.gib, 3), "parts": {k: round(v, 3) for k, v in self.parts.items()},
+                "assumptions": self.assumptions}
+
+
+def _shapes(config: Any) -> dict[str, int]:
+    cfg = (config.get("text_config") if isinstance(config, dict) else getattr(config, "text_config", None)) or config
+    get = (lambda k, d=None: cfg.get(k, d)) if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
+    hidden, heads = get("hidden_size"), get("num_attention_heads")
+    head_dim = get("head_dim") or hidden // heads
+    return {"hidden": hidden, "intermediate": get("intermediate_size"), "layers": get("num_hidden_layers"),
+            "heads": heads, "kv_heads": get("num_key_value_heads") or heads, "head_dim": head_dim,
+            "vocab": get("vocab_size"), "tied": bool(get("tie_word_embeddings", True)),
+            "model_type": str(get("model_type", ""))}
+
+
+def projection_shapes(s: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """(in, out) of each of the 7 projections of one decoder layer."""
+    h, i, q, kv = s["hidden"], s["intermediate"], s["heads"] * s["head_dim"], s["kv_heads"] * s["head_dim"]
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def activation_bytes(spec: JobSpec, backend: str, model_type: str, bf16_supported: bool = True) -> int:
+    """Bytes per activation element: 2 for bf16/fp16, 4 for fp32 (CPU, or Unsloth's Gemma-3 fp16
+    request, which it runs in fp32: the T4 path)."""
+    dtype = spec.model.compute_dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if bf16_supported else "float16"
+    if dtype == "float32" or (dtype == "float16" and backend == "unsloth" and model_type.startswith("gemma3")):
+        return 4
+    return 2
+
+
+def estimate(config: Any, spec: JobSpec, backend: str, *, bf16_supported: bool = True,
+             fast_dora: bool = True) -> Estimate:
+    """Predicted peak ``torch.cuda.max_memory_allocated`` for training ``spec`` (as the ladder
+    rung would run it) on the model ``config`` with ``backend`` ('peft' or 'unsloth')."""
+    s = _shapes(config)
+    proj = projection_shapes(s)
+    targets = [t for t in spec.lora.target_modules if t in proj]
+    L, B, S, H = s["layers"], spec.train.batch_size, spec.model.max_seq_length, s["hidden"]
+    act = activation_bytes(spec, backend, s["model_type"], bf16_supported)
+    dora = spec.lora.use_dora
+    parts: dict[str, float] = {}
+
+    linear_params = sum(i * o for i, o in proj.values())
+    per_param = (0.5 + (1 / 64 if spec.model.double_quant else 4 / 64)) if spec.model.load_in_4bit else 2.0
+    parts["weights"] = (L * linear_params * per_param + s["vocab"] * H * 2 * (1 if s["tied"] else 2)) / GIB
+
+    trainable = L * sum(spec.lora.r * (proj[t][0] + proj[t][1]) + (proj[t][1] if dora else 0) for t in targets)
+    optim = {"adamw_8bit": 2, "paged_adamw_8bit": 0, "adamw_torch": 8}[spec.train.optim]  # paged: managed memory
+    grads = 4 if spec.train.grad_accum > 1 else 0
+    parts["adapter"] = trainable * (4 + optim + grads) / GIB
+
+    hidden_state = B * S * H * 2
+    if spec.model.gradient_checkpointing:
+        saved = SAVED_PER_LAYER.get((backend, act), 1.0)
+        if dora and not fast_dora:
+            saved += PEFT_DORA_SAVED_PER_LAYER.get((backend, act), 0.0)
+        parts["activations"] = L * saved * hidden_state / GIB
+    else:  # not calibrated: every layer keeps its MLP and attention activations (~ the transient each)
+        parts["activations"] = L * LAYER_TRANSIENT_MLP * B * S * s["intermediate"] * act / GIB
+
+    layer = LAYER_TRANSIENT_MLP * B * S * s["intermediate"] * act
+    if dora and targets:
+        widest_out = max(proj[t][1] for t in targets)
+        largest = max(proj[t][0] * proj[t][1] for t in targets)
+        if fast_dora:
+            layer += FAST_DORA_TRANSIENT * B * S * widest_out * 2
+        else:
+            layer += PEFT_DORA_TRANSIENT[0] * largest * 2 + PEFT_DORA_TRANSIENT[1] * B * S * widest_out * 4
+    loss = LOGITS_FP32_COPIES * B * S * s["vocab"] * 4 if backend == "peft" else 0.0
+    parts["transient"] = max(layer, loss) / GIB
+    return Estimate(sum(parts.values()), parts, {
+        "backend": backend, "activation_bytes": act, "layers": L, "seq": S, "batch": B, "r": spec.lora.r,
+        "dora": dora, "fast_dora": fast_dora, "targets": targets,
+        "transient": "logits and loss" if loss >= layer else "a layer's recompute and backward"})
+
+
+@dataclass
+class RungPlan:
+    index: int
+    name: str
+    estimate: Estimate
+    fits: bool
+
+
+def plan(rungs: list, spec: JobSpec, config: Any, backend: str, budget_gib: float, **kw: Any) -> list[RungPlan]:
+    """Estimate every rung of ``oom.ladder(spec)`` against ``budget_gib``."""
+    out = []
+    for index, rung in enumerate(rungs):
+        est = estimate(config, rung.settings.apply(spec), backend, **kw)
+        out.append(RungPlan(index, rung.name, est, est.fits(budget_gib)))
+    return out
+
+
+def pick_rung(rungs: list, spec: JobSpec, config: Any, backend: str, budget_gib: float, **kw: Any) -> int:
+    """Index of the first rung predicted to fit ``budget_gib``; the last rung if none does (it is
+    still tried: the estimate is a prediction, a real OOM is the verdict)."""
+    for p in plan(rungs, spec, config, backend, budget_gib, **kw):
+        if p.fits:
+            return p.index
+    return len(rungs) - 1
+
+
+def gpu_budget_gib() -> float | None:
+    """Memory this process may still allocate on the current GPU: free memory, capped by a
+    ``torch.cuda.set_per_process_memory_fraction`` limit. None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    device = torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(device)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)
+    # the cap bounds what the caching allocator reserves; its cached-but-free blocks are reusable
+    reservable = min(free + torch.cuda.memory_reserved(device), fraction * total)
+    return (reservable - torch.cuda.memory_allocated(device)) / GIB
+
+
+def preflight(spec: JobSpec, backend: str) -> tuple[Estimate, float] | None:
+    """(estimate, budget) for this spec on this GPU, or None where there is nothing to check
+    (no CUDA, or a config we cannot read)."""
+    budget = gpu_budget_gib()
+    if budget is None:
+        return None
+    try:
+        from transformers import AutoConfig
+
+        import torch
+
+        from trinity_core.qdora import fast_dora_enabled
+
+        config = AutoConfig.from_pretrained(spec.model.name_or_path, revision=spec.model.revision)
+        return estimate(config, spec, backend, bf16_supported=torch.cuda.is_bf16_supported(),
+                        fast_dora=fast_dora_enabled()), budget
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
