@@ -21,6 +21,7 @@ def main() -> int:
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--model", required=True, help="local model dir the spec trains")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--queue", help="the queue to run the job on (default: the service's first queue)")
     args = ap.parse_args()
     started = time.monotonic()
     api = httpx.Client(base_url=args.url, headers={"Authorization": f"Bearer {args.key}"}, timeout=60)
@@ -35,7 +36,8 @@ def main() -> int:
     spec = yaml.safe_load(args.spec.read_text())
     spec["model"]["name_or_path"] = args.model
     spec["data"] = {k: v for k, v in spec["data"].items() if k != "path"} | {"dataset_id": ds["id"]}
-    r = api.post("/jobs", json=spec, headers={"Idempotency-Key": f"demo-{ds['id']}"})
+    r = api.post("/jobs", json=spec, params={"queue": args.queue} if args.queue else None,
+                 headers={"Idempotency-Key": f"demo-{ds['id']}"})
     if r.status_code >= 400:
         print(r.text, file=sys.stderr)
         return 1

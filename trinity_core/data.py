@@ -307,3 +307,17 @@ def _percentiles(values: array, unit: str) -> dict[str, Any]:
 
     return {"unit": unit, "p50": rank(0.50), "p95": rank(0.95), "max": ordered[-1],
             "mean": round(sum(ordered) / len(ordered), 1)}  # fmt: skip
+
+
+def fit_to_length(dataset: Any, max_seq_length: int) -> Any:
+    """The tokenised rows cut to ``max_seq_length`` for a lower rung of the OOM ladder; rows whose
+    trained (assistant) tokens all fall past the cut are dropped, since they would teach nothing."""
+    if max(len(ids) for ids in dataset["input_ids"]) <= max_seq_length:
+        return dataset
+    cut = dataset.map(lambda row: {"input_ids": row["input_ids"][:max_seq_length],
+                                   "assistant_masks": row["assistant_masks"][:max_seq_length]})
+    kept = cut.filter(lambda row: any(row["assistant_masks"]))
+    if len(kept) == 0:
+        raise DatasetError(f"no row keeps an assistant token within {max_seq_length} tokens",
+                           param="model.max_seq_length")
+    return kept

@@ -17,7 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from trinity_core import backends, oom
-from trinity_core.artifacts import atomic_write_json, read_json
+from trinity_core.artifacts import atomic_write_json, build_manifest, read_json, write_manifest
+from trinity_core.data import fit_to_length, prepare_data
+from trinity_core.evaluate import evaluate_job
+from trinity_core.export import export_all
 from trinity_core.errors import JobCancelled, OOMLadderExhausted
 from trinity_core.events import Emitter, OnEvent
 from trinity_core.spec import JobSpec
@@ -65,20 +68,22 @@ def run_job(
     emit = Emitter(on_event)
     timings: dict[str, float] = {}
 
+    backend = backends.select(spec)  # first: Unsloth must be imported before transformers
     emit.status("preparing data", stage="data")
     t0 = time.monotonic()
-    tokenizer = load_tokenizer(spec)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec.model.name_or_path, revision=spec.model.revision)
     data = prepare_data(spec, tokenizer, workdir / "data", max_seq_length=spec.model.max_seq_length)
     emit(f"data: {len(data.train)} train rows, {len(data.eval)} eval rows ({data.format})",
          rows=len(data.train), eval_rows=len(data.eval), format=data.format, sha256=data.sha256)
-    timings["data_s"] = time.monotonic() - t0
+    timings["data_s"] = round(time.monotonic() - t0, 2)
 
-    backend = backends.select(spec)
     emit.status("training", stage="train", backend=backend.name)
     t0 = time.monotonic()
     rung, outcome, attempts = train_with_ladder(spec, backend, data.train, workdir, emit, should_stop, on_step)
-    timings["train_s"] = time.monotonic() - t0
-    ran = rung.settings.apply(spec)
+    timings["train_s"] = round(time.monotonic() - t0, 2)
+    ran = rung.settings.apply(spec)  # the spec as it actually ran, after any downgrade
 
     result = JobResult(
         status="cancelled" if outcome.stopped else "succeeded",
@@ -104,9 +109,20 @@ def run_job(
         atomic_write_json(workdir / "result.json", result.to_dict())
         raise JobCancelled(f"stopped at step {outcome.global_step}; checkpoint kept", details=result.to_dict())
 
-    # Export and evaluation stages are added here (merge -> GGUF -> report -> manifest).
+    t0 = time.monotonic()
+    result.export = export_all(ran, workdir, emit=emit)
+    timings["export_s"] = round(time.monotonic() - t0, 2)
+    if spec.export.evaluate:
+        emit.status("evaluating", stage="evaluate")
+        t0 = time.monotonic()
+        result.report = evaluate_job(ran, workdir, export=result.export, tokenizer=tokenizer,
+                                     loss_history=outcome.loss_history, emit=emit)
+        timings["evaluate_s"] = round(time.monotonic() - t0, 2)
+
     atomic_write_json(workdir / "result.json", result.to_dict())
-    emit.status("succeeded", stage="done")
+    result.artifacts = build_manifest(workdir)
+    write_manifest(workdir, result.artifacts)
+    emit.status("succeeded", stage="done", artifacts=len(result.artifacts))
     return result
 
 
@@ -135,7 +151,8 @@ def train_with_ladder(spec, backend, train_dataset, workdir, emit, should_stop, 
         t0 = time.monotonic()
         try:
             model, tokenizer = backend.load(rung.settings.apply(spec))
-            outcome = train(model, tokenizer, train_dataset, rung.settings.apply(spec), workdir, emit,
+            rows = fit_to_length(train_dataset, rung.settings.max_seq_length)
+            outcome = train(model, tokenizer, rows, rung.settings.apply(spec), workdir, emit,
                             should_stop=should_stop, inject_oom=len(attempts) <= inject, on_step=on_step)
         except Exception as error:
             if not oom.is_oom(error):
@@ -186,18 +203,6 @@ def clear_checkpoints(workdir: Path) -> None:
     import shutil
 
     shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
-
-
-def load_tokenizer(spec: JobSpec) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(spec.model.name_or_path, revision=spec.model.revision)
-
-
-def prepare_data(spec: JobSpec, tokenizer: Any, out_dir: Path, *, max_seq_length: int):
-    from trinity_core.data import prepare_data as _prepare
-
-    return _prepare(spec, tokenizer, out_dir, max_seq_length=max_seq_length)
 
 
 def library_versions() -> dict[str, str]:

@@ -192,6 +192,8 @@ def test_a_failed_attempt_is_released_before_the_next_rung_loads(tiny_spec, tmp_
 
     import torch
 
+    from datasets import Dataset
+
     from tests.helpers import make_spec
     from trinity_core import pipeline
     from trinity_core.events import Emitter
@@ -222,7 +224,8 @@ def test_a_failed_attempt_is_released_before_the_next_rung_loads(tiny_spec, tmp_
     spec = make_spec(tiny_spec, **{"model.max_seq_length": 4096})
     gc.disable()  # only the ladder's own gc.collect may free the cycle
     try:
-        rung, _, attempts = pipeline.train_with_ladder(spec, Backend(), None, tmp_path, Emitter(), None, None)
+        rows = Dataset.from_dict({"input_ids": [[2, 5, 6]], "assistant_masks": [[0, 1, 1]]})
+        rung, _, attempts = pipeline.train_with_ladder(spec, Backend(), rows, tmp_path, Emitter(), None, None)
     finally:
         gc.enable()
     assert [a.outcome for a in attempts] == ["oom", "ok"] and rung.name == "seq_2048"

@@ -49,7 +49,7 @@ def select(spec: JobSpec) -> Backend:
                                      param="model.backend")
         from trinity_core.backends.unsloth import UnslothBackend
 
-        return UnslothBackend()
+        return UnslothBackend(spec)
     from trinity_core.backends.peft import PeftBackend
 
     return PeftBackend()

@@ -21,13 +21,15 @@ COMPILE_ENV = "UNSLOTH_COMPILE_DISABLE"
 class UnslothBackend:
     name = "unsloth"
 
-    def __init__(self) -> None:
+    def __init__(self, spec: JobSpec) -> None:
+        """Imports Unsloth now, so that it comes before the pipeline's transformers/TRL imports."""
         self._info: dict[str, Any] = {}
-
-    def load(self, spec: JobSpec) -> tuple[Any, Any]:
         if "unsloth" not in sys.modules and spec.lora.use_dora:
             os.environ.setdefault(COMPILE_ENV, "1")
-        from unsloth import FastLanguageModel  # noqa: I001  (must come before transformers/trl use)
+        import unsloth  # noqa: F401
+
+    def load(self, spec: JobSpec) -> tuple[Any, Any]:
+        from unsloth import FastLanguageModel
 
         dtype = compute_dtype(spec)
         model, tokenizer = FastLanguageModel.from_pretrained(
