@@ -12,7 +12,7 @@ from fastapi import Depends, FastAPI
 from api import errors
 from api.db import init_db
 from api.deps import get_tenant
-from api.routes import artifacts, dashboard, datasets, events, health, jobs
+from api.routes import artifacts, dashboard, datasets, estimate, events, health, jobs
 from api.settings import get_settings
 
 
@@ -38,7 +38,7 @@ def create_app() -> FastAPI:
     errors.install(app)
     app.include_router(health.router)
     authed = [Depends(get_tenant)]
-    for module in (datasets, jobs, events, artifacts):
+    for module in (datasets, estimate, jobs, events, artifacts):
         app.include_router(module.router, dependencies=authed)
     app.include_router(dashboard.router)  # static pages; their script calls the API above with the key
     app.mount("/ui/static", dashboard.static_files, name="ui-static")
