@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/system_deps.sh
 bash scripts/services.sh
 # One OpenMP thread per process: the suite runs pytest, a Celery worker and uvicorn side by side on
 # 2 cores, and spinning OpenMP threads under contention made a training step 7x slower (measured).
