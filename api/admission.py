@@ -12,19 +12,23 @@ from sqlmodel import Session
 
 from api import crud
 from api.models import Dataset, Job
-from api.states import JobStatus
+from api.states import IllegalTransition, JobStatus
 
 
 def admit(*, session: Session, job: Job) -> Job | None:
     """validating_files → queued, or → failed with ``invalid_dataset``. None if the job moved on."""
     problem = dataset_problem(session=session, job=job)
-    if problem:
-        error = {"code": "invalid_dataset", "message": problem, "param": "data.dataset_id"}
-        return crud.transition(session=session, job_id=job.id, to=JobStatus.failed, level="error",
-                               only_from={JobStatus.validating_files}, values={"error": error},
-                               message=problem, event_data={"error": error})
-    return crud.transition(session=session, job_id=job.id, to=JobStatus.queued,
-                           only_from={JobStatus.validating_files}, message=f"files validated; queued on {job.queue}")
+    try:
+        if problem:
+            error = {"code": "invalid_dataset", "message": problem, "param": "data.dataset_id"}
+            return crud.transition(session=session, job_id=job.id, to=JobStatus.failed, level="error",
+                                   only_from={JobStatus.validating_files}, values={"error": error},
+                                   message=problem, event_data={"error": error})
+        return crud.transition(session=session, job_id=job.id, to=JobStatus.queued,
+                               only_from={JobStatus.validating_files},
+                               message=f"files validated; queued on {job.queue}")
+    except IllegalTransition:  # another process (the reaper, under load) admitted it first
+        return None
 
 
 def dataset_problem(*, session: Session, job: Job) -> str | None:

@@ -20,16 +20,24 @@ from api import models  # noqa: F401  (registers the tables)
 from api.settings import get_settings
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# No fixed ceiling on connections. With SQLAlchemy's default 5 + 10, 16+ concurrent requests
+# deadlocked: FastAPI runs a request's sync stages (dependencies, endpoint, serialisation, the
+# session's close) on separate threadpool hops, a request holds its connection between hops, and all
+# 40 threads ended up waiting for a connection held by requests waiting for a thread; 500 after 30 s
+# (found by bench/load.py at 100 clients). 10 stay pooled; bursts open more (PostgreSQL: keep
+# max_connections above the burst, or put PgBouncer in front).
+POOL = {"pool_size": 10, "max_overflow": -1}
 _engines: dict[tuple[int, str], Engine] = {}
 
 
 def make_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
+        return create_engine(url, pool_pre_ping=True, **POOL)
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+                           **POOL)
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_conn, _record):  # noqa: ANN001

@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.settings import get_settings
@@ -27,6 +28,33 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
         self.param, self.details, self.headers = param, details, headers
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+    details: Any = None
+
+
+class ErrorResponse(BaseModel):
+    """The one error shape (documented in the OpenAPI schema for every status below)."""
+
+    error: ErrorInfo
+
+
+def _doc(description: str) -> dict[str, Any]:
+    return {"model": ErrorResponse, "description": description}
+
+
+# Statuses any authenticated route can answer (found by schemathesis: they were undocumented).
+AUTHED_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: _doc("Malformed request body"), 401: _doc("Missing or invalid API key"),
+    404: _doc("Not found (or another tenant's)"), 422: _doc("Invalid request; every problem listed"),
+}
+UPLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
+    413: _doc("Upload over TRINITY_MAX_UPLOAD_MB"), 415: _doc("Not multipart/form-data"),
+}
 
 
 def not_found(what: str, ident: str, param: str | None = None) -> ApiError:

@@ -39,7 +39,7 @@ def create_app() -> FastAPI:
     app.include_router(health.router)
     authed = [Depends(get_tenant)]
     for module in (datasets, estimate, jobs, events, artifacts):
-        app.include_router(module.router, dependencies=authed)
+        app.include_router(module.router, dependencies=authed, responses=errors.AUTHED_RESPONSES)
     app.include_router(dashboard.router)  # static pages; their script calls the API above with the key
     app.mount("/ui/static", dashboard.static_files, name="ui-static")
     return app

@@ -8,11 +8,11 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cli import core, data, service
+    from cli import client, core, data, service
 
     parser = argparse.ArgumentParser(prog="trinity", description="Self-hosted fine-tuning for open models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (core, data, service):
+    for module in (core, data, service, client):
         module.add_parsers(sub)
     return parser
 

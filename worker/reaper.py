@@ -25,6 +25,7 @@ import json
 import logging
 import threading
 import time
+from pathlib import Path
 
 from api import crud
 from api.admission import admit
@@ -34,6 +35,21 @@ from api.states import JobStatus
 from worker.app import app, enqueue
 
 log = logging.getLogger("trinity.reaper")
+STALE_UPLOAD_S = 3600.0  # an upload's temp file not written for this long belongs to a dead API process
+
+
+def remove_stale_uploads(tmp_dir: Path, *, before: float) -> int:
+    """4. Temp files of uploads cut short by an API process that died (kill -9 mid-upload); a live
+    upload writes its file continuously, so only files untouched since ``before`` go."""
+    removed = 0
+    for path in tmp_dir.glob("upload-*") if tmp_dir.is_dir() else ():
+        try:
+            if path.stat().st_mtime < before:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def sweep(settings: Settings | None = None) -> dict[str, int]:
@@ -68,6 +84,7 @@ def sweep(settings: Settings | None = None) -> dict[str, int]:
                            message="the job's message is not in the broker; sending it again",
                            data={"task_id": job.task_id})
             counts["resent"] += enqueue(session=session, job=job)
+    counts["temp_removed"] = remove_stale_uploads(settings.datasets_dir / ".tmp", before=now - STALE_UPLOAD_S)
     if any(counts.values()):
         log.info("reaper: %s", counts)
     return counts

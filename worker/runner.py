@@ -212,10 +212,20 @@ def fail(job: Run, error: BaseException) -> str:
     else:
         log.error("job %s crashed", job.job_id, exc_info=error)
         body = {"code": "internal_error", "message": f"{type(error).__name__}: {error}", "param": None}
+    body = _scrub_paths(body, job.workdir)
     extra = {}
     if body["code"] == "oom_ladder_exhausted" and isinstance(body.get("details"), list):
         extra["attempts"] = body["details"]
     return _finish(job, S.failed, f"failed: {body['message']}", level="error", error=body, **extra)
+
+
+def _scrub_paths(body: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """No server paths in the API: the job's workdir becomes relative, the data dir ``<data_dir>``
+    (a disk-full error named ``/srv/.../jobs/<id>/merged``; found by tests/reliability)."""
+    text = json.dumps(body)
+    for prefix, replacement in ((f"{workdir}/", ""), (str(workdir), "."), (str(get_settings().data_dir), "<data_dir>")):
+        text = text.replace(json.dumps(prefix)[1:-1], replacement)
+    return json.loads(text)
 
 
 def requeue(job: Run, error: TrinityError, *, task_id: str, countdown: float, attempt: int) -> bool:

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Header
 from fastapi.responses import FileResponse
 
 from api.deps import JobDep, SettingsDep
-from api.errors import ApiError, not_found
+from api.errors import ApiError, ErrorResponse, not_found
 from api.models import ArtifactPublic, CheckpointPublic
 from api.settings import Settings
 from trinity_core.artifacts import MANIFEST, read_json
@@ -55,7 +55,8 @@ def list_artifacts(job: JobDep, settings: SettingsDep):
 
 
 @router.get("/artifacts/{name:path}", response_class=FileResponse,
-            responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "Range"}})
+            responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "Range"},
+                       416: {"model": ErrorResponse, "description": "Range past the end"}})
 def download_artifact(job: JobDep, settings: SettingsDep, name: str,
                       range_header: Annotated[str | None, Header(alias="Range")] = None):
     entry = next((r for r in manifest(settings, job.id) if r["name"] == name), None)
@@ -69,8 +70,24 @@ def download_artifact(job: JobDep, settings: SettingsDep, name: str,
     if range_header and _unsatisfiable(range_header, size):
         raise ApiError(416, "range_not_satisfiable", f"{range_header!r} is outside the {size} bytes of {name}",
                        param="Range", headers={"Content-Range": f"bytes */{size}"})
+    if range_header is not None and (problem := _malformed(range_header, size)):
+        # Starlette would answer a text/plain 400; keep the one JSON error shape (found by schemathesis)
+        raise ApiError(400, "invalid_request", f"malformed Range header: {problem}", param="Range")
     headers = {"ETag": f'"{entry["sha256"]}"'} if entry.get("sha256") else {}
     return FileResponse(path, filename=Path(name).name, headers=headers, media_type="application/octet-stream")
+
+
+def _malformed(header: str, size: int) -> str | None:
+    """Why Starlette's FileResponse would refuse this Range header as malformed, or None."""
+    parse = getattr(FileResponse, "_parse_range_header", None)
+    if parse is None or not size:
+        return None
+    try:
+        parse(header, size)
+    except Exception as error:  # MalformedRangeHeader (RangeNotSatisfiable is answered above)
+        if type(error).__name__ == "MalformedRangeHeader":
+            return str(getattr(error, "content", None) or error) or "unparsable"
+    return None
 
 
 def _unsatisfiable(header: str, size: int) -> bool:

@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api import crud
 from api.deps import SessionDep, SettingsDep, TenantDep
-from api.errors import ApiError, not_found
+from api.errors import UPLOAD_RESPONSES, ApiError, not_found
 from api.models import Dataset, DatasetList, DatasetPublic, new_id
 from api.policy import model_problem
 from api.settings import Settings
@@ -50,7 +50,7 @@ def _suffix(filename: str) -> str:
     return suffix
 
 
-@router.post("", status_code=201, response_model=DatasetPublic, openapi_extra=UPLOAD_BODY)
+@router.post("", status_code=201, response_model=DatasetPublic, openapi_extra=UPLOAD_BODY, responses=UPLOAD_RESPONSES)
 async def upload_dataset(request: Request, session: SessionDep, tenant: TenantDep, settings: SettingsDep):
     """Upload a training file (JSONL, JSON, Parquet, CSV); it is validated row by row."""
     upload = await receive_upload(request, tmp_dir=settings.datasets_dir / ".tmp",

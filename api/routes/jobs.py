@@ -10,7 +10,7 @@ from sqlmodel import Session
 from api import crud
 from api.admission import admit
 from api.deps import JobDep, SessionDep, SettingsDep, TenantDep
-from api.errors import ApiError
+from api.errors import ApiError, ErrorResponse
 from api.models import Job, JobList, JobPublic
 from api.policy import spec_problems
 from api.settings import Settings
@@ -44,8 +44,12 @@ def create_job(
         raise ApiError(409, "idempotency_key_reused", f"this Idempotency-Key was used for job {conflict} "
                        "with another request body", param="Idempotency-Key") from None
     if created:
-        job = admit(session=session, job=job) or job
-        if job.status == JobStatus.queued:
+        admitted = admit(session=session, job=job)
+        if admitted is None:  # the reaper admitted (and enqueued) it meanwhile: answer its current row
+            job = crud.get_job(session=session, tenant=tenant, job_id=job.id) or job
+        else:
+            job = admitted
+        if admitted is not None and job.status == JobStatus.queued:
             from worker.app import enqueue
 
             enqueue(session=session, job=job)
@@ -101,7 +105,8 @@ def get_job(session: SessionDep, job: JobDep):
     return public(session, job)
 
 
-@router.post("/{job_id}/cancel", response_model=JobPublic)
+@router.post("/{job_id}/cancel", response_model=JobPublic,
+             responses={409: {"model": ErrorResponse, "description": "The job has already finished"}})
 def cancel_job(session: SessionDep, job: JobDep):
     """A queued job is cancelled at once and never starts; a running one becomes ``cancelling`` and
     stops at its next step boundary, keeping its last checkpoint, then ``cancelled``."""

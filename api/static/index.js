@@ -12,7 +12,7 @@ async function loadJobs() {
   try {
     page = await Trinity.json("/jobs?limit=100");
   } catch (e) {
-    if (e.status === 401) { sessionStorage.clear(); localStorage.removeItem(KEY_NAME); showLogin(e.message); return false; }
+    if (e.status === 401) { sessionStorage.removeItem(KEY_NAME); localStorage.removeItem(KEY_NAME); showLogin(e.message); return false; }
     Trinity.showError(e);
     return true;
   }
@@ -42,6 +42,9 @@ document.getElementById("login-form").addEventListener("submit", async ev => {
   ev.preventDefault();
   Trinity.saveKey(document.getElementById("key").value.trim(), document.getElementById("remember").checked);
   document.getElementById("key").value = "";
+  const next = sessionStorage.getItem("trinity.next");  // a job page sent us here to log in
+  sessionStorage.removeItem("trinity.next");
+  if (next && next.startsWith("/ui/jobs/")) { location.href = next; return; }
   await start();
 });
 start();

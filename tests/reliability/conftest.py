@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.service.test_lifecycle import ROOT, Stack
+from tests.service.live import ROOT, Stack
 
 REL_REDIS_URL = os.environ.get("TRINITY_TEST_RELIABILITY_REDIS", "redis://127.0.0.1:6379/14")
 MAX_UPLOAD_MB = 12  # above the 10 MB single-line corpus file, small enough to overflow quickly

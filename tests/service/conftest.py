@@ -159,3 +159,24 @@ def job_body(dataset_id: str, **parts) -> dict:
 @pytest.fixture
 def data_dir(settings) -> Path:
     return settings.data_dir
+
+
+# ── a running service shared by the dashboard and client-CLI tests ───────────────────────────
+
+@pytest.fixture(scope="session")
+def live_service(tiny_model_dir, tmp_path_factory, redis_client):
+    """API + worker processes (``tests/service/live.py``), tenant ``acme`` (``.key``) and ``intruder``."""
+    from .live import running_stack
+
+    yield from running_stack(tiny_model_dir, tmp_path_factory.mktemp("live"))
+
+
+@pytest.fixture(scope="session")
+def finished_job(live_service) -> dict:
+    """The one job of the session that exports (merge, f16 GGUF) and evaluates: artifacts and a report."""
+    from .live import tiny_job
+
+    body = tiny_job(live_service, live_service.dataset_id, export=True, max_steps=4)
+    body["export"].update(evaluate=True, eval_prompts=1, max_new_tokens=8)
+    job = live_service.submit(body)
+    return live_service.wait_status(job["id"], "succeeded")

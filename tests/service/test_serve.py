@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from .conftest import alpaca_rows
-from .test_lifecycle import ROOT, free_port, wait_for
+from .live import ROOT, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
