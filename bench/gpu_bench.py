@@ -36,19 +36,31 @@ T4_CAP_GIB = 15.1
 
 
 def variants(backend: str) -> list[dict]:
-    """What each process measures, most important first (a deadline cuts the tail)."""
+    """What each process measures, most important first (a deadline cuts the tail). ``_acc4`` rows
+    are the recipe's batch 1 × gradient accumulation 4 (one optimizer step, one fast-DoRA norm
+    refresh, per 4 micro-batches); the others step the optimizer after every micro-batch."""
     def v(name, dora="none", seq=4096, r=64, targets=ALL7, t4=False, accum=1):
         return dict(name=name, backend=backend, dora=dora, seq=seq, r=r, targets=targets, t4=t4, accum=accum)
 
-    common = [v("lora"), v("dora_fast", "fast"), v("dora_fast_acc4", "fast", accum=4), v("dora_peft", "peft")]
+    common = [v("lora_acc4", accum=4), v("dora_fast_acc4", "fast", accum=4), v("dora_peft_acc4", "peft", accum=4),
+              v("lora"), v("dora_fast", "fast")]
     if backend == "peft":
-        return common + [v("lora_s2048_r32_qv", seq=2048, r=32, targets=QV), v("dora_fast_s2048", "fast", seq=2048)]
-    return common[:3] + [v("t4_lora", t4=True), v("t4_dora_fast", "fast", t4=True),
-                         v("t4_dora_fast_s2048", "fast", seq=2048, t4=True), v("t4_dora_peft", "peft", t4=True),
-                         common[3]]
+        return common + [v("lora_s2048_r32_qv", seq=2048, r=32, targets=QV)]
+    return common + [v("t4_lora_acc4", t4=True, accum=4), v("t4_dora_fast_acc4", "fast", t4=True, accum=4),
+                     v("t4_dora_peft_acc4", "peft", t4=True, accum=4)]
 
 
-GROWN = {"peft": ["lora", "dora_fast"], "unsloth": ["t4_dora_fast", "dora_fast", "lora", "t4_lora"]}
+SELECT: tuple[set[str] | None, str] = (None, "")
+"""(variants to run, or None for all; prefix for their names), from the command line."""
+
+
+def selected(backend: str) -> list[dict]:
+    only, tag = SELECT
+    return [dict(v, name=tag + v["name"]) for v in variants(backend) if only is None or v["name"] in only]
+
+
+GROWN = {"peft": ["lora_acc4", "dora_fast_acc4"],
+         "unsloth": ["lora_acc4", "dora_fast_acc4", "t4_dora_fast_acc4", "t4_lora_acc4"]}
 """Variants also measured at ``--grow-to`` layers (the built model's layers repeated)."""
 
 
@@ -84,6 +96,8 @@ def build(out: Path, depths: list[int]) -> None:
 
 
 def measure(model, v: dict, vocab: int, warmup: int = 2, timed: int = 4) -> dict:
+    """``warmup`` + ``timed`` optimizer steps of ``accum`` micro-batches each; time per micro-batch
+    (median when accum is 1, else the mean over the timed steps, optimizer steps included)."""
     import bitsandbytes as bnb
     import torch
 
@@ -96,9 +110,8 @@ def measure(model, v: dict, vocab: int, warmup: int = 2, timed: int = 4) -> dict
     torch.cuda.reset_peak_memory_stats()
     weights_gib = torch.cuda.memory_allocated() / 2**30
     times, losses = [], []
-    total = (warmup + timed) * v["accum"] if v["accum"] > 1 else warmup + timed
     model.train()
-    for i in range(total):
+    for i in range((warmup + timed) * v["accum"]):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         with autocast:
@@ -110,13 +123,30 @@ def measure(model, v: dict, vocab: int, warmup: int = 2, timed: int = 4) -> dict
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         losses.append(float(loss))
-    skip = warmup * v["accum"] if v["accum"] > 1 else warmup
-    step_s = statistics.median(times[skip:]) if v["accum"] == 1 else sum(times[skip:]) / len(times[skip:])
-    return dict(step_s=round(step_s, 4), tok_s=round(v["seq"] / step_s, 1),
-                peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
-                peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3),
-                weights_gib=round(weights_gib, 3), first_loss=round(losses[0], 4), last_loss=round(losses[-1], 4),
-                trainable_m=round(sum(p.numel() for p in params) / 1e6, 2))
+    timed_times = times[warmup * v["accum"]:]
+    step_s = statistics.median(timed_times) if v["accum"] == 1 else statistics.fmean(timed_times)
+    row = dict(step_s=round(step_s, 4), tok_s=round(v["seq"] / step_s, 1),
+               peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
+               peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3),
+               weights_gib=round(weights_gib, 3), first_loss=round(losses[0], 4), last_loss=round(losses[-1], 4),
+               trainable_m=round(sum(p.numel() for p in params) / 1e6, 2))
+    if v["dora"] == "fast":
+        row["norm_refresh_ms"] = round(time_norm_refresh(opt) * 1e3, 2)
+    return row
+
+
+def time_norm_refresh(opt) -> float:
+    """Seconds for the fast-DoRA norm refresh an optimizer step triggers (every layer, one sync)."""
+    import torch
+
+    from trinity_core.qdora import refresh_after_step
+
+    refresh_after_step(opt)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    refresh_after_step(opt)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 def lora_config(v: dict):
@@ -172,7 +202,7 @@ def run_peft(model_root: Path, depths: list[int], out, deadline: float, grow_to:
         base.config.use_cache = False
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         print(f"[peft] loaded L{depth} in {time.time() - t0:.1f}s", flush=True)
-        todo = variants("peft") if depth != grow_to else [v for v in variants("peft") if v["name"] in GROWN["peft"]]
+        todo = [v for v in selected("peft") if depth != grow_to or v["name"].removeprefix(SELECT[1]) in GROWN["peft"]]
         for v in todo:
             if time.time() > deadline:
                 emit(out, dict(v, depth=depth, status="skipped: deadline"))
@@ -182,7 +212,7 @@ def run_peft(model_root: Path, depths: list[int], out, deadline: float, grow_to:
             try:
                 model = get_peft_model(base, lora_config(v))
                 v["fast_dora_layers"] = enable_fast_dora(model) if v["dora"] == "fast" else 0
-                v.update(measure(model, v, base.config.vocab_size, timed=3 if depth == grow_to else 4))
+                v.update(measure(model, v, base.config.vocab_size, *((1, 2) if depth == grow_to else (2, 4))))
                 v["status"] = "ok"
             except torch.OutOfMemoryError as e:
                 v["status"] = f"oom: {str(e).splitlines()[0][:120]}"
@@ -204,9 +234,10 @@ def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_
 
     from trinity_core.qdora import enable_fast_dora
 
-    todo = [dict(v, depth=d) for v in variants("unsloth") for d in depths]
+    todo = [dict(v, depth=d) for v in selected("unsloth") for d in depths]
     if grow_to:
-        todo += [dict(v, depth=grow_to) for name in GROWN["unsloth"] for v in variants("unsloth") if v["name"] == name]
+        todo += [dict(v, depth=grow_to) for name in GROWN["unsloth"] for v in selected("unsloth")
+                 if v["name"].removeprefix(SELECT[1]) == name]
     for v2 in todo:
         if time.time() > deadline:
             emit(out, dict(v2, status="skipped: deadline"))
@@ -230,7 +261,7 @@ def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_
             v2["param_dtype"] = str(next(p for p in model.parameters() if p.is_floating_point()).dtype)
             v2["attn"] = getattr(model.config, "_attn_implementation", "?")
             v2["force_fp32"] = os.environ.get("UNSLOTH_FORCE_FLOAT32")
-            v2.update(measure(model, v2, model.config.vocab_size, timed=3 if v2["depth"] > depths[-1] else 4))
+            v2.update(measure(model, v2, model.config.vocab_size, *((1, 2) if v2["depth"] > depths[-1] else (2, 4))))
             v2["status"] = "ok"
         except torch.OutOfMemoryError as e:
             v2["status"] = f"oom: {str(e).splitlines()[0][:120]}"
@@ -270,7 +301,7 @@ def profile(model_root: Path, depth: int, out_dir: Path) -> None:
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     model(input_ids=ids, labels=ids).loss.backward()
             torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60)
+        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90)
         (out_dir / f"profile_{v['name']}.txt").write_text(table)
         total = sum(e.self_device_time_total for e in prof.key_averages()) / 3e3
         print(f"[profile] {v['name']} L{depth}: CUDA self time {total:.1f} ms per micro-batch", flush=True)
@@ -342,6 +373,9 @@ def main(argv: list[str]) -> None:
     r.add_argument("--depths", type=int, nargs="+", default=[2, 4])
     r.add_argument("--deadline", type=float, default=300, help="seconds after which variants are skipped")
     r.add_argument("--grow-to", type=int, default=0, help="also measure GROWN variants at this depth")
+    r.add_argument("--only", nargs="+", default=None, help="measure only these variants")
+    r.add_argument("--tag", default="", help="prefix for variant names (e.g. 'compiled_' for a run "
+                   "without UNSLOTH_COMPILE_DISABLE)")
     pr = sub.add_parser("profile")
     pr.add_argument("root", type=Path)
     pr.add_argument("out", type=Path)
@@ -353,6 +387,8 @@ def main(argv: list[str]) -> None:
         build(a.root, a.depths)
     elif a.cmd == "run":
         deadline = time.time() + a.deadline
+        global SELECT
+        SELECT = (set(a.only) if a.only else None, a.tag)
         with open(a.out, "a") as out:
             if a.backend == "peft":
                 run_peft(a.root, a.depths, out, deadline, a.grow_to)
