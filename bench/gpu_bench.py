@@ -124,7 +124,9 @@ def measure(model, v: dict, vocab: int, warmup: int = 2, timed: int = 4) -> dict
         times.append(time.perf_counter() - t0)
         losses.append(float(loss))
     timed_times = times[warmup * v["accum"]:]
-    step_s = statistics.median(timed_times) if v["accum"] == 1 else statistics.fmean(timed_times)
+    # accum > 1: the median of each position within the optimizer step (the last one includes the
+    # step and fast DoRA's refresh), averaged: robust to a one-off stall, fair to the step's cost
+    step_s = statistics.fmean(statistics.median(timed_times[i::v["accum"]]) for i in range(v["accum"]))
     row = dict(step_s=round(step_s, 4), tok_s=round(v["seq"] / step_s, 1),
                peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
                peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3),
@@ -212,7 +214,7 @@ def run_peft(model_root: Path, depths: list[int], out, deadline: float, grow_to:
             try:
                 model = get_peft_model(base, lora_config(v))
                 v["fast_dora_layers"] = enable_fast_dora(model) if v["dora"] == "fast" else 0
-                v.update(measure(model, v, base.config.vocab_size, *((1, 2) if depth == grow_to else (2, 4))))
+                v.update(measure(model, v, base.config.vocab_size, *((1, 3) if depth == grow_to else (2, 4))))
                 v["status"] = "ok"
             except torch.OutOfMemoryError as e:
                 v["status"] = f"oom: {str(e).splitlines()[0][:120]}"
@@ -261,7 +263,7 @@ def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_
             v2["param_dtype"] = str(next(p for p in model.parameters() if p.is_floating_point()).dtype)
             v2["attn"] = getattr(model.config, "_attn_implementation", "?")
             v2["force_fp32"] = os.environ.get("UNSLOTH_FORCE_FLOAT32")
-            v2.update(measure(model, v2, model.config.vocab_size, *((1, 2) if v2["depth"] > depths[-1] else (2, 4))))
+            v2.update(measure(model, v2, model.config.vocab_size, *((1, 3) if v2["depth"] > depths[-1] else (2, 4))))
             v2["status"] = "ok"
         except torch.OutOfMemoryError as e:
             v2["status"] = f"oom: {str(e).splitlines()[0][:120]}"
@@ -273,7 +275,7 @@ def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_
         cleanup()
 
 
-def profile(model_root: Path, depth: int, out_dir: Path) -> None:
+def profile(model_root: Path, depth: int, out_dir: Path, grow_to: int = 0) -> None:
     """Where fast DoRA's extra time goes: CUDA kernel totals for LoRA vs fast DoRA (plain peft)."""
     import torch
     from peft import get_peft_model
@@ -286,6 +288,9 @@ def profile(model_root: Path, depth: int, out_dir: Path) -> None:
                                bnb_4bit_compute_dtype=torch.bfloat16)
     base = AutoModelForCausalLM.from_pretrained(model_root / f"L{depth}", quantization_config=quant,
                                                 dtype=torch.bfloat16, device_map={"": 0}, attn_implementation="sdpa")
+    if grow_to:
+        repeat_layers(base, grow_to)
+        depth = grow_to
     base.config.use_cache = False
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for v in [v for v in variants("peft") if v["name"] in ("lora", "dora_fast")]:
@@ -380,6 +385,7 @@ def main(argv: list[str]) -> None:
     pr.add_argument("root", type=Path)
     pr.add_argument("out", type=Path)
     pr.add_argument("--depth", type=int, default=4)
+    pr.add_argument("--grow-to", type=int, default=0)
     t = sub.add_parser("table")
     t.add_argument("paths", nargs="+")
     a = ap.parse_args(argv)
@@ -395,7 +401,7 @@ def main(argv: list[str]) -> None:
             else:
                 run_unsloth(a.root, a.depths, out, deadline, a.grow_to)
     elif a.cmd == "profile":
-        profile(a.root, a.depth, a.out)
+        profile(a.root, a.depth, a.out, a.grow_to)
     else:
         print_table(a.paths)
 

@@ -60,12 +60,15 @@ for stage in "$@"; do
         --only lora_acc4 dora_fast_acc4 --deadline 150 ;;
     profile)  # CUDA kernel totals, LoRA vs fast DoRA, plain peft, 4 layers
       build; python bench/gpu_bench.py profile "$M" "$OUT" --depth 4 2>&1 | grep -E "^\[profile\]" ;;
+    profile48)  # the same at 48 layers (4 repeated)
+      build; mkdir -p "$OUT/p48"
+      python bench/gpu_bench.py profile "$M" "$OUT/p48" --depth 4 --grow-to 48 2>&1 | grep -E "^\[profile\]" ;;
     loss)  # final loss, fast vs PEFT DoRA, same seeds and data, Unsloth bf16 on the tiny model
       U python bench/dora_loss.py --backend unsloth --dtype bfloat16 --seeds 0 1 2 --steps 60 \
         --out "$OUT/dora_loss.jsonl" 2>&1 | grep -E '^\{|mean|paired' ;;
     ladder)  # OOM ladder on genuine OOMs under the T4 cap (tests/gpu/test_unsloth.py)
       build
-      TRINITY_BENCH_MODEL=$M/L4 TRINITY_BENCH_OUT=$OUT python -m pytest -m gpu -q -p no:cacheprovider \
+      TRINITY_BENCH_MODEL=$M/L4 TRINITY_BENCH_OUT=$OUT python -m pytest -m gpu -q -s -p no:cacheprovider \
         tests/gpu/test_unsloth.py -k ladder 2>&1 | tail -15 ;;
     compiled)  # Unsloth's torch.compile mode (no UNSLOTH_COMPILE_DISABLE): the LoRA anchor, and fast DoRA
       build

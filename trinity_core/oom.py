@@ -119,14 +119,52 @@ def is_oom(error: BaseException) -> bool:
     )
 
 
+DEBUG_MEMORY_ENV = "TRINITY_DEBUG_MEMORY"
+
+
 def free_memory() -> None:
-    """Drop what the failed attempt held so the next rung starts from an empty card."""
+    """Drop what the failed attempt held so the next rung starts from an empty card.
+    ``TRINITY_DEBUG_MEMORY=1`` prints what still holds CUDA memory afterwards (to stderr)."""
     import torch
 
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        if os.environ.get(DEBUG_MEMORY_ENV):
+            report_live_cuda_tensors()
+
+
+def report_live_cuda_tensors(top: int = 3, depth: int = 6) -> None:
+    """Live CUDA tensors by total size, and for the largest few who refers to them (types only)."""
+    import sys
+
+    import torch
+
+    tensors = []
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, torch.Tensor) and obj.is_cuda:
+                tensors.append(obj)
+        except Exception:  # noqa: BLE001  (proxies that fail isinstance)
+            continue
+    total = sum(t.untyped_storage().nbytes() for t in tensors) / 2**30
+    print(f"[memory] allocated {torch.cuda.memory_allocated() / 2**30:.2f} GiB, {len(tensors)} live CUDA tensors "
+          f"({total:.2f} GiB by storage)", file=sys.stderr, flush=True)
+    frame = sys._getframe()
+    for t in sorted(tensors, key=lambda t: -t.untyped_storage().nbytes())[:top]:
+        chain, obj, seen = [], t, {id(tensors), id(frame)}
+        for _ in range(depth):
+            refs = [r for r in gc.get_referrers(obj) if id(r) not in seen and r is not frame]
+            if not refs:
+                break
+            obj = refs[0]
+            seen.add(id(obj))
+            name = type(obj).__name__
+            if isinstance(obj, dict):
+                name += "{" + ",".join(map(str, list(obj)[:4])) + "}"
+            chain.append(name)
+        print(f"[memory]   {tuple(t.shape)} {t.dtype}: " + " <- ".join(chain), file=sys.stderr, flush=True)
 
 
 def injected_ooms() -> int:
