@@ -58,6 +58,15 @@ class OOMLadderExhausted(TrinityError):
     code = "oom_ladder_exhausted"
 
 
+class GpuMemoryNotReleased(TrinityError):
+    """A failed attempt's GPU memory stayed allocated after it was released (a library kept a
+    reference). Progress already points at the next rung: re-run the job in a fresh process (the
+    worker re-queues it; ``worker_max_tasks_per_child=1`` gives it one) and it resumes there."""
+
+    code = "gpu_memory_not_released"
+    retryable = True
+
+
 class TrainingError(TrinityError):
     """Training failed for a reason other than memory (NaN loss, data/model mismatch...)."""
 

@@ -120,6 +120,16 @@ def is_oom(error: BaseException) -> bool:
 
 
 DEBUG_MEMORY_ENV = "TRINITY_DEBUG_MEMORY"
+LEFTOVER_LIMIT_GIB = 0.5
+"""More than this still allocated after :func:`free_memory` means the next rung would start on a
+card the failed attempt still holds: the job must continue in a fresh process."""
+
+
+def leftover_gib() -> float:
+    """GiB still allocated by this process on the current GPU (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
 
 def free_memory() -> None:
@@ -141,18 +151,24 @@ def report_live_cuda_tensors(top: int = 3, depth: int = 6) -> None:
 
     import torch
 
+    def nbytes(t: torch.Tensor) -> int:
+        try:
+            return t.untyped_storage().nbytes()
+        except Exception:  # noqa: BLE001  (functorch's batched tensors have no storage)
+            return 0
+
     tensors = []
     for obj in gc.get_objects():
         try:
-            if isinstance(obj, torch.Tensor) and obj.is_cuda:
+            if isinstance(obj, torch.Tensor) and obj.is_cuda and nbytes(obj):
                 tensors.append(obj)
         except Exception:  # noqa: BLE001  (proxies that fail isinstance)
             continue
-    total = sum(t.untyped_storage().nbytes() for t in tensors) / 2**30
+    total = sum(nbytes(t) for t in tensors) / 2**30
     print(f"[memory] allocated {torch.cuda.memory_allocated() / 2**30:.2f} GiB, {len(tensors)} live CUDA tensors "
           f"({total:.2f} GiB by storage)", file=sys.stderr, flush=True)
     frame = sys._getframe()
-    for t in sorted(tensors, key=lambda t: -t.untyped_storage().nbytes())[:top]:
+    for t in sorted(tensors, key=lambda t: -nbytes(t))[:top]:
         chain, obj, seen = [], t, {id(tensors), id(frame)}
         for _ in range(depth):
             refs = [r for r in gc.get_referrers(obj) if id(r) not in seen and r is not frame]

@@ -22,7 +22,7 @@ from trinity_core.artifacts import atomic_write_json, build_manifest, read_json,
 from trinity_core.data import fit_to_length, prepare_data
 from trinity_core.evaluate import evaluate_job
 from trinity_core.export import export_all
-from trinity_core.errors import JobCancelled, OOMLadderExhausted
+from trinity_core.errors import GpuMemoryNotReleased, JobCancelled, OOMLadderExhausted
 from trinity_core.events import Emitter, OnEvent
 from trinity_core.spec import JobSpec
 
@@ -176,6 +176,16 @@ def train_with_ladder(spec, backend, train_dataset, workdir, emit, should_stop, 
         model = tokenizer = None  # noqa: F841
         oom.free_memory()
         clear_checkpoints(workdir)  # a cheaper rung has other shapes: start it fresh
+        held = oom.leftover_gib()
+        if held > oom.LEFTOVER_LIMIT_GIB and index + 1 < len(rungs):
+            # Measured under Unsloth after genuine CUDA OOMs (docs/BENCHMARKS.md): every later rung
+            # would OOM on the memory this attempt still holds. Resume at the next rung elsewhere.
+            atomic_write_json(progress_file, {"rung_index": index + 1, "attempts": [a.to_dict() for a in attempts]})
+            raise GpuMemoryNotReleased(
+                f"out of memory on rung '{rung.name}', and {held:.1f} GiB stayed allocated after releasing it; "
+                f"the job continues at rung '{rungs[index + 1].name}' in a fresh process",
+                details={"leftover_gib": round(held, 2), "next_rung": rungs[index + 1].name,
+                         "attempts": [a.to_dict() for a in attempts]})
 
     tried = ", ".join(f"{a.rung} ({a.outcome})" for a in attempts)
     raise OOMLadderExhausted(f"out of memory on every rung of the ladder: {tried}",

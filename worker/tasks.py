@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from api.settings import get_settings
-from trinity_core.errors import JobCancelled, TrinityError
+from trinity_core.errors import GpuMemoryNotReleased, JobCancelled, TrinityError
 from worker import runner
 from worker.app import TASK_NAME, app
 
@@ -18,6 +18,13 @@ def run_training(self, job_id: str) -> str:
         result = runner.run(job)
     except JobCancelled as stopped:
         return runner.cancelled(job, stopped)
+    except GpuMemoryNotReleased as error:
+        # The ladder's next rung needs a fresh process (worker_max_tasks_per_child=1): re-queue now.
+        # Bounded by the ladder: each such run starts one rung further down.
+        attempt = self.request.retries + 1
+        if runner.requeue(job, error, task_id=self.request.id, countdown=0.0, attempt=attempt):
+            raise self.retry(countdown=0, max_retries=None) from None
+        return runner.fail(job, error)
     except TrinityError as error:
         settings, attempt = get_settings(), self.request.retries + 1
         if error.retryable and attempt <= settings.max_retries:

@@ -14,7 +14,7 @@ from api.db import session_scope
 from api.models import Job
 from api.settings import get_settings
 from api.states import JobStatus as S
-from trinity_core.errors import HubDownloadError, JobCancelled, OOMLadderExhausted
+from trinity_core.errors import GpuMemoryNotReleased, HubDownloadError, JobCancelled, OOMLadderExhausted
 from trinity_core.events import Emitter
 
 SPEC = {"model": {"name_or_path": "org/m", "max_seq_length": 256}, "lora": {"r": 16, "alpha": 32},
@@ -224,6 +224,23 @@ def test_retryable_error_then_success(fast, script):
     job_id = queued_job()
     run_task(job_id)
     assert load(job_id).status == S.succeeded and load(job_id).run_token == 2
+
+
+def test_gpu_memory_not_released_requeues_at_once_beyond_max_retries(fast, script):
+    """The ladder's escape to a fresh process: re-queued with no delay, not counted against
+    TRINITY_MAX_RETRIES (1 here) since each run resumes one rung further down."""
+    def fn(*_):
+        if script.calls <= 2:
+            raise GpuMemoryNotReleased("5.7 GiB stayed allocated", details={"next_rung": "r_32"})
+        return result()
+
+    script.fn = fn
+    job_id = queued_job()
+    run_task(job_id)
+    job = load(job_id)
+    assert script.calls == 3 and job.status == S.succeeded and job.run_token == 3
+    requeues = [e for e in events(job_id) if "stayed allocated" in e.message]
+    assert len(requeues) == 2 and all("in 0 s" in e.message for e in requeues)
 
 
 def test_duplicate_deliveries_are_harmless(fast, script):
