@@ -88,21 +88,67 @@ def _long_rows(tokenizer, n: int, tokens: int) -> list[dict]:
     return rows
 
 
+CHILD = """
+import sys
+import torch
+import unsloth  # noqa: F401  (first, as in the worker)
+from trinity_core.errors import GpuMemoryNotReleased
+from trinity_core.pipeline import run_job
+from trinity_core.spec import JobSpec
+
+spec = JobSpec.model_validate_json(open(sys.argv[1]).read())
+torch.cuda.set_per_process_memory_fraction(float(sys.argv[3]) / (torch.cuda.get_device_properties(0).total_memory / 2**30))
+try:
+    run_job(spec, sys.argv[2])
+except GpuMemoryNotReleased as e:
+    print("continue:", e.message, flush=True)
+    sys.exit(3)
+"""
+
+
+def _run_like_the_worker(spec, workdir: Path, cap_gib: float, fast_dora: str) -> dict:
+    """run_job in a fresh process, and again (resuming at the next rung) after each
+    ``gpu_memory_not_released``, as the worker does with ``worker_max_tasks_per_child=1``."""
+    import subprocess
+    import sys
+    import time
+
+    spec_file = workdir.with_suffix(".spec.json")
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec_file.write_text(spec.model_dump_json())
+    env = dict(os.environ, TRINITY_FAST_DORA=fast_dora, PYTHONPATH=os.pathsep.join(sys.path))
+    runs, t0 = [], time.monotonic()
+    for _ in range(6):  # at most one process per rung of the ladder
+        proc = subprocess.run([sys.executable, "-c", CHILD, str(spec_file), str(workdir), str(cap_gib)],
+                              env=env, capture_output=True, text=True, timeout=1200)
+        runs.append(proc.returncode)
+        if proc.returncode != 3:
+            break
+    out = {"processes": runs, "wall_s": round(time.monotonic() - t0, 1)}
+    if (workdir / "result.json").exists():
+        result = json.loads((workdir / "result.json").read_text())
+        return out | {k: result[k] for k in ("attempts", "final_rung", "peak_mem_gib", "train_seconds")} | {
+            "loss": [h["loss"] for h in result["loss_history"]]}
+    progress = workdir / "progress.json"
+    return out | {"error": proc.stderr[-1500:],
+                  "attempts_so_far": json.loads(progress.read_text()) if progress.exists() else None}
+
+
 @needs_unsloth
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("TRINITY_BENCH_MODEL"), reason="set TRINITY_BENCH_MODEL to a 12B-shaped model")
-def test_ladder_on_real_ooms_under_an_emulated_t4(tmp_path, monkeypatch):
+def test_ladder_on_real_ooms_under_an_emulated_t4(tmp_path):
     """The seed recipe (12B shape, seq 4096, r 64, DoRA, all 7, batch 1 × accum 4, fp16 → fp32 path)
     under a T4's 15.1 GiB, with a model of L layers: the cap is lowered by what the missing 48 − L
-    layers would hold (estimated), so the memory left for activations is what a T4 leaves.
+    layers would hold (estimated), so the memory left for activations is what a T4 leaves. Each
+    job runs like the worker runs it: in fresh processes (see ``_run_like_the_worker``).
 
     A: PEFT's DoRA, pre-flight off → genuine CUDA OOMs, the ladder walks down and finishes.
     B: PEFT's DoRA, pre-flight on → at most one failed attempt before the first good step.
     C: fast DoRA, pre-flight on → the recipe itself fits (issue 10's T4 target)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from trinity_core import memory, oom
-    from trinity_core.pipeline import run_job
+    from trinity_core import memory
     from trinity_core.spec import JobSpec
 
     model_dir = os.environ["TRINITY_BENCH_MODEL"]
@@ -119,31 +165,15 @@ def test_ladder_on_real_ooms_under_an_emulated_t4(tmp_path, monkeypatch):
     full = memory.estimate(dict(config.to_dict(), num_hidden_layers=48), spec, "unsloth", bf16_supported=False)
     here = memory.estimate(config, spec, "unsloth", bf16_supported=False)
     cap = 15.1 - (full.gib - here.gib)
-    total = torch.cuda.get_device_properties(0).total_memory / 2**30
-    torch.cuda.set_per_process_memory_fraction(cap / total)
     report = {"layers": config.num_hidden_layers, "cap_gib": round(cap, 3), "est_48_gib": round(full.gib, 3),
               "est_here_gib": round(here.gib, 3), "jobs": {}}
-    try:
-        for job, fast, preflight in (("A_peft_dora_no_preflight", "0", False), ("B_peft_dora_preflight", "0", True),
-                                     ("C_fast_dora_preflight", "1", True)):
-            monkeypatch.setenv("TRINITY_FAST_DORA", fast)
-            run_spec = spec.model_copy(deep=True)
-            run_spec.ladder.preflight = preflight
-            try:
-                result = run_job(run_spec, tmp_path / job)
-                report["jobs"][job] = {"attempts": result.attempts, "final_rung": result.final_rung,
-                                       "peak_mem_gib": result.peak_mem_gib, "train_seconds": result.train_seconds,
-                                       "loss": [h["loss"] for h in result.loss_history]}
-            except Exception as e:  # recorded, asserted below
-                progress = tmp_path / job / "progress.json"
-                so_far = json.loads(progress.read_text()) if progress.exists() else None
-                report["jobs"][job] = {"error": f"{type(e).__name__}: {str(e)[:300]}", "attempts_so_far": so_far}
-            oom.free_memory()
-            (out_dir / "ladder.json").write_text(json.dumps(report, indent=1, default=str))
-    finally:
-        torch.cuda.set_per_process_memory_fraction(1.0)
-    jobs = report["jobs"]
-    a, b, c = (jobs[k] for k in sorted(jobs))
+    for job, fast, preflight in (("A_peft_dora_no_preflight", "0", False), ("B_peft_dora_preflight", "0", True),
+                                 ("C_fast_dora_preflight", "1", True)):
+        run_spec = spec.model_copy(deep=True)
+        run_spec.ladder.preflight = preflight
+        report["jobs"][job] = _run_like_the_worker(run_spec, tmp_path / job, cap, fast)
+        (out_dir / "ladder.json").write_text(json.dumps(report, indent=1, default=str))
+    a, b, c = (report["jobs"][k] for k in sorted(report["jobs"]))
     assert "attempts" in a, a
     assert [x["outcome"] for x in a["attempts"]][0] == "oom" and a["attempts"][-1]["outcome"] == "ok"
     failed_b = [x for x in b["attempts"] if x["outcome"] == "oom"]
