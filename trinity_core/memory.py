@@ -4,8 +4,9 @@ peak ≈ weights + adapter state + saved activations + the largest transient, wh
 
 - **weights**: 4-bit NF4 projections (½ byte a parameter + one absmax byte per 64 with double
   quantisation) and the 16-bit tied embedding; 16-bit projections when not quantised.
-- **adapter state**: LoRA A/B (+ DoRA magnitudes) in fp32, 8-bit AdamW's two uint8 states, and
-  fp32 gradients when gradient accumulation keeps them alive between micro-batches.
+- **adapter state**: LoRA A/B (+ DoRA magnitudes) in fp32 and 8-bit AdamW's two uint8 states;
+  their fp32 gradients are alive at a layer's backward peak (inside the fitted constants) and, with
+  gradient accumulation, also at the logits peak of plain PEFT (added then).
 - **saved activations**: with gradient checkpointing one hidden-state tensor per layer (Unsloth
   offloads most of them to CPU).
 - **transient**: plain PEFT materialises the logits over the whole vocabulary (bf16, then fp32
@@ -100,8 +101,7 @@ def estimate(config: Any, spec: JobSpec, backend: str, *, bf16_supported: bool =
 
     trainable = L * sum(spec.lora.r * (proj[t][0] + proj[t][1]) + (proj[t][1] if dora else 0) for t in targets)
     optim = {"adamw_8bit": 2, "paged_adamw_8bit": 0, "adamw_torch": 8}[spec.train.optim]  # paged: managed memory
-    grads = 4 if spec.train.grad_accum > 1 else 0
-    parts["adapter"] = trainable * (4 + optim + grads) / GIB
+    parts["adapter"] = trainable * (4 + optim) / GIB
 
     hidden_state = B * S * H * 2
     if spec.model.gradient_checkpointing:
@@ -122,6 +122,12 @@ def estimate(config: Any, spec: JobSpec, backend: str, *, bf16_supported: bool =
             layer += PEFT_DORA_TRANSIENT[0] * largest * 2 + PEFT_DORA_TRANSIENT[1] * B * S * widest_out * 4
     loss = LOGITS_FP32_COPIES * B * S * s["vocab"] * 4 if backend == "peft" else 0.0
     parts["transient"] = max(layer, loss) / GIB
+    if loss >= layer and spec.train.grad_accum > 1:
+        # The logits peak comes before any gradient of this micro-batch exists; with accumulation
+        # the previous micro-batches' fp32 gradients are alive then (+1.0 GiB at 48 layers,
+        # measured). A layer's backward peak has them either way (T4 path, 48 layers: 13.11 GiB
+        # with accumulation 1, 13.14 with 4), and the fitted constants hold them.
+        parts["accumulated_grads"] = trainable * 4 / GIB
     return Estimate(sum(parts.values()), parts, {
         "backend": backend, "activation_bytes": act, "layers": L, "seq": S, "batch": B, "r": spec.lora.r,
         "dora": dora, "fast_dora": fast_dora, "targets": targets,

@@ -12,7 +12,7 @@ GEMMA3_12B = dict(hidden_size=3840, intermediate_size=15360, num_attention_heads
                   model_type="gemma3_text")
 T4_GIB = 15.1
 
-# Peak max_memory_allocated (GiB) measured with bench/gpu_bench.py, 2026-11-25 (docs/BENCHMARKS.md):
+# Peak max_memory_allocated (GiB) measured with bench/gpu_bench.py, 2026-11-25/26 (docs/BENCHMARKS.md):
 # (card, backend, layers, seq, r, targets, dora, t4 path, grad accum, measured). Batch 1, gradient
 # checkpointing, 8-bit AdamW; "fast" = trinity_core.qdora, "peft" = PEFT's own DoRA. 48-layer rows
 # were measured directly (the 4-layer model's layers repeated), not extrapolated.
@@ -64,6 +64,13 @@ MEASURED = [
     ('H200', 'unsloth', 2, 4096, 64, 'all7', 'peft', False, 1, 6.497),
     ('H200', 'unsloth', 4, 4096, 64, 'all7', 'peft', False, 1, 6.833),
     ('H200', 'unsloth', 48, 4096, 64, 'all7', 'fast', True, 1, 13.11),
+    # 2026-11-26, H100, batch 1 × accumulation 4 (bench/results/2026-11-26-h100-*48*.jsonl)
+    ('H100', 'unsloth', 48, 4096, 64, 'all7', 'none', False, 4, 11.171),
+    ('H100', 'unsloth', 48, 4096, 64, 'all7', 'fast', False, 4, 11.567),
+    ('H100', 'unsloth', 48, 4096, 64, 'all7', 'none', True, 4, 12.363),
+    ('H100', 'unsloth', 48, 4096, 64, 'all7', 'fast', True, 4, 13.142),
+    ('H100', 'peft', 48, 4096, 64, 'all7', 'none', False, 4, 23.201),
+    ('H100', 'peft', 48, 4096, 64, 'all7', 'fast', False, 4, 23.254),
 ]
 
 
@@ -100,7 +107,10 @@ def test_arithmetic_of_the_parts():
     assert lora == 64 * 85248 + 46592
     assert est.parts["adapter"] * memory.GIB == pytest.approx(48 * lora * (4 + 2))  # fp32 params + 8-bit Adam
     with_accum = memory.estimate(GEMMA3_12B, _spec(dora="fast", accum=4), "unsloth")
-    assert with_accum.parts["adapter"] * memory.GIB == pytest.approx(48 * lora * (4 + 2 + 4))  # + fp32 grads
+    assert with_accum.gib == pytest.approx(est.gib)  # grads are alive at a layer's backward peak anyway
+    plain, plain_accum = (memory.estimate(GEMMA3_12B, _spec(dora="fast", accum=a), "peft") for a in (1, 4))
+    assert "accumulated_grads" not in plain.parts  # the logits peak comes before this micro-batch's grads
+    assert plain_accum.parts["accumulated_grads"] * memory.GIB == pytest.approx(48 * lora * 4)
 
 
 def test_logits_dominate_plain_peft_and_not_unsloth():
