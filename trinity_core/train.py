@@ -222,11 +222,19 @@ def train(
     if resume:
         emit(f"resuming from checkpoint step {resumed_from}", resumed_from=resumed_from)
     started = time.monotonic()
-    try:
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    except BaseException:
-        release(trainer)  # an OOM: the next rung needs this attempt's memory back
-        raise
+    if resume and resumed_from >= spec.train.max_steps:
+        # Killed after the last checkpoint (during export, say): training is over, and the Trainer
+        # resumed at max_steps would run one step more. Take that checkpoint's adapter and history.
+        from transformers.trainer_callback import TrainerState
+
+        trainer._load_from_checkpoint(str(resume))
+        trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+    else:
+        try:
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        except BaseException:
+            release(trainer)  # an OOM: the next rung needs this attempt's memory back
+            raise
     seconds = time.monotonic() - started
 
     save_adapter(trainer, workdir / "adapter")

@@ -49,6 +49,33 @@ def test_kill_after_checkpoint_then_resume(tiny_spec, tmp_path):
     assert (workdir / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_killed_after_the_last_checkpoint_does_not_train_past_max_steps(tiny_spec, tmp_path):
+    """A worker killed during export leaves a checkpoint at max_steps: the resumed run must not train
+    again (HF's Trainer would run one step past max_steps), and keeps the same adapter and history.
+    Seen in the kill -9 test: a job finished at step 31 of 30."""
+    from safetensors.torch import load_file
+
+    spec = make_spec(tiny_spec, **{"train.max_steps": 4, "train.save_steps": 2, **NO_EXPORT})
+    first = run_job(spec, tmp_path)
+    assert [step for step, _ in checkpoints(tmp_path / "checkpoints")][-1] == 4
+    adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    for name in ("adapter", "result.json", "artifacts.json"):  # as if killed before these were written
+        path = tmp_path / name
+        if path.is_dir():
+            import shutil
+
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    events = []
+    again = run_job(spec, tmp_path, events.append)
+    assert again.global_step == 4 and _steps(again) == _steps(first) == [1, 2, 3, 4]
+    assert [h["loss"] for h in again.loss_history] == [h["loss"] for h in first.loss_history]
+    assert not [e for e in events if e.data.get("step", 0) > 4]
+    reloaded = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert reloaded.keys() == adapter.keys() and all((reloaded[k] == adapter[k]).all() for k in adapter)
+
+
 def test_stop_flag_ends_at_step_boundary_and_resume_finishes(tiny_spec, tmp_path):
     spec = make_spec(tiny_spec, **{"train.max_steps": 6, "train.save_steps": 100, **NO_EXPORT})
     steps = []
