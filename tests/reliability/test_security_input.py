@@ -333,7 +333,8 @@ def test_schemathesis_finds_no_5xx_and_responses_match_the_schema(rstack, owned,
     import subprocess
     import sys
 
-    exe = shutil.which("schemathesis") or shutil.which("st")
+    beside = Path(sys.executable).parent / "schemathesis"  # the venv's, when it is not on PATH
+    exe = str(beside) if beside.is_file() else shutil.which("schemathesis") or shutil.which("st")
     if exe is None:
         pytest.skip("schemathesis is not installed (pip install schemathesis)")
     report = tmp_path / "junit.xml"
