@@ -14,6 +14,7 @@ from sqlalchemy import JSON, Column, Index, UniqueConstraint
 from sqlalchemy import Enum as SAEnum
 from sqlmodel import Field, SQLModel
 
+from api.errors import ErrorInfo
 from api.states import JobStatus
 
 
@@ -138,13 +139,6 @@ class Job(SQLModel, table=True):
     last_seq: int = Field(default=0, description="Highest event seq written for this job")
 
 
-class JobError(SQLModel):
-    code: str
-    message: str
-    param: str | None = None
-    details: Any = None
-
-
 class JobPublic(SQLModel):
     id: str
     object: str = "fine_tuning.job"
@@ -165,7 +159,7 @@ class JobPublic(SQLModel):
     attempts: list[dict[str, Any]]
     resumes: int
     cancel_requested: bool
-    error: JobError | None
+    error: ErrorInfo | None  # the API's one error shape
     result: dict[str, Any] | None = Field(description="Summary of the finished run (loss history in events)")
     created_at: float
     queued_at: float | None

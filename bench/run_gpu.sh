@@ -3,10 +3,12 @@
 # Run from the repo root on the GPU machine with the wheels of ../shared/gpu/wheels.sh in
 # .whl/site; results go to $OUT (default bench/results/gpu-out).
 #
-#   bash bench/run_gpu.sh tests small_unsloth         # call 1
-#   bash bench/run_gpu.sh small_peft grown             # call 2
-#   bash bench/run_gpu.sh loss ladder compiled         # call 3
-# (stages below; the 12B-shaped random model is built once per call, in /tmp/m12b)
+#   bash bench/run_gpu.sh tests small_bf16 grown_bf16 grown_peft    # 2026-11-26 call 4 (H100)
+#   bash bench/run_gpu.sh ladder profile48 grown_t4                 # call 5 (H100)
+#   bash bench/run_gpu.sh profile grown_bf16 loss                   # call 3 (H200)
+#   bash bench/run_gpu.sh ladder compiled                           # call 7 (H200)
+# (stages below; `grown` = grown_bf16 grown_t4 grown_peft; the 12B-shaped random model is built
+# once per call, in /tmp/m12b)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD/.whl/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -22,12 +24,17 @@ EOF
 built=0
 build() { [ $built = 1 ] || python bench/gpu_bench.py build "$M" 2 4 2>&1 | tail -2; built=1; }
 U() { UNSLOTH_COMPILE_DISABLE=1 "$@"; }
-for stage in "$@"; do
+stages=()
+for stage in "$@"; do  # grown: the 48-layer rows; bf16 and T4 in separate processes (a T4 load leaves
+  # Unsloth's fp16 LoRA casts patched in for later bf16 loads of the same process)
+  [ "$stage" = grown ] && stages+=(grown_bf16 grown_t4 grown_peft) || stages+=("$stage")
+done
+for stage in "${stages[@]}"; do
   echo "=== $stage $(date +%T)"
   case $stage in
     tests)  # Triton kernel, bf16 equivalence, run_job with Unsloth on the tiny model
       python -m pytest -m gpu -q -p no:cacheprovider tests/gpu -x 2>&1 | tee "$OUT/pytest.txt" | tail -30 ;;
-    small_unsloth)  # 12B shape at 2 and 4 layers, every variant (T4 ones last: see grown)
+    small_unsloth)  # 12B shape at 2 and 4 layers, every variant (the T4 ones last, see above)
       build; U python bench/gpu_bench.py run unsloth "$M" "$OUT/unsloth.jsonl" --deadline "${DEADLINE:-200}" ;;
     small_bf16)  # the bf16 variants only, both backends, 2 and 4 layers
       build
@@ -45,16 +52,7 @@ for stage in "$@"; do
         --only lora_acc4 dora_fast_acc4 --deadline 100 ;;
     small_peft)
       build; python bench/gpu_bench.py run peft "$M" "$OUT/peft.jsonl" --deadline "${DEADLINE:-120}" ;;
-    grown)  # key variants at 48 layers (the 4 built layers repeated), with 4-layer rows of the same call;
-      # bf16 and T4 rows in separate processes (a T4 load leaves Unsloth's fp16 LoRA casts patched in)
-      build
-      U python bench/gpu_bench.py run unsloth "$M" "$OUT/unsloth48.jsonl" --depths 4 --grow-to 48 \
-        --only lora_acc4 dora_fast_acc4 --deadline 150
-      U python bench/gpu_bench.py run unsloth "$M" "$OUT/unsloth48_t4.jsonl" --depths 4 --grow-to 48 \
-        --only t4_lora_acc4 t4_dora_fast_acc4 --deadline 150
-      python bench/gpu_bench.py run peft "$M" "$OUT/peft48.jsonl" --depths 4 --grow-to 48 \
-        --only lora_acc4 dora_fast_acc4 --deadline 100 ;;
-    grown_bf16)
+    grown_bf16)  # key variants at 48 layers (the 4 built layers repeated), with 4-layer rows of the same call
       build
       U python bench/gpu_bench.py run unsloth "$M" "$OUT/unsloth48.jsonl" --depths 4 --grow-to 48 \
         --only lora_acc4 dora_fast_acc4 --deadline 150 ;;
@@ -69,7 +67,7 @@ for stage in "$@"; do
     ladder)  # OOM ladder on genuine OOMs under the T4 cap (tests/gpu/test_unsloth.py)
       build
       TRINITY_BENCH_MODEL=$M/L4 TRINITY_BENCH_OUT=$OUT python -m pytest -m gpu -q -s -p no:cacheprovider \
-        tests/gpu/test_unsloth.py -k ladder 2>&1 | tail -15 ;;
+        -p no:logging --tb=short tests/gpu/test_unsloth.py -k ladder 2>&1 | tail -40 ;;
     compiled)  # Unsloth's torch.compile mode (no UNSLOTH_COMPILE_DISABLE): the LoRA anchor, and fast DoRA
       build
       python bench/gpu_bench.py run unsloth "$M" "$OUT/compiled.jsonl" --depths 4 --tag compiled_ \

@@ -26,6 +26,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -223,6 +224,22 @@ def format_event(e: dict[str, Any]) -> str:
     return f"{stamp} #{e['seq']:<4} {level}{e['message']}"
 
 
+def sse_blocks(lines: Iterable[str]) -> Iterator[dict[str, str]]:
+    """Server-sent events: one ``{field: value}`` dict per blank-line-terminated block, comments
+    (``:`` lines, the keep-alives) skipped."""
+    block: dict[str, str] = {}
+    for line in lines:
+        if line.startswith(":"):
+            continue
+        if line:
+            field, _, value = line.partition(":")
+            block[field] = value.removeprefix(" ")
+            continue
+        if block:
+            yield block
+        block = {}
+
+
 def stream_events(api, job_id: str, retry_s: float = 2.0, max_failures: int = 30):  # noqa: ANN001, ANN201
     """Yield the job's events from the SSE stream until ``event: end``. A dropped connection (API
     restart, proxy timeout) is reopened with ``Last-Event-ID``: nothing is lost or repeated."""
@@ -237,14 +254,7 @@ def stream_events(api, job_id: str, retry_s: float = 2.0, max_failures: int = 30
                 if r.status_code >= 400:
                     r.read()
                     raise ClientError(_error_text(r))
-                block: dict[str, str] = {}
-                for line in r.iter_lines():
-                    if line.startswith(":"):
-                        continue
-                    if line:
-                        field, _, value = line.partition(":")
-                        block[field] = value.removeprefix(" ")
-                        continue
+                for block in sse_blocks(r.iter_lines()):
                     if block.get("event") == "end":
                         return
                     if "retry" in block and block["retry"].isdigit():
@@ -253,7 +263,6 @@ def stream_events(api, job_id: str, retry_s: float = 2.0, max_failures: int = 30
                         last = int(block["id"])
                         failures = 0
                         yield json.loads(block["data"])
-                    block = {}
         except httpx.HTTPError as error:
             failures += 1
             if failures > max_failures:

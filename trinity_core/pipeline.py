@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -164,7 +163,6 @@ def train_with_ladder(spec, backend, train_dataset, workdir, emit, should_stop, 
                 raise
             attempt.outcome, attempt.error = "oom", str(error).splitlines()[0][:300]
             attempt.seconds = round(time.monotonic() - t0, 2)
-            drop_frames(error)
         else:
             attempt.outcome = "cancelled" if outcome.stopped else "ok"
             attempt.seconds = round(time.monotonic() - t0, 2)
@@ -190,17 +188,6 @@ def train_with_ladder(spec, backend, train_dataset, workdir, emit, should_stop, 
     tried = ", ".join(f"{a.rung} ({a.outcome})" for a in attempts)
     raise OOMLadderExhausted(f"out of memory on every rung of the ladder: {tried}",
                              details=[a.to_dict() for a in attempts])
-
-
-def drop_frames(error: BaseException) -> None:
-    """Clear the locals of every finished frame in ``error``'s tracebacks (and of the errors it
-    chains to): a genuine CUDA OOM leaves activations, the model and the optimizer in those frames,
-    and anything that keeps the exception alive would otherwise keep them on the GPU."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        traceback.clear_frames(error.__traceback__)
-        error = error.__cause__ or error.__context__
 
 
 def skip_by_estimate(attempt, rung, spec, backend, emit) -> bool:

@@ -11,9 +11,10 @@ gradient-checkpoint recompute and for every gradient-accumulation micro-batch. W
 - ``A Aᵀ`` is r × r.
 
 The norm is detached (the DoRA paper, section 4.3, and PEFT treat it as a constant in backward),
-so it is computed under ``no_grad`` and cached until A or B change: the cache key holds a counter
-bumped by a global ``torch.optim`` post-step hook plus A's and B's ``_version``, ``data_ptr`` and
-dtype, so an optimizer step, an in-place edit, a load or a dtype cast all refresh it.
+so it is computed under ``no_grad`` and cached until A or B change. A global ``torch.optim``
+post-step hook recomputes every stale norm inside the optimizer step (:func:`refresh_after_step`);
+the cache key (that step counter plus A's and B's ``_version``, ``data_ptr`` and dtype) makes any
+other change — an in-place edit, a load, a dtype cast — refresh lazily in the next forward.
 
 Cancellation: when ``s·B_i A ≈ -W_i`` the expanded sum loses the small result in fp32 rounding of
 the large terms (error ≈ u·√in·(‖W_i‖² + s²·B_iAAᵀB_iᵀ), u = 2⁻²⁴). Rows whose squared norm falls
@@ -23,9 +24,9 @@ the direct one everywhere (~1e-6 on ordinary rows).
 
 Patching swaps the class of each LoRA layer's ``lora_magnitude_vector[adapter]`` module for
 :class:`FastDoraLinearLayer` (a subclass that replaces ``forward`` and holds the cache) and its
-``lora_variant[adapter]`` for :class:`FastDoraLinearVariant` (same merge/unmerge, a fused
-forward). Parameter names, the adapter file, merging (PEFT's ``get_weight_norm``) and GGUF export
-are unchanged.
+``lora_variant[adapter]`` for :class:`FastDoraLinearVariant` (same merge/unmerge; its forward is
+one :class:`DoraOutput` autograd node). Parameter names, the adapter file, merging (PEFT's
+``get_weight_norm``) and GGUF export are unchanged.
 ``TRINITY_FAST_DORA=0`` turns it off (PEFT's own DoRA runs; used by the benchmark).
 """
 
@@ -169,8 +170,8 @@ class FastDoraLinearVariant(DoraLinearVariant):
     ``g ⊙ (base + s·B(Ax))`` (+ bias): :class:`DoraOutput` accumulates ``s·(Ax)Bᵀ`` into the base
     output in place (one GEMM) and scales it by g in one pass, and in backward computes
     ``dz = g ⊙ dy`` and the magnitude gradient ``Σ_t dy·z / ‖W+sBA‖`` in one fused pass (Triton on
-    CUDA). That is fewer passes over the (tokens × out) activations than PEFT's own LoRA forward. Dropout (which needs the
-    base output of the dropped input) falls back to PEFT's arrangement.
+    CUDA). That is fewer passes over the (tokens × out) activations than PEFT's own LoRA forward.
+    Dropout (which needs the base output of the dropped input) falls back to PEFT's arrangement.
     """
 
     @staticmethod
@@ -396,5 +397,6 @@ def linear_norm_reference(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: to
     return torch.linalg.vector_norm(w, dim=1)
 
 
-__all__ = ["DoraOutput", "FastDoraLinearLayer", "FastDoraLinearVariant", "scale_and_reduce", "enable_fast_dora", "fast_dora_enabled",
-           "optimizer_steps", "refresh_after_step", "linear_norm_reference", "CANCELLATION_RATIO", "FAST_DORA_ENV"]
+__all__ = ["DoraOutput", "FastDoraLinearLayer", "FastDoraLinearVariant", "scale_and_reduce", "enable_fast_dora",
+           "fast_dora_enabled", "optimizer_steps", "refresh_after_step", "linear_norm_reference",
+           "CANCELLATION_RATIO", "FAST_DORA_ENV"]

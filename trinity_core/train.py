@@ -230,11 +230,7 @@ def train(
         trainer._load_from_checkpoint(str(resume))
         trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
     else:
-        try:
-            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        except BaseException:
-            release(trainer)  # an OOM: the next rung needs this attempt's memory back
-            raise
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.monotonic() - started
 
     save_adapter(trainer, workdir / "adapter")
@@ -252,22 +248,6 @@ def train(
         peak_mem_gib=peak_memory_gib(),
         tokens_per_s=progress.tokens_per_s,
     )
-
-
-def release(trainer: Any) -> None:
-    """Drop the trainer's hold on the model, optimizer, scheduler and data loaders (and
-    Accelerate's), so a failed attempt's GPU memory can be freed even if the trainer object itself
-    lives on somewhere (a traceback, a library's registry)."""
-    accelerator = getattr(trainer, "accelerator", None)
-    if accelerator is not None:
-        accelerator.free_memory()
-    for name in ("model", "model_wrapped", "optimizer", "lr_scheduler", "train_dataset", "eval_dataset"):
-        if hasattr(trainer, name):
-            setattr(trainer, name, None)
-    handler = getattr(trainer, "callback_handler", None)
-    for name in ("model", "optimizer", "lr_scheduler", "train_dataloader", "eval_dataloader"):
-        if handler is not None and hasattr(handler, name):
-            setattr(handler, name, None)
 
 
 def save_adapter(trainer: Any, out_dir: Path) -> None:

@@ -97,7 +97,8 @@ from trinity_core.pipeline import run_job
 from trinity_core.spec import JobSpec
 
 spec = JobSpec.model_validate_json(open(sys.argv[1]).read())
-torch.cuda.set_per_process_memory_fraction(float(sys.argv[3]) / (torch.cuda.get_device_properties(0).total_memory / 2**30))
+total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+torch.cuda.set_per_process_memory_fraction(float(sys.argv[3]) / total_gib)
 try:
     run_job(spec, sys.argv[2])
 except GpuMemoryNotReleased as e:

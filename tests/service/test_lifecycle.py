@@ -15,6 +15,8 @@ import signal
 import httpx
 import pytest
 
+from cli.client import sse_blocks
+
 from .live import JOB_TIMEOUT, Stack, running_stack, tiny_job, wait_for
 
 pytestmark = pytest.mark.slow
@@ -28,17 +30,11 @@ def stack(tiny_model_dir, tmp_path_factory, redis_client):
 def read_sse(stack: Stack, job_id: str, *, last_event_id: int | None = None, stop_after: int | None = None):
     """Events from the SSE stream (and the end event, if reached); stop_after disconnects early."""
     headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
-    events, end, block = [], None, {}
+    events, end = [], None
     with stack.http.stream("GET", f"/jobs/{job_id}/events/stream", headers=headers,
                            timeout=httpx.Timeout(10, read=120)) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-        for line in r.iter_lines():
-            if line.startswith(":"):
-                continue
-            if line:
-                field, _, value = line.partition(":")
-                block[field] = value.removeprefix(" ")
-                continue
+        for block in sse_blocks(r.iter_lines()):
             if block.get("event") == "end":
                 end = json.loads(block["data"])
                 break
@@ -48,7 +44,6 @@ def read_sse(stack: Stack, job_id: str, *, last_event_id: int | None = None, sto
                 events.append(event)
                 if stop_after and len(events) >= stop_after:
                     break
-            block = {}
     return events, end
 
 
