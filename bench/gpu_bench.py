@@ -137,6 +137,13 @@ def measure(model, v: dict, vocab: int, warmup: int = 2, timed: int = 4) -> dict
     return row
 
 
+def fused_mlps(model) -> int:
+    """MLPs that run fast DoRA's fused gated forward (trinity_core.qdora_mlp)."""
+    from trinity_core.qdora_mlp import gated_dora_forward
+
+    return sum(getattr(m.__dict__.get("forward"), "__func__", None) is gated_dora_forward for m in model.modules())
+
+
 def time_norm_refresh(opt) -> float:
     """Seconds for the fast-DoRA norm refresh an optimizer step triggers (every layer, one sync)."""
     import torch
@@ -214,6 +221,7 @@ def run_peft(model_root: Path, depths: list[int], out, deadline: float, grow_to:
             try:
                 model = get_peft_model(base, lora_config(v))
                 v["fast_dora_layers"] = enable_fast_dora(model) if v["dora"] == "fast" else 0
+                v["fused_mlps"] = fused_mlps(model)
                 v.update(measure(model, v, base.config.vocab_size, *((1, 3) if depth == grow_to else (2, 4))))
                 v["status"] = "ok"
             except torch.OutOfMemoryError as e:
@@ -260,6 +268,7 @@ def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_
                 use_rslora=True, use_dora=v2["dora"] != "none", bias="none",
                 use_gradient_checkpointing="unsloth", random_state=0, max_seq_length=v2["seq"])
             v2["fast_dora_layers"] = enable_fast_dora(model) if v2["dora"] == "fast" else 0
+            v2["fused_mlps"] = fused_mlps(model)
             v2["param_dtype"] = str(next(p for p in model.parameters() if p.is_floating_point()).dtype)
             v2["attn"] = getattr(model.config, "_attn_implementation", "?")
             v2["force_fp32"] = os.environ.get("UNSLOTH_FORCE_FLOAT32")

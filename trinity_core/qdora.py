@@ -48,6 +48,8 @@ CANCELLATION_RATIO = 0.05
 CHUNK_ELEMENTS = 1 << 24
 """Rows are dequantised at most ~16M elements (64 MB in fp32) at a time; 4× as many in 16 bits on
 CUDA, where a whole 12B projection (59M elements) then is one block."""
+STACK_ELEMENTS = 1 << 24
+"""The batched refresh stacks at most ~16M elements of B (64 MB in fp32) per group."""
 
 _optimizer_steps = 0
 _hook_handle = None
@@ -70,23 +72,53 @@ def optimizer_steps() -> int:
 @torch.no_grad()
 def refresh_after_step(optimizer) -> int:
     """Recompute the norm of every fast-DoRA layer whose A or B ``optimizer`` holds, right after its
-    step: one host sync for the whole model (the cancellation check) instead of one per projection
-    in the next forward (336 syncs and ~150 ms per step on the 12B shape). Layers this misses (a
-    copy, a reload) still refresh lazily in their next forward. Returns the number refreshed."""
+    step, batched: projections of one shape are stacked, so per projection only its W Aᵀ is a
+    separate GEMM, and one host sync (the cancellation check) serves the whole model, instead of
+    ~20 small kernels and a sync per projection (336 projections and ~170 ms per step on the 12B
+    shape). Layers this misses (a copy, a reload) still refresh lazily in their next forward.
+    Returns the number refreshed."""
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     todo = [(dora, *refs) for dora, refs in list(_registry.items()) if id(refs[0]) in held or id(refs[1]) in held]
-    pending = [(dora, a, b, s, base, dora._factored_norm(a, b, s, base, check=False)) for dora, a, b, s, base in todo]
-    by_device: dict[torch.device, list] = {}
-    for item in pending:
-        by_device.setdefault(item[-1].device, []).append(item)
-    for group in by_device.values():  # one host sync per device
-        flags = torch.stack([dora._pending[1].any() for dora, *_ in group]).tolist()
-        for (dora, a, b, s, base, norm), flagged in zip(group, flags):
-            if flagged:  # rare: a row nearly cancelled by its adapter, recomputed from its weights
-                norm = dora._fix_cancelled(*dora._pending)
-            dora._pending = None
+    groups: dict[tuple, list] = {}
+    for item in todo:
+        dora, a, b, s, base = item
+        key = (a.shape, b.shape, a.device, _gemm_dtype(base, a.device))
+        if len(groups.setdefault(key, [[]])[-1]) * b.numel() >= STACK_ELEMENTS:
+            groups[key].append([])
+        groups[key][-1].append(item)
+    groups = {(key, i): group for key, chunks in groups.items() for i, group in enumerate(chunks)}
+    flagged = []
+    for ((*_, dtype), _), group in groups.items():
+        n2, bad = _stacked_norms(group, dtype)
+        flagged.append(bad.any(1))
+        for (dora, a, b, s, base), norm in zip(group, n2.clamp_min(0.0).sqrt()):
             dora._cached_norm, dora._cache_key = norm, _cache_key(a, b, s)
-    return len(pending)
+    if flagged:  # one host sync; rare: a row nearly cancelled by its adapter, recomputed from its weights
+        for (dora, a, b, s, base), any_bad in zip([i for g in groups.values() for i in g],
+                                                   torch.cat(flagged).tolist()):
+            if any_bad:
+                dora._cached_norm = dora._factored_norm(a, b, s, base)
+    return len(todo)
+
+
+def _stacked_norms(group: list, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factored squared norms ‖W_i + s·B_iA‖² of same-shaped projections ``(dora, A, B, s, base)``,
+    (L, out) fp32, and the rows flagged for cancellation (see the module docstring), (L, out)."""
+    a = torch.stack([item[1] for item in group]).float()  # (L, r, in)
+    b = torch.stack([item[2] for item in group]).float()  # (L, out, r)
+    s = torch.tensor([item[3] for item in group], device=a.device).view(-1, 1)
+    for dora, *_, base in group:
+        if dora._w2.device != a.device:
+            dora.prepare(base)
+    w2 = torch.stack([item[0]._w2 for item in group])
+    a_t = a.mT.to(dtype)
+    wa = torch.empty(b.shape, device=a.device, dtype=dtype)  # W Aᵀ per projection, (L, out, r)
+    for i, item in enumerate(group):
+        for start, rows in _weight_rows(item[4], dtype):
+            torch.mm(rows, a_t[i], out=wa[i, start:start + rows.shape[0]])
+    quad = ((b @ (a @ a.mT)) * b).sum(-1)  # B_i (A Aᵀ) B_iᵀ
+    n2 = w2 + 2.0 * s * (b * wa.float()).sum(-1) + s * s * quad
+    return n2, n2 < CANCELLATION_RATIO * (w2 + s * s * quad)
 
 
 def _cache_key(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> tuple:
@@ -100,7 +132,6 @@ class FastDoraLinearLayer(DoraLinearLayer):
     _w2: torch.Tensor  # ‖W_i‖², fp32, shape (out,)
     _cache_key: tuple | None
     _cached_norm: torch.Tensor | None
-    _pending: tuple | None = None
 
     def prepare(self, base_layer: torch.nn.Module) -> None:
         """Compute ‖W_i‖² once (fp32) and empty the norm cache."""
@@ -120,30 +151,15 @@ class FastDoraLinearLayer(DoraLinearLayer):
         return self._cached_norm
 
     @torch.no_grad()
-    def _factored_norm(self, lora_A, lora_B, scaling, base_layer, *, check: bool = True) -> torch.Tensor:
-        """The norm from the factored sum. ``check=False`` skips the cancellation check (a host
-        sync) and leaves what it needs in ``_pending`` for :func:`refresh_after_step`."""
-        a, b = lora_A.float(), lora_B.float()  # (r, in), (out, r)
-        if self._w2.device != a.device:
-            self.prepare(base_layer)
-        dtype = _gemm_dtype(base_layer, a.device)
-        a_t = a.T.to(dtype)
-        wa = torch.cat([rows @ a_t for _, rows in _weight_rows(base_layer, dtype)]).float()  # W Aᵀ, (out, r)
-        quad = ((b @ (a @ a.T)) * b).sum(1)  # B_i (A Aᵀ) B_iᵀ
-        n2 = self._w2 + 2.0 * scaling * (b * wa).sum(1) + scaling * scaling * quad
-        bad = n2 < CANCELLATION_RATIO * (self._w2 + scaling * scaling * quad)
-        if check:
-            return self._fix_cancelled(n2, bad, a, b, scaling, base_layer)
-        self._pending = (n2, bad, a, b, scaling, base_layer)
-        return n2.clamp_min(0.0).sqrt()
-
-    @staticmethod
-    def _fix_cancelled(n2, bad, a, b, scaling, base_layer) -> torch.Tensor:
-        """Rows where the expanded sum lost the result to rounding, recomputed from their weights."""
-        idx = bad.nonzero().flatten()
+    def _factored_norm(self, lora_A, lora_B, scaling, base_layer) -> torch.Tensor:
+        """The norm from the factored sum; rows where it lost the result to rounding (a row nearly
+        cancelled by its adapter) are recomputed from their dequantised weights (one host sync)."""
+        n2, bad = _stacked_norms([(self, lora_A, lora_B, scaling, base_layer)],
+                                 _gemm_dtype(base_layer, lora_A.device))
+        n2, idx = n2[0], bad[0].nonzero().flatten()
         if idx.numel():
             rows = _select_rows(base_layer, idx)
-            n2[idx] = ((rows + scaling * (b[idx] @ a)) ** 2).sum(1)
+            n2[idx] = ((rows + scaling * (lora_B.float()[idx] @ lora_A.float())) ** 2).sum(1)
         return n2.clamp_min(0.0).sqrt()
 
     def forward(self, x, *, lora_A, lora_B, scaling, base_layer, base_result=None, adapter_name="default"):
@@ -238,6 +254,38 @@ class DoraOutput(torch.autograd.Function):
         return (dz.reshape(base_shape) if need_base else None), d_xa, d_b, d_m, None, None
 
 
+class LoraSum(torch.autograd.Function):
+    """``z = base + s·xa·Bᵀ`` accumulated into ``base`` in place (one GEMM, no copy), in base's dtype:
+    the DoRA output before its gain, for :mod:`trinity_core.qdora_mlp`. Same inputs and gradients
+    as :class:`DoraOutput` with g = 1 (d base = dz, d xa = s·dz·B, d B = s·dzᵀ·xa)."""
+
+    @staticmethod
+    def forward(ctx, base, xa, weight_b, scaling):
+        ctx.set_materialize_grads(False)
+        out_features = base.shape[-1]
+        xa2 = xa.reshape(-1, xa.shape[-1]).to(base.dtype)
+        b = weight_b.to(base.dtype)
+        ctx.save_for_backward(xa2, b)
+        ctx.scaling, ctx.meta = scaling, (xa.shape, xa.dtype, weight_b.dtype)
+        if base.is_contiguous() and base._base is None:
+            base.view(-1, out_features).addmm_(xa2, b.t(), alpha=scaling)
+            ctx.mark_dirty(base)
+            return base
+        return torch.addmm(base.reshape(-1, out_features), xa2, b.t(), alpha=scaling).view(base.shape)
+
+    @staticmethod
+    def backward(ctx, dz):
+        if dz is None:
+            return None, None, None, None
+        xa2, b = ctx.saved_tensors
+        xa_shape, xa_dtype, b_dtype = ctx.meta
+        dz2 = dz.reshape(-1, dz.shape[-1])
+        s = ctx.scaling
+        d_xa = torch.mm(dz2, b * s).reshape(xa_shape).to(xa_dtype) if ctx.needs_input_grad[1] else None
+        d_b = torch.mm(dz2.t(), xa2).mul_(s).to(b_dtype) if ctx.needs_input_grad[2] else None
+        return dz, d_xa, d_b, None
+
+
 def scale_and_reduce(dy: torch.Tensor, z: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(g ⊙ dy, Σ_t dy ⊙ z)`` for (T, out) ``dy`` and ``z``: one pass with Triton on CUDA, fp32 sums."""
     if dy.is_cuda and _triton_kernel() is not None:
@@ -318,6 +366,10 @@ def enable_fast_dora(model: torch.nn.Module) -> int:
                 dora.prepare(module.get_base_layer())
                 module.lora_variant[name] = FastDoraLinearVariant()
                 patched += 1
+    if patched:
+        from trinity_core.qdora_mlp import patch_gated_mlps
+
+        patch_gated_mlps(model)
     if patched and _hook_handle is None:
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -397,6 +449,6 @@ def linear_norm_reference(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: to
     return torch.linalg.vector_norm(w, dim=1)
 
 
-__all__ = ["DoraOutput", "FastDoraLinearLayer", "FastDoraLinearVariant", "scale_and_reduce", "enable_fast_dora",
+__all__ = ["DoraOutput", "LoraSum", "FastDoraLinearLayer", "FastDoraLinearVariant", "scale_and_reduce", "enable_fast_dora",
            "fast_dora_enabled", "optimizer_steps", "refresh_after_step", "linear_norm_reference",
            "CANCELLATION_RATIO", "FAST_DORA_ENV"]

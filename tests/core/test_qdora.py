@@ -16,6 +16,7 @@ from torch import nn
 
 from trinity_core import qdora
 from trinity_core.qdora import FastDoraLinearLayer, enable_fast_dora, linear_norm_reference
+from trinity_core.qdora_mlp import _plain_fast_dora
 
 RTOL = 2e-5
 TINY_RTOL = 1e-4
@@ -142,10 +143,10 @@ def _fast_layers(model):
 
 def test_norm_is_computed_once_per_optimizer_step_and_never_stale(monkeypatch):
     ref, fast = _pair(64, 96, 32, four_bit=True)
-    calls = []
-    original = FastDoraLinearLayer._factored_norm
-    monkeypatch.setattr(FastDoraLinearLayer, "_factored_norm",
-                        lambda self, *a, **kw: calls.append(id(self)) or original(self, *a, **kw))
+    calls = []  # one entry per layer whose norm is computed (lazily or in a batched refresh)
+    original = qdora._stacked_norms
+    monkeypatch.setattr(qdora, "_stacked_norms",
+                        lambda group, dtype: calls.extend(id(item[0]) for item in group) or original(group, dtype))
     opt = torch.optim.AdamW(_trainable(fast).values(), lr=1e-2)
     for step in range(3):
         for _ in range(4):  # micro-batches
@@ -161,6 +162,33 @@ def test_norm_is_computed_once_per_optimizer_step_and_never_stale(monkeypatch):
         opt.step()
         assert len(calls) == 2, "refreshed by the optimizer step"
         opt.zero_grad()
+
+
+@pytest.mark.parametrize("stack", [1 << 24, 1], ids=["one_stack", "one_layer_per_stack"])
+def test_batched_refresh_matches_each_layer(monkeypatch, stack):
+    """Same-shaped projections of several blocks are refreshed as stacks (split when
+    STACK_ELEMENTS is reached): every norm equals the float64 reference of its own layer."""
+    from peft import LoraConfig, get_peft_model
+
+    monkeypatch.setattr(qdora, "STACK_ELEMENTS", stack)
+    torch.manual_seed(0)
+    model = nn.Sequential(*[_quantize(Block(64, 96, 64, False)) for _ in range(3)])
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, use_rslora=True, use_dora=True,
+                                             target_modules=["up", "down"]))
+    assert enable_fast_dora(model) == 6
+    opt = torch.optim.SGD(_trainable(model).values(), lr=0.5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model(torch.randn(2, 64)).pow(2).mean().backward()  # registers all six lazily
+    opt.step()
+    assert qdora.refresh_after_step(opt) == 6
+    for module, dora in _fast_layers(model):
+        a, b, s = module.lora_A["default"].weight, module.lora_B["default"].weight, module.scaling["default"]
+        assert dora._cache_key == qdora._cache_key(a, b, s)
+        expected = linear_norm_reference(_dense(module.get_base_layer()), a, b, s)
+        torch.testing.assert_close(dora._cached_norm.double(), expected, rtol=1e-5, atol=0)
 
 
 def test_in_place_edit_without_optimizer_refreshes_the_norm():
@@ -257,6 +285,10 @@ def test_tiny_model_forward_backward_and_adapter_format(tiny_spec, tmp_path):
                 p.normal_(0, 0.02)
     fast = copy.deepcopy(ref)
     assert enable_fast_dora(fast) == 42
+    mlps = [m for m in fast.modules() if type(m).__name__ == "Gemma3MLP"]
+    assert mlps and all("forward" in m.__dict__ and _plain_fast_dora(m.gate_proj) and _plain_fast_dora(m.up_proj)
+                        for m in mlps), "every MLP takes the fused gated path"
+    assert not any(_plain_fast_dora(m.gate_proj) for m in ref.modules() if type(m).__name__ == "Gemma3MLP")
     ref.train(), fast.train()
     opt_ref = torch.optim.SGD(_trainable(ref).values(), lr=0.5)
     opt_fast = torch.optim.SGD(_trainable(fast).values(), lr=0.5)
@@ -288,6 +320,35 @@ def test_tiny_model_forward_backward_and_adapter_format(tiny_spec, tmp_path):
         _assert_close(loaded(input_ids=ids).logits, fast(input_ids=ids).logits, "reloaded adapter")
 
 
+def test_gated_mlp_falls_back_to_the_stock_forward_when_adapters_are_off(tiny_spec):
+    """The fused MLP path only runs in plain fast-DoRA training/inference: with the adapter
+    disabled (base-model evaluation) or merged it is the class's own forward, bit for bit."""
+    from trinity_core.backends.peft import PeftBackend
+
+    model, _ = PeftBackend().load(tiny_spec)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    model.eval()
+    ids = torch.randint(7, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    mlps = [m for m in model.modules() if "forward" in m.__dict__ and type(m).__name__ == "Gemma3MLP"]
+    assert mlps
+    with torch.no_grad():
+        fused = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base_patched = model(input_ids=ids).logits
+        saved = [m.__dict__.pop("forward") for m in mlps]
+        stock = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base_stock = model(input_ids=ids).logits
+    for m, forward in zip(mlps, saved):
+        m.forward = forward
+    assert torch.equal(base_patched, base_stock)
+    _assert_close(fused, stock, "fused MLP vs PEFT's per-projection DoRA", TINY_RTOL)
+    assert not torch.allclose(fused, base_stock), "the adapter changes the output"
+
+
 def test_opt_out_env(monkeypatch):
     monkeypatch.setenv(qdora.FAST_DORA_ENV, "0")
     from peft import LoraConfig, get_peft_model
@@ -314,6 +375,17 @@ def test_dora_output_gradients_are_exact_in_float64():
     y, dirty = qdora.DoraOutput.apply(view, xa.transpose(0, 1), b, m, norm, 0.7)
     assert dirty is None
     torch.testing.assert_close(y.transpose(0, 1), expected)
+
+
+def test_lora_sum_gradients_are_exact_in_float64():
+    """The in-place LoRA GEMM node of the fused MLP path against autograd's numerical Jacobian."""
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(2, 5, 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    xa = torch.randn(2, 5, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(7, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    z = qdora.LoraSum.apply(base.clone(), xa, b, 0.7)
+    torch.testing.assert_close(z, base + 0.7 * xa @ b.T)
+    assert torch.autograd.gradcheck(lambda base, xa, b: qdora.LoraSum.apply(base.clone(), xa, b, 0.7), (base, xa, b))
 
 
 def test_scale_and_reduce_cpu_path():

@@ -1,0 +1,218 @@
+"""Fast DoRA's gated MLP: the magnitude gains of gate_proj and up_proj applied inside the activation.
+
+A gated MLP (Gemma, Llama, Mistral, Qwen) computes ``down(act(gate(x)) ⊙ up(x))``. With DoRA on
+gate and up, each projection returns ``g ⊙ z`` (z = Wx + s·B(Ax), g = m/‖W+sBA‖ per output), so
+the two biggest projections of a layer (2 × 15360 outputs of 46592 on the 12B shape) each pay a
+pass over their (tokens × out) output to scale it, and one in backward to unscale the gradient
+and reduce the magnitude gradient, on top of the activation's own passes.
+
+This module folds the gains into the activation instead: gate and up return z (the in-place
+LoRA GEMM of :class:`~trinity_core.qdora.LoraSum`, no gain), and :class:`GatedDoraAct` computes
+
+    h = act(g_gate ⊙ e) ⊙ (g_up ⊙ u)
+
+with, in backward, ``de``, ``du`` and the gain gradients ``Σ_t ∂h/∂g`` in one pass (a Triton
+kernel on CUDA for tanh-GELU and SiLU; the same formula through autograd elsewhere). The gains
+``m / ‖W+sBA‖`` (norm detached and cached per optimizer step) are ordinary autograd nodes, so the
+magnitude gradients are PEFT's. Parameter names, the adapter file and merging are unchanged: only
+the MLP's forward is replaced, per instance, and it falls back to the class's forward whenever a
+projection is not in plain fast-DoRA training (adapters disabled or merged, several adapters,
+dropout, a bias).
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import torch
+from torch import nn
+
+from trinity_core.qdora import FastDoraLinearLayer, FastDoraLinearVariant, LoraSum
+
+GATED_MLP_CLASSES = frozenset({"GemmaMLP", "Gemma2MLP", "Gemma3MLP", "LlamaMLP", "MistralMLP", "Qwen2MLP",
+                               "Qwen3MLP"})
+"""MLP classes whose forward is exactly ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``."""
+
+_ACTIVATIONS = {"GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh",
+                "GELUPytorchTanh": "gelu_tanh", "SiLU": "silu", "SiLUActivation": "silu"}
+"""Activation modules the Triton kernel implements (by class name); others run through autograd."""
+
+
+def patch_gated_mlps(model: nn.Module) -> int:
+    """Give every known gated MLP of ``model`` the fused fast-DoRA forward. Returns how many."""
+    patched = 0
+    for module in model.modules():
+        if type(module).__name__ in GATED_MLP_CLASSES and "forward" not in module.__dict__ and all(
+                hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            module.forward = types.MethodType(gated_dora_forward, module)
+            patched += 1
+    return patched
+
+
+def gated_dora_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``down(act(gate(x)) ⊙ up(x))`` with gate's and up's DoRA gains applied inside the activation."""
+    gate, up = self.gate_proj, self.up_proj
+    if not (_plain_fast_dora(gate) and _plain_fast_dora(up)):
+        return type(self).forward(self, x)
+    e, u = pre_gain(gate, x), pre_gain(up, x)
+    return self.down_proj(gated_act(e, u, gain(gate), gain(up), self.act_fn))
+
+
+def _plain_fast_dora(module: nn.Module) -> bool:
+    """True when ``module`` is a LoRA layer whose output is exactly ``g ⊙ (Wx + s·B(Ax))``."""
+    if getattr(module, "disable_adapters", True) or getattr(module, "merged", True):
+        return False
+    names = module.active_adapters
+    if len(names) != 1 or names[0] not in module.lora_magnitude_vector:
+        return False
+    name = names[0]
+    return (isinstance(module.lora_magnitude_vector[name], FastDoraLinearLayer)
+            and isinstance(module.lora_variant.get(name), FastDoraLinearVariant)
+            and (not module.training or isinstance(module.lora_dropout[name], nn.Identity))
+            and module.get_base_layer().bias is None)
+
+
+def pre_gain(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``z = Wx + s·B(Ax)``: the DoRA layer's output before its magnitude gain (PEFT's input casts)."""
+    name = module.active_adapters[0]
+    x2 = x.reshape(-1, x.shape[-1])  # a 2-D base output is a fresh tensor (a 3-D one is a view of
+    result = module.get_base_layer()(x2)  # one), so the LoRA GEMM can accumulate into it in place
+    lora_A, lora_B = module.lora_A[name], module.lora_B[name]
+    if not torch.is_autocast_enabled(x.device.type):
+        x2 = module._cast_input_dtype(x2, lora_A.weight.dtype)
+    z = LoraSum.apply(result, lora_A(x2), lora_B.weight, float(module.scaling[name]))
+    return z.view(*x.shape[:-1], z.shape[-1])
+
+
+def gain(module: nn.Module) -> torch.Tensor:
+    """``g = m / ‖W + s·BA‖`` (fp32, the norm detached and cached), differentiable in m."""
+    name = module.active_adapters[0]
+    dora = module.lora_magnitude_vector[name]
+    norm = dora.weight_norm(module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name],
+                            module.get_base_layer())
+    return dora.weight.float() / norm
+
+
+def gated_act(e: torch.Tensor, u: torch.Tensor, g_e: torch.Tensor, g_u: torch.Tensor,
+              act_fn: nn.Module) -> torch.Tensor:
+    """``act(g_e ⊙ e) ⊙ (g_u ⊙ u)`` in e's dtype: one Triton pass each way on CUDA, autograd elsewhere."""
+    kind = _ACTIVATIONS.get(type(act_fn).__name__)
+    if e.is_cuda and kind is not None and e.shape == u.shape and _kernels() is not None:
+        return GatedDoraAct.apply(e, u, g_e, g_u, kind)
+    return act_fn(e * g_e.to(e.dtype)) * (u * g_u.to(u.dtype))
+
+
+class GatedDoraAct(torch.autograd.Function):
+    """``h = act(g_e ⊙ e) ⊙ (g_u ⊙ u)`` for (…, N) ``e``, ``u`` and fp32 (N,) gains, on CUDA.
+
+    Saves e and u only (the stock MLP saves e, act(e) and u). Backward, with a = g_e⊙e:
+    ``de = dh ⊙ g_u u ⊙ act'(a) ⊙ g_e``, ``du = dh ⊙ act(a) ⊙ g_u``, ``dg_e = Σ_t dh ⊙ g_u u ⊙ act'(a) ⊙ e``,
+    ``dg_u = Σ_t dh ⊙ act(a) ⊙ u``, all in fp32 registers, the sums in fp32."""
+
+    @staticmethod
+    def forward(ctx, e, u, g_e, g_u, kind):
+        shape, n = e.shape, e.shape[-1]
+        e2, u2 = e.reshape(-1, n).contiguous(), u.reshape(-1, n).contiguous()
+        g_e, g_u = g_e.detach().float().contiguous(), g_u.detach().float().contiguous()
+        h = torch.empty_like(e2)
+        fwd, _ = _kernels()
+        grid = (_cdiv(e2.shape[0], _BLOCK_T), _cdiv(n, _BLOCK_N))
+        fwd[grid](e2, u2, g_e, g_u, h, e2.shape[0], n, GELU=kind == "gelu_tanh", BLOCK_T=_BLOCK_T, BLOCK_N=_BLOCK_N)
+        ctx.save_for_backward(e2, u2, g_e, g_u)
+        ctx.kind, ctx.shape = kind, shape
+        return h.view(shape)
+
+    @staticmethod
+    def backward(ctx, dh):
+        e2, u2, g_e, g_u = ctx.saved_tensors
+        t, n = e2.shape
+        dh2 = dh.reshape(-1, n).contiguous()
+        de, du = torch.empty_like(e2), torch.empty_like(u2)
+        blocks = _cdiv(t, _ROWS)
+        parts = torch.empty((2, blocks, n), device=e2.device, dtype=torch.float32)
+        _, bwd = _kernels()
+        bwd[(blocks, _cdiv(n, _BLOCK_N))](dh2, e2, u2, g_e, g_u, de, du, parts[0], parts[1], t, n,
+                                          GELU=ctx.kind == "gelu_tanh", ROWS=_ROWS, BLOCK_T=_BLOCK_T, BLOCK_N=_BLOCK_N)
+        d_ge, d_gu = parts.sum(1)
+        return de.view(ctx.shape), du.view(ctx.shape), d_ge, d_gu, None
+
+
+_ROWS, _BLOCK_T, _BLOCK_N = 256, 32, 128
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.cache
+def _kernels():
+    """(forward, backward) Triton kernels of :class:`GatedDoraAct`, or None without Triton."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def _act(a, GELU: tl.constexpr):
+        """(act(a), act'(a)) in fp32: tanh-GELU or SiLU."""
+        if GELU:
+            c = 0.7978845608028654  # √(2/π)
+            inner = c * (a + 0.044715 * a * a * a)
+            th = 2.0 * tl.sigmoid(2.0 * inner) - 1.0
+            val = 0.5 * a * (1.0 + th)
+            der = 0.5 * (1.0 + th) + 0.5 * a * (1.0 - th * th) * c * (1.0 + 3.0 * 0.044715 * a * a)
+        else:
+            sig = tl.sigmoid(a)
+            val = a * sig
+            der = sig * (1.0 + a * (1.0 - sig))
+        return val, der
+
+    @triton.jit
+    def forward(e_ptr, u_ptr, ge_ptr, gu_ptr, h_ptr, T, N, GELU: tl.constexpr, BLOCK_T: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+        rows = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        mask = (rows[:, None] < T) & cmask[None, :]
+        offs = rows[:, None] * N + cols[None, :]
+        ge = tl.load(ge_ptr + cols, mask=cmask, other=0.0)
+        gu = tl.load(gu_ptr + cols, mask=cmask, other=0.0)
+        e = tl.load(e_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        val, _ = _act(e * ge[None, :], GELU)
+        tl.store(h_ptr + offs, (val * u * gu[None, :]).to(h_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def backward(dh_ptr, e_ptr, u_ptr, ge_ptr, gu_ptr, de_ptr, du_ptr, pe_ptr, pu_ptr, T, N,
+                 GELU: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid_t = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        ge = tl.load(ge_ptr + cols, mask=cmask, other=0.0)[None, :]
+        gu = tl.load(gu_ptr + cols, mask=cmask, other=0.0)[None, :]
+        acc_e = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for t in range(0, ROWS, BLOCK_T):
+            rows = (pid_t * ROWS + t + tl.arange(0, BLOCK_T)).to(tl.int64)
+            mask = (rows[:, None] < T) & cmask[None, :]
+            offs = rows[:, None] * N + cols[None, :]
+            dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            e = tl.load(e_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            val, der = _act(e * ge, GELU)
+            da = dh * u * gu * der  # ∂L/∂a, a = g_e·e
+            db = dh * val  # ∂L/∂b, b = g_u·u
+            tl.store(de_ptr + offs, (da * ge).to(de_ptr.dtype.element_ty), mask=mask)
+            tl.store(du_ptr + offs, (db * gu).to(du_ptr.dtype.element_ty), mask=mask)
+            acc_e += tl.sum(da * e, axis=0)
+            acc_u += tl.sum(db * u, axis=0)
+        tl.store(pe_ptr + pid_t * N + cols, acc_e, mask=cmask)
+        tl.store(pu_ptr + pid_t * N + cols, acc_u, mask=cmask)
+
+    return forward, backward
+
+
+__all__ = ["GATED_MLP_CLASSES", "GatedDoraAct", "gain", "gated_act", "gated_dora_forward", "patch_gated_mlps",
+           "pre_gain"]
