@@ -60,7 +60,8 @@ def selected(backend: str) -> list[dict]:
 
 
 GROWN = {"peft": ["lora_acc4", "dora_fast_acc4"],
-         "unsloth": ["lora_acc4", "dora_fast_acc4", "t4_dora_fast_acc4", "t4_lora_acc4"]}
+         "unsloth": ["lora_acc4", "dora_fast_acc4", "dora_peft_acc4", "t4_dora_fast_acc4", "t4_lora_acc4",
+                     "t4_dora_peft_acc4"]}
 """Variants also measured at ``--grow-to`` layers (the built model's layers repeated)."""
 
 

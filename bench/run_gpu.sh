@@ -45,7 +45,7 @@ for stage in "${stages[@]}"; do
     grown_t4)
       build
       U python bench/gpu_bench.py run unsloth "$M" "$OUT/unsloth48_t4.jsonl" --depths 4 --grow-to 48 \
-        --only t4_lora_acc4 t4_dora_fast_acc4 --deadline 150 ;;
+        --only t4_lora_acc4 t4_dora_fast_acc4 t4_dora_peft_acc4 --deadline 300 ;;
     grown_peft)
       build
       python bench/gpu_bench.py run peft "$M" "$OUT/peft48.jsonl" --depths 4 --grow-to 48 \
@@ -55,7 +55,7 @@ for stage in "${stages[@]}"; do
     grown_bf16)  # key variants at 48 layers (the 4 built layers repeated), with 4-layer rows of the same call
       build
       U python bench/gpu_bench.py run unsloth "$M" "$OUT/unsloth48.jsonl" --depths 4 --grow-to 48 \
-        --only lora_acc4 dora_fast_acc4 --deadline 150 ;;
+        --only lora_acc4 dora_fast_acc4 ${PEFT_DORA:+dora_peft_acc4} --deadline 300 ;;
     profile)  # CUDA kernel totals, LoRA vs fast DoRA, plain peft, 4 layers
       build; python bench/gpu_bench.py profile "$M" "$OUT" --depth 4 2>&1 | grep -E "^\[profile\]" ;;
     profile48)  # the same at 48 layers (4 repeated)

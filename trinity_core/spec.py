@@ -47,6 +47,12 @@ class ModelSpec(_Part):
         "auto", description="auto: unsloth when CUDA and the gpu extra are present, else peft."
     )
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward.")
+    attention: Literal["auto", "eager", "sdpa", "flex_attention"] = Field(
+        "auto",
+        description="Attention kernel. auto: the backend's choice (peft: sdpa on CUDA, eager on CPU; "
+        "unsloth: flex or sdpa where the card supports them). eager is what a T4 can rely on for "
+        "Gemma-3's head_dim 256, and what the memory estimate assumes on the float32 path.",
+    )
 
 
 class DataSpec(_Part):

@@ -62,3 +62,19 @@ def test_missing_dataset_is_reported():
 def test_two_dataset_sources_are_refused():
     with pytest.raises(SpecError, match="one dataset source"):
         parse_spec({"data": {"path": "a.jsonl", "hub": "x/y"}})
+
+
+def test_attention_kernel_is_chosen_by_the_spec(tiny_spec):
+    """auto leaves the backend's choice (eager on CPU); an explicit kernel reaches the model, and
+    an unknown one is refused naming the field."""
+    from trinity_core.backends.peft import PeftBackend
+
+    assert tiny_spec.model.attention == "auto"
+    model, _ = PeftBackend().load(tiny_spec)
+    assert model.config._attn_implementation == "eager"
+    sdpa = tiny_spec.model_copy(deep=True)
+    sdpa.model.attention = "sdpa"
+    model, _ = PeftBackend().load(sdpa)
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(SpecError, match=r"model\.attention"):
+        parse_spec({"model": {"attention": "flash"}, "data": {"path": "x.jsonl"}})

@@ -37,7 +37,8 @@ class PeftBackend:
             quantization_config=quant,
             dtype=dtype,
             device_map=device_map,
-            attn_implementation="eager" if not torch.cuda.is_available() else "sdpa",
+            attn_implementation=(spec.model.attention if spec.model.attention != "auto"
+                                 else "sdpa" if torch.cuda.is_available() else "eager"),
         )
         tokenizer = AutoTokenizer.from_pretrained(spec.model.name_or_path, revision=spec.model.revision)
         model.config.use_cache = False

@@ -38,6 +38,7 @@ class UnslothBackend:
             max_seq_length=spec.model.max_seq_length,
             load_in_4bit=spec.model.load_in_4bit,
             dtype=dtype,
+            **({"attn_implementation": spec.model.attention} if spec.model.attention != "auto" else {}),
         )
         model = FastLanguageModel.get_peft_model(
             model,
