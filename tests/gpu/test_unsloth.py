@@ -89,9 +89,11 @@ def _long_rows(tokenizer, n: int, tokens: int) -> list[dict]:
 
 
 CHILD = """
+import os
 import sys
+os.environ.setdefault("UNSLOTH_COMPILE_DISABLE", "1")  # what the backend sets with DoRA, before unsloth
 import torch
-import unsloth  # noqa: F401  (first, as in the worker)
+import unsloth  # noqa: F401  (before transformers)
 from trinity_core.errors import GpuMemoryNotReleased
 from trinity_core.pipeline import run_job
 from trinity_core.spec import JobSpec

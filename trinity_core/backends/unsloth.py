@@ -56,11 +56,17 @@ class UnslothBackend:
             "compute_dtype": str(dtype).removeprefix("torch."),
             "device": "cuda",
             "unsloth_compile": compiled,
-            "unsloth_compile_reason": "DoRA on: compile disabled" if spec.lora.use_dora and not compiled
-            else ("LoRA: compiled" if compiled else f"{COMPILE_ENV} set"),
+            "unsloth_compile_reason": _compile_reason(spec.lora.use_dora, compiled),
             "fast_dora_layers": fast_dora_layers,
         }
         return model, tokenizer
 
     def info(self) -> dict[str, Any]:
         return dict(self._info)
+
+
+def _compile_reason(dora: bool, compiled: bool) -> str:
+    if dora:
+        return (f"DoRA on, but compiled: unsloth was imported before {COMPILE_ENV} could be set"
+                if compiled else "DoRA on: compile disabled")
+    return "LoRA: compiled" if compiled else f"{COMPILE_ENV} set"

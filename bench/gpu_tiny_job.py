@@ -1,0 +1,85 @@
+"""A GPU-trained adapter through the CPU export: train on the lent GPU, export here.
+
+    # on the GPU machine (device tool), with the wheels of ../shared/gpu/wheels.sh:
+    PYTHONPATH=.whl/site:. python bench/gpu_tiny_job.py train $OUT
+    # back here, on the fetched folder:
+    python bench/gpu_tiny_job.py export /work/.device/N
+
+``train`` builds the tiny Gemma-3 into OUT/tiny and runs ``run_job`` with the Unsloth backend
+(QLoRA + rsLoRA + fast DoRA, export off) into OUT/job. ``export`` merges that adapter into the
+same base (dequantised as the GPU quantised it), converts it to GGUF f16 and q4_k_m and asks
+llama.cpp for a completion from the q4_k_m file.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train(out: Path) -> None:
+    import os
+
+    os.environ.setdefault("UNSLOTH_COMPILE_DISABLE", "1")  # the backend's choice with DoRA
+    import unsloth  # noqa: F401  (before transformers)
+
+    from trinity_core.pipeline import run_job
+    from trinity_core.spec import load_spec
+    from trinity_core.tiny import build_tiny_model
+
+    spec = load_spec(ROOT / "examples" / "tiny.yaml")
+    spec.model.name_or_path = str(build_tiny_model(out / "tiny"))
+    spec.model.backend = "unsloth"
+    spec.train.max_steps = 20
+    spec.export.merge = spec.export.gguf = spec.export.evaluate = False
+    result = run_job(spec, out / "job")
+    (out / "spec.json").write_text(spec.model_dump_json(indent=1))
+    import shutil
+    import tarfile
+
+    with tarfile.open(out / "tiny.tar", "w") as tar:  # one file: the device returns few files
+        tar.add(out / "tiny", arcname="tiny")
+    shutil.rmtree(out / "tiny")
+    for name in ("checkpoints", "data"):
+        shutil.rmtree(out / "job" / name, ignore_errors=True)
+    print(json.dumps({"backend": result.backend, "attempts": result.attempts,
+                      "loss": [h["loss"] for h in result.loss_history]}, default=str))
+
+
+def export(fetched: Path) -> None:
+    import shutil
+
+    from llama_cpp import Llama
+
+    from trinity_core.export import export_all
+    from trinity_core.spec import JobSpec
+
+    import tarfile
+
+    spec = JobSpec.model_validate_json((fetched / "spec.json").read_text())
+    base = Path("/tmp/gpu_tiny_base")
+    shutil.rmtree(base, ignore_errors=True)
+    with tarfile.open(fetched / "tiny.tar") as tar:
+        tar.extractall(base, filter="data")
+    spec.export.merge = spec.export.gguf = True
+    spec.export.evaluate = False
+    result_json = json.loads((fetched / "job" / "result.json").read_text())
+    work = Path("/tmp/gpu_tiny_export")
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(fetched / "job" / "adapter", work / "adapter")
+    t0 = time.monotonic()
+    out = export_all(spec, work, emit=lambda *a, **k: None, base_model=str(base / "tiny"),
+                     compute_dtype=result_json["backend"]["compute_dtype"])
+    q4 = work / out["gguf"]["q4_k_m"]
+    llm = Llama(model_path=str(q4), n_ctx=256, verbose=False)
+    text = llm("The", max_tokens=12, temperature=0.0)["choices"][0]["text"]
+    print(json.dumps({"trained_on": result_json["backend"], "gguf": out["gguf"], "q4_k_m_bytes": q4.stat().st_size,
+                      "export_s": round(time.monotonic() - t0, 1), "llama_cpp_completion": text}, default=str))
+
+
+if __name__ == "__main__":
+    {"train": train, "export": export}[sys.argv[1]](Path(sys.argv[2]))
