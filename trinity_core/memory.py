@@ -13,7 +13,8 @@ peak ≈ weights + adapter state + saved activations + the largest transient, wh
   for the loss, its log-softmax and gradient: ~3 fp32 copies; 12 GiB for Gemma-3's 262k vocab
   at seq 4096); Unsloth's fused loss never does, so its peak is a layer's recompute and backward
   (~12.5 MLP-sized activations). PEFT's DoRA adds its out × in and fp32 element-wise temporaries;
-  Trinity's fast DoRA (``qdora.py``) far less.
+  Trinity's fast DoRA (``qdora.py``, ``qdora_mlp.py``) nothing: since its fused gated MLP it peaks
+  like LoRA, one (tokens × intermediate) tensor lower.
 
 The constants are fitted on the H100 measurements in docs/BENCHMARKS.md (12B Gemma-3 shape,
 2/4/48 layers, seq 2048/4096, r 32/64, all 7 or q,v, bf16 and the T4 fp32 path) and hold them
@@ -36,7 +37,9 @@ SAVED_PER_LAYER = {("peft", 2): 1.0, ("peft", 4): 2.0, ("unsloth", 2): 0.7, ("un
 """Hidden states kept per layer with checkpointing / (batch·seq·hidden·2 bytes), by (backend, act bytes)."""
 PEFT_DORA_SAVED_PER_LAYER = {("peft", 2): 1.0, ("unsloth", 2): 0.5}  # PEFT's DoRA keeps a bit more per layer
 PEFT_DORA_TRANSIENT = (4.0, 9.5)  # × (out·in·2 bytes, batch·seq·out·4 bytes) of the largest projection
-FAST_DORA_TRANSIENT = 3.0  # × batch·seq·out·2 bytes of the widest projection
+FAST_DORA_TRANSIENT = -1.0  # × batch·seq·out·act bytes of the widest projection: since v3 the fused
+# gated activation keeps one (tokens × intermediate) tensor fewer than the stock MLP (H100, 12B shape,
+# vs LoRA: +0.01/+0.05 GiB bf16 at 4/48 layers, −0.20/−0.16 on the fp32 T4 path; v2 needed +3.0 × 2 bytes)
 ALLOCATOR_MARGIN = (0.5, 0.05)  # fits when estimate + max(0.5 GiB, 5%) <= budget
 
 
@@ -117,7 +120,7 @@ def estimate(config: Any, spec: JobSpec, backend: str, *, bf16_supported: bool =
         widest_out = max(proj[t][1] for t in targets)
         largest = max(proj[t][0] * proj[t][1] for t in targets)
         if fast_dora:
-            layer += FAST_DORA_TRANSIENT * B * S * widest_out * 2
+            layer += FAST_DORA_TRANSIENT * B * S * widest_out * act
         else:
             layer += PEFT_DORA_TRANSIENT[0] * largest * 2 + PEFT_DORA_TRANSIENT[1] * B * S * widest_out * 4
     loss = LOGITS_FP32_COPIES * B * S * s["vocab"] * 4 if backend == "peft" else 0.0
