@@ -33,9 +33,13 @@ def test_t4_plan_for_the_seed_recipe(client, session, model_12b):
     assert r.status_code == 200, r.text
     body = r.json()
     assert [x["name"] for x in body["rungs"]] == ["recipe", "seq_2048", "r_32", "dora_off", "targets_qv"]
-    gibs = [x["gib"] for x in body["rungs"]]
-    assert gibs == sorted(gibs, reverse=True)  # every rung is cheaper than the one before
-    assert body["start_rung"] == "recipe"  # Unsloth + fast DoRA: the full recipe fits a T4 (13.1 GiB measured)
+    rungs = body["rungs"]
+    for before, after in zip(rungs, rungs[1:]):  # every rung is cheaper than the one before, except
+        if after["name"] == "dora_off":  # turning fast DoRA off: its layer peak is LoRA's (±0.2 GiB)
+            assert abs(after["gib"] - before["gib"]) < 0.25, rungs
+        else:
+            assert after["gib"] < before["gib"], rungs
+    assert body["start_rung"] == "recipe"  # Unsloth + fast DoRA: the full recipe fits a T4 (12.2 GiB measured)
     plain = _estimate(client, session, model_12b, gpu_gib=15.1, backend="peft").json()
     assert plain["rungs"][0]["gib"] > 20  # plain PEFT: fp32 logits over the 262k vocab
     assert plain["start_rung"] == "targets_qv"
