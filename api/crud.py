@@ -77,6 +77,15 @@ def get_dataset(*, session: Session, tenant: str, dataset_id: str) -> Dataset | 
     return ds if ds is not None and ds.tenant == tenant else None
 
 
+def delete_dataset(*, session: Session, dataset: Dataset) -> bool:
+    """Delete a dataset row that no job uses; False (nothing deleted) when a job refers to it."""
+    if session.exec(select(Job.id).where(Job.dataset_id == dataset.id).limit(1)).first() is not None:
+        return False
+    session.delete(dataset)
+    session.commit()
+    return True
+
+
 def list_datasets(*, session: Session, tenant: str, limit: int, after: str | None = None) -> tuple[list[Dataset], bool]:
     query = select(Dataset).where(Dataset.tenant == tenant)
     query = _after(session, query, Dataset, tenant, after)

@@ -1,7 +1,9 @@
-"""What the service accepts beyond the core spec's own rules: a spec may not read server files.
+"""What the service accepts beyond the core spec's own rules: a spec may not read server files,
+and the model it names must be there before the job is queued.
 
 A job's data comes from an uploaded dataset (``data.dataset_id``) or the hub, never a
-server path (``data.path``); a local model must sit inside one of ``TRINITY_MODEL_DIRS``.
+server path (``data.path``); a local model must sit inside one of ``TRINITY_MODEL_DIRS`` and be a
+model directory; a hub model must be resolvable now (``trinity_core.model_config``).
 """
 
 from __future__ import annotations
@@ -10,21 +12,36 @@ from pathlib import Path
 from typing import Any
 
 from api.settings import Settings
-
-
-def is_local(name: str) -> bool:
-    return name.startswith(("/", ".", "~")) or Path(name).exists()
+from trinity_core import model_config
+from trinity_core.errors import ModelUnavailable
+from trinity_core.spec import DEFAULT_MODEL
 
 
 def model_problem(name: str | None, settings: Settings) -> str | None:
-    """Why ``name`` (a hub id or a local directory) may not be used, or None."""
-    if not name or not is_local(name):
+    """Why the local path ``name`` may not be used (it is outside TRINITY_MODEL_DIRS), or None.
+    Checked before anything else, so nothing is said about server paths outside them."""
+    if not name or not model_config.is_local(name):
         return None
-    path = Path(name).expanduser().resolve()
+    try:
+        path = Path(name).expanduser().resolve()
+    except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, ~user that does not exist
+        return f"not a usable path: {e}"
     if any(path.is_relative_to(Path(d).expanduser().resolve()) for d in settings.model_dirs):
         return None
     allowed = ", ".join(str(d) for d in settings.model_dirs) or "none configured (TRINITY_MODEL_DIRS)"
     return f"local model paths must be inside the model directories: {allowed}"
+
+
+def job_model_problem(name: str, revision: str | None, settings: Settings, *, loc: str) -> dict[str, str] | None:
+    """Why a job may not use the model ``name`` (outside the model directories, or its config and
+    weights cannot be found now), as one problem ``{"loc", "msg", "code"}``, or None."""
+    if msg := model_problem(name, settings):
+        return {"loc": loc, "msg": msg, "code": "invalid_spec"}
+    try:
+        model_config.resolve(name, revision, need_weights=True, param=loc)
+    except ModelUnavailable as e:
+        return {"loc": loc, "msg": e.message, "code": e.code}
+    return None
 
 
 def spec_problems(body: dict[str, Any], settings: Settings) -> list[dict[str, str]]:
@@ -33,14 +50,15 @@ def spec_problems(body: dict[str, Any], settings: Settings) -> list[dict[str, st
         value = body.get(name)
         return value if isinstance(value, dict) else {}
 
-    data, problems = part("data"), []
+    data, model, problems = part("data"), part("model"), []
     if data.get("path"):
         problems.append({"loc": "data.path", "msg": "the service does not read server paths: upload the file "
                          "with POST /datasets and pass data.dataset_id"})
     elif not (data.get("dataset_id") or data.get("hub")):
         problems.append({"loc": "data.dataset_id", "msg": "give data.dataset_id (POST /datasets) or data.hub"})
-    for loc, value in (("model.name_or_path", part("model").get("name_or_path")),
-                       ("export.original_model", part("export").get("original_model"))):
-        if isinstance(value, str) and (msg := model_problem(value, settings)):
-            problems.append({"loc": loc, "msg": msg})
+    revision = model.get("revision") if isinstance(model.get("revision"), str) else None
+    for loc, value, rev in (("model.name_or_path", model.get("name_or_path", DEFAULT_MODEL), revision),
+                            ("export.original_model", part("export").get("original_model"), None)):
+        if isinstance(value, str) and value and (problem := job_model_problem(value, rev, settings, loc=loc)):
+            problems.append(problem)
     return problems

@@ -46,8 +46,15 @@ def variants(backend: str) -> list[dict]:
               v("lora"), v("dora_fast", "fast")]
     if backend == "peft":
         return common + [v("lora_s2048_r32_qv", seq=2048, r=32, targets=QV)]
+    # the seed ladder's lower rungs on the T4 path (seq_2048, r_32, dora_off, targets_qv): rows the
+    # memory estimate was not fitted on (out-of-sample checks, tests/core/test_memory.py); last, so a
+    # deadline cuts them first
+    rungs = [v("t4_dora_fast_s2048_acc4", "fast", seq=2048, t4=True, accum=4),
+             v("t4_dora_fast_s2048_r32_acc4", "fast", seq=2048, r=32, t4=True, accum=4),
+             v("t4_lora_s2048_r32_acc4", seq=2048, r=32, t4=True, accum=4),
+             v("t4_lora_s2048_r32_qv_acc4", seq=2048, r=32, targets=QV, t4=True, accum=4)]
     return common + [v("t4_lora_acc4", t4=True, accum=4), v("t4_dora_fast_acc4", "fast", t4=True, accum=4),
-                     v("t4_dora_peft_acc4", "peft", t4=True, accum=4)]
+                     v("t4_dora_peft_acc4", "peft", t4=True, accum=4)] + rungs
 
 
 SELECT: tuple[set[str] | None, str] = (None, "")
@@ -61,7 +68,8 @@ def selected(backend: str) -> list[dict]:
 
 GROWN = {"peft": ["lora_acc4", "dora_fast_acc4"],
          "unsloth": ["lora_acc4", "dora_fast_acc4", "dora_peft_acc4", "t4_dora_fast_acc4", "t4_lora_acc4",
-                     "t4_dora_peft_acc4"]}
+                     "t4_dora_peft_acc4", "t4_dora_fast_s2048_acc4", "t4_dora_fast_s2048_r32_acc4",
+                     "t4_lora_s2048_r32_acc4", "t4_lora_s2048_r32_qv_acc4"]}
 """Variants also measured at ``--grow-to`` layers (the built model's layers repeated)."""
 
 
@@ -318,7 +326,11 @@ def profile(model_root: Path, depth: int, out_dir: Path, grow_to: int = 0) -> No
             torch.cuda.synchronize()
         table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90)
         (out_dir / f"profile_{v['name']}.txt").write_text(table)
-        total = sum(e.self_device_time_total for e in prof.key_averages()) / 3e3
+        # device-side events (kernels, memcpys) only, as the table's "Self CUDA time total" footer does:
+        # an operator's self CUDA time already holds the kernels it launched, so summing every event
+        # counted each kernel twice (the 216.3/207.9 ms of 2026-11-26 were that double count)
+        total = sum(e.self_device_time_total for e in prof.key_averages()
+                    if e.device_type == torch.autograd.DeviceType.CUDA) / 3e3
         print(f"[profile] {v['name']} L{depth}: CUDA self time {total:.1f} ms per micro-batch", flush=True)
         print("\n".join(table.splitlines()[:14]), flush=True)
         base = model.unload()

@@ -41,7 +41,11 @@ def start_api(tmp: Path, broker: str, workers: int) -> tuple[subprocess.Popen, s
     queue = f"bench.{secrets.token_hex(3)}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRINITY_")}
     env.update({"PYTHONPATH": str(ROOT), "TRINITY_DATA_DIR": str(tmp / "data"), "TRINITY_BROKER_URL": broker,
-                "TRINITY_GPU_QUEUES": queue, "TRINITY_REAPER_ENABLED": "false", "OMP_NUM_THREADS": "1"})
+                "TRINITY_GPU_QUEUES": queue, "TRINITY_REAPER_ENABLED": "false", "OMP_NUM_THREADS": "1",
+                "TRINITY_MODEL_DIRS": str(tmp), "HF_HUB_OFFLINE": "1"})
+    # POST /jobs checks that the model is there before it queues anything: a tiny local one
+    subprocess.run([sys.executable, "-m", "cli", "tiny-model", str(tmp / "model")], env=env, cwd=ROOT,
+                   capture_output=True, text=True, check=True)
     key = subprocess.run([sys.executable, "-m", "cli", "keys", "create", "--tenant", "bench"], env=env, cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout.strip()
     port = free_port()
@@ -56,18 +60,24 @@ def start_api(tmp: Path, broker: str, workers: int) -> tuple[subprocess.Popen, s
                 break
         except httpx.HTTPError:
             time.sleep(0.5)
-    return proc, base, key, env | {"queue": queue}
+    return proc, base, key, env | {"queue": queue, "model": str(tmp / "model")}
 
 
-def make_jobs(base: str, key: str, n: int) -> list[str]:
+def make_jobs(base: str, key: str, n: int, model: str) -> list[str]:
     h = {"Authorization": f"Bearer {key}"}
     rows = "\n".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) for i in range(12)) + "\n"
     ds = httpx.post(f"{base}/datasets", headers=h, files={"file": ("t.jsonl", rows.encode())}, timeout=60).json()["id"]
-    body = {"model": {"name_or_path": "org/some-model", "max_seq_length": 128}, "lora": {"r": 8, "alpha": 16},
+    body = {"model": {"name_or_path": model, "max_seq_length": 128}, "lora": {"r": 8, "alpha": 16},
             "train": {"max_steps": 3}, "export": {"merge": False, "gguf": False, "evaluate": False},
             "data": {"dataset_id": ds}}
     with httpx.Client(base_url=base, headers=h, timeout=60) as c:
-        return [c.post("/jobs", json=body).json()["id"] for _ in range(n)]
+        ids = []
+        for _ in range(n):
+            r = c.post("/jobs", json=body)
+            if r.status_code != 201:
+                raise SystemExit(f"POST /jobs answered {r.status_code}: {r.text[:500]}")
+            ids.append(r.json()["id"])
+        return ids
 
 
 async def hammer(base: str, key: str, ids: list[str], clients: int, seconds: float) -> tuple[list[float], int]:
@@ -114,15 +124,16 @@ def main() -> None:
     ap.add_argument("--broker", default="redis://127.0.0.1:6379/14")
     ap.add_argument("--url")
     ap.add_argument("--key")
+    ap.add_argument("--model", help="with --url: a model that API accepts for the jobs (default: a tiny local one)")
     args = ap.parse_args()
     proc = None
     with tempfile.TemporaryDirectory() as tmp:
         if args.url:
-            base, key = args.url, args.key
+            base, key, env = args.url, args.key, {"model": args.model}
         else:
             proc, base, key, env = start_api(Path(tmp), args.broker, args.uvicorn_workers)
         try:
-            ids = make_jobs(base, key, args.jobs)
+            ids = make_jobs(base, key, args.jobs, env["model"])
             asyncio.run(hammer(base, key, ids, min(args.clients, 10), 2))  # warm up
             lat, errors = asyncio.run(hammer(base, key, ids, args.clients, args.seconds))
         finally:

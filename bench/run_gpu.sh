@@ -68,6 +68,16 @@ for stage in "${stages[@]}"; do
       build
       TRINITY_BENCH_MODEL=$M/L4 TRINITY_BENCH_OUT=$OUT python -m pytest -m gpu -q -s -p no:cacheprovider \
         -p no:logging --tb=short tests/gpu/test_unsloth.py -k ladder 2>&1 | tail -40 ;;
+    rungs_t4)  # the seed ladder's lower rungs on the T4 path at 2 and 4 layers (out-of-sample rows for
+      # the memory estimate, tests/core/test_memory.py)
+      build
+      U python bench/gpu_bench.py run unsloth "$M" "$OUT/unsloth_rungs_t4.jsonl" --depths 2 4 --deadline 500 \
+        --only t4_dora_fast_s2048_acc4 t4_dora_fast_s2048_r32_acc4 t4_lora_s2048_r32_acc4 t4_lora_s2048_r32_qv_acc4 ;;
+    rungs_t4_48)  # the same at 48 layers (the 4 built layers repeated)
+      build
+      U python bench/gpu_bench.py run unsloth "$M" "$OUT/unsloth_rungs_t4_48.jsonl" --depths 4 --grow-to 48 \
+        --deadline 500 --only t4_dora_fast_s2048_acc4 t4_dora_fast_s2048_r32_acc4 t4_lora_s2048_r32_acc4 \
+        t4_lora_s2048_r32_qv_acc4 ;;
     compiled)  # Unsloth's torch.compile mode (no UNSLOTH_COMPILE_DISABLE): the LoRA anchor, and fast DoRA
       build
       python bench/gpu_bench.py run unsloth "$M" "$OUT/compiled.jsonl" --depths 4 --tag compiled_ \

@@ -10,8 +10,9 @@ Exit codes, for scripts:
 1     the job failed
 2     usage: bad arguments, no ``TRINITY_API_KEY``, unreadable spec or data file
 3     the job was cancelled
-4     the service refused the request (its error is printed: invalid spec or dataset, not
-      found, bad key...) or could not be reached
+4     the spec is invalid (``submit`` checks it before uploading anything), or the service
+      refused the request (its error is printed: invalid spec or dataset, not found, bad
+      key...) or could not be reached; a dataset ``submit`` uploaded for a refused job is deleted
 5     a download did not match the manifest's sha256 (the partial file is deleted)
 ====  =====================================================================================
 
@@ -44,9 +45,10 @@ class ClientError(Exception):
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     epilog = ("Environment: TRINITY_URL (default %s), TRINITY_API_KEY. Exit codes: 0 succeeded, 1 job failed, "
-              "2 usage, 3 job cancelled, 4 refused by / cannot reach the service, 5 sha256 mismatch." % DEFAULT_URL)
+              "2 usage, 3 job cancelled, 4 invalid spec, refused by / cannot reach the service, "
+              "5 sha256 mismatch." % DEFAULT_URL)
     submit = sub.add_parser("submit", help="upload a dataset, create a job, print its id", epilog=epilog)
-    submit.add_argument("spec", type=Path, help="job spec (YAML or JSON)")
+    submit.add_argument("spec", type=Path, help="job spec (YAML or JSON; checked before anything is uploaded)")
     submit.add_argument("--data", type=Path, help="training file to upload (default: the spec's data.path)")
     submit.add_argument("--queue", help="GPU queue (default: the service's first)")
     submit.add_argument("--wait", action="store_true", help="follow the job until it ends; exit code = its outcome")
@@ -138,12 +140,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def _submit(args: argparse.Namespace) -> int:
     spec = _load_spec(args.spec)
-    data = dict(spec.get("data") or {})
+    data = spec.get("data") or {}
+    if not isinstance(data, dict):
+        _check_spec(spec)  # says that data must be a mapping
     path = args.data or (args.spec.parent / data["path"] if data.get("path") else None)
     if path is None:
         raise ClientError("give the training file with --data FILE (or set data.path in the spec)", EXIT_USAGE)
     if not Path(path).is_file():
         raise ClientError(f"{path}: no such file", EXIT_USAGE)
+    remote_data = {k: v for k, v in data.items() if k not in REMOTE_DATA_FIELDS}
+    _check_spec(spec | {"data": remote_data | {"dataset_id": "ds-to-upload"}})  # before anything is uploaded
     with client(timeout=600) as api:
         fields = {"format": data["format"]} if data.get("format") else {}
         if data.get("columns"):
@@ -152,12 +158,15 @@ def _submit(args: argparse.Namespace) -> int:
         with open(path, "rb") as f:
             dataset = call(api, "POST", "/datasets", files={"file": (Path(path).name, f)}, data=fields).json()
         print_dataset(dataset)
-        if dataset["status"] != "valid" and not data.get("drop_invalid_rows"):
-            print("the dataset has invalid rows: fix them, or set data.drop_invalid_rows: true to train on the rest",
-                  file=sys.stderr)
-            return EXIT_REFUSED
-        spec["data"] = {k: v for k, v in data.items() if k not in REMOTE_DATA_FIELDS} | {"dataset_id": dataset["id"]}
-        job = call(api, "POST", "/jobs", json=spec, params={"queue": args.queue} if args.queue else None).json()
+        try:
+            if dataset["status"] != "valid" and not data.get("drop_invalid_rows"):
+                raise ClientError("the dataset has invalid rows: fix them, or set data.drop_invalid_rows: true "
+                                  "to train on the rest")
+            spec["data"] = remote_data | {"dataset_id": dataset["id"]}
+            job = call(api, "POST", "/jobs", json=spec, params={"queue": args.queue} if args.queue else None).json()
+        except ClientError:
+            _delete_dataset(api, dataset["id"])  # no job will use it: leave no orphan behind
+            raise
         print(f"job {job['id']} {job['status']}" + (f" (queue position {job['queue_position']})"
                                                    if job.get("queue_position") else ""), file=sys.stderr)
         print(job["id"], flush=True)  # the one line on stdout a script wants: JOB=$(trinity submit ... | tail -1)
@@ -167,15 +176,37 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _load_spec(path: Path) -> dict[str, Any]:
-    import yaml
+    from trinity_core.errors import SpecError
+    from trinity_core.spec import read_spec_file
 
     try:
-        spec = yaml.safe_load(path.read_text())  # JSON is YAML
-    except (OSError, yaml.YAMLError) as error:
-        raise ClientError(f"cannot read spec {path}: {error}", EXIT_USAGE) from None
+        spec = read_spec_file(path)
+    except SpecError as error:
+        raise ClientError(error.message, EXIT_USAGE) from None
     if not isinstance(spec, dict):
         raise ClientError(f"{path}: a spec is a mapping (model:, data:, lora:, train:, export:)", EXIT_USAGE)
     return spec
+
+
+def _check_spec(spec: dict[str, Any]) -> None:
+    """The spec as it will be sent, checked here: every problem, in the service's words (exit 4)."""
+    from trinity_core.errors import SpecError
+    from trinity_core.spec import parse_spec
+
+    try:
+        parse_spec(spec)
+    except SpecError as error:
+        lines = [f"error {error.code}: {error.message}"]
+        lines += [f"  {d['loc']}: {d['msg']}" for d in error.details or []]
+        raise ClientError("\n".join(lines) + "\nnothing was uploaded") from None
+
+
+def _delete_dataset(api, dataset_id: str) -> None:  # noqa: ANN001
+    try:
+        call(api, "DELETE", f"/datasets/{dataset_id}")
+        print(f"dataset {dataset_id} deleted (no job uses it)", file=sys.stderr)
+    except ClientError as error:
+        print(f"could not delete dataset {dataset_id}: {error}", file=sys.stderr)
 
 
 def print_dataset(ds: dict[str, Any]) -> None:
@@ -186,7 +217,7 @@ def print_dataset(ds: dict[str, Any]) -> None:
     for e in ds.get("errors", [])[:20]:
         print(f"  row {e.get('row')}: {e.get('field') or ''} {e.get('message')} [{e.get('kind')}]")
     if len(ds.get("errors", [])) > 20:
-        print(f"  … {len(ds['errors']) - 20} more (GET /datasets/{ds['id']})")
+        print(f"  … {len(ds['errors']) - 20} more (trinity validate FILE lists every one)")
     for w in ds.get("warnings", []):
         print(f"  warning: {w if isinstance(w, str) else json.dumps(w)}")
 

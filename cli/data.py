@@ -1,7 +1,8 @@
 """``trinity validate``, ``trinity data prepare`` and ``trinity data inspect``.
 
 ``add_parsers(subparsers)`` registers the commands; each sets ``func(args) -> exit code``
-(0 clean, 1 data errors or an unreadable source; argparse itself exits 2 on bad usage).
+(0 clean, 1 spec or data errors or an unreadable source; argparse itself exits 2 on bad usage).
+``validate`` checks a job spec as well as a dataset (``is_spec_file`` tells which).
 """
 
 from __future__ import annotations
@@ -14,24 +15,31 @@ from typing import Any
 
 from trinity_core.artifacts import atomic_file, atomic_write_json
 from trinity_core.data import DataReport, canonical_line, iter_examples, start_report, validate_source
-from trinity_core.errors import TrinityError
+from trinity_core.errors import SpecError, TrinityError
 from trinity_core.formats import FORMATS
 from trinity_core.sources import open_source, resolve_cli_source
-from trinity_core.spec import ModelSpec
+from trinity_core.spec import JobSpec, ModelSpec, load_spec
 from trinity_core.template import show_masked
 
 DEFAULT_MAX_SEQ_LENGTH = ModelSpec.model_fields["max_seq_length"].default
 SHOWN_PER_KIND = 20  # errors of one kind printed in the human report (the JSON has up to 100)
+SPEC_JSON_MAX_BYTES = 1 << 20  # a .json file larger than this is a dataset, not read to find out
 
 
 def add_parsers(subparsers: Any) -> None:
     """Register ``validate`` and ``data {prepare,inspect}`` on an argparse subparsers object."""
-    v = subparsers.add_parser("validate", help="validate a dataset file and print its report",
-                              description="Check every row of FILE (JSONL, JSON, Parquet, CSV or a "
-                              "save_to_disk directory); exit 1 if any row is invalid.")  # fmt: skip
-    v.add_argument("file", help="dataset file or save_to_disk directory")
+    v = subparsers.add_parser("validate", help="check a job spec or a dataset and print every problem",
+                              description="Check FILE, a job spec or a dataset, and print every problem at once; "
+                              "exit 1 if there is any. A spec's problems name their field, with a 'did you mean' "
+                              "for a misspelt one (lora.rr -> lora.r); a dataset's name their row (line) and field. "
+                              "FILE is a spec when it ends in .yaml or .yml, or is a .json file holding one object "
+                              "with a spec part (model, data, lora, train, ladder, export, name) and no list at its "
+                              "top level, or with --spec; anything else is a dataset (JSONL, JSON, Parquet, CSV or "
+                              "a save_to_disk directory).")  # fmt: skip
+    v.add_argument("file", help="job spec, dataset file or save_to_disk directory")
+    v.add_argument("--spec", action="store_true", help="read FILE as a job spec (YAML or JSON) whatever its name")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
-    _add_mapping_args(v)
+    _add_mapping_args(v, "dataset options")
     v.set_defaults(func=cmd_validate)
 
     d = subparsers.add_parser("data", help="prepare or inspect a dataset")
@@ -53,7 +61,8 @@ def add_parsers(subparsers: Any) -> None:
         cmd.set_defaults(func=func)
 
 
-def _add_mapping_args(parser: argparse.ArgumentParser) -> None:
+def _add_mapping_args(parser: argparse.ArgumentParser, title: str | None = None) -> None:
+    parser = parser.add_argument_group(title) if title else parser
     parser.add_argument("--format", default="auto", choices=("auto",) + FORMATS, help="row format")
     parser.add_argument("--map", action="append", type=_mapping_arg, default=[], metavar="FIELD=ROLE",
                         help="map a source field to a role field (instruction, input, output, system, "
@@ -70,7 +79,24 @@ def _mapping_arg(text: str) -> tuple[str, str]:
     return src.strip(), dst.strip()
 
 
+def is_spec_file(path: Path) -> bool:
+    """A .yaml/.yml file, or a small .json file holding one object that looks like a spec (a spec part
+    among its keys, no list at the top level: a JSON dataset object holds its rows in a list)."""
+    if path.suffix.lower() in (".yaml", ".yml"):
+        return True
+    if path.suffix.lower() != ".json" or not path.is_file() or path.stat().st_size > SPEC_JSON_MAX_BYTES:
+        return False
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError):  # JSONL in a .json file, or unreadable: a dataset
+        return False
+    return (isinstance(data, dict) and bool(data.keys() & JobSpec.model_fields.keys())
+            and not any(isinstance(v, list) for v in data.values()))
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
+    if args.spec or is_spec_file(Path(args.file)):
+        return validate_spec(Path(args.file), as_json=args.json)
     try:
         tokenizer, max_len = _tokenizer(args)
         report = validate_source(open_source(path=args.file), format=args.format, columns=dict(args.map),
@@ -79,6 +105,24 @@ def cmd_validate(args: argparse.Namespace) -> int:
         return _error(e)
     print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json else format_report(report))
     return 0 if report.ok else 1
+
+
+def validate_spec(path: Path, *, as_json: bool = False) -> int:
+    """Print every problem of the spec at ``path`` (field, message, did you mean); 1 if any."""
+    try:
+        load_spec(path, require_data=False)
+        problems: list[dict[str, str]] = []
+    except SpecError as e:
+        problems = e.details or [{"loc": "(file)", "msg": e.message}]
+    if as_json:
+        print(json.dumps({"source": str(path), "kind": "spec", "ok": not problems, "errors": problems}, indent=2))
+        return 1 if problems else 0
+    lines = [f"spec        {path}"]
+    if problems:
+        lines += ["", f"ERRORS ({len(problems)})", f"  {'field':<24} message"]
+        lines += [f"  {p['loc']:<24} {p['msg']}" for p in problems]
+    print("\n".join(lines + ["", f"FAILED: {len(problems)} problem(s) in the job spec" if problems else "OK"]))
+    return 1 if problems else 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

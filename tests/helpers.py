@@ -10,3 +10,13 @@ def make_spec(spec, **overrides):
         part, name = dotted.split(".")
         setattr(getattr(spec, part), name, value)
     return spec
+
+
+def cache_hub_model(cache_dir, repo_id: str, files: dict[str, str]) -> None:
+    """Lay ``repo_id`` out in a Hugging Face cache as a download would (refs/main → a snapshot)."""
+    repo, commit = cache_dir / ("models--" + repo_id.replace("/", "--")), "0" * 40
+    (repo / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    for name, text in files.items():
+        (repo / "snapshots" / commit / name).write_text(text)

@@ -46,6 +46,14 @@ class HubDownloadError(TrinityError):
     retryable = True
 
 
+class ModelUnavailable(TrinityError):
+    """The model's config cannot be found: a missing local directory, one without config.json, or a
+    hub id that is neither shipped, in the local Hugging Face cache, nor reachable on the hub.
+    ``details["reason"]`` says which; the message says what to do. Not retried: it will not fix itself."""
+
+    code = "model_unavailable"
+
+
 class BackendUnavailable(TrinityError):
     """The requested training backend cannot run here (e.g. unsloth without CUDA)."""
 
@@ -89,3 +97,10 @@ class ArtifactError(TrinityError):
     """An artifact could not be written (disk full, permission...)."""
 
     code = "artifact_write_failed"
+
+
+class AdapterPlacementError(TrainingError):
+    """An adapter landed outside the language model (vision tower or multimodal projector of a
+    Gemma3ForConditionalGeneration). A text-only job must leave those exactly as published."""
+
+    code = "adapter_placement"

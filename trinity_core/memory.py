@@ -26,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from trinity_core import model_config
+from trinity_core.errors import ModelUnavailable
 from trinity_core.spec import JobSpec
 
 GIB = 2**30
@@ -185,14 +187,12 @@ def preflight(spec: JobSpec, backend: str) -> tuple[Estimate, float] | None:
     if budget is None:
         return None
     try:
-        from transformers import AutoConfig
-
         import torch
 
         from trinity_core.qdora import fast_dora_enabled
 
-        config = AutoConfig.from_pretrained(spec.model.name_or_path, revision=spec.model.revision)
+        config = model_config.load(spec.model.name_or_path, spec.model.revision)
         return estimate(config, spec, backend, bf16_supported=torch.cuda.is_bf16_supported(),
                         fast_dora=fast_dora_enabled()), budget
-    except (OSError, ValueError, TypeError, KeyError):
+    except (ModelUnavailable, OSError, ValueError, TypeError, KeyError):
         return None

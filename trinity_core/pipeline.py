@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trinity_core import backends, oom
+from trinity_core import backends, model_config, oom
 from trinity_core.artifacts import atomic_write_json, build_manifest, read_json, write_manifest
 from trinity_core.data import fit_to_length, prepare_data
 from trinity_core.evaluate import evaluate_job
@@ -69,6 +69,8 @@ def run_job(
     timings: dict[str, float] = {}
 
     backend = backends.select(spec)  # first: Unsloth must be imported before transformers
+    # a missing model is a clear ModelUnavailable now, not an OSError from transformers later
+    model_config.resolve(spec.model.name_or_path, spec.model.revision, need_weights=True)
     emit.status("preparing data", stage="data")
     t0 = time.monotonic()
     from transformers import AutoTokenizer
@@ -122,7 +124,9 @@ def run_job(
     atomic_write_json(workdir / "result.json", result.to_dict())
     result.artifacts = build_manifest(workdir)
     write_manifest(workdir, result.artifacts)
-    emit.status("succeeded", stage="done", artifacts=len(result.artifacts))
+    # A message, not a status: the job's one terminal status event belongs to whoever owns its
+    # state (the worker records "succeeded" when this returns; `trinity train` prints the result).
+    emit(f"finished: {len(result.artifacts)} artifacts", artifacts=len(result.artifacts))
     return result
 
 

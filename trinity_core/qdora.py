@@ -33,7 +33,6 @@ one :class:`DoraOutput` autograd node). Parameter names, the adapter file, mergi
 from __future__ import annotations
 
 import functools
-import math
 import os
 import weakref
 from collections.abc import Iterator
@@ -41,6 +40,8 @@ from collections.abc import Iterator
 import torch
 from peft.tuners.lora.dora import DoraLinearLayer
 from peft.tuners.lora.variants import DoraLinearVariant
+
+from trinity_core import nf4
 
 FAST_DORA_ENV = "TRINITY_FAST_DORA"
 CANCELLATION_RATIO = 0.05
@@ -393,7 +394,8 @@ def _weight_rows(base_layer: torch.nn.Module, dtype: torch.dtype = torch.float32
     """Yield ``(first_row, rows)`` of the layer's weight in ``dtype``, a block of rows at a time.
 
     For a bitsandbytes ``Params4bit`` only that block is dequantised (rows are cut on quantisation
-    block boundaries of the row-major packed data), so no out × in tensor is ever held.
+    block boundaries of the row-major packed data, ``nf4.row_blocks``), so no out × in tensor is
+    ever held.
     """
     weight = base_layer.weight
     chunk = CHUNK_ELEMENTS * (4 if dtype.itemsize == 2 and weight.is_cuda else 1)
@@ -404,29 +406,12 @@ def _weight_rows(base_layer: torch.nn.Module, dtype: torch.dtype = torch.float32
         for start in range(0, out_features, step):
             yield start, weight[start:start + step].to(dtype)
         return
-    out_features, in_features = state.shape
-    block = state.blocksize
-    aligned = block // math.gcd(in_features, block)  # rows per whole number of quantisation blocks
-    if weight.__class__.__name__ != "Params4bit" or getattr(state, "packing_format_for_cpu", False) \
-            or (aligned * in_features) % 2:
+    if weight.__class__.__name__ != "Params4bit" or getattr(state, "packing_format_for_cpu", False):
         from peft.utils.integrations import dequantize_module_weight
 
         yield 0, dequantize_module_weight(base_layer).to(dtype)
         return
-    absmax = state.absmax
-    if state.nested:
-        import bitsandbytes.functional as bnbf
-
-        absmax = bnbf.dequantize_blockwise(state.absmax, state.state2).float() + state.offset
-    absmax = absmax.float()
-    packed = weight.data.view(torch.uint8).reshape(-1)
-    step = max(aligned, chunk // in_features // aligned * aligned)
-    for start in range(0, out_features, step):
-        stop = min(start + step, out_features)
-        lo, hi = start * in_features, stop * in_features
-        yield start, torch.ops.bitsandbytes.dequantize_4bit.default(
-            packed[lo // 2:(hi + 1) // 2].reshape(-1, 1), absmax[lo // block:-(-hi // block)].contiguous(),
-            block, state.quant_type, [stop - start, in_features], dtype)
+    yield from nf4.row_blocks(weight.data, state, max(1, chunk // state.shape[1]), dtype)
 
 
 def _select_rows(base_layer: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:

@@ -129,8 +129,8 @@ def _jsonl_rows(p: Path) -> RowIter:
             if problem:
                 yield number, None, problem
                 continue
-            try:
-                yield number, json.loads(text), None
+            try:  # without its newline: a line cut short is then reported where it ends, not at "column 1"
+                yield number, json.loads(text.rstrip("\r\n")), None
             except json.JSONDecodeError as e:
                 yield number, None, Problem("invalid_json", None, f"invalid JSON at column {e.colno}: "
                                             f"{e.msg.removesuffix(' at')}")  # fmt: skip

@@ -1,11 +1,13 @@
 """The job spec: one pydantic model whose defaults are the seed recipe.
 
 A spec is what a user POSTs or writes in a YAML/JSON file. ``load_spec`` and ``parse_spec``
-collect every problem and raise one :class:`SpecError` listing all of them.
+collect every problem and raise one :class:`SpecError` listing all of them; an unknown field name
+close to a real one comes with a "did you mean" (``lora.rr`` → ``lora.r``).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -189,12 +191,30 @@ def _loc(err: dict[str, Any]) -> str:
 
 
 def spec_problems(error: ValidationError) -> list[dict[str, str]]:
-    """Flatten a pydantic error into ``[{"loc": "lora.r", "msg": "..."}]``."""
+    """Flatten a pydantic error into ``[{"loc": "lora.r", "msg": "..."}]``; an unknown field also
+    gets ``did_you_mean`` when a field of its part is a near miss."""
     out = []
     for err in error.errors():
-        msg = err["msg"].removeprefix("Value error, ")
-        out.append({"loc": _loc(err), "msg": msg})
+        problem = {"loc": _loc(err), "msg": err["msg"].removeprefix("Value error, ")}
+        if err["type"] == "extra_forbidden":
+            problem.update(_unknown_field(err["loc"]))
+        out.append(problem)
     return out
+
+
+def _unknown_field(loc: tuple[Any, ...]) -> dict[str, str]:
+    """``{"msg", "did_you_mean"?}`` for an unknown field at ``loc`` (any nesting level)."""
+    part: type[BaseModel] = JobSpec
+    for name in loc[:-1]:  # walk down to the part that holds the field
+        annotation = part.model_fields[str(name)].annotation if str(name) in part.model_fields else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return {"msg": "unknown field"}
+        part = annotation
+    prefix = "".join(f"{name}." for name in loc[:-1])
+    close = difflib.get_close_matches(str(loc[-1]), list(part.model_fields), n=1, cutoff=0.6)
+    if close:
+        return {"msg": f"unknown field; did you mean {prefix}{close[0]}?", "did_you_mean": prefix + close[0]}
+    return {"msg": f"unknown field; {prefix.rstrip('.') or 'a spec'} has: {', '.join(part.model_fields)}"}
 
 
 def parse_spec(data: dict[str, Any], *, require_data: bool = False) -> JobSpec:
@@ -221,23 +241,28 @@ def parse_spec(data: dict[str, Any], *, require_data: bool = False) -> JobSpec:
 
 
 def load_spec(path: str | Path, *, require_data: bool = True) -> JobSpec:
-    """Load a spec from a .yaml/.yml/.json file. Relative data/model paths resolve against it."""
+    """Load a spec from a .json or YAML file. Relative data/model paths resolve against it."""
     path = Path(path)
+    spec = parse_spec(read_spec_file(path), require_data=require_data)
+    return _resolve_paths(spec, path.parent)
+
+
+def read_spec_file(path: Path) -> Any:
+    """The parsed content of a .json (else YAML) spec file; an empty file is ``{}``."""
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise SpecError(f"cannot read spec file {path}: {e.strerror}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(f"cannot read spec file {path}: {getattr(e, 'strerror', None) or e}") from None
     try:
-        if path.suffix in (".yaml", ".yml"):
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
             import yaml
 
             data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as e:  # yaml.YAMLError / json.JSONDecodeError carry line numbers in str(e)
+    except Exception as e:  # yaml.YAMLError / json.JSONDecodeError carry line and column in str(e)
         raise SpecError(f"cannot parse {path}: {e}") from None
-    spec = parse_spec(data or {}, require_data=require_data)
-    return _resolve_paths(spec, path.parent)
+    return {} if data is None else data
 
 
 def _resolve_paths(spec: JobSpec, base: Path) -> JobSpec:

@@ -175,6 +175,8 @@ def _jsonable(data: dict[str, Any] | None) -> dict[str, Any]:
 
 
 # ── Endings ──────────────────────────────────────────────────────────────────────────────────
+# The worker owns a job's ending: its status transition is the one terminal status event
+# (run_job emits none; its failures and cancellation are exceptions).
 
 def _finish(job: Run, to: JobStatus, message: str, *, level: str = "info", **values: Any) -> str:
     try:
@@ -193,7 +195,7 @@ def succeed(job: Run, result: Any) -> str:
     _ensure_manifest(job.workdir)
     return _finish(job, S.succeeded, "succeeded", result=result, attempts=result.get("attempts") or [],
                    rung=result.get("final_rung"), settings=result.get("final_settings"),
-                   step=result.get("global_step"), eta_s=0.0)
+                   step=result.get("global_step"), eta_s=0.0, stage="done")
 
 
 def cancelled(job: Run, stopped: JobCancelled) -> str:

@@ -1,4 +1,5 @@
-"""POST /datasets (streamed upload, validated by the core), GET /datasets, GET /datasets/{id}.
+"""POST /datasets (streamed upload, validated by the core), GET /datasets, GET /datasets/{id},
+DELETE /datasets/{id} (one no job uses).
 
 Store-and-report: a file with at least one valid row is stored and returned with its full
 report (201, ``status: valid|invalid``, every error with its row number); a job refuses an
@@ -147,3 +148,19 @@ def get_dataset(session: SessionDep, tenant: TenantDep, dataset_id: Annotated[st
     if dataset is None:
         raise not_found("dataset", dataset_id, "dataset_id")
     return DatasetPublic.of(dataset)
+
+
+@router.delete("/{dataset_id}", status_code=204,
+               responses={409: {"description": "A job uses the dataset"}})
+def delete_dataset(session: SessionDep, tenant: TenantDep, dataset_id: Annotated[str, PathParam()]) -> None:
+    """Delete a dataset and its file; refused (409) while a job refers to it."""
+    import shutil
+
+    dataset = crud.get_dataset(session=session, tenant=tenant, dataset_id=dataset_id)
+    if dataset is None:
+        raise not_found("dataset", dataset_id, "dataset_id")
+    path = Path(dataset.path)
+    if not crud.delete_dataset(session=session, dataset=dataset):
+        raise ApiError(409, "dataset_in_use", f"a job uses dataset {dataset_id}", param="dataset_id")
+    if path.parent.name == dataset_id:  # <datasets_dir>/<id>/, as store_dataset made it
+        shutil.rmtree(path.parent, ignore_errors=True)

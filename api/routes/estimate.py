@@ -10,14 +10,15 @@ from fastapi import APIRouter, Body, Query
 from api.deps import SettingsDep
 from api.errors import ApiError
 from api.policy import model_problem
-from trinity_core import memory, oom
-from trinity_core.errors import SpecError
+from trinity_core import memory, model_config, oom
+from trinity_core.errors import ModelUnavailable, SpecError
 from trinity_core.spec import parse_spec
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
-@router.post("/estimate", responses={422: {"description": "Invalid spec, or the model's config is unavailable"}})
+@router.post("/estimate", responses={422: {"description": "Invalid spec (invalid_spec), or the model's config "
+                                                    "cannot be found now (model_unavailable)"}})
 def estimate_job(
     settings: SettingsDep,
     body: Annotated[dict[str, Any], Body(description="A job spec (the dataset is not needed)")],
@@ -31,14 +32,10 @@ def estimate_job(
         raise ApiError(422, e.code, e.message, param=e.param, details=e.details) from None
     if problem := model_problem(spec.model.name_or_path, settings):
         raise ApiError(422, "invalid_spec", problem, param="model.name_or_path")
-    try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(spec.model.name_or_path, revision=spec.model.revision)
-    except (OSError, ValueError) as e:
-        raise ApiError(422, "model_config_unavailable",
-                       f"cannot read the config of {spec.model.name_or_path!r}: {str(e).splitlines()[0]}",
-                       param="model.name_or_path") from None
+    try:  # shipped config, local directory, HF cache, or one short hub request: never minutes of retries
+        config = model_config.load(spec.model.name_or_path, spec.model.revision)
+    except ModelUnavailable as e:
+        raise ApiError(422, e.code, e.message, param=e.param, details=e.details) from None
     rungs = oom.ladder(spec)
     plans = memory.plan(rungs, spec, config, backend, gpu_gib, bf16_supported=bf16)
     chosen = next((p.index for p in plans if p.fits), None)

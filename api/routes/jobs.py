@@ -27,7 +27,8 @@ SPEC_BODY = Body(description="The job spec (trinity_core.spec.JobSpec); the data
 @router.post("", status_code=201, response_model=JobPublic,
              responses={200: {"description": "Replay of an Idempotency-Key: the job created the first time"},
                         409: {"description": "Idempotency-Key reused with another body"},
-                        422: {"description": "Every problem in the spec"}})
+                        422: {"description": "Every problem in the spec (invalid_spec), or only the model "
+                                              "cannot be found now (model_unavailable)"}})
 def create_job(
     body: Annotated[dict[str, Any], SPEC_BODY], response: Response, session: SessionDep, tenant: TenantDep,
     settings: SettingsDep, queue: Annotated[str | None, Query(description="GPU queue, e.g. gpu.t4")] = None,
@@ -79,9 +80,10 @@ def validate_request(*, session: Session, tenant: str, body: dict[str, Any], que
                              "and upload it again, or set data.drop_invalid_rows"})
     if queue not in settings.gpu_queues:
         problems.append({"loc": "queue", "msg": f"unknown queue; use one of {', '.join(settings.gpu_queues)}"})
-    if problems:
+    if problems:  # model_unavailable when that is all that is wrong: the spec itself is fine
+        code = "model_unavailable" if all(p.get("code") == "model_unavailable" for p in problems) else "invalid_spec"
         message = f"{len(problems)} problem(s): " + "; ".join(f"{p['loc']}: {p['msg']}" for p in problems)
-        raise ApiError(422, "invalid_spec", message, param=problems[0]["loc"], details=problems)
+        raise ApiError(422, code, message, param=problems[0]["loc"], details=problems)
     return dataset_id
 
 

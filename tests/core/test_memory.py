@@ -12,10 +12,17 @@ GEMMA3_12B = dict(hidden_size=3840, intermediate_size=15360, num_attention_heads
                   model_type="gemma3_text")
 T4_GIB = 15.1
 
-# Peak max_memory_allocated (GiB) measured with bench/gpu_bench.py, 2026-11-25/26 (docs/BENCHMARKS.md):
+# IN-SAMPLE rows: the constants in trinity_core/memory.py were fitted on these rows, so the ±10% check
+# below shows the fit, not how well the estimate predicts a configuration it has not seen (for that,
+# see OUT_OF_SAMPLE further down). Peak max_memory_allocated (GiB) measured with bench/gpu_bench.py,
+# 2026-11-25/26 (docs/BENCHMARKS.md, raw rows in bench/results/*.jsonl):
 # (card, backend, layers, seq, r, targets, dora, t4 path, grad accum, measured). Batch 1, gradient
 # checkpointing, 8-bit AdamW; "fast" = trinity_core.qdora, "peft" = PEFT's own DoRA. 48-layer rows
-# were measured directly (the 4-layer model's layers repeated), not extrapolated.
+# were measured directly (the 4-layer model's layers repeated), not extrapolated. The plain-peft
+# "fast" rows of 2026-11-25 and the H100 peft 48-layer 23.254 row ran earlier fast-DoRA versions
+# (v1/v2); on plain peft the logits peak hides the DoRA layer's transient, so they stay in the fit.
+# `python bench/estimate_check.py` prints every row with its error (kept output:
+# bench/results/2026-11-28-cpu-estimate_check.txt).
 MEASURED = [
     ('H100', 'peft', 2, 4096, 64, 'all7', 'none', False, 1, 14.358),
     ('H100', 'peft', 2, 4096, 64, 'all7', 'peft', False, 1, 14.387),
@@ -72,6 +79,68 @@ MEASURED = [
 ]
 
 
+IN_SAMPLE_TOL = 0.10
+
+# OUT-OF-SAMPLE rows: measured with the same bench/gpu_bench.py loop, not in MEASURED, so the constants
+# were not fitted on them (same tuple, plus the raw file). Only code that still runs: LoRA, PEFT's
+# DoRA and fast DoRA v3; the fast-DoRA v1/v2 rows of the raw files measure code that is gone (listed
+# by bench/estimate_check.py with that reason). Most are near neighbours of fitted rows (accumulation 4
+# where the fit has 1, 2/4 layers from another call, the other card, Unsloth's compiled mode), so they
+# test the accumulation and depth terms more than new shapes; the run_job rows below are further away.
+OUT_OF_SAMPLE = [
+    ('H100', 'peft', 2, 4096, 64, 'all7', 'none', False, 4, 14.399, '2026-11-26-h100-peft.jsonl'),
+    ('H100', 'peft', 4, 4096, 64, 'all7', 'none', False, 4, 14.776, '2026-11-26-h100-peft.jsonl'),
+    ('H100', 'peft', 4, 4096, 64, 'all7', 'none', False, 4, 14.777, '2026-11-26-h100-peft48*.jsonl'),
+    ('H100', 'peft', 2, 4096, 64, 'all7', 'peft', False, 4, 14.43, '2026-11-26-h100-peft.jsonl'),
+    ('H100', 'peft', 4, 4096, 64, 'all7', 'peft', False, 4, 14.867, '2026-11-26-h100-peft.jsonl'),
+    ('H100', 'peft', 4, 4096, 64, 'all7', 'fast', False, 4, 14.78, '2026-11-26-h100-peft48-v3.jsonl'),
+    ('H100', 'unsloth', 2, 4096, 64, 'all7', 'none', False, 4, 3.723, '2026-11-26-h100-unsloth.jsonl'),
+    ('H100', 'unsloth', 4, 4096, 64, 'all7', 'none', False, 4, 4.04, '2026-11-26-h100-unsloth*.jsonl'),
+    ('H100', 'unsloth', 2, 4096, 64, 'all7', 'peft', False, 4, 6.396, '2026-11-26-h100-unsloth.jsonl'),
+    ('H100', 'unsloth', 4, 4096, 64, 'all7', 'peft', False, 4, 6.773, '2026-11-26-h100-unsloth.jsonl'),
+    ('H100', 'unsloth', 4, 4096, 64, 'all7', 'fast', False, 4, 4.048, '2026-11-26-h100-unsloth48-v3*.jsonl'),
+    ('H100', 'unsloth', 4, 4096, 64, 'all7', 'none', True, 4, 5.174, '2026-11-26-h100-unsloth48_t4*.jsonl'),
+    ('H200', 'unsloth', 4, 4096, 64, 'all7', 'none', False, 4, 4.04, '2026-11-26-h200-unsloth48-v2a.jsonl'),
+    ('H200', 'unsloth', 48, 4096, 64, 'all7', 'none', False, 4, 11.171, '2026-11-26-h200-unsloth48-v2a.jsonl'),
+    ('H200', 'unsloth+compile', 4, 4096, 64, 'all7', 'none', False, 4, 3.732, '2026-11-26-h200-compiled.jsonl'),
+]
+# estimate / measured - 1 on these rows, as measured when they were added (2026-11-28): -4.7% (Unsloth
+# bf16 fast DoRA v3, 4 layers) .. +6.5% (Unsloth compiled LoRA, which the estimate does not model),
+# median |error| 1.1%. Not ±10% by choice: this is the range they showed, rounded out to whole percents.
+OUT_OF_SAMPLE_TOL = (-0.05, 0.07)
+
+# run_job's own training loop (Unsloth backend, the T4 path: fp16 requested → fp32, eager attention,
+# batch 1 × accumulation 4, 12B shape at 4 layers, H100) in the GPU ladder test, which records the
+# job's pre-flight estimate next to its measured peak (result.json's peak_mem_gib =
+# max_memory_allocated of the process that finished). Both ladder runs (…-v3.json and …-v3-first.json)
+# measured the same peaks. Job C's rows are ~3,800 tokens (seq 4096 is the cap, not the length), the
+# seq_2048 rung's rows are cut at 2048. Tuple as above, then the raw file, then the estimate the job
+# recorded (None: pre-flight was off).
+RUN_JOB = [
+    ('H100', 'unsloth', 4, 2048, 64, 'all7', 'peft', True, 4, 5.168,
+     '2026-11-26-h100-ladder-v3.json job A, seq_2048', None),
+    ('H100', 'unsloth', 4, 2048, 64, 'all7', 'peft', True, 4, 5.168,
+     '2026-11-26-h100-ladder-v3.json job B, seq_2048', 5.51),
+    ('H100', 'unsloth', 4, 4096, 64, 'all7', 'fast', True, 4, 4.435,
+     '2026-11-26-h100-ladder-v3.json job C, recipe', 5.83),
+]
+# As measured (2026-11-28): +6.5% (PEFT's DoRA, seq 2048) and +18.2% (fast DoRA, the recipe): in
+# run_job's loop the estimate over-predicts, by more than the fit's ±10% for fast DoRA. Over-prediction
+# is the safe side for OOMs, but 18% at 4 layers is ~0.8 GiB: on a real T4 the pre-flight can skip a
+# rung that would have fit. The GPU runs listed in docs/BENCHMARKS.md would say more (48 layers, other
+# rungs). Stated as found, rounded out:
+RUN_JOB_TOL = (0.0, 0.20)
+
+# Out of memory: the peak was at least the figure given (allocated when it failed, plus the failed
+# request where the error message states both), so the estimate must be at least that.
+OOM_LOWER_BOUNDS = [
+    ('H100', 'unsloth', 48, 4096, 64, 'all7', 'peft', True, 4, 14.634,
+     '2026-11-26-h100-unsloth48_t4-v3.jsonl t4_dora_peft_acc4: oom, peak_alloc_gib at the failure'),
+    ('H100', 'unsloth', 4, 8192, 64, 'all7', 'peft', True, 4, round(7.27 + 458 / 1024, 3),
+     '2026-11-26-h100-ladder-v3.json job A, recipe: oom, 7.27 GiB allocated + 458 MiB requested'),
+]
+
+
 def _spec(seq=4096, r=64, targets="all7", dora="none", t4=False, accum=1) -> JobSpec:
     return JobSpec.model_validate({
         "model": {"max_seq_length": seq, "compute_dtype": "float16" if t4 else "bfloat16"},
@@ -80,13 +149,48 @@ def _spec(seq=4096, r=64, targets="all7", dora="none", t4=False, accum=1) -> Job
         "train": {"grad_accum": accum}})
 
 
-@pytest.mark.parametrize("row", MEASURED, ids=lambda r: f"{r[0]}-{r[1]}-L{r[2]}-s{r[3]}-r{r[4]}-{r[5]}-{r[6]}"
-                         f"{'-t4' if r[7] else ''}-acc{r[8]}")
+def estimate_gib(row) -> float:
+    """memory.estimate for a row of the lists above (a compiled-mode row is estimated as uncompiled:
+    the estimate does not model Unsloth's compile)."""
+    _, backend, layers, seq, r, targets, dora, t4, accum = row[:9]
+    return memory.estimate(dict(GEMMA3_12B, num_hidden_layers=layers), _spec(seq, r, targets, dora, t4, accum),
+                           backend.split("+")[0], fast_dora=dora != "peft").gib
+
+
+def _row_id(r) -> str:
+    return f"{r[0]}-{r[1]}-L{r[2]}-s{r[3]}-r{r[4]}-{r[5]}-{r[6]}{'-t4' if r[7] else ''}-acc{r[8]}"
+
+
+@pytest.mark.parametrize("row", MEASURED, ids=_row_id)
 def test_within_ten_percent_of_measured_peak(row):
+    """In-sample: the fit itself."""
     _, backend, layers, seq, r, targets, dora, t4, accum, measured = row
     est = memory.estimate(dict(GEMMA3_12B, num_hidden_layers=layers), _spec(seq, r, targets, dora, t4, accum),
                           backend, fast_dora=dora != "peft")
-    assert abs(est.gib / measured - 1) <= 0.10, (est.to_dict(), measured)
+    assert abs(est.gib / measured - 1) <= IN_SAMPLE_TOL, (est.to_dict(), measured)
+
+
+@pytest.mark.parametrize("row", OUT_OF_SAMPLE, ids=_row_id)
+def test_out_of_sample_rows_within_their_measured_error(row):
+    """Out-of-sample, the same benchmark loop: the tolerance is the error range these rows showed
+    when they were added (bench/results/2026-11-28-cpu-estimate_check.txt), not a target."""
+    err = estimate_gib(row) / row[9] - 1
+    assert OUT_OF_SAMPLE_TOL[0] <= err <= OUT_OF_SAMPLE_TOL[1], (row, err)
+
+
+@pytest.mark.parametrize("row", RUN_JOB, ids=lambda r: r[10])
+def test_run_job_peaks_against_the_estimate(row):
+    """Out-of-sample, run_job's own loop (the constants were fitted on bench/gpu_bench.py's loop).
+    The estimate over-predicts it; the tolerance states how far, as measured."""
+    # row[11], the estimate the job recorded, came from memory.py before the v3 recalibration (job C:
+    # 5.83 then, as memory.py at 975111f gives; 5.24 now); the error is taken with today's constants
+    err = estimate_gib(row) / row[9] - 1
+    assert RUN_JOB_TOL[0] <= err <= RUN_JOB_TOL[1], (row, err)
+
+
+@pytest.mark.parametrize("row", OOM_LOWER_BOUNDS, ids=lambda r: r[10][:40])
+def test_estimate_is_not_below_a_measured_oom(row):
+    assert estimate_gib(row) >= row[9], row
 
 
 def test_enough_variants_are_calibrated():

@@ -14,12 +14,18 @@ import pytest
 import torch
 from torch import nn
 
-from trinity_core import qdora
+from trinity_core import nf4, qdora
 from trinity_core.qdora import FastDoraLinearLayer, enable_fast_dora, linear_norm_reference
 from trinity_core.qdora_mlp import _plain_fast_dora
 
 RTOL = 2e-5
 TINY_RTOL = 1e-4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _flat_4bit_kernel():
+    """The 4-bit layers here are built directly, not through the CPU backend that does this."""
+    nf4.read_rows_flat_on_cpu()
 
 
 class Block(nn.Module):
@@ -227,15 +233,36 @@ def test_refresh_after_step_fixes_cancelled_rows_and_skips_other_optimizers():
     torch.testing.assert_close(dora._cached_norm.double()[1:], expected[1:], rtol=1e-5, atol=0)
 
 
-def test_rows_are_dequantised_in_blocks_exactly(monkeypatch):
-    ref, _ = _pair(96, 160, 96, four_bit=True)
-    monkeypatch.setattr(qdora, "CHUNK_ELEMENTS", 96 * 6)  # force many small blocks of rows
-    for m in ref.modules():
-        if hasattr(m, "lora_magnitude_vector") and "default" in m.lora_magnitude_vector:
-            base = m.get_base_layer()
-            pieces = list(qdora._weight_rows(base))
-            assert len(pieces) > 1
-            assert torch.equal(torch.cat([rows for _, rows in pieces]), _dense(base))
+# (in_features, out_features): widths that are and are not multiples of 64 and 256, and the 12B
+# Gemma-3 projections (hidden 3840 → q 4096 / kv 2048 / MLP 15360 and back).
+WIDTHS = [(96, 12), (160, 7), (192, 9), (200, 24), (320, 11), (3840, 4096), (3840, 2048), (3840, 15360),
+          (4096, 3840), (15360, 3840)]
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["absmax", "double_quant"])
+@pytest.mark.parametrize("in_features,out_features", WIDTHS, ids=[f"{i}to{o}" for i, o in WIDTHS])
+def test_rows_are_dequantised_in_blocks_exactly(monkeypatch, in_features, out_features, double_quant):
+    """Block-wise rows equal bitsandbytes' reference dequantisation (its pure-torch backend, which
+    reads the packed stream flat like the CUDA kernel) for any width, with and without double quant."""
+    import bitsandbytes as bnb
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    torch.manual_seed(in_features + out_features)
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.float32,
+                              compress_statistics=double_quant, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(out_features, in_features) * 0.05, requires_grad=False,
+                                     compress_statistics=double_quant, quant_type="nf4")
+    layer = layer.to("cpu")  # quantises
+    state = layer.weight.quant_state
+    expected = _dequantize_4bit_compute(layer.weight.data.view(torch.uint8).reshape(-1), nf4.absmax_of(state),
+                                        _get_4bit_code("nf4", "cpu"), state.blocksize, list(state.shape),
+                                        torch.float32)
+    monkeypatch.setattr(qdora, "CHUNK_ELEMENTS", max(in_features * 5, out_features * in_features // 3))
+    pieces = list(qdora._weight_rows(layer))
+    assert len(pieces) > 1 and [start for start, _ in pieces] == sorted({start for start, _ in pieces})
+    assert torch.equal(torch.cat([rows for _, rows in pieces]), expected)
+    assert torch.equal(nf4.dequantize(layer.weight.data, state, torch.float32), expected)
 
 
 @pytest.mark.parametrize("four_bit", [False, True], ids=["linear", "nf4"])
@@ -313,7 +340,7 @@ def test_tiny_model_forward_backward_and_adapter_format(tiny_spec, tmp_path):
         tiny_spec.model.name_or_path, dtype=torch.float32,
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32))
-    loaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    loaded = PeftModel.from_pretrained(nf4.exact_on_cpu(base), tmp_path / "adapter").eval()
     fast.eval()
     ids = torch.randint(7, vocab, (1, 16), generator=gen)
     with torch.no_grad():

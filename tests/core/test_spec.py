@@ -41,6 +41,18 @@ def test_all_problems_reported_at_once():
     assert "lora.r" in e.value.message
 
 
+def test_near_miss_field_names_get_a_did_you_mean_at_every_level():
+    bad = {"lora": {"rr": 8}, "train": {"learning_rat": 1e-4}, "lroa": {}, "model": {"colour": "red"}}
+    with pytest.raises(SpecError) as e:
+        parse_spec(bad)
+    found = {d["loc"]: d for d in e.value.details}
+    assert {loc: d.get("did_you_mean") for loc, d in found.items()} == {
+        "lora.rr": "lora.r", "train.learning_rat": "train.learning_rate", "lroa": "lora", "model.colour": None}
+    assert found["lora.rr"]["msg"] == "unknown field; did you mean lora.r?"
+    assert "name_or_path" in found["model.colour"]["msg"]  # no near miss: the part's fields are listed
+    assert "lora.rr: unknown field; did you mean lora.r?" in e.value.message
+
+
 def test_yaml_and_json_load_the_same(tmp_path):
     data = {"model": {"max_seq_length": 512}, "data": {"path": "x.jsonl"}, "lora": {"r": 8}}
     (tmp_path / "s.json").write_text(json.dumps(data))

@@ -118,3 +118,10 @@ def test_metrics_events_carry_progress(trained_run):
         assert key in last
     assert last["tokens_per_s"] > 0 and last["peak_mem_gib"] > 0
     assert [e.seq for e in events] == sorted(e.seq for e in events)
+
+
+def test_run_job_says_it_finished_without_a_terminal_status(trained_run):
+    """The job's one terminal status event is its owner's (the worker's transition); run_job ends on a message."""
+    result, _, events = trained_run
+    assert events[-1].type == "message" and events[-1].message == f"finished: {len(result.artifacts)} artifacts"
+    assert not [e for e in events if e.type == "status" and e.message in ("succeeded", "failed", "cancelled")]

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 
 from cli.data import add_parsers
 from tests.data.cases import rows_for, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def trinity(*argv: str) -> int:
@@ -38,6 +41,33 @@ def test_validate_exit_codes_and_human_report(tmp_path, bad_file, capsys):
     assert "6       -                        exact duplicate of line 1" in out
     assert "7       -                        invalid JSON" in out
     assert "FAILED: 7 lines, 4 valid; 3 error(s)" in out
+
+
+def test_validate_a_spec_reports_every_problem_with_a_did_you_mean(tmp_path, capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("model:\n  max_seq_length: 8\nlora:\n  rr: 8\ntrain:\n  learning_rat: 0.001\n")
+    assert trinity("validate", spec) == 1
+    out = capsys.readouterr().out
+    assert "unsupported file type" not in out
+    assert "  lora.rr                  unknown field; did you mean lora.r?" in out
+    assert "  train.learning_rat       unknown field; did you mean train.learning_rate?" in out
+    assert "  model.max_seq_length     " in out and "FAILED: 3 problem(s) in the job spec" in out
+    assert trinity("validate", ROOT / "examples" / "tiny.yaml") == 0
+    assert capsys.readouterr().out.rstrip().endswith("OK")
+
+
+def test_validate_tells_a_json_spec_from_a_json_dataset(tmp_path, capsys):
+    (tmp_path / "spec.json").write_text(json.dumps({"lora": {"rr": 8}, "train": {"max_steps": 2}}))
+    assert trinity("validate", tmp_path / "spec.json", "--json") == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["kind"] == "spec" and report["errors"] == [
+        {"loc": "lora.rr", "msg": "unknown field; did you mean lora.r?", "did_you_mean": "lora.r"}]
+    (tmp_path / "rows.json").write_text(json.dumps({"data": rows_for("medical", 3)}))  # "data" holds a list: rows
+    assert trinity("validate", tmp_path / "rows.json", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["stats"]["rows"] == 3
+    (tmp_path / "spec.txt").write_text("lora:\n  r: 8\n")  # any other name is a dataset, unless --spec
+    assert trinity("validate", tmp_path / "spec.txt") == 1 and "unsupported file type" in capsys.readouterr().err
+    assert trinity("validate", "--spec", tmp_path / "spec.txt") == 0
 
 
 def test_validate_json_and_mapping(tmp_path, capsys):

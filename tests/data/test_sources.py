@@ -42,6 +42,17 @@ def test_unreadable_json_file_is_one_error_with_its_line(tmp_path):
     assert [(e["row"], e["kind"]) for e in report.errors] == [(4, "invalid_json")]
 
 
+def test_broken_jsonl_line_is_reported_at_the_column_json_names(tmp_path):
+    cut = json.dumps(rows_for("medical", 1)[0])[:-1] + ","  # the line ends where a field should start
+    for ending in ("\n", "\r\n"):
+        (tmp_path / "d.jsonl").write_text(json.dumps(rows_for("medical", 1)[0]) + "\n" + cut + ending)
+        with pytest.raises(json.JSONDecodeError) as python:
+            json.loads(cut)
+        [error] = validate_file(tmp_path / "d.jsonl").errors
+        assert python.value.colno > 1 and error["row"] == 2
+        assert error["message"].startswith(f"invalid JSON at column {python.value.colno}: "), error
+
+
 def test_parquet_and_csv(tmp_path):
     import datasets
 

@@ -81,3 +81,29 @@ def test_gated_dora_act_matches_autograd(kind, dtype, shape):
         assert got.dtype == (dtype if name in ("e", "u") else torch.float32)
         err = ((got.double() - want).abs().max() / want.abs().max()).item()
         assert err < t, f"{name}: {err:.2e}"
+
+
+WIDTHS = [(96, 12), (160, 7), (200, 24), (3840, 4096), (3840, 2048), (3840, 15360), (4096, 3840), (15360, 3840)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("double_quant", [False, True], ids=["absmax", "double_quant"])
+@pytest.mark.parametrize("in_features,out_features", WIDTHS, ids=[f"{i}to{o}" for i, o in WIDTHS])
+def test_rows_are_dequantised_in_blocks_exactly_on_cuda(monkeypatch, in_features, out_features, double_quant, dtype):
+    """Block-wise rows on CUDA equal bitsandbytes' own whole-weight dequantisation (its CUDA kernel
+    reads the packed stream flat) for widths that are and are not multiples of 64 and 256."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    torch.manual_seed(in_features + out_features)
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=dtype,
+                              compress_statistics=double_quant, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(out_features, in_features) * 0.05, requires_grad=False,
+                                     compress_statistics=double_quant, quant_type="nf4")
+    layer = layer.cuda()
+    expected = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)
+    per_block = max(in_features * 5, out_features * in_features // 12)  # several blocks of rows
+    monkeypatch.setattr(qdora, "CHUNK_ELEMENTS", per_block // (4 if dtype.itemsize == 2 else 1))  # 16-bit: 4×
+    pieces = list(qdora._weight_rows(layer, dtype))
+    assert len(pieces) > 1
+    assert torch.equal(torch.cat([rows for _, rows in pieces]), expected)

@@ -148,6 +148,20 @@ def dataset_id(client, auth):
     return r.json()["id"]
 
 
+@pytest.fixture(autouse=True)
+def hub_cache(tmp_path_factory, monkeypatch) -> Path:
+    """An offline Hugging Face cache holding ``org/some-model`` (config and weights), the model
+    ``job_body`` names: POST /jobs refuses a model it cannot find before queueing the job."""
+    import huggingface_hub.constants
+
+    from tests.helpers import cache_hub_model
+
+    cache = tmp_path_factory.mktemp("hf-cache")
+    cache_hub_model(cache, "org/some-model", {"config.json": '{"model_type": "gemma3_text"}', "model.safetensors": ""})
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
 def job_body(dataset_id: str, **parts) -> dict:
     body = {"model": {"name_or_path": "org/some-model", "max_seq_length": 128}, "lora": {"r": 8, "alpha": 16},
             "train": {"max_steps": 3}, "export": {"merge": False, "gguf": False, "evaluate": False},

@@ -177,15 +177,32 @@ def test_create_job_commits_then_enqueues(client, auth, dataset_id, enqueued, se
 
 
 def test_bad_spec_lists_every_problem(client, auth, dataset_id):
-    body = job_body(dataset_id, lora={"r": 0, "alpha": 16, "bogus": 1}, train={"max_steps": -1})
+    body = job_body(dataset_id, lora={"r": 0, "alpha": 16, "bogus": 1, "rr": 8}, train={"max_steps": -1})
     body["data"] = {"dataset_id": "ds-missing"}
     body["model"] = {"name_or_path": "/etc", "max_seq_length": 8}
     error = assert_error(client.post("/jobs?queue=gpu.nope", headers=auth[1], json=body), 422, "invalid_spec")
     locs = {d["loc"] for d in error["details"]}
-    assert {"lora.r", "lora.bogus", "train.max_steps", "model.max_seq_length", "model.name_or_path",
+    assert {"lora.r", "lora.bogus", "lora.rr", "train.max_steps", "model.max_seq_length", "model.name_or_path",
             "data.dataset_id", "queue"} <= locs
     for loc in locs:
         assert loc in error["message"]
+    assert [d.get("did_you_mean") for d in error["details"] if d["loc"] == "lora.rr"] == ["lora.r"]
+    assert "lora.rr: unknown field; did you mean lora.r?" in error["message"]
+
+
+def test_delete_a_dataset_no_job_uses(client, session, auth, dataset_id, settings):
+    r = client.post("/datasets", headers=auth[1], files={"file": ("t.jsonl", alpaca_rows(3))})
+    unused = r.json()["id"]
+    assert (settings.datasets_dir / unused).is_dir()
+    _, other = new_tenant(session)
+    assert_error(client.delete(f"/datasets/{unused}", headers=other), 404, "not_found")
+    assert client.delete(f"/datasets/{unused}", headers=auth[1]).status_code == 204
+    assert not (settings.datasets_dir / unused).exists()
+    assert_error(client.get(f"/datasets/{unused}", headers=auth[1]), 404, "not_found")
+    crud.create_job(session=session, tenant=auth[0], spec=job_body(dataset_id), queue="gpu.default",
+                    dataset_id=dataset_id)
+    assert_error(client.delete(f"/datasets/{dataset_id}", headers=auth[1]), 409, "dataset_in_use")
+    assert client.get(f"/datasets/{dataset_id}", headers=auth[1]).status_code == 200
 
 
 def test_spec_may_not_read_server_files(client, auth):

@@ -50,6 +50,8 @@ def test_submit_wait_then_status_and_logs(live_service, tmp_path):
     events = stack.events(job_id)
     followed = [line for line in lines[3:] if " #" in line]  # not a terminal: every event is a plain line
     assert [int(line.split("#")[1].split()[0]) for line in followed] == [e["seq"] for e in events]
+    assert [line.split(maxsplit=2)[2] for line in followed].count("succeeded") == 1  # one ending, the last event
+    assert followed[-1].endswith(" succeeded") and events[-1]["data"]["status"] == "succeeded"
 
     status = trinity(stack, "status", job_id)
     assert status.returncode == 0 and "succeeded" in status.stdout and "step 2/2" in status.stdout
@@ -124,18 +126,27 @@ def test_errors_have_their_exit_codes(live_service, tmp_path):
                               env={k: v for k, v in stack.env.items() if k != "TRINITY_API_KEY"})
     assert env_less.returncode == 2 and "TRINITY_API_KEY" in env_less.stderr
 
-    bad = yaml.safe_load(spec.read_text())
-    bad["lora"]["r"] = -1
-    bad["train"]["max_steps"] = "many"
-    spec.write_text(yaml.safe_dump(bad))
-    out = trinity(stack, "submit", str(spec), "--data", str(data))
-    assert out.returncode == 4 and "invalid_spec" in out.stderr
-    assert "lora.r" in out.stderr and "train.max_steps" in out.stderr  # every problem, one per line
+    def datasets() -> set[str]:
+        return {d["id"] for d in stack.http.get("/datasets", params={"limit": 100}).json()["data"]}
 
+    before = datasets()
+    out = trinity(stack, "submit", str(spec), "--data", str(data), "--queue", "gpu.nope")  # the service refuses
+    assert out.returncode == 4 and "queue" in out.stderr and "deleted (no job uses it)" in out.stderr, out.stderr
     bad_data = tmp_path / "bad.jsonl"
     bad_data.write_bytes(alpaca_rows(5, bad=2))
     out = trinity(stack, "submit", str(spec), "--data", str(bad_data))
     assert out.returncode == 4 and "invalid" in out.stdout and "row 6" in out.stdout
+    assert "deleted (no job uses it)" in out.stderr
+
+    bad = yaml.safe_load(spec.read_text())
+    bad["lora"] = {**bad["lora"], "r": -1, "rr": 8}
+    bad["train"]["max_steps"] = "many"
+    spec.write_text(yaml.safe_dump(bad))
+    out = trinity(stack, "submit", str(spec), "--data", str(data))
+    assert out.returncode == 4 and "invalid_spec" in out.stderr and "nothing was uploaded" in out.stderr
+    assert "lora.r" in out.stderr and "train.max_steps" in out.stderr  # every problem, one per line
+    assert "lora.rr: unknown field; did you mean lora.r?" in out.stderr
+    assert "uploading" not in out.stdout and datasets() == before  # no orphan dataset from any refusal
 
     intruder = trinity(stack, "status", stack.dataset_id.replace("ds-", "ftjob-"), key=stack.other_key)
     assert intruder.returncode == 4 and "not_found" in intruder.stderr

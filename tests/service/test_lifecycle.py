@@ -47,6 +47,12 @@ def read_sse(stack: Stack, job_id: str, *, last_event_id: int | None = None, sto
     return events, end
 
 
+def endings(events: list[dict]) -> list[dict]:
+    """Status events that announce a terminal status (in their data or as their whole message)."""
+    terminal = {"succeeded", "failed", "cancelled"}
+    return [e for e in events if e["type"] == "status" and terminal & {e["data"].get("status"), e["message"]}]
+
+
 def test_full_lifecycle_survives_an_api_restart(stack):
     job = stack.submit(tiny_job(stack, stack.dataset_id, export=True, max_steps=6))
     assert job["status"] == "queued"
@@ -72,6 +78,8 @@ def test_full_lifecycle_survives_an_api_restart(stack):
     assert stack.env["TRINITY_DATA_DIR"] not in json.dumps(done)  # no server paths in the API
     statuses = [e["data"]["status"] for e in streamed if e["type"] == "status" and "status" in e["data"]]
     assert statuses == ["validating_files", "queued", "running", "succeeded"]
+    assert endings(streamed) == streamed[-1:] and done["stage"] == "done"  # one terminal event, the last
+    assert streamed[-2]["message"].startswith("finished: ")  # run_job's last word is a message
     assert [e["data"]["step"] for e in streamed if e["type"] == "metrics"] == [1, 2, 3, 4, 5, 6]
     assert [c["step"] for c in stack.http.get(f"/jobs/{job['id']}/checkpoints").json()] == [4, 6]  # newest 2 kept
 
@@ -123,6 +131,7 @@ def test_cancel_queued_and_running_jobs_and_resend_a_lost_message(stack, redis_c
     assert stack.http.get(f"/jobs/{long['id']}/checkpoints").json(), "the last checkpoint is kept"
     statuses = [e["data"]["status"] for e in stack.events(long["id"], type="status") if "status" in e["data"]]
     assert statuses[-3:] == ["running", "cancelling", "cancelled"]
+    assert [e["data"]["status"] for e in endings(stack.events(long["id"]))] == ["cancelled"]
     for job_id in (never["id"], lost["id"]):  # their messages were delivered (or lost): they never started
         events = stack.events(job_id)
         assert not any(e["data"].get("status") == "running" for e in events), events

@@ -188,6 +188,18 @@ def test_a_crash_fails_the_job_with_internal_error(fast, script):
     assert load(job_id).error["code"] == "internal_error" and "boom" in load(job_id).error["message"]
 
 
+def test_a_real_run_that_fails_has_one_terminal_event(fast, tiny_model_dir, tmp_path):
+    """The real run_job (no script): it fails in its data stage; the worker's transition is the one ending."""
+    spec = {**SPEC, "model": {"name_or_path": str(tiny_model_dir), "max_seq_length": 64},
+            "data": {"path": str(tmp_path / "missing.jsonl")}}
+    job_id = queued_job(spec)
+    assert run_task(job_id) == "failed" and load(job_id).error["code"] == "invalid_dataset"
+    recorded = events(job_id)
+    endings = [e for e in recorded if e.type == "status" and {e.data.get("status"), e.message} & {"succeeded", "failed",
+                                                                                                   "cancelled"}]
+    assert endings == recorded[-1:] and recorded[-1].data["status"] == "failed"
+
+
 def test_retryable_errors_are_retried_then_fail(fast, script):
     def fn(*_):
         raise HubDownloadError("hub unreachable")
