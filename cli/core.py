@@ -13,6 +13,16 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("tiny-model", help="write the tiny random Gemma-3 + offline tokenizer to DIR")
     p.add_argument("dir", type=Path)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--multimodal", action="store_true",
+                   help="a Gemma3ForConditionalGeneration (vision tower + projector + processor) in the layout "
+                        "of google/gemma-3-12b-it")
+    p.add_argument("--prequantized", "--quantized", action="store_true", dest="prequantized",
+                   help="with --multimodal: pre-quantised bitsandbytes NF4, like unsloth/gemma-3-12b-it-bnb-4bit")
+    p.add_argument("--text-shape", choices=("tiny", "12b"), default="tiny", help="with --multimodal")
+    p.add_argument("--vision-shape", choices=("tiny", "siglip-so400m"), default="tiny", help="with --multimodal")
+    p.add_argument("--layers", type=int, default=None, help="text layers (default: the shape's)")
+    p.add_argument("--vision-layers", type=int, default=None, help="vision layers (default: the shape's)")
+    p.add_argument("--max-shard-size", default=None, help="e.g. 5GB: a sharded checkpoint with an index")
     p.set_defaults(func=cmd_tiny_model)
 
     p = sub.add_parser("train", help="run a job spec locally: train, export, report")
@@ -23,9 +33,25 @@ def add_parsers(sub) -> None:
 
 
 def cmd_tiny_model(args) -> int:
+    if args.multimodal:
+        from trinity_core.tiny_multimodal import build_multimodal_model
+
+        path = build_multimodal_model(args.dir, quantized=args.prequantized, text_shape=args.text_shape,
+                                      vision_shape=args.vision_shape, num_hidden_layers=args.layers,
+                                      vision_layers=args.vision_layers, seed=args.seed,
+                                      max_shard_size=args.max_shard_size)
+        kind = "pre-quantised 4-bit" if args.prequantized else "16-bit"
+        print(f"Gemma3ForConditionalGeneration ({kind}, text {args.text_shape}, vision {args.vision_shape}) "
+              f"written to {path}")
+        return 0
+    if args.prequantized or args.text_shape != "tiny" or args.vision_shape != "tiny" or args.vision_layers:
+        print("error: --prequantized, --text-shape, --vision-shape and --vision-layers need --multimodal",
+              file=sys.stderr)
+        return 2
     from trinity_core.tiny import build_tiny_model
 
-    path = build_tiny_model(args.dir, seed=args.seed)
+    kwargs = {} if args.layers is None else {"num_hidden_layers": args.layers}
+    path = build_tiny_model(args.dir, seed=args.seed, max_shard_size=args.max_shard_size, **kwargs)
     print(f"tiny Gemma-3 written to {path}")
     return 0
 

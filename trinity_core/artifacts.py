@@ -15,6 +15,7 @@ name                           kind        path (relative to the workdir)
 ``adapter_config.json``        adapter     ``adapter/adapter_config.json``
 ``merged/<file>``              merged      ``merged/<file>`` (weights, config, tokenizer)
 ``model-f16.gguf``             gguf        ``gguf/model-f16.gguf`` (also q4_k_m, q5_k_m, q8_0)
+``mmproj-f16.gguf``            mmproj      ``gguf/mmproj-f16.gguf`` (vision projector of a multimodal base)
 ``Modelfile``                  modelfile   ``gguf/Modelfile``
 ``report.md``, ``report.json`` report      ``report/…``
 ``loss.png``                   plot        ``report/loss.png``
@@ -38,7 +39,7 @@ from typing import Any
 from trinity_core.errors import ArtifactError
 
 MANIFEST = "artifacts.json"
-KINDS = ("adapter", "merged", "gguf", "modelfile", "report", "plot", "result")
+KINDS = ("adapter", "merged", "gguf", "mmproj", "modelfile", "report", "plot", "result")
 
 
 def _fail(path: Path, error: OSError) -> ArtifactError:
@@ -206,7 +207,7 @@ def build_manifest(workdir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     gguf = workdir / "gguf"
     if gguf.is_dir():
         for f in sorted(gguf.glob("*.gguf")):
-            add(f, f.name, "gguf")
+            add(f, f.name, "mmproj" if f.name.startswith("mmproj") else "gguf")
         add(gguf / "Modelfile", "Modelfile", "modelfile")
     for name in ("report.md", "report.json"):
         add(workdir / "report" / name, name, "report")

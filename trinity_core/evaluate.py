@@ -47,16 +47,22 @@ def load_trained_model(base_model: str | Path, adapter_dir: str | Path, *, revis
     """The model as trained: the base loaded in 4 bits as the peft backend loads it, plus the adapter."""
     import torch
     from peft import PeftModel
-    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
+
+    from trinity_core.backends.common import quantized_load
 
     dtype = compute_dtype or (torch.bfloat16 if _cuda() else torch.float32)
-    prequantized = getattr(AutoConfig.from_pretrained(base_model, revision=revision), "quantization_config", None)
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
-                               bnb_4bit_use_double_quant=double_quant,
-                               bnb_4bit_compute_dtype=dtype) if load_in_4bit and not prequantized else None
+    # The same 4-bit settings as the peft backend: a pre-quantised base keeps its packed weights
+    # (and, multimodal, its 16-bit vision tower), a 16-bit one is quantised the same way.
+    load = quantized_load(str(base_model), revision, load_in_4bit=load_in_4bit, quant_type=quant_type,
+                          double_quant=double_quant, dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(
-        base_model, revision=revision, quantization_config=quant, dtype=dtype,
+        base_model, revision=revision, **load, dtype=dtype,
         device_map={"": 0} if _cuda() else None, attn_implementation="sdpa" if _cuda() else "eager")
+    if not _cuda():
+        from trinity_core import nf4
+
+        nf4.exact_on_cpu(model)  # else bitsandbytes scores in bf16 on AVX-512 BF16 CPUs
     return PeftModel.from_pretrained(model, str(adapter_dir)).eval()
 
 

@@ -6,6 +6,7 @@
 
     workdir/merged/   model*.safetensors (+ index), config.json, tokenizer, trinity_merge.json
     workdir/gguf/     model-f16.gguf, model-q4_k_m.gguf..., Modelfile
+                      + mmproj-f16.gguf for a multimodal base (vision tower + projector)
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def export_all(
 
     ``base_model``: the checkpoint training loaded (default ``spec.model.name_or_path``);
     ``compute_dtype``: the dtype training loaded it in (default: the backends' choice).
-    Returns ``{"merge": {...}, "gguf": {type: relative path}, "modelfile": path, "timings": {...}}``.
+    Returns ``{"merge": {...}, "gguf": {type: relative path}, "mmproj": relative path or None,
+    "modelfile": path, "timings": {...}}``.
     Raises ``ExportError`` / ``ArtifactError``; nothing half-written is left under a final name.
     """
     workdir = Path(workdir)
@@ -69,7 +71,8 @@ def export_all(
         t0 = time.monotonic()
         gguf = export_gguf(workdir / "merged", workdir / "gguf", list(ex.quantizations),
                            num_ctx=spec.model.max_seq_length, model_name=spec.name, emit=emit)
-        result["gguf"] = {q: p.relative_to(workdir).as_posix() for q, p in gguf["files"].items()}
+        result["gguf"] = {q: p.relative_to(workdir).as_posix() for q, p in gguf["files"].items() if q != "mmproj"}
+        result["mmproj"] = gguf["mmproj"].relative_to(workdir).as_posix() if gguf["mmproj"] else None
         result["gguf_info"] = gguf["info"]
         result["modelfile"] = gguf["modelfile"].relative_to(workdir).as_posix()
         result["timings"].update({f"gguf_{q}_s": s for q, s in gguf["seconds"].items()})

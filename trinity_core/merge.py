@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from trinity_core.artifacts import atomic_dir, atomic_write_json
+from trinity_core.backends.common import quantization_skip
 from trinity_core.errors import ExportError, HubDownloadError
 from trinity_core.shards import SafetensorsReader, SafetensorsWriter
 
@@ -170,7 +171,8 @@ def checkpoint_renamer(model) -> Callable[[str], str]:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightRenaming
 
-        renames = [t for t in get_model_conversion_mapping(model, add_legacy=False) if type(t) is WeightRenaming]
+        # WeightRenaming and its PrefixChange (SigLIP: vision_tower.vision_model.X -> model.vision_tower.X)
+        renames = [t for t in get_model_conversion_mapping(model, add_legacy=False) if isinstance(t, WeightRenaming)]
     except Exception:  # an internal API: without it, names are taken as they are
         renames = []
 
@@ -204,18 +206,22 @@ def nf4_roundtrip(weight, quant: Quant):
     import bitsandbytes.functional as bnbf
     import torch
 
+    from trinity_core import nf4  # dequantises flat: bitsandbytes' CPU kernel misreads some widths
+
     w = weight.to(getattr(torch, quant.dtype)).contiguous()
     packed, state = bnbf.quantize_4bit(w, blocksize=quant.blocksize, compress_statistics=quant.double_quant,
                                        quant_type=quant.quant_type)
-    return bnbf.dequantize_4bit(packed, state)
+    return nf4.dequantize(packed, state)
 
 
 def dequantize_prequantized(packed, stats: dict[str, Any]):
     """Dequantise a packed ``Params4bit`` tensor from its serialized quant-state tensors."""
     import bitsandbytes.functional as bnbf
 
+    from trinity_core import nf4
+
     state = bnbf.QuantState.from_dict({f"weight.{k}": v for k, v in stats.items()}, device=packed.device)
-    return bnbf.dequantize_4bit(packed, state)
+    return nf4.dequantize(packed, state)
 
 
 # --------------------------------------------------------------------------- output
@@ -332,7 +338,12 @@ def merge_adapter(
     meta = _meta_model(src)
     rename = checkpoint_renamer(meta)
     roundtrip = merge_into == "dequantized" and quant is not None
-    bnb_names = bnb_linear_names(meta, src_config.get("quantization_config")) if roundtrip else set()
+    # A pre-quantised base: training saw exactly its stored values (4-bit ones dequantised below, the
+    # rest as stored), so nothing is re-quantised. A 16-bit one: what bitsandbytes converted on load,
+    # with the backends' skip list (a multimodal model's vision tower and projector stay 16-bit).
+    skip = quantization_skip(src_config)
+    bnb_names = set() if not roundtrip or src_config.get("quantization_config") else \
+        bnb_linear_names(meta, {"llm_int8_skip_modules": skip} if skip else None)
     del meta
 
     counts = {"tensors": 0, "merged": 0, "dequantized": 0, "requantized": 0}
@@ -390,6 +401,8 @@ def merge_adapter(
             "seconds": round(time.monotonic() - t0, 2),
         }
         atomic_write_json(tmp / MERGE_INFO, info)
-    emit(f"merged {counts['merged']} modules into {info['source']} ({merge_into}) in {info['seconds']} s",
+    emit(f"merged {counts['merged']} LoRA modules of {adapter_dir} into the "
+         f"{'dequantised' if merge_into == 'dequantized' else 'original'} base {info['source']} → {out_dir} "
+         f"in {info['seconds']} s",
          merge_into=merge_into, dtype=info["dtype"], shards=len(shards), seconds=info["seconds"])
     return info

@@ -49,6 +49,7 @@ TOKENIZER_VOCAB_SIZE = 1024
 PAD, EOS, BOS, UNK, MASK = "<pad>", "<eos>", "<bos>", "<unk>", "<mask>"
 START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
 TURN_TOKENS = (START_OF_TURN, END_OF_TURN)
+IMAGE_TOKENS = ("<start_of_image>", "<end_of_image>", "<image_soft_token>")
 
 TINY_CONFIG: Mapping[str, Any] = MappingProxyType(
     {
@@ -77,8 +78,11 @@ def gemma3_chat_template() -> str:
 # --------------------------------------------------------------------------- tokenizer
 
 
-def _train_sentencepiece(corpus: Path, vocab_size: int, seed: int) -> bytes:
+def _train_sentencepiece(corpus: Path, vocab_size: int, seed: int, symbols: tuple[str, ...] = TURN_TOKENS) -> bytes:
     """Train a byte-fallback SentencePiece BPE model on ``corpus``; return the serialized proto.
+
+    ``symbols`` are pieces that always encode to one id each, right after ``<mask>`` (Gemma keeps
+    its turn and image markers in the SentencePiece vocabulary too).
 
     Training reads sentences from an iterator and writes to memory, so no file path ends up in the
     proto's ``trainer_spec``; with one thread and no shuffling the result is byte-reproducible.
@@ -102,7 +106,7 @@ def _train_sentencepiece(corpus: Path, vocab_size: int, seed: int) -> bytes:
         bos_piece=BOS,
         unk_piece=UNK,
         control_symbols=[MASK],
-        user_defined_symbols=list(TURN_TOKENS),  # matched in raw text -> always one id each
+        user_defined_symbols=list(symbols),  # matched in raw text -> always one id each
         byte_fallback=True,  # any text encodes, nothing becomes <unk>
         character_coverage=1.0,
         split_digits=True,
@@ -148,6 +152,8 @@ def build_tokenizer(
     corpus: str | os.PathLike[str] | None = None,
     vocab_size: int = TOKENIZER_VOCAB_SIZE,
     seed: int = 0,
+    image_tokens: bool = False,
+    chat_template: str | None = None,
 ) -> PreTrainedTokenizerFast:
     """Train the Gemma-style tokenizer offline and save it (HF files + ``tokenizer.model``) to ``out_dir``.
 
@@ -155,6 +161,12 @@ def build_tokenizer(
     ``<start_of_turn>``/``<end_of_turn>`` as special single-id tokens, the Gemma-3 chat template,
     ``add_bos_token=True``, right padding and a large ``model_max_length``. ``len(tokenizer)`` equals
     ``vocab_size`` (no tokens are added beyond the SentencePiece vocabulary).
+
+    ``image_tokens=True`` lays the tokenizer out as Gemma-3's multimodal one: ``<start_of_image>`` and
+    ``<end_of_image>`` in the SentencePiece vocabulary (Gemma: 255999, 256000), ``<image_soft_token>``
+    added right after it (Gemma: 262144 = its SentencePiece size; here ``vocab_size``), all three named
+    as the tokenizer's ``boi_token``/``eoi_token``/``image_token``; ``len(tokenizer)`` is then
+    ``vocab_size + 1``. ``chat_template`` replaces the bundled text-only template.
     """
     from tokenizers import AddedToken
     from transformers import GemmaTokenizer
@@ -162,10 +174,16 @@ def build_tokenizer(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     spm_path = out / "tokenizer.model"  # kept: llama.cpp's gemma3 converter prefers it
-    spm_path.write_bytes(_train_sentencepiece(Path(corpus) if corpus else CORPUS_PATH, vocab_size, seed))
+    symbols = TURN_TOKENS + (IMAGE_TOKENS[:2] if image_tokens else ())
+    spm_path.write_bytes(_train_sentencepiece(Path(corpus) if corpus else CORPUS_PATH, vocab_size, seed, symbols))
 
     # vocab + merges exactly as transformers would extract them from the .model file
     native = GemmaTokenizer.convert_to_native_format(vocab_file=str(spm_path))
+    special = [AddedToken(t, normalized=False, special=True) for t in symbols]
+    extra: dict[str, Any] = {}
+    if image_tokens:
+        special.append(AddedToken(IMAGE_TOKENS[2], normalized=False, special=True))
+        extra = dict(zip(("boi_token", "eoi_token", "image_token"), IMAGE_TOKENS, strict=True))
     tokenizer = GemmaTokenizer(
         vocab=native["vocab"],
         merges=native["merges"],
@@ -174,15 +192,16 @@ def build_tokenizer(
         bos_token=BOS,
         unk_token=UNK,
         mask_token=MASK,
-        additional_special_tokens=[AddedToken(t, normalized=False, special=True) for t in TURN_TOKENS],
+        additional_special_tokens=special,
         add_bos_token=True,
         add_eos_token=False,
         padding_side="right",
         model_max_length=1_000_000,
-        chat_template=gemma3_chat_template(),
+        chat_template=chat_template or gemma3_chat_template(),
+        **extra,
     )
-    if len(tokenizer) != vocab_size:  # would desync config.vocab_size and tokenizer.model
-        raise RuntimeError(f"tokenizer has {len(tokenizer)} tokens, expected {vocab_size}")
+    if len(tokenizer) != vocab_size + image_tokens:  # would desync config.vocab_size and tokenizer.model
+        raise RuntimeError(f"tokenizer has {len(tokenizer)} tokens, expected {vocab_size + image_tokens}")
     tokenizer.save_pretrained(out)
     write_added_tokens_decoder(tokenizer, out)
     return tokenizer

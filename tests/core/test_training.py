@@ -87,7 +87,9 @@ def test_adapter_reloads_with_same_logits(tiny_spec, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(
         tiny_spec.model.name_or_path, quantization_config=model.base_model.model.config.quantization_config,
         dtype=torch.float32)
-    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    from trinity_core import nf4  # as every CPU load of a 4-bit model in trinity_core
+
+    reloaded = PeftModel.from_pretrained(nf4.exact_on_cpu(base), tmp_path / "adapter").eval()
     with torch.no_grad():
         after = reloaded(ids).logits
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)

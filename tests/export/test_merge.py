@@ -23,7 +23,10 @@ def _bnb_config(dtype):
 def _load_4bit(path, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=_bnb_config(dtype), dtype=dtype)
+    from trinity_core import nf4
+
+    return nf4.exact_on_cpu(AutoModelForCausalLM.from_pretrained(path, quantization_config=_bnb_config(dtype),
+                                                                 dtype=dtype))
 
 
 def _weights(model_dir) -> dict[str, torch.Tensor]:
@@ -142,9 +145,11 @@ def test_prequantized_base_is_dequantized_from_its_quant_state(workdir, sharded_
     keys = set(_weights(bnb_dir))
     assert "model.layers.0.mlp.down_proj.weight.quant_state.bitsandbytes__nf4" in keys
     assert "model.layers.0.mlp.down_proj.weight.nested_absmax" in keys
-    out = tmp_path / "merged"
-    info = merge_adapter(workdir / "adapter", out, base_model=bnb_dir)
+    out, said = tmp_path / "merged", []
+    info = merge_adapter(workdir / "adapter", out, base_model=bnb_dir, emit=lambda message, **_: said.append(message))
     assert info["dequantized"] == 42 and info["requantized"] == 0
+    assert said[-1].startswith(  # where it went, not "into" the base (which is only read)
+        f"merged {info['merged']} LoRA modules of {workdir / 'adapter'} into the dequantised base {bnb_dir} → {out} in ")
     # the same NF4 weights as re-quantising the 16-bit base: the same merged model
     for key, value in _weights(out).items():
         assert torch.equal(value, _weights(workdir / "merged")[key]), key

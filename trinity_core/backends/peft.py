@@ -1,10 +1,17 @@
-"""transformers + bitsandbytes 4-bit NF4 + PEFT (LoRA, rsLoRA, DoRA). CPU and any GPU."""
+"""transformers + bitsandbytes 4-bit NF4 + PEFT (LoRA, rsLoRA, DoRA). CPU and any GPU.
+
+A Gemma3ForConditionalGeneration (the published Gemma-3-12B-it) loads whole, its vision tower and
+projector unquantised as the pre-quantised checkpoint stores them, and gets adapters on its language
+model only (checked after ``get_peft_model``).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from trinity_core.backends.common import compute_dtype, lora_kwargs
+from trinity_core import nf4
+from trinity_core.backends.common import (EXCLUDE_NON_LANGUAGE, check_language_only, compute_dtype, is_multimodal,
+                                          lora_kwargs, quantized_load)
 from trinity_core.spec import JobSpec
 
 
@@ -17,29 +24,27 @@ class PeftBackend:
     def load(self, spec: JobSpec) -> tuple[Any, Any]:
         import torch
         from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from trinity_core.qdora import enable_fast_dora
 
         dtype = compute_dtype(spec)
-        quant = None
-        if spec.model.load_in_4bit:
-            quant = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type=spec.model.quant_type,
-                bnb_4bit_use_double_quant=spec.model.double_quant,
-                bnb_4bit_compute_dtype=dtype,
-            )
+        load = quantized_load(spec.model.name_or_path, spec.model.revision, load_in_4bit=spec.model.load_in_4bit,
+                              quant_type=spec.model.quant_type, double_quant=spec.model.double_quant, dtype=dtype)
+        quantized = load["quantization_config"] is not None or hasattr(load["config"], "quantization_config")
         device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
         model = AutoModelForCausalLM.from_pretrained(
             spec.model.name_or_path,
             revision=spec.model.revision,
-            quantization_config=quant,
+            **load,
             dtype=dtype,
             device_map=device_map,
             attn_implementation=(spec.model.attention if spec.model.attention != "auto"
                                  else "sdpa" if torch.cuda.is_available() else "eager"),
         )
+        if quantized and device_map is None:
+            nf4.exact_on_cpu(model)  # bitsandbytes' AVX-512 CPU paths: bf16 switch, misread widths
+        # A multimodal checkpoint's directory holds its processor; the text tokenizer is in it.
         tokenizer = AutoTokenizer.from_pretrained(spec.model.name_or_path, revision=spec.model.revision)
         model.config.use_cache = False
         if spec.model.gradient_checkpointing:
@@ -47,7 +52,11 @@ class PeftBackend:
             # prepare_model_for_kbit_training it does not upcast the (tied, 1B-parameter) embedding.
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         torch.manual_seed(spec.train.seed)
-        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora_kwargs(spec)))
+        lora = lora_kwargs(spec)
+        if is_multimodal(model.config):  # the 7 names also exist in SigLIP: LoRA on the language model only
+            lora["exclude_modules"] = EXCLUDE_NON_LANGUAGE
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
+        check_language_only(model)
         self._info = {"backend": self.name, "compute_dtype": str(dtype).removeprefix("torch."),
                       "device": "cuda" if torch.cuda.is_available() else "cpu",
                       "fast_dora_layers": enable_fast_dora(model) if spec.lora.use_dora else 0}

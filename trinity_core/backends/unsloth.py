@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any
 
-from trinity_core.backends.common import compute_dtype, lora_kwargs
+from trinity_core.backends.common import check_language_only, compute_dtype, lora_kwargs
 from trinity_core.spec import JobSpec
 
 COMPILE_ENV = "UNSLOTH_COMPILE_DISABLE"
@@ -40,6 +40,14 @@ class UnslothBackend:
             dtype=dtype,
             **({"attn_implementation": spec.model.attention} if spec.model.attention != "auto" else {}),
         )
+        # For a Gemma3ForConditionalGeneration Unsloth returns its Gemma3Processor here; training and
+        # the data stage want the text tokenizer inside it.
+        from transformers import ProcessorMixin
+
+        if isinstance(tokenizer, ProcessorMixin):
+            tokenizer = tokenizer.tokenizer
+        # FastLanguageModel's get_peft_model with the 7 projection names adapts the language model
+        # only (H200, FACTS.md); FastModel's default filters would also adapt the vision tower.
         model = FastLanguageModel.get_peft_model(
             model,
             use_gradient_checkpointing="unsloth" if spec.model.gradient_checkpointing else False,
@@ -47,6 +55,7 @@ class UnslothBackend:
             max_seq_length=spec.model.max_seq_length,
             **lora_kwargs(spec),
         )
+        check_language_only(model)
         from trinity_core.qdora import enable_fast_dora
 
         fast_dora_layers = enable_fast_dora(model) if spec.lora.use_dora else 0
