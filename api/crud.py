@@ -2,7 +2,8 @@
 
 Status changes go through ``transition``: a compare-and-set UPDATE (``WHERE status = <read>``,
 optionally fenced by ``run_token``) checked against ``states.TRANSITIONS``, with the status
-event written in the same transaction. Event ``seq`` comes from ``job.last_seq`` bumped by an
+event and the webhook deliveries it causes (``api.webhooks``, the outbox) written in the same
+transaction. Event ``seq`` comes from ``job.last_seq`` bumped by an
 ``UPDATE ... RETURNING``, which also row-locks the job, so seq order is commit order per job.
 """
 
@@ -16,7 +17,8 @@ from sqlalchemy import and_, func, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from api.models import ApiKey, Dataset, Job, JobEvent, now
+from api import webhooks
+from api.models import ApiKey, Dataset, Job, JobEvent, JobOpenAI, now
 from api.security import generate_key, hash_key, same_hash
 from api.states import ACTIVE, IllegalTransition, JobStatus, can_transition, is_terminal
 
@@ -114,10 +116,11 @@ def request_hash(body: Any, *extra: Any) -> str:
 
 def create_job(
     *, session: Session, tenant: str, spec: dict[str, Any], queue: str, dataset_id: str | None,
-    idempotency_key: str | None = None, body_hash: str | None = None,
+    idempotency_key: str | None = None, body_hash: str | None = None, openai: dict[str, Any] | None = None,
 ) -> tuple[Job, bool]:
-    """Insert a job in ``validating_files``. With an idempotency key, a repeat returns the first
-    job (``created`` False); the same key with another body raises ``IdempotencyConflict``."""
+    """Insert a job in ``validating_files`` (with ``openai``: its ``JobOpenAI`` row, same transaction).
+    With an idempotency key, a repeat returns the first job (``created`` False); the same key with
+    another body raises ``IdempotencyConflict``."""
     if idempotency_key:
         existing = _by_idempotency_key(session, tenant, idempotency_key)
         if existing is not None:
@@ -133,11 +136,20 @@ def create_job(
         if existing is None:
             raise
         return _replay(existing, body_hash), False
+    if openai is not None:
+        session.add(JobOpenAI(job_id=job.id, **openai))
     _append_event(session, job.id, type="status", message="job created; validating files",
                   data={"status": S.validating_files.value})
     session.commit()
     session.refresh(job)
     return job, True
+
+
+def openai_extras(*, session: Session, job_ids: list[str]) -> dict[str, JobOpenAI]:
+    """The ``JobOpenAI`` rows of these jobs (jobs created by ``POST /jobs`` have none)."""
+    if not job_ids:
+        return {}
+    return {row.job_id: row for row in session.exec(select(JobOpenAI).where(col(JobOpenAI.job_id).in_(job_ids)))}
 
 
 def _by_idempotency_key(session: Session, tenant: str, key: str) -> Job | None:
@@ -210,7 +222,11 @@ def transition(
             _append_event(session, job_id, level=level, type="status",
                           message=message or f"{current.value} -> {to.value}",
                           data={"status": to.value, "previous": current.value, **(event_data or {})})
-            session.commit()
+            tenant = session.exec(select(Job.tenant).where(Job.id == job_id)).one()
+            error = (values or {}).get("error")
+            webhooks.enqueue(session, job_id=job_id, tenant=tenant, status=to.value, previous=current.value,
+                             data={"error": error} if isinstance(error, dict) else None)
+            session.commit()  # the status, its event and its webhook deliveries (the outbox) together
             return get_job(session=session, tenant=None, job_id=job_id)
         session.rollback()
         if run_token is not None or where:
@@ -337,14 +353,19 @@ def add_event(*, session: Session, job_id: str, type: str, message: str, level: 
 
 def list_events(
     *, session: Session, job_id: str, after: int = 0, limit: int = 100,
-    levels: list[str] | None = None, types: list[str] | None = None,
+    levels: list[str] | None = None, types: list[str] | None = None, before: int | None = None,
+    newest_first: bool = False,
 ) -> tuple[list[JobEvent], bool]:
+    """Events with ``after < seq < before``, oldest first (or newest first); ``(page, has_more)``."""
     query = select(JobEvent).where(JobEvent.job_id == job_id, col(JobEvent.seq) > after)
+    if before is not None:
+        query = query.where(col(JobEvent.seq) < before)
     if levels:
         query = query.where(col(JobEvent.level).in_(levels))
     if types:
         query = query.where(col(JobEvent.type).in_(types))
-    rows = list(session.exec(query.order_by(col(JobEvent.seq)).limit(limit + 1)))
+    order = col(JobEvent.seq).desc() if newest_first else col(JobEvent.seq)
+    rows = list(session.exec(query.order_by(order).limit(limit + 1)))
     return rows[:limit], len(rows) > limit
 
 

@@ -16,7 +16,7 @@ from sqlalchemy import Engine, event
 from sqlalchemy.engine import make_url
 from sqlmodel import Session, SQLModel, create_engine
 
-from api import models  # noqa: F401  (registers the tables)
+from api import models, webhook_models  # noqa: F401  (registers the tables)
 from api.settings import get_settings
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000

@@ -1,7 +1,11 @@
-"""One error shape everywhere: ``{"error": {"code", "message", "param"[, "details"]}}``.
+"""One error shape everywhere: ``{"error": {"code", "message", "param", "type"[, "details"]}}``,
+which is also the shape OpenAI's clients read (``type`` is ``invalid_request_error`` for a 4xx,
+``server_error`` for a 5xx).
 
 Handlers cover errors raised by routes (``ApiError``, ``TrinityError``), by FastAPI itself
-(request validation, unknown routes, wrong methods) and anything unexpected (500).
+(request validation, unknown routes, wrong methods) and anything unexpected (500). Under the
+OpenAI-compatible prefix ``/v1`` a 422 is answered as 400, as OpenAI does (the SDK raises
+``BadRequestError``).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.settings import get_settings
@@ -34,6 +38,7 @@ class ErrorInfo(BaseModel):
     code: str
     message: str
     param: str | None = None
+    type: str | None = Field(None, description="invalid_request_error (4xx) or server_error (5xx), as OpenAI's")
     details: Any = None
 
 
@@ -75,34 +80,47 @@ def _loc(loc: tuple | list) -> str:
     return ".".join(parts)
 
 
-async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-    return JSONResponse(error_body(exc.code, exc.message, exc.param, exc.details), exc.status, headers=exc.headers)
+OPENAI_PREFIX = "/v1"
 
 
-async def _trinity_error(_: Request, exc: TrinityError) -> JSONResponse:
-    return JSONResponse({"error": exc.to_dict()}, 422)
+def respond(request: Request, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
+    """The error response: ``type`` added; under ``/v1`` a 422 becomes OpenAI's 400."""
+    if request.url.path.startswith(OPENAI_PREFIX + "/") and status == 422:
+        status = 400
+    body["error"].setdefault("type", "server_error" if status >= 500 else "invalid_request_error")
+    return JSONResponse(body, status, headers=headers)
 
 
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    details = [{"loc": _loc(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return respond(request, exc.status, error_body(exc.code, exc.message, exc.param, exc.details), exc.headers)
+
+
+async def _trinity_error(request: Request, exc: TrinityError) -> JSONResponse:
+    return respond(request, 422, {"error": exc.to_dict()})
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    details = [{"loc": _loc(e.get("loc", ())), "msg": e.get("msg", "").removeprefix("Value error, ")}
+               for e in exc.errors()]
     message = "; ".join(f"{d['loc']}: {d['msg']}" for d in details) or "invalid request"
-    return JSONResponse(error_body("invalid_request", message, details[0]["loc"] if details else None, details), 422)
+    return respond(request, 422, error_body("invalid_request", message, details[0]["loc"] if details else None,
+                                            details))
 
 
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     try:
         phrase = HTTPStatus(exc.status_code).phrase
     except ValueError:
         phrase = "error"
     code = phrase.lower().replace(" ", "_").replace("-", "_")
     message = exc.detail if isinstance(exc.detail, str) else phrase
-    return JSONResponse(error_body(code, message), exc.status_code, headers=getattr(exc, "headers", None))
+    return respond(request, exc.status_code, error_body(code, message), getattr(exc, "headers", None))
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     message = f"{type(exc).__name__}: {exc}" if get_settings().expose_errors else "internal server error"
-    return JSONResponse(error_body("internal_error", message), 500)
+    return respond(request, 500, error_body("internal_error", message))
 
 
 def install(app: FastAPI) -> None:

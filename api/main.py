@@ -1,5 +1,5 @@
 """Assembles the app: routers, error handlers, and a lifespan that creates tables and runs the
-reaper thread (``worker/reaper.py``). Run with ``uvicorn api.main:app`` or ``trinity serve``."""
+reaper and webhook sender threads (``worker/reaper.py``, ``worker/webhooks.py``). Run with ``uvicorn api.main:app`` or ``trinity serve``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from fastapi import Depends, FastAPI
 from api import errors
 from api.db import init_db
 from api.deps import get_tenant
-from api.routes import artifacts, dashboard, datasets, estimate, events, health, jobs
+from api.routes import (artifacts, dashboard, datasets, estimate, events, health, jobs, openai_files, openai_jobs,
+                        webhooks)
 from api.settings import get_settings
 
 
@@ -21,13 +22,17 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     settings = get_settings()
     logging.getLogger("trinity").setLevel(logging.INFO)
     init_db()
-    stop = None
+    stops = []
     if settings.reaper_enabled:
-        from worker.reaper import start_thread
+        from worker import reaper
 
-        stop = start_thread(settings)
+        stops.append(reaper.start_thread(settings))
+    if settings.webhooks_enabled:
+        from worker import webhooks
+
+        stops.append(webhooks.start_thread(settings))
     yield
-    if stop is not None:
+    for stop in stops:
         stop.set()
 
 
@@ -38,7 +43,7 @@ def create_app() -> FastAPI:
     errors.install(app)
     app.include_router(health.router)
     authed = [Depends(get_tenant)]
-    for module in (datasets, estimate, jobs, events, artifacts):
+    for module in (datasets, estimate, jobs, events, artifacts, webhooks, openai_files, openai_jobs):
         app.include_router(module.router, dependencies=authed, responses=errors.AUTHED_RESPONSES)
     app.include_router(dashboard.router)  # static pages; their script calls the API above with the key
     app.mount("/ui/static", dashboard.static_files, name="ui-static")

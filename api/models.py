@@ -12,10 +12,12 @@ from typing import Any
 
 from sqlalchemy import JSON, Column, Index, UniqueConstraint
 from sqlalchemy import Enum as SAEnum
+from pydantic import ConfigDict
 from sqlmodel import Field, SQLModel
 
 from api.errors import ErrorInfo
 from api.states import JobStatus
+from trinity_core.spec import JobSpec
 
 
 def new_id(prefix: str) -> str:
@@ -93,6 +95,16 @@ class DatasetPublic(SQLModel):
 
 # ── Jobs ─────────────────────────────────────────────────────────────────────────────────────
 
+class JobCreate(JobSpec):
+    """The body of ``POST /jobs``: a job spec (``trinity_core.spec.JobSpec``), every field with its
+    default (the seed recipe). The dataset is ``data.dataset_id`` (``POST /datasets``) or
+    ``data.hub``; the service refuses ``data.path`` (it reads no server paths)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "model": {"name_or_path": "unsloth/gemma-3-12b-it-bnb-4bit", "max_seq_length": 4096},
+        "lora": {"r": 64, "alpha": 32}, "train": {"max_steps": 60}, "data": {"dataset_id": "ds-1f0c..."}}]})
+
+
 class Job(SQLModel, table=True):
     __tablename__ = "job"
     __table_args__ = (
@@ -145,7 +157,7 @@ class JobPublic(SQLModel):
     status: JobStatus
     queue: str
     queue_position: int | None = Field(None, description="1 = next to start (queued jobs only)")
-    spec: dict[str, Any]
+    spec: dict[str, Any] = Field(description="The validated spec, every default filled in when it was submitted")
     dataset_id: str | None
     stage: str | None
     step: int | None
@@ -188,6 +200,16 @@ class JobList(SQLModel):
     object: str = "list"
     data: list[JobPublic]
     has_more: bool
+
+
+class JobOpenAI(SQLModel, table=True):
+    """What an OpenAI client sent with a job that the Trinity spec has no place for."""
+
+    __tablename__ = "job_openai"
+
+    job_id: str = Field(foreign_key="job.id", primary_key=True, max_length=40)
+    labels: dict[str, str] = Field(default_factory=dict, sa_column=Column("metadata", JSON, nullable=False))
+    hyperparameters: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
 
 
 # ── Events ───────────────────────────────────────────────────────────────────────────────────

@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     max_resumes: int = Field(5, ge=0, description="A job whose worker died more often than this fails (worker_lost).")
     cancel_poll_s: float = Field(1.0, gt=0, description="should_stop reads the cancel flag at most this often.")
     sse_poll_s: float = Field(0.5, gt=0, description="How often the event stream looks for new events.")
+    webhooks_enabled: bool = Field(True, description="Send webhook deliveries from a thread in the API process.")
+    webhook_poll_s: float = Field(1.0, gt=0, description="How often the sender looks for due deliveries.")
+    webhook_timeout_s: float = Field(10.0, gt=0, description="A receiver must answer within this.")
+    webhook_retry_s: float = Field(5.0, gt=0, description="First retry delay of a failed delivery; doubles each time.")
+    webhook_retry_max_s: float = Field(3600.0, gt=0, description="Longest delay between two tries.")
+    webhook_max_attempts: int = Field(15, ge=1, description="Tries before a delivery is marked failed (~6 h).")
     expose_errors: bool | None = Field(
         None, description="Show exception text in 500 responses; default: in development only.")
 

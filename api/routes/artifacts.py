@@ -37,7 +37,11 @@ def manifest(settings: Settings, job_id: str) -> list[dict[str, Any]]:
 @router.get("/checkpoints", response_model=list[CheckpointPublic])
 def list_checkpoints(job: JobDep, settings: SettingsDep):
     """Complete checkpoints (``checkpoints/step-N``), oldest first; a resumed job starts from the newest."""
-    root = workdir(settings, job.id) / "checkpoints"
+    return checkpoints(settings, job.id)
+
+
+def checkpoints(settings: Settings, job_id: str) -> list[CheckpointPublic]:
+    root = workdir(settings, job_id) / "checkpoints"
     found = []
     if root.is_dir():
         for path in root.iterdir():

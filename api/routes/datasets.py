@@ -154,6 +154,11 @@ def get_dataset(session: SessionDep, tenant: TenantDep, dataset_id: Annotated[st
                responses={409: {"description": "A job uses the dataset"}})
 def delete_dataset(session: SessionDep, tenant: TenantDep, dataset_id: Annotated[str, PathParam()]) -> None:
     """Delete a dataset and its file; refused (409) while a job refers to it."""
+    remove_dataset(session=session, tenant=tenant, dataset_id=dataset_id)
+
+
+def remove_dataset(*, session, tenant: str, dataset_id: str) -> None:  # noqa: ANN001
+    """Delete a tenant's dataset row and its directory; 404 when missing, 409 when a job uses it."""
     import shutil
 
     dataset = crud.get_dataset(session=session, tenant=tenant, dataset_id=dataset_id)

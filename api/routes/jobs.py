@@ -2,26 +2,46 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from dataclasses import dataclass
+from typing import Annotated
 
-from fastapi import APIRouter, Body, Header, Query, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from sqlmodel import Session
+from starlette.concurrency import run_in_threadpool
 
-from api import crud
-from api.admission import admit
+from api import crud, submit
 from api.deps import JobDep, SessionDep, SettingsDep, TenantDep
 from api.errors import ApiError, ErrorResponse
-from api.models import Job, JobList, JobPublic
-from api.policy import spec_problems
-from api.settings import Settings
+from api.models import Job, JobCreate, JobList, JobPublic
 from api.states import IllegalTransition, JobStatus
-from trinity_core.errors import SpecError
-from trinity_core.spec import parse_spec
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
-SPEC_BODY = Body(description="The job spec (trinity_core.spec.JobSpec); the dataset is data.dataset_id "
-                             "from POST /datasets (or data.hub).")
+
+@dataclass
+class JobRequest:
+    """What ``checked_request`` found acceptable: the queue the job goes to."""
+
+    queue: str
+
+
+async def checked_request(
+    request: Request, session: SessionDep, tenant: TenantDep, settings: SettingsDep,
+    queue: Annotated[str | None, Query(description="GPU queue, e.g. gpu.t4")] = None,
+) -> JobRequest:
+    """Every problem of the request at once (the spec's own with "did you mean", the service
+    policy, the dataset, the queue) as one 422 ``invalid_spec``. FastAPI runs dependencies before
+    it validates the typed body, so that validation (which stops at the spec) only sees a body
+    already accepted here; a body that is not a JSON object is left to it (``invalid_request``)."""
+    queue = queue or settings.default_queue
+    try:
+        raw = await request.json()
+    except ValueError:
+        raw = None
+    if isinstance(raw, dict):
+        await run_in_threadpool(submit.check, session=session, tenant=tenant, body=raw, queue=queue,
+                                settings=settings)
+    return JobRequest(queue=queue)
 
 
 @router.post("", status_code=201, response_model=JobPublic,
@@ -30,61 +50,16 @@ SPEC_BODY = Body(description="The job spec (trinity_core.spec.JobSpec); the data
                         422: {"description": "Every problem in the spec (invalid_spec), or only the model "
                                               "cannot be found now (model_unavailable)"}})
 def create_job(
-    body: Annotated[dict[str, Any], SPEC_BODY], response: Response, session: SessionDep, tenant: TenantDep,
-    settings: SettingsDep, queue: Annotated[str | None, Query(description="GPU queue, e.g. gpu.t4")] = None,
-    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+    body: JobCreate, checked: Annotated[JobRequest, Depends(checked_request)], response: Response,
+    session: SessionDep, tenant: TenantDep, idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ):
-    """Create a fine-tuning job. The row is committed, then the job id is enqueued."""
-    queue = queue or settings.default_queue
-    dataset_id = validate_request(session=session, tenant=tenant, body=body, queue=queue, settings=settings)
-    try:
-        job, created = crud.create_job(session=session, tenant=tenant, spec=body, queue=queue,
-                                       dataset_id=dataset_id, idempotency_key=idempotency_key,
-                                       body_hash=crud.request_hash(body, queue))
-    except crud.IdempotencyConflict as conflict:
-        raise ApiError(409, "idempotency_key_reused", f"this Idempotency-Key was used for job {conflict} "
-                       "with another request body", param="Idempotency-Key") from None
-    if created:
-        admitted = admit(session=session, job=job)
-        if admitted is None:  # the reaper admitted (and enqueued) it meanwhile: answer its current row
-            job = crud.get_job(session=session, tenant=tenant, job_id=job.id) or job
-        else:
-            job = admitted
-        if admitted is not None and job.status == JobStatus.queued:
-            from worker.app import enqueue
-
-            enqueue(session=session, job=job)
-    else:
+    """Create a fine-tuning job. The stored spec is the validated one with every default filled in;
+    the row is committed, then the job id is enqueued."""
+    job, created = submit.submit(session=session, tenant=tenant, spec=body, queue=checked.queue,
+                                 idempotency_key=idempotency_key)
+    if not created:
         response.status_code = 200
     return public(session, job)
-
-
-def validate_request(*, session: Session, tenant: str, body: dict[str, Any], queue: str,
-                     settings: Settings) -> str | None:
-    """Collect every problem (spec, service policy, dataset, queue) and raise one 422."""
-    problems: list[dict[str, str]] = []
-    try:
-        parse_spec(body)
-    except SpecError as error:
-        problems += error.details or [{"loc": error.param or "(spec)", "msg": error.message}]
-    problems += spec_problems(body, settings)
-    data = body.get("data") if isinstance(body.get("data"), dict) else {}
-    dataset_id = data.get("dataset_id") if isinstance(data.get("dataset_id"), str) else None
-    if dataset_id:
-        dataset = crud.get_dataset(session=session, tenant=tenant, dataset_id=dataset_id)
-        if dataset is None:
-            problems.append({"loc": "data.dataset_id", "msg": f"no dataset {dataset_id!r}"})
-        elif not dataset.ok and not data.get("drop_invalid_rows"):
-            problems.append({"loc": "data.dataset_id", "msg": f"dataset {dataset_id} is invalid "
-                             f"({dataset.report.get('summary', 'see GET /datasets/' + dataset_id)}); fix the file "
-                             "and upload it again, or set data.drop_invalid_rows"})
-    if queue not in settings.gpu_queues:
-        problems.append({"loc": "queue", "msg": f"unknown queue; use one of {', '.join(settings.gpu_queues)}"})
-    if problems:  # model_unavailable when that is all that is wrong: the spec itself is fine
-        code = "model_unavailable" if all(p.get("code") == "model_unavailable" for p in problems) else "invalid_spec"
-        message = f"{len(problems)} problem(s): " + "; ".join(f"{p['loc']}: {p['msg']}" for p in problems)
-        raise ApiError(422, code, message, param=problems[0]["loc"], details=problems)
-    return dataset_id
 
 
 def public(session: Session, job: Job) -> JobPublic:

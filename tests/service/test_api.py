@@ -169,7 +169,10 @@ def test_create_job_commits_then_enqueues(client, auth, dataset_id, enqueued, se
     job = r.json()
     assert job["status"] == "queued" and job["queue"] == "gpu.default" and job["dataset_id"] == dataset_id
     assert job["queue_position"] >= 1 and job["created_at"] <= job["queued_at"]
-    assert job["spec"]["data"] == {"dataset_id": dataset_id}
+    # the stored spec is the validated one, every default fixed at submit time (no unset optionals)
+    assert job["spec"]["data"] == {"dataset_id": dataset_id, "split": "train", "format": "auto", "columns": {},
+                                   "eval_fraction": 0.05, "eval_min_rows": 1, "drop_invalid_rows": False}
+    assert job["spec"]["train"]["learning_rate"] == 2e-4 and job["spec"]["lora"]["use_dora"] is True
     assert enqueued[-1] == job["id"]
     events = client.get(f"/jobs/{job['id']}/events", headers=auth[1]).json()["data"]
     assert [e["data"]["status"] for e in events] == ["validating_files", "queued"]

@@ -1,0 +1,17 @@
+"""The copy-paste examples of docs/API.md, for the tests that run them."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+API_MD = Path(__file__).resolve().parents[2] / "docs" / "API.md"
+
+
+def python_block(heading: str) -> str:
+    """The first ```python block of the ``## heading`` section."""
+    text = API_MD.read_text()
+    section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match, f"no python example under '## {heading}'"
+    return match.group(1)
