@@ -104,3 +104,15 @@ class AdapterPlacementError(TrainingError):
     Gemma3ForConditionalGeneration). A text-only job must leave those exactly as published."""
 
     code = "adapter_placement"
+
+
+class ExportResourcesError(TrinityError):
+    """The job's checkpoints and export cannot fit this host: ``code`` is ``insufficient_disk`` or
+    ``insufficient_memory``. Raised by the pre-flight (``resources.check``) before training; the
+    message names what is needed, what is free, where, and which spec switch lowers it."""
+
+    code = "insufficient_disk"
+
+    def __init__(self, message: str, *, code: str = "insufficient_disk", **kw: Any):
+        super().__init__(message, **kw)
+        self.code = code

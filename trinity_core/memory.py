@@ -4,6 +4,11 @@ peak ≈ weights + adapter state + saved activations + the largest transient, wh
 
 - **weights**: 4-bit NF4 projections (½ byte a parameter + one absmax byte per 64 with double
   quantisation) and the 16-bit tied embedding; 16-bit projections when not quantised.
+- **vision** (a multimodal config only: ``vision_config``): the SigLIP vision tower and the
+  multimodal projector, loaded with the checkpoint and kept unquantised (``backends/common.py``
+  ``UNQUANTIZED``), in the compute dtype: 2 bytes a parameter (4 with ``compute_dtype: float32``).
+  Gemma-3's SigLIP-so400m + projector: 421M parameters, 0.78 GiB. Not part of the fit (the
+  measurements were text-only); counted from the config, exactly.
 - **adapter state**: LoRA A/B (+ DoRA magnitudes) in fp32 and 8-bit AdamW's two uint8 states;
   their fp32 gradients are alive at a layer's backward peak (inside the fitted constants) and, with
   gradient accumulation, also at the logits peak of plain PEFT (added then).
@@ -70,6 +75,28 @@ def _shapes(config: Any) -> dict[str, int]:
             "model_type": str(get("model_type", ""))}
 
 
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    return cfg.get(key, default) if isinstance(cfg, dict) else getattr(cfg, key, default)
+
+
+def vision_params(config: Any) -> int:
+    """Parameters of a multimodal config's vision tower + projector (0 without ``vision_config``):
+    SigLIP (patch embedding, position embedding, encoder layers, post-layernorm, the pooling head when
+    ``vision_use_head``) and Gemma-3's projector (``mm_input_projection_weight`` + its RMS norm)."""
+    v = _get(config, "vision_config")
+    if v is None:
+        return 0
+    h, i, layers = _get(v, "hidden_size"), _get(v, "intermediate_size"), _get(v, "num_hidden_layers")
+    patch, channels = _get(v, "patch_size"), _get(v, "num_channels", 3)
+    positions = (_get(v, "image_size") // patch) ** 2
+    embeddings = channels * patch * patch * h + h + positions * h
+    layer = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 2 * 2 * h  # q,k,v,o; fc1, fc2; 2 layer norms
+    head = (4 * (h * h + h) + h + 2 * h + (h * i + i) + (i * h + h)) if _get(v, "vision_use_head", False) else 0
+    text = _get(config, "text_config")
+    projector = h * _shapes(text if text is not None else config)["hidden"] + h
+    return embeddings + layers * layer + 2 * h + head + projector
+
+
 def projection_shapes(s: dict[str, int]) -> dict[str, tuple[int, int]]:
     """(in, out) of each of the 7 projections of one decoder layer."""
     h, i, q, kv = s["hidden"], s["intermediate"], s["heads"] * s["head_dim"], s["kv_heads"] * s["head_dim"]
@@ -103,6 +130,8 @@ def estimate(config: Any, spec: JobSpec, backend: str, *, bf16_supported: bool =
     linear_params = sum(i * o for i, o in proj.values())
     per_param = (0.5 + (1 / 64 if spec.model.double_quant else 4 / 64)) if spec.model.load_in_4bit else 2.0
     parts["weights"] = (L * linear_params * per_param + s["vocab"] * H * 2 * (1 if s["tied"] else 2)) / GIB
+    if vision := vision_params(config):
+        parts["vision"] = vision * (4 if spec.model.compute_dtype == "float32" else 2) / GIB
 
     trainable = L * sum(spec.lora.r * (proj[t][0] + proj[t][1]) + (proj[t][1] if dora else 0) for t in targets)
     optim = {"adamw_8bit": 2, "paged_adamw_8bit": 0, "adamw_torch": 8}[spec.train.optim]  # paged: managed memory
@@ -134,7 +163,7 @@ def estimate(config: Any, spec: JobSpec, backend: str, *, bf16_supported: bool =
         # with accumulation 1, 13.14 with 4), and the fitted constants hold them.
         parts["accumulated_grads"] = trainable * 4 / GIB
     return Estimate(sum(parts.values()), parts, {
-        "backend": backend, "activation_bytes": act, "layers": L, "seq": S, "batch": B, "r": spec.lora.r,
+        "backend": backend, "activation_bytes": act, "layers": L, "vision_params": vision, "seq": S, "batch": B, "r": spec.lora.r,
         "dora": dora, "fast_dora": fast_dora, "targets": targets,
         "transient": "logits and loss" if loss >= layer else "a layer's recompute and backward"})
 

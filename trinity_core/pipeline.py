@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trinity_core import backends, model_config, oom
+from trinity_core import backends, model_config, oom, resources
 from trinity_core.artifacts import atomic_write_json, build_manifest, read_json, write_manifest
 from trinity_core.data import fit_to_length, prepare_data
 from trinity_core.evaluate import evaluate_job
@@ -49,6 +49,7 @@ class JobResult:
     export: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
     artifacts: list[dict[str, Any]] = field(default_factory=list)
+    resources: dict[str, Any] = field(default_factory=dict)  # pre-flight: export disk/RAM needed vs free
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,8 +62,11 @@ def run_job(
     *,
     should_stop: Callable[[], bool] | None = None,
     on_step: Callable[[int], None] | None = None,
+    host_free: resources.HostFree | None = None,
 ) -> JobResult:
-    """Run one fine-tuning job in ``workdir``. Raises a ``TrinityError`` on failure."""
+    """Run one fine-tuning job in ``workdir``. Raises a ``TrinityError`` on failure.
+
+    ``host_free``: the free disk and RAM the resource pre-flight compares with (tests); default: measured."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     emit = Emitter(on_event)
@@ -80,10 +84,16 @@ def run_job(
     emit(f"data: {len(data.train)} train rows, {len(data.eval)} eval rows ({data.format})",
          rows=len(data.train), eval_rows=len(data.eval), format=data.format, sha256=data.sha256)
     timings["data_s"] = round(time.monotonic() - t0, 2)
+    # before training: a job whose export cannot fit the disk or RAM fails now (ExportResourcesError)
+    longest = max((len(ids) for ids in data.eval["input_ids"]), default=None) if len(data.eval) else None
+    host = resources.preflight(spec, workdir, eval_tokens=longest, free=host_free)
+    emit(f"host resources: export needs {host['estimate']['disk_total'] / 1e9:.2f} GB disk "
+         f"({host['free']['disk'] / 1e9:.2f} GB free), peak {host['estimate']['peak_ram'] / 1e9:.2f} GB RAM "
+         f"in {host['estimate']['peak_stage']} ({host['free']['ram'] / 1e9:.2f} GB available)", **host)
 
     emit.status("training", stage="train", backend=backend.name)
     t0 = time.monotonic()
-    rung, outcome, attempts = train_with_ladder(spec, backend, data.train, workdir, emit, should_stop, on_step)
+    rung, outcome, attempts, model = train_with_ladder(spec, backend, data.train, workdir, emit, should_stop, on_step)
     timings["train_s"] = round(time.monotonic() - t0, 2)
     ran = rung.settings.apply(spec)  # the spec as it actually ran, after any downgrade
 
@@ -104,6 +114,7 @@ def run_job(
               "train_rows": len(data.train), "eval_rows": len(data.eval)},
         libraries=library_versions(),
         timings=timings,
+        resources=host,
     )
     atomic_write_json(workdir / "spec.resolved.json", {"spec": result.resolved_spec, "rung": rung.name,
                                                        "libraries": result.libraries, "data": result.data})
@@ -118,7 +129,8 @@ def run_job(
         emit.status("evaluating", stage="evaluate")
         t0 = time.monotonic()
         result.report = evaluate_job(ran, workdir, export=result.export, tokenizer=tokenizer,
-                                     loss_history=outcome.loss_history, emit=emit)
+                                     loss_history=outcome.loss_history, emit=emit,
+                                     training_peak_gib=outcome.peak_mem_gib, model=model)
         timings["evaluate_s"] = round(time.monotonic() - t0, 2)
 
     atomic_write_json(workdir / "result.json", result.to_dict())
@@ -172,7 +184,7 @@ def train_with_ladder(spec, backend, train_dataset, workdir, emit, should_stop, 
             attempt.seconds = round(time.monotonic() - t0, 2)
             attempt.steps_done = outcome.global_step
             atomic_write_json(progress_file, {"rung_index": index, "attempts": [a.to_dict() for a in attempts]})
-            return rung, outcome, attempts
+            return rung, outcome, attempts, model
         # Free only here, past the except block: until it ends, the error's traceback holds the
         # failed attempt's frames (model, trainer, optimizer) and nothing could be released.
         model = tokenizer = None  # noqa: F841

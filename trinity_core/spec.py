@@ -160,6 +160,21 @@ class ExportSpec(_Part):
     evaluate: bool = Field(True, description="Base vs fine-tuned report and export fidelity.")
     eval_prompts: int = Field(4, ge=0, le=64, description="Prompts generated side by side.")
     max_new_tokens: int = Field(48, ge=1, le=2048)
+    eval_max_rows: int = Field(
+        64, ge=1, le=100_000,
+        description="Held-out rows scored per model: the first N of the seeded eval split (the side-by-side "
+        "prompts come from them too).",
+    )
+    eval_max_tokens: int = Field(
+        512, ge=16, le=131_072,
+        description="Tokens scored per held-out row (a longer row is cut, like training cuts at "
+        "max_seq_length); a longer prompt is not generated from.",
+    )
+    eval_max_seconds: float = Field(
+        900.0, gt=0, le=86_400,
+        description="Wall-clock budget for scoring and generations, shared equally by the models still to "
+        "score; each scores at least one row. The merged-weights check is not timed out.",
+    )
 
 
 class JobSpec(_Part):

@@ -346,7 +346,30 @@ def test_a_failed_attempt_is_released_before_the_next_rung_loads(tiny_spec, tmp_
     gc.disable()  # only the ladder's own gc.collect may free the cycle
     try:
         rows = Dataset.from_dict({"input_ids": [[2, 5, 6]], "assistant_masks": [[0, 1, 1]]})
-        rung, _, attempts = pipeline.train_with_ladder(spec, Backend(), rows, tmp_path, Emitter(), None, None)
+        rung, _, attempts, _ = pipeline.train_with_ladder(spec, Backend(), rows, tmp_path, Emitter(), None, None)
     finally:
         gc.enable()
     assert [a.outcome for a in attempts] == ["oom", "ok"] and rung.name == "seq_2048"
+
+
+def test_multimodal_estimate_adds_the_vision_tower():
+    """The published Gemma-3-12B-it config (multimodal): the estimate is the text-only one plus the
+    SigLIP tower + projector in 16 bits, counted from vision_config (they stay unquantised)."""
+    from trinity_core import model_config
+
+    config = model_config.load("unsloth/gemma-3-12b-it-bnb-4bit")  # the shipped published config
+    vision, text = config["vision_config"], config["text_config"]
+    h, i, p = vision["hidden_size"], vision["intermediate_size"], vision["patch_size"]
+    siglip = (3 * p * p * h + h + (vision["image_size"] // p) ** 2 * h  # patch + position embeddings
+              + vision["num_hidden_layers"] * (4 * (h * h + h) + 2 * h * i + i + h + 4 * h) + 2 * h)
+    projector = h * text["hidden_size"] + h
+    assert memory.vision_params(config) == siglip + projector == 421_290_864  # = the meta model's count
+    spec = _spec(dora="fast", t4=True, accum=4)
+    multimodal = memory.estimate(config, spec, "unsloth")
+    text_only = memory.estimate(text, spec, "unsloth")
+    assert multimodal.parts["vision"] * memory.GIB == pytest.approx((siglip + projector) * 2)  # ~0.78 GiB
+    assert multimodal.gib - text_only.gib == pytest.approx(multimodal.parts["vision"])
+    assert {k: v for k, v in multimodal.parts.items() if k != "vision"} == text_only.parts
+    assert "vision" not in text_only.parts and memory.vision_params(text) == 0
+    fp32 = memory.estimate(config, JobSpec.model_validate({"model": {"compute_dtype": "float32"}}), "unsloth")
+    assert fp32.parts["vision"] == pytest.approx(2 * multimodal.parts["vision"])

@@ -44,6 +44,17 @@ def test_export_fidelity(report):
     assert m["gguf_q4_k_m"]["loss"] == pytest.approx(tuned, abs=0.1)
 
 
+def test_caps_memory_and_merged_weights_in_the_report(report, export_spec):
+    """Defaults from the spec; the small tiny model is scored merged too, and its weights match."""
+    ex = export_spec.export
+    caps = report["caps"]
+    assert (caps["max_rows"], caps["max_tokens"], caps["max_seconds"]) == (ex.eval_max_rows, ex.eval_max_tokens,
+                                                                           ex.eval_max_seconds) == (64, 512, 900)
+    assert caps["rows_available"] == EVAL_ROWS and not caps["rows_capped"] and caps["stopped_on_time"] == []
+    assert report["skipped"] == {} and report["merged_weights"]["ok"] and report["merged_weights"]["adapted"] == 42
+    assert "load trained model" in report["memory"]["stages"] and report["memory"]["device"] == "cpu"
+
+
 def test_generations_side_by_side(report, workdir):
     rows = [json.loads(line) for line in (workdir / "data" / "eval.jsonl").read_text().splitlines()]
     gens = report["generations"]

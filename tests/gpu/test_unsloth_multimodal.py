@@ -35,7 +35,8 @@ def test_unsloth_trains_the_language_model_only(tmp_path, quantized):
     spec = load_spec(ROOT / "examples" / "tiny.yaml")
     spec.model.name_or_path, spec.model.backend = str(base), "unsloth"
     spec.train.max_steps, spec.train.save_steps = 4, 4
-    spec.export.gguf = False  # llama.cpp is not on the GPU machine; the CPU suite exports the GGUF pair
+    spec.export.gguf = False  # llama.cpp is not carried by default; the CPU suite exports the GGUF pair
+    spec.model.compute_dtype = "float16"  # the T4 path (Unsloth computes Gemma-3 in fp32), evaluate after it
     result = run_job(spec, tmp_path / "run")
     assert result.backend["backend"] == "unsloth" and result.global_step == 4
     losses = [h["loss"] for h in result.loss_history]
@@ -51,6 +52,9 @@ def test_unsloth_trains_the_language_model_only(tmp_path, quantized):
                 out.update({k: f.get_tensor(k) for k in f.keys() if any(p in k for p in NON_LANGUAGE)})
         return out
 
+    report = result.report
+    assert report["merged_weights"]["ok"], report["merged_weights"]
+    assert report["memory"]["within_training_peak"], report["memory"]
     before, after = vision(base), vision(tmp_path / "run" / "merged")
     assert before and before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
