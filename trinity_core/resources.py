@@ -378,7 +378,8 @@ def _ram_switch(stage: str) -> str:
 def preflight(spec: JobSpec, workdir: str | Path, *, eval_tokens: int | None = None,
               free: HostFree | None = None) -> dict[str, Any]:
     """:func:`check` for ``run_job``: the model's config, dtype and tokenizer files from where it
-    resolves; evaluation on a GPU when CUDA is present. Returns ``{"estimate", "free"}`` (JSON-able)."""
+    resolves; evaluation on a GPU when CUDA is present. Returns ``{"estimate", "free"}`` (JSON-able,
+    without paths)."""
     import torch
 
     from trinity_core import model_config
@@ -389,4 +390,5 @@ def preflight(spec: JobSpec, workdir: str | Path, *, eval_tokens: int | None = N
     tokenizer = sum((model_dir / f).stat().st_size for f in TOKENIZER_FILES if (model_dir / f).is_file())
     est, free = check(spec, workdir, config=config, free=free, dtype_bytes=dtype_bytes(resolved.data),
                       tokenizer_bytes=tokenizer, eval_tokens=eval_tokens, cuda=torch.cuda.is_available())
-    return {"estimate": est.to_dict(), "free": asdict(free)}
+    # the numbers only: the workdir's path is the host's business (the API shows this dict)
+    return {"estimate": est.to_dict(), "free": {k: v for k, v in asdict(free).items() if k != "where"}}

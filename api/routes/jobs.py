@@ -87,9 +87,13 @@ def get_job(session: SessionDep, job: JobDep):
 def cancel_job(session: SessionDep, job: JobDep):
     """A queued job is cancelled at once and never starts; a running one becomes ``cancelling`` and
     stops at its next step boundary, keeping its last checkpoint, then ``cancelled``."""
+    return public(session, cancel(session, job))
+
+
+def cancel(session, job):
+    """Request the cancellation (crud), or 409 ``job_finished``: shared with /v1's cancel."""
     try:
-        job = crud.request_cancel(session=session, job=job)
+        return crud.request_cancel(session=session, job=job)
     except IllegalTransition as error:
         raise ApiError(409, "job_finished", f"job {job.id} has already finished ({job.status.value})",
                        param="job_id") from error
-    return public(session, job)

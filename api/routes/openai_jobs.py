@@ -15,7 +15,7 @@ from fastapi import APIRouter, Header, Query
 
 from api import crud, submit
 from api.deps import JobDep, SessionDep, SettingsDep, TenantDep
-from api.errors import ApiError, ErrorResponse
+from api.errors import ErrorResponse
 from api.models import Job
 from api.openai_compat import (
     checkpoint_object,
@@ -29,7 +29,7 @@ from api.openai_compat import (
 )
 from api.openai_models import CheckpointList, FineTuningJob, FineTuningJobCreate, FineTuningJobList, JobEventList
 from api.routes.artifacts import checkpoints
-from api.states import IllegalTransition
+from api.routes.jobs import cancel
 from trinity_core.spec import parse_spec
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["openai"])
@@ -41,7 +41,8 @@ def _object(session, job: Job) -> FineTuningJob:  # noqa: ANN001
 
 
 @router.post("", response_model=FineTuningJob,
-             responses={400: {"model": ErrorResponse, "description": "Every problem of the request"}})
+             responses={400: {"model": ErrorResponse, "description": "Every problem of the request"},
+                        409: {"model": ErrorResponse, "description": "This Idempotency-Key was used with another body"}})
 def create_fine_tuning_job(
     body: FineTuningJobCreate, session: SessionDep, tenant: TenantDep, settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
@@ -81,12 +82,7 @@ def retrieve_fine_tuning_job(session: SessionDep, job: JobDep):
 def cancel_fine_tuning_job(session: SessionDep, job: JobDep):
     """A queued job is cancelled at once; a running one shows ``running`` until its worker stops at
     the next step boundary, then ``cancelled``."""
-    try:
-        job = crud.request_cancel(session=session, job=job)
-    except IllegalTransition as error:
-        raise ApiError(409, "job_finished", f"job {job.id} has already finished ({job.status.value})",
-                       param="job_id") from error
-    return _object(session, job)
+    return _object(session, cancel(session, job))
 
 
 @router.get("/{job_id}/events", response_model=JobEventList)

@@ -273,20 +273,48 @@ def test_api_killed_during_upload_and_download_shows_nothing_half_written(rstack
 
 # ── disk full while writing artifacts ────────────────────────────────────────────────────────
 
-def test_disk_full_while_writing_artifacts_fails_cleanly(rstack):
-    """The job's workdir is on a 6 MB tmpfs: training fits, the merged model + GGUF do not."""
+def _tmpfs_over_jobs(rstack, size: str) -> Path:
+    """A small tmpfs over jobs/ (earlier jobs' workdirs are hidden until the umount; nothing of
+    theirs is used meanwhile); skips where mounting is not allowed."""
     mount = Path(rstack.env["TRINITY_DATA_DIR"]) / "jobs"
+    mount.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode()}")
+    return mount
+
+
+def test_a_job_whose_export_cannot_fit_the_disk_is_refused_before_training(rstack):
+    """The host pre-flight (trinity_core/resources.py) sees a 6 MB disk: the job fails before any step."""
     dataset_id = upload(rstack)
     ensure_worker(rstack)
     body = tiny_job(rstack, dataset_id, export=True, max_steps=2)
-    # the job id is only known after the POST: mount a small tmpfs over jobs/ (earlier jobs' workdirs
-    # are hidden until the umount; nothing of theirs is used meanwhile)
-    mount.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode()}")
+    mount = _tmpfs_over_jobs(rstack, "6m")
     try:
         job = rstack.submit(body)
+        final = rstack.wait_status(job["id"], "failed", "succeeded")
+        error = final["error"] or {}
+        assert final["status"] == "failed" and error["code"] == "insufficient_disk", final
+        assert "export.gguf false" in error["message"] and error["param"] == "export", error
+        assert not any(e["data"].get("step") for e in rstack.events(job["id"])), "no training step ran"
+        assert rstack.env["TRINITY_DATA_DIR"] not in json.dumps(final), "no server paths in the API"
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_while_writing_artifacts_fails_cleanly(rstack):
+    """The pre-flight passes, then something else fills the disk while the job trains (6 MB left:
+    the checkpoints fit, the merged model + GGUF do not): ENOSPC in the export fails the job
+    cleanly, and every artifact listed is whole."""
+    dataset_id = upload(rstack)
+    ensure_worker(rstack)
+    body = tiny_job(rstack, dataset_id, export=True, max_steps=2)
+    mount = _tmpfs_over_jobs(rstack, "64m")
+    try:
+        job = rstack.submit(body)
+        wait_for(lambda: rstack.job(job["id"]).get("stage") in ("train", "merge", "gguf"), 300, "training")
+        free = shutil.disk_usage(mount).free
+        (mount / "filler").write_bytes(b"\0" * max(0, free - 6 * 2**20))  # another process's data
         final = rstack.wait_status(job["id"], "failed", "succeeded")
         error = final["error"] or {}
         print(f"\ndisk full: status {final['status']}, error {json.dumps(error)[:400]}")
