@@ -32,12 +32,14 @@ def admit(*, session: Session, job: Job) -> Job | None:
 
 
 def dataset_problem(*, session: Session, job: Job) -> str | None:
-    if not job.dataset_id:
-        return None
-    dataset = session.get(Dataset, job.dataset_id)
-    if dataset is None or dataset.tenant != job.tenant:
-        return f"dataset {job.dataset_id} no longer exists"
-    path = Path(dataset.path)
-    if not path.is_file() or path.stat().st_size != dataset.size_bytes:
-        return f"the stored file of dataset {job.dataset_id} is missing or changed"
+    """Why the job's training or eval dataset (``data.eval_dataset_id``) cannot be used, or None."""
+    for dataset_id in (job.dataset_id, (job.spec.get("data") or {}).get("eval_dataset_id")):
+        if not dataset_id:
+            continue
+        dataset = session.get(Dataset, dataset_id)
+        if dataset is None or dataset.tenant != job.tenant:
+            return f"dataset {dataset_id} no longer exists"
+        path = Path(dataset.path)
+        if not path.is_file() or path.stat().st_size != dataset.size_bytes:
+            return f"the stored file of dataset {dataset_id} is missing or changed"
     return None

@@ -83,6 +83,9 @@ def delete_dataset(*, session: Session, dataset: Dataset) -> bool:
     """Delete a dataset row that no job uses; False (nothing deleted) when a job refers to it."""
     if session.exec(select(Job.id).where(Job.dataset_id == dataset.id).limit(1)).first() is not None:
         return False
+    uses_as_eval = select(Job.spec).where(Job.tenant == dataset.tenant)  # data.eval_dataset_id lives in the spec
+    if any((spec.get("data") or {}).get("eval_dataset_id") == dataset.id for spec in session.exec(uses_as_eval)):
+        return False
     session.delete(dataset)
     session.commit()
     return True

@@ -192,6 +192,8 @@ def _summary(job: Job) -> dict[str, Any] | None:
     data = (result.get("resolved_spec") or {}).get("data")
     if isinstance(data, dict) and job.dataset_id:
         data = {**data, "path": None, "dataset_id": job.dataset_id}
+        if data.get("eval_path"):
+            data = {**data, "eval_path": None, "eval_dataset_id": (job.spec.get("data") or {}).get("eval_dataset_id")}
         result["resolved_spec"] = {**result["resolved_spec"], "data": data}
     return result
 

@@ -27,7 +27,8 @@ STATUS = {S.validating_files: "validating_files", S.queued: "queued", S.running:
           S.cancelling: "running", S.succeeded: "succeeded", S.failed: "failed", S.cancelled: "cancelled"}
 LEVEL = {"info": "info", "warning": "warn", "error": "error"}
 # spec fields an OpenAI request sets, reported under the request's own names
-PARAM = {"data.dataset_id": "training_file", "model.name_or_path": "model", "train.seed": "seed", "name": "suffix"}
+PARAM = {"data.dataset_id": "training_file", "data.eval_dataset_id": "validation_file", "model.name_or_path": "model",
+         "train.seed": "seed", "name": "suffix"}
 RESULTS_PREFIX = "file-results-"
 RESULTS_CSV = ("step", "train_loss", "learning_rate", "grad_norm", "tokens_per_s")
 DEFAULT_LR = TrainSpec.model_fields["learning_rate"].default
@@ -57,9 +58,6 @@ def unsupported(req: FineTuningJobCreate) -> ApiError | None:
     if req.method is not None and req.method.type != "supervised":
         return ApiError(400, "unsupported_method", f"method.type {req.method.type!r}: only supervised fine-tuning "
                         "is available", param="method.type")
-    if req.validation_file:
-        return ApiError(400, "unsupported_parameter", "validation_file is not supported: Trinity holds out "
-                        "data.eval_fraction of the training file (set it in trinity_spec)", param="validation_file")
     if req.integrations:
         return ApiError(400, "unsupported_parameter", "integrations are not supported", param="integrations")
     return None
@@ -74,6 +72,9 @@ def to_spec(req: FineTuningJobCreate, dataset: Dataset | None) -> dict[str, Any]
     part["data"].pop("path", None)
     part["data"].pop("hub", None)
     part["data"]["dataset_id"] = req.training_file
+    part["data"].pop("eval_path", None)
+    if req.validation_file:  # the eval rows: no held-out split (DataSpec refuses one asked for beside it)
+        part["data"]["eval_dataset_id"] = req.validation_file
     train = part["train"]
     if req.seed is not None:
         train["seed"] = req.seed
@@ -95,7 +96,7 @@ def to_spec(req: FineTuningJobCreate, dataset: Dataset | None) -> dict[str, Any]
 
 def _epoch_steps(n_epochs: int, dataset: Dataset, part: dict[str, dict[str, Any]]) -> int | None:
     """ceil(n_epochs × training rows / rows per step); the training rows as ``data.split_indices`` holds
-    out the eval rows. None when the spec's own values are invalid (the spec check reports them)."""
+    out the eval rows (none are held out with a validation file). None when the spec's own values are invalid (the spec check reports them)."""
     from trinity_core.data import split_indices
 
     data, train = part["data"], part["train"]
@@ -103,7 +104,7 @@ def _epoch_steps(n_epochs: int, dataset: Dataset, part: dict[str, dict[str, Any]
         rows = int((dataset.report.get("stats") or {}).get("valid_rows") or dataset.rows or 0)
         held = split_indices(rows, fraction=float(data.get("eval_fraction", DataSpec.model_fields["eval_fraction"].default)),
                              min_rows=int(data.get("eval_min_rows", DataSpec.model_fields["eval_min_rows"].default)),
-                             seed=0)[1] if rows else []
+                             seed=0)[1] if rows and not data.get("eval_dataset_id") else []
         per_step = int(train.get("batch_size", 1)) * int(train.get("grad_accum", TrainSpec.model_fields["grad_accum"].default))
     except (TypeError, ValueError):
         return None
@@ -186,6 +187,7 @@ def job_object(job: Job, extra: JobOpenAI | None) -> FineTuningJob:
         model=str((spec.get("model") or {}).get("name_or_path", "")), organization_id=job.tenant,
         result_files=[results_file_id(job)] if succeeded else [], seed=int(train.get("seed", 0)),
         status=STATUS[job.status], trained_tokens=tokens, training_file=job.dataset_id,
+        validation_file=(spec.get("data") or {}).get("eval_dataset_id"),
         estimated_finish=estimated, metadata=(extra.labels or None) if extra else None,
         method={"type": "supervised", "supervised": {"hyperparameters": hp}},
         user_provided_suffix=spec.get("name"))

@@ -63,8 +63,9 @@ class FineTuningJobCreate(BaseModel):
 
     model: str = Field(min_length=1, description="The base model: a hub id or a directory in TRINITY_MODEL_DIRS.")
     training_file: str = Field(min_length=1, description="Id of a file uploaded with purpose fine-tune.")
-    validation_file: str | None = Field(None, description="Not supported: Trinity holds out data.eval_fraction "
-                                                          "of the training file instead.")
+    validation_file: str | None = Field(None, description="Id of a file uploaded with purpose fine-tune: the eval "
+                                        "rows (data.eval_dataset_id); without it Trinity holds out "
+                                        "data.eval_fraction of the training file.")
     suffix: str | None = Field(None, max_length=64, description="Part of fine_tuned_model; stored as the spec's name.")
     seed: int | None = Field(None, description="train.seed")
     hyperparameters: Hyperparameters | None = Field(None, description="Deprecated by OpenAI in favour of method.")

@@ -2,7 +2,7 @@
 and the model it names must be there before the job is queued.
 
 A job's data comes from an uploaded dataset (``data.dataset_id``) or the hub, never a
-server path (``data.path``); a local model must sit inside one of ``TRINITY_MODEL_DIRS`` and be a
+server path (``data.path``; ``data.eval_path`` likewise: ``data.eval_dataset_id``); a local model must sit inside one of ``TRINITY_MODEL_DIRS`` and be a
 model directory; a hub model must be resolvable now (``trinity_core.model_config``).
 """
 
@@ -56,6 +56,9 @@ def spec_problems(body: dict[str, Any], settings: Settings) -> list[dict[str, st
                          "with POST /datasets and pass data.dataset_id"})
     elif not (data.get("dataset_id") or data.get("hub")):
         problems.append({"loc": "data.dataset_id", "msg": "give data.dataset_id (POST /datasets) or data.hub"})
+    if data.get("eval_path"):
+        problems.append({"loc": "data.eval_path", "msg": "the service does not read server paths: upload the eval "
+                         "file with POST /datasets and pass data.eval_dataset_id"})
     revision = model.get("revision") if isinstance(model.get("revision"), str) else None
     for loc, value, rev in (("model.name_or_path", model.get("name_or_path", DEFAULT_MODEL), revision),
                             ("export.original_model", part("export").get("original_model"), None)):

@@ -33,13 +33,15 @@ def problems(*, session: Session, tenant: str, body: dict[str, Any], queue: str,
         found += error.details or [{"loc": error.param or "(spec)", "msg": error.message}]
     found += spec_problems(body, settings)
     data = body.get("data") if isinstance(body.get("data"), dict) else {}
-    dataset_id = data.get("dataset_id") if isinstance(data.get("dataset_id"), str) else None
-    if dataset_id:
+    for loc in ("dataset_id", "eval_dataset_id"):
+        dataset_id = data.get(loc) if isinstance(data.get(loc), str) else None
+        if not dataset_id:
+            continue
         dataset = crud.get_dataset(session=session, tenant=tenant, dataset_id=dataset_id)
         if dataset is None:
-            found.append({"loc": "data.dataset_id", "msg": f"no dataset {dataset_id!r}"})
+            found.append({"loc": f"data.{loc}", "msg": f"no dataset {dataset_id!r}"})
         elif not dataset.ok and not data.get("drop_invalid_rows"):
-            found.append({"loc": "data.dataset_id", "msg": f"dataset {dataset_id} is invalid "
+            found.append({"loc": f"data.{loc}", "msg": f"dataset {dataset_id} is invalid "
                           f"({dataset.report.get('summary', 'see GET /datasets/' + dataset_id)}); fix the file "
                           "and upload it again, or set data.drop_invalid_rows"})
     if queue not in settings.gpu_queues:

@@ -19,6 +19,7 @@ name                           kind        path (relative to the workdir)
 ``Modelfile``                  modelfile   ``gguf/Modelfile``
 ``report.md``, ``report.json`` report      ``report/…``
 ``loss.png``                   plot        ``report/loss.png``
+``tensorboard/<file>``         tensorboard ``tensorboard/events.out.tfevents.…`` (``tracking.py``)
 ``result.json``                result      ``result.json``
 =============================  ==========  ===================================
 """
@@ -39,7 +40,7 @@ from typing import Any
 from trinity_core.errors import ArtifactError
 
 MANIFEST = "artifacts.json"
-KINDS = ("adapter", "merged", "gguf", "mmproj", "modelfile", "report", "plot", "result")
+KINDS = ("adapter", "merged", "gguf", "mmproj", "modelfile", "report", "plot", "tensorboard", "result")
 
 
 def _fail(path: Path, error: OSError) -> ArtifactError:
@@ -212,6 +213,10 @@ def build_manifest(workdir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     for name in ("report.md", "report.json"):
         add(workdir / "report" / name, name, "report")
     add(workdir / "report" / "loss.png", "loss.png", "plot")
+    tensorboard = workdir / "tensorboard"
+    if tensorboard.is_dir():
+        for f in sorted(tensorboard.rglob("*")):
+            add(f, f"tensorboard/{f.relative_to(tensorboard).as_posix()}", "tensorboard")
     add(workdir / "result.json", "result.json", "result")
     return rows
 

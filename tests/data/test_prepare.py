@@ -122,3 +122,50 @@ def test_mapping_problems_and_unresolved_dataset_id_are_dataset_errors(tmp_path,
     assert info.value.details[0]["field"] == "query"
     with pytest.raises(DatasetError, match="must be resolved to a file path"):
         prepare_data(JobSpec(data=DataSpec(dataset_id="ds_123")), tokenizer, tmp_path / "d", max_seq_length=512)
+
+
+def test_eval_file_is_the_eval_set_validated_like_the_training_file(tmp_path, tokenizer):
+    medical = USE_CASES["medical"][0]
+    train_path = write_jsonl(tmp_path / "train.jsonl", rows_for("medical", 8))
+    eval_path = write_jsonl(tmp_path / "eval.jsonl", [medical(100 + i) for i in range(3)])
+    spec = _spec(train_path, eval_path=str(eval_path))
+    assert (spec.data.eval_fraction, spec.data.eval_min_rows) == (0.0, 0)  # no held-out split with an eval file
+    prepared = prepare_data(spec, tokenizer, tmp_path / "d", max_seq_length=512)
+    assert (len(prepared.train), len(prepared.eval)) == (8, 3)  # every training row trains
+    held = read_jsonl(tmp_path / "d" / "eval.jsonl")
+    assert [r["messages"][0]["content"] for r in held] == [medical(100 + i)["question"] for i in range(3)]
+    assert len(read_jsonl(tmp_path / "d" / "train.jsonl")) == 8
+    assert prepared.report.stats["eval_rows"] == 3 and prepared.report.stats["eval_source"] == "eval.jsonl"
+    assert json.loads((tmp_path / "d" / "eval_report.json").read_text())["stats"]["valid_rows"] == 3
+
+    # bad eval rows fail the job, every row listed and the field named; drop_invalid_rows drops them
+    write_jsonl(eval_path, [medical(100), {"question": "q"}, {"question": 3, "answer": "a"}])
+    with pytest.raises(DatasetError) as info:
+        prepare_data(spec, tokenizer, tmp_path / "e", max_seq_length=512)
+    assert info.value.param == "data.eval_path" and info.value.message.startswith("data.eval_path: ")
+    assert [(d["row"], d["field"], d["kind"]) for d in info.value.details] == [
+        (2, "answer", "missing_field"), (3, "question", "wrong_type")]
+    dropped = prepare_data(_spec(train_path, eval_path=str(eval_path), drop_invalid_rows=True), tokenizer,
+                           tmp_path / "f", max_seq_length=512)
+    assert len(dropped.eval) == 1
+    # a missing file, and an uploaded eval dataset the service did not resolve, name their field
+    with pytest.raises(DatasetError) as info:
+        prepare_data(_spec(train_path, eval_path=str(tmp_path / "nope.jsonl")), tokenizer, tmp_path / "g",
+                     max_seq_length=512)
+    assert info.value.param == "data.eval_path" and "not found" in info.value.message
+    with pytest.raises(DatasetError) as info:
+        prepare_data(_spec(train_path, eval_dataset_id="ds-1"), tokenizer, tmp_path / "h", max_seq_length=512)
+    assert info.value.param == "data.eval_dataset_id"
+
+
+def test_eval_file_excludes_a_held_out_split():
+    from trinity_core.errors import SpecError
+    from trinity_core.spec import parse_spec
+
+    for data in ({"path": "t.jsonl", "eval_path": "e.jsonl", "eval_fraction": 0.1},
+                 {"path": "t.jsonl", "eval_dataset_id": "ds-1", "eval_min_rows": 2},
+                 {"path": "t.jsonl", "eval_path": "e.jsonl", "eval_dataset_id": "ds-1"}):
+        with pytest.raises(SpecError, match="eval_"):
+            parse_spec({"data": data})
+    spec = parse_spec({"data": {"dataset_id": "ds-1", "eval_dataset_id": "ds-2", "eval_fraction": 0}})
+    assert parse_spec(spec.model_dump(mode="json")).data == spec.data  # the stored spec parses again

@@ -125,7 +125,8 @@ def test_manifest_lists_complete_files_only(exported, report, workdir, tmp_path)
     for name, kind in expected.items():
         assert by_name[name]["kind"] == kind, name
     assert not [n for n in names if "tmp" in n]
-    assert {r["kind"] for r in rows} == set(artifacts.KINDS) - {"mmproj"}  # text-only base: no projector
+    # text-only base: no projector; no training here, so no TensorBoard files (tests/core/test_training.py)
+    assert {r["kind"] for r in rows} == set(artifacts.KINDS) - {"mmproj", "tensorboard"}
     for r in rows:
         path = wd / r["path"]
         assert r["size"] == path.stat().st_size and r["sha256"] == sha256_file(path)

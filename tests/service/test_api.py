@@ -206,6 +206,12 @@ def test_delete_a_dataset_no_job_uses(client, session, auth, dataset_id, setting
                     dataset_id=dataset_id)
     assert_error(client.delete(f"/datasets/{dataset_id}", headers=auth[1]), 409, "dataset_in_use")
     assert client.get(f"/datasets/{dataset_id}", headers=auth[1]).status_code == 200
+    # a dataset a job uses as its eval file (data.eval_dataset_id, OpenAI's validation_file) is in use too
+    eval_only = client.post("/datasets", headers=auth[1], files={"file": ("e.jsonl", alpaca_rows(3))}).json()["id"]
+    body = job_body(dataset_id)
+    body["data"] = {**body["data"], "eval_dataset_id": eval_only}
+    crud.create_job(session=session, tenant=auth[0], spec=body, queue="gpu.default", dataset_id=dataset_id)
+    assert_error(client.delete(f"/datasets/{eval_only}", headers=auth[1]), 409, "dataset_in_use")
 
 
 def test_spec_may_not_read_server_files(client, auth):

@@ -5,6 +5,7 @@ files. The official ``openai`` package drives a running service in test_openai_s
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -122,7 +123,7 @@ def test_create_maps_the_openai_request_onto_the_spec(client, auth, file_id, enq
     ({"training_file": "ds-missing"}, "training_file", "invalid_spec"),
     ({"model": "/etc"}, "model", "invalid_spec"),
     ({"method": {"type": "dpo"}}, "method.type", "unsupported_method"),
-    ({"validation_file": "ds-x"}, "validation_file", "unsupported_parameter"),
+    ({"validation_file": "ds-x"}, "validation_file", "invalid_spec"),
     ({"metadata": {"trinity_spec": "{not json"}, "trinity_spec": None}, "metadata.trinity_spec", "invalid_request"),
     ({"temperature": 1}, "temperature", "invalid_request"),
 ])
@@ -131,6 +132,37 @@ def test_bad_requests_are_400_with_the_param(client, auth, file_id, fields, para
     error = openai_error(r, 400, param, code)
     if param == "hyperparameters.n_epochs":
         assert "must be 'auto' or an integer from 1 to 100" in error["message"]
+
+
+def test_validation_file_is_the_eval_set(client, auth, file_id, session):
+    from worker.runner import claim, job_spec
+
+    eval_id = upload(client, auth[1], alpaca_rows(3), name="eval.jsonl").json()["id"]
+    r = create(client, auth[1], file_id, validation_file=eval_id, hyperparameters={"n_epochs": 1})
+    assert r.status_code == 200, r.text
+    job = r.json()
+    assert (job["training_file"], job["validation_file"]) == (file_id, eval_id)
+    spec = client.get(f"/jobs/{job['id']}", headers=auth[1]).json()["spec"]
+    assert spec["data"]["eval_dataset_id"] == eval_id
+    assert (spec["data"]["eval_fraction"], spec["data"]["eval_min_rows"]) == (0.0, 0)
+    assert spec["train"]["max_steps"] == 3  # all 12 training rows train: ceil(1 epoch × 12 rows / 4 per step)
+    # the worker reads the uploaded eval file from the server's own store
+    run = claim(job["id"], worker="w")
+    data = job_spec(run).data
+    assert data.eval_dataset_id is None and Path(data.eval_path).read_bytes() == alpaca_rows(3)
+
+    # a held-out split asked for beside it, another tenant's file, an invalid file, a results file
+    both = create(client, auth[1], file_id, validation_file=eval_id,
+                  trinity_spec={"data": {"eval_fraction": 0.2}, "train": {"max_steps": 3}})
+    assert "eval_fraction=0.2" in openai_error(both, 400, code="invalid_spec")["message"]
+    _, other = new_tenant(session)
+    theirs = upload(client, other, alpaca_rows(3)).json()["id"]
+    openai_error(create(client, auth[1], file_id, validation_file=theirs), 400, "validation_file", "invalid_spec")
+    bad = upload(client, auth[1], alpaca_rows(2, bad=1)).json()["id"]
+    error = openai_error(create(client, auth[1], file_id, validation_file=bad), 400, "validation_file", "invalid_spec")
+    assert "drop_invalid_rows" in error["message"]
+    openai_error(create(client, auth[1], file_id, validation_file=f"file-results-{job['id']}"), 400,
+                 "validation_file", "invalid_spec")
 
 
 def test_trinity_spec_problems_all_at_once_with_did_you_mean(client, auth, file_id):
