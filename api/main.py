@@ -1,5 +1,5 @@
 """Assembles the app: routers, error handlers, and a lifespan that creates tables and runs the
-reaper and webhook sender threads (``worker/reaper.py``, ``worker/webhooks.py``). Run with ``uvicorn api.main:app`` or ``trinity serve``."""
+reaper and webhook sender threads (``worker/reaper.py``, ``api/webhook_sender.py``). Run with ``uvicorn api.main:app`` or ``trinity serve``."""
 
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
 
         stops.append(reaper.start_thread(settings))
     if settings.webhooks_enabled:
-        from worker import webhooks
+        from api import webhook_sender
 
-        stops.append(webhooks.start_thread(settings))
+        stops.append(webhook_sender.start_thread(settings))
     yield
     for stop in stops:
         stop.set()

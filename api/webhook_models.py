@@ -1,7 +1,7 @@
 """Webhook endpoints and their deliveries (the outbox), and their public shapes.
 
 A delivery row is written in the same transaction as the job's status change
-(``crud.transition``), so no event is lost when a process dies; ``worker/webhooks.py`` sends it.
+(``crud.transition``), so no event is lost when a process dies; ``api/webhook_sender.py`` sends it.
 """
 
 from __future__ import annotations

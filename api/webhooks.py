@@ -2,7 +2,7 @@
 
 ``enqueue`` runs inside ``crud.transition``'s transaction: a job's state change and the deliveries
 it causes commit together, so an API or worker that dies right after cannot lose one. Senders
-(``worker/webhooks.py``, in every API process) ``claim_due`` deliveries by moving their
+(``api/webhook_sender.py``, in every API process) ``claim_due`` deliveries by moving their
 ``next_attempt_at`` forward with a compare-and-set (a lease: two senders never post the same
 attempt), then ``record`` each attempt: delivered, retried later, or given up.
 """

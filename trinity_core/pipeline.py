@@ -88,12 +88,7 @@ def run_job(
         emit(f"data: {len(data.train)} train rows, {len(data.eval)} eval rows ({data.format})",
              rows=len(data.train), eval_rows=len(data.eval), format=data.format, sha256=data.sha256)
         timings["data_s"] = round(time.monotonic() - t0, 2)
-        # before training: a job whose export cannot fit the disk or RAM fails now (ExportResourcesError)
-        longest = max((len(ids) for ids in data.eval["input_ids"]), default=None) if len(data.eval) else None
-        host = resources.preflight(spec, workdir, eval_tokens=longest, free=host_free)
-        emit(f"host resources: export needs {host['estimate']['disk_total'] / 1e9:.2f} GB disk "
-             f"({host['free']['disk'] / 1e9:.2f} GB free), peak {host['estimate']['peak_ram'] / 1e9:.2f} GB RAM "
-             f"in {host['estimate']['peak_stage']} ({host['free']['ram'] / 1e9:.2f} GB available)", **host)
+        host = check_host(spec, workdir, data.eval, emit, host_free)  # the export must fit: else fail now
 
         emit.status("training", stage="train", backend=backend.name)
         t0 = time.monotonic()
@@ -147,6 +142,19 @@ def run_job(
         return result
     finally:
         tracker.close()
+
+
+def check_host(spec, workdir, eval_rows, emit, free) -> dict[str, Any]:
+    """Before training: the export's disk and peak RAM against what the host has free; raises
+    ``ExportResourcesError`` when they cannot fit. Evaluation scores rows cut to ``eval_max_tokens``."""
+    longest = max((len(ids) for ids in eval_rows["input_ids"]), default=0) if len(eval_rows) else 0
+    tokens = min(longest, spec.export.eval_max_tokens) or None
+    host = resources.preflight(spec, workdir, eval_tokens=tokens, free=free)
+    est, have = host["estimate"], host["free"]
+    emit(f"host resources: export needs {est['disk_total'] / 1e9:.2f} GB disk ({have['disk'] / 1e9:.2f} GB free), "
+         f"peak {est['peak_ram'] / 1e9:.2f} GB RAM in {est['peak_stage']} ({have['ram'] / 1e9:.2f} GB available)",
+         **host)
+    return host
 
 
 def train_with_ladder(spec, backend, train_dataset, workdir, emit, should_stop, on_step):

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.export.export_helpers import FIDELITY, hf_logits
+from tests.export.export_helpers import FIDELITY
 from trinity_core.backends.common import NON_LANGUAGE
 from trinity_core.merge import QUANT_SUFFIXES, shard_files
 from trinity_core.tiny_multimodal import (PUBLISHED_4BIT, PUBLISHED_16BIT, VISION_SHAPES, build_multimodal_model,

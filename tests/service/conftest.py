@@ -17,7 +17,7 @@ REDIS_URL = os.environ.get("TRINITY_TEST_REDIS", "redis://127.0.0.1:6379/15")
 # Before any api/worker import: in-process apps use the test broker and no reaper thread.
 os.environ["TRINITY_BROKER_URL"] = REDIS_URL
 os.environ["TRINITY_REAPER_ENABLED"] = "false"
-os.environ["TRINITY_WEBHOOKS_ENABLED"] = "false"  # tests send deliveries themselves (worker/webhooks.py)
+os.environ["TRINITY_WEBHOOKS_ENABLED"] = "false"  # tests send deliveries themselves (api/webhook_sender.py)
 os.environ["TRINITY_GPU_QUEUES"] = "gpu.default,gpu.t4"
 os.environ["TRINITY_MAX_UPLOAD_MB"] = "1"
 os.environ["TRINITY_MAX_RETRIES"] = "1"

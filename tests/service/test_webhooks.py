@@ -8,7 +8,7 @@ import pytest
 
 from api import crud
 from api.states import JobStatus as S
-from worker.webhooks import send_due
+from api.webhook_sender import send_due
 
 from .conftest import job_body, new_tenant
 from .docs import python_block
