@@ -97,7 +97,7 @@ def to_spec(req: FineTuningJobCreate, dataset: Dataset | None) -> dict[str, Any]
 def _epoch_steps(n_epochs: int, dataset: Dataset, part: dict[str, dict[str, Any]]) -> int | None:
     """ceil(n_epochs × training rows / rows per step); the training rows as ``data.split_indices`` holds
     out the eval rows (none are held out with a validation file). None when the spec's own values are invalid (the spec check reports them)."""
-    from trinity_core.data import split_indices
+    from trinity_core.data.prepare import split_indices
 
     data, train = part["data"], part["train"]
     try:

@@ -51,7 +51,7 @@ def write_corpus(path: Path, mb: int, seed: int = 0) -> int:
 
 CHILD = """
 import json, resource, sys, time
-from trinity_core.data import validate_file
+from trinity_core.data.prepare import validate_file
 t0 = time.perf_counter()
 report = validate_file(sys.argv[1])
 seconds = time.perf_counter() - t0

@@ -37,7 +37,7 @@ def main(argv: list[str]) -> None:
         import unsloth  # noqa: F401  (before transformers)
     from trinity_core.pipeline import run_job
     from trinity_core.spec import load_spec
-    from trinity_core.tiny import build_tiny_model
+    from trinity_core.fixtures.tiny import build_tiny_model
 
     if not (a.model / "config.json").exists():
         build_tiny_model(a.model)

@@ -1,4 +1,4 @@
-"""The pre-flight memory estimate (trinity_core/memory.py) against every measured GPU peak we keep.
+"""The pre-flight memory estimate (trinity_core/train/memory.py) against every measured GPU peak we keep.
 
     python bench/estimate_check.py > bench/results/2026-11-28-cpu-estimate_check.txt
 

@@ -9,7 +9,7 @@ child process (``--child STAGE``) doing what ``export_all`` / ``evaluate_job`` d
 samples the child's whole process tree (the GGUF converter is a grandchild) every 0.1 s from /proc:
 peak summed RSS, of which anonymous, and the free disk of WORKDIR's filesystem (the lowest free
 value gives the stage's peak disk use, temp files included). ``os.wait4`` gives the largest single
-process's VmHWM. Printed per stage with ``trinity_core.resources.estimate`` for the same spec.
+process's VmHWM. Printed per stage with ``trinity_core.export.resources.estimate`` for the same spec.
 A stage reuses the previous stages' outputs, so run them in order (the default).
 """
 
@@ -47,9 +47,9 @@ def load_spec(workdir: Path, base: str | None, quantizations: list[str] | None):
 
 def run_child(stage: str, workdir: Path, spec_json: str) -> None:
     """One stage, as the pipeline runs it."""
-    from trinity_core import gguf
-    from trinity_core.export import quant_of
-    from trinity_core.merge import merge_adapter
+    from trinity_core.export import gguf
+    from trinity_core.export.run import quant_of
+    from trinity_core.export.merge import merge_adapter
     from trinity_core.spec import JobSpec
 
     spec = JobSpec.model_validate_json(spec_json)
@@ -69,7 +69,7 @@ def run_child(stage: str, workdir: Path, spec_json: str) -> None:
     elif stage == "evaluate":
         from transformers import AutoTokenizer
 
-        from trinity_core.evaluate import evaluate_job
+        from trinity_core.evaluate.run import evaluate_job
 
         export = {"merge": True, "gguf": {q: f"gguf/{gguf.gguf_name(q)}" for q in ["f16", *spec.export.quantizations]
                                           if (gdir / gguf.gguf_name(q)).is_file()}}
@@ -157,7 +157,8 @@ def main() -> None:
         run_child(args.child, args.workdir, args.spec_json)
         return
 
-    from trinity_core import model_config, resources
+    from trinity_core import model_config
+    from trinity_core.export import resources
 
     quants = args.quantizations.split(",") if args.quantizations is not None else None
     spec = load_spec(args.workdir, args.base, quants)

@@ -80,7 +80,7 @@ def build(out: Path, depths: list[int]) -> None:
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    from trinity_core.tiny import build_tokenizer
+    from trinity_core.fixtures.tiny import build_tokenizer
 
     for depth in depths:
         path = out / f"L{depth}"
@@ -147,8 +147,8 @@ def measure(model, v: dict, vocab: int, warmup: int = 2, timed: int = 4) -> dict
 
 
 def fused_mlps(model) -> int:
-    """MLPs that run fast DoRA's fused gated forward (trinity_core.qdora_mlp)."""
-    from trinity_core.qdora_mlp import gated_dora_forward
+    """MLPs that run fast DoRA's fused gated forward (trinity_core.train.fast_dora.mlp)."""
+    from trinity_core.train.fast_dora.mlp import gated_dora_forward
 
     return sum(getattr(m.__dict__.get("forward"), "__func__", None) is gated_dora_forward for m in model.modules())
 
@@ -157,7 +157,7 @@ def time_norm_refresh(opt) -> float:
     """Seconds for the fast-DoRA norm refresh an optimizer step triggers (every layer, one sync)."""
     import torch
 
-    from trinity_core.qdora import refresh_after_step
+    from trinity_core.train.fast_dora.linear import refresh_after_step
 
     refresh_after_step(opt)
     torch.cuda.synchronize()
@@ -206,7 +206,7 @@ def run_peft(model_root: Path, depths: list[int], out, deadline: float, grow_to:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from trinity_core.qdora import enable_fast_dora
+    from trinity_core.train.fast_dora.linear import enable_fast_dora
 
     for depth in depths + ([grow_to] if grow_to else []):
         src = model_root / f"L{depth if depth != grow_to else depths[-1]}"
@@ -251,7 +251,7 @@ def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_
     from unsloth import FastLanguageModel  # noqa: I001  (before transformers is used)
     import torch
 
-    from trinity_core.qdora import enable_fast_dora
+    from trinity_core.train.fast_dora.linear import enable_fast_dora
 
     todo = [dict(v, depth=d) for v in selected("unsloth") for d in depths]
     if grow_to:
@@ -300,7 +300,7 @@ def profile(model_root: Path, depth: int, out_dir: Path, grow_to: int = 0) -> No
     from torch.profiler import ProfilerActivity
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from trinity_core.qdora import enable_fast_dora
+    from trinity_core.train.fast_dora.linear import enable_fast_dora
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16)

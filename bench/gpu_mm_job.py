@@ -94,7 +94,7 @@ class StageSampler:
 
 
 def build(args: argparse.Namespace) -> None:
-    from trinity_core.tiny_multimodal import build_multimodal_model
+    from trinity_core.fixtures.tiny_multimodal import build_multimodal_model
 
     t0 = time.monotonic()
     shapes = {"12b": ("12b", "siglip-so400m"), "tiny": ("tiny", "tiny")}[args.shape]  # tiny: a CPU dry run
@@ -110,7 +110,8 @@ def run(args: argparse.Namespace) -> None:
         import unsloth  # noqa: F401  (before transformers)
     import torch
 
-    from trinity_core import memory, model_config
+    from trinity_core import model_config
+    from trinity_core.train import memory
     from trinity_core.pipeline import run_job
     from trinity_core.spec import load_spec
 

@@ -29,7 +29,7 @@ def train(out: Path) -> None:
 
     from trinity_core.pipeline import run_job
     from trinity_core.spec import load_spec
-    from trinity_core.tiny import build_tiny_model
+    from trinity_core.fixtures.tiny import build_tiny_model
 
     spec = load_spec(ROOT / "examples" / "tiny.yaml")
     spec.model.name_or_path = str(build_tiny_model(out / "tiny"))
@@ -55,7 +55,7 @@ def export(fetched: Path) -> None:
 
     from llama_cpp import Llama
 
-    from trinity_core.export import export_all
+    from trinity_core.export.run import export_all
     from trinity_core.spec import JobSpec
 
     import tarfile

@@ -42,7 +42,7 @@ def build(out: Path, layers: int, shard_bytes: int, r: int = 64) -> None:
     from safetensors.torch import save_file
     from transformers import Gemma3ForCausalLM
 
-    from trinity_core.tiny import build_tokenizer
+    from trinity_core.fixtures.tiny import build_tokenizer
 
     config = gemma_1b_config(layers)
     with torch.device("meta"):
@@ -110,7 +110,7 @@ def merge_child(base: Path, adapter: Path, out: Path) -> None:
     import torch  # noqa: F401  (import cost is part of the baseline)
     import transformers  # noqa: F401
 
-    from trinity_core.merge import merge_adapter
+    from trinity_core.export.merge import merge_adapter
 
     baseline = peak_rss()
     t0 = time.monotonic()

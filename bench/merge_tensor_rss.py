@@ -4,7 +4,7 @@
     python bench/merge_tensor_rss.py prequantized                 # packed NF4 base, dequantised
 
 Prints the bytes per element the merge adds over its input tensor (VmHWM reset via /proc/self/clear_refs);
-trinity_core.resources.MERGE_BYTES_PER_ELEMENT comes from it.
+trinity_core.export.resources.MERGE_BYTES_PER_ELEMENT comes from it.
 """
 import json
 import sys
@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
-from trinity_core.merge import Delta, Quant, nf4_roundtrip, dequantize_prequantized
+from trinity_core.export.merge import Delta, Quant, nf4_roundtrip, dequantize_prequantized
 import bitsandbytes.functional as bnbf
 
 def hwm():

@@ -34,7 +34,7 @@ def add_parsers(sub) -> None:
 
 def cmd_tiny_model(args) -> int:
     if args.multimodal:
-        from trinity_core.tiny_multimodal import build_multimodal_model
+        from trinity_core.fixtures.tiny_multimodal import build_multimodal_model
 
         path = build_multimodal_model(args.dir, quantized=args.prequantized, text_shape=args.text_shape,
                                       vision_shape=args.vision_shape, num_hidden_layers=args.layers,
@@ -48,7 +48,7 @@ def cmd_tiny_model(args) -> int:
         print("error: --prequantized, --text-shape, --vision-shape and --vision-layers need --multimodal",
               file=sys.stderr)
         return 2
-    from trinity_core.tiny import build_tiny_model
+    from trinity_core.fixtures.tiny import build_tiny_model
 
     kwargs = {} if args.layers is None else {"num_hidden_layers": args.layers}
     path = build_tiny_model(args.dir, seed=args.seed, max_shard_size=args.max_shard_size, **kwargs)

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from trinity_core.artifacts import atomic_file, atomic_write_json
-from trinity_core.data import DataReport, canonical_line, iter_examples, start_report, validate_source
+from trinity_core.data.prepare import DataReport, canonical_line, iter_examples, start_report, validate_source
 from trinity_core.errors import SpecError, TrinityError
-from trinity_core.formats import FORMATS
-from trinity_core.sources import open_source, resolve_cli_source
+from trinity_core.data.formats import FORMATS
+from trinity_core.data.sources import open_source, resolve_cli_source
 from trinity_core.spec import JobSpec, ModelSpec, load_spec
-from trinity_core.template import show_masked
+from trinity_core.data.template import show_masked
 
 DEFAULT_MAX_SEQ_LENGTH = ModelSpec.model_fields["max_seq_length"].default
 SHOWN_PER_KIND = 20  # errors of one kind printed in the human report (the JSON has up to 100)

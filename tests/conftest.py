@@ -17,7 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from trinity_core.tiny import build_tiny_model
+    from trinity_core.fixtures.tiny import build_tiny_model
 
     return Path(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
 

@@ -17,11 +17,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trinity_core import backends, model_config, oom, resources
+from trinity_core import model_config
+from trinity_core.train import backends
+from trinity_core.train import ladder as oom
+from trinity_core.export import resources
 from trinity_core.artifacts import atomic_write_json, build_manifest, read_json, write_manifest
-from trinity_core.data import fit_to_length, prepare_data
-from trinity_core.evaluate import evaluate_job
-from trinity_core.export import export_all
+from trinity_core.data.prepare import fit_to_length, prepare_data
+from trinity_core.evaluate.run import evaluate_job
+from trinity_core.export.run import export_all
 from trinity_core.errors import GpuMemoryNotReleased, JobCancelled, OOMLadderExhausted
 from trinity_core.events import Emitter, OnEvent
 from trinity_core.spec import JobSpec
@@ -159,7 +162,7 @@ def check_host(spec, workdir, eval_rows, emit, free) -> dict[str, Any]:
 
 def train_with_ladder(spec, backend, train_dataset, workdir, emit, should_stop, on_step):
     """Walk the OOM ladder: try each rung until one trains; persist progress for resume."""
-    from trinity_core.train import train
+    from trinity_core.train.trainer import train
 
     progress_file = workdir / "progress.json"
     saved = read_json(progress_file) or {}
@@ -223,7 +226,7 @@ def train_with_ladder(spec, backend, train_dataset, workdir, emit, should_stop, 
 
 def skip_by_estimate(attempt, rung, spec, backend, emit) -> bool:
     """Pre-flight: record the rung's memory estimate; mark it skipped when it cannot fit the GPU."""
-    from trinity_core import memory
+    from trinity_core.train import memory
 
     checked = memory.preflight(rung.settings.apply(spec), backend.name)
     if checked is None:  # no CUDA, or a config we cannot read: the OOM ladder alone decides

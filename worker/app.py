@@ -91,6 +91,6 @@ def _preload(**_: object) -> None:
     import peft  # noqa: F401
     import trl  # noqa: F401
 
-    import trinity_core.data  # noqa: F401
+    import trinity_core.data.prepare  # noqa: F401
     import trinity_core.pipeline  # noqa: F401
-    import trinity_core.train  # noqa: F401  (transformers)
+    import trinity_core.train.trainer  # noqa: F401  (transformers)

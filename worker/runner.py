@@ -47,7 +47,7 @@ class Run:
 
 def claim(job_id: str, *, worker: str) -> Run | None:
     """The atomic claim (queued → running); None for a duplicate, cancelled or finished job."""
-    from trinity_core.oom import Settings as LadderSettings
+    from trinity_core.train.ladder import Settings as LadderSettings
     from trinity_core.spec import parse_spec
 
     with session_scope() as session:

@@ -22,7 +22,7 @@ from api.settings import Settings
 from trinity_core.artifacts import MANIFEST, read_json
 
 router = APIRouter(prefix="/jobs/{job_id}", tags=["artifacts"])
-STEP_DIR = re.compile(r"^step-(\d+)$")  # trinity_core.train's complete-checkpoint names (without importing torch)
+STEP_DIR = re.compile(r"^step-(\d+)$")  # trinity_core.train.trainer's complete-checkpoint names (without importing torch)
 
 
 def workdir(settings: Settings, job_id: str) -> Path:

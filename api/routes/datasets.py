@@ -64,7 +64,7 @@ async def upload_dataset(request: Request, session: SessionDep, tenant: TenantDe
 
 
 def store_dataset(upload: Upload, *, session, tenant: str, settings: Settings) -> Dataset:  # noqa: ANN001
-    from trinity_core.data import validate_file
+    from trinity_core.data.prepare import validate_file
 
     options = _options(upload.fields, settings)
     try:

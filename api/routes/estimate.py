@@ -10,7 +10,9 @@ from fastapi import APIRouter, Body, Query
 from api.deps import SettingsDep
 from api.errors import ApiError
 from api.policy import model_problem
-from trinity_core import memory, model_config, oom
+from trinity_core import model_config
+from trinity_core.train import memory
+from trinity_core.train import ladder as oom
 from trinity_core.errors import ModelUnavailable, SpecError
 from trinity_core.spec import parse_spec
 

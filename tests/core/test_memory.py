@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from trinity_core import memory, oom
+from trinity_core.train import memory
+from trinity_core.train import ladder as oom
 from trinity_core.spec import ALL_PROJECTIONS, JobSpec
 
 GEMMA3_12B = dict(hidden_size=3840, intermediate_size=15360, num_attention_heads=16, num_key_value_heads=8,
@@ -12,12 +13,12 @@ GEMMA3_12B = dict(hidden_size=3840, intermediate_size=15360, num_attention_heads
                   model_type="gemma3_text")
 T4_GIB = 15.1
 
-# IN-SAMPLE rows: the constants in trinity_core/memory.py were fitted on these rows, so the ±10% check
+# IN-SAMPLE rows: the constants in trinity_core/train/memory.py were fitted on these rows, so the ±10% check
 # below shows the fit, not how well the estimate predicts a configuration it has not seen (for that,
 # see OUT_OF_SAMPLE further down). Peak max_memory_allocated (GiB) measured with bench/gpu_bench.py,
 # 2026-11-25/26 (docs/BENCHMARKS.md, raw rows in bench/results/*.jsonl):
 # (card, backend, layers, seq, r, targets, dora, t4 path, grad accum, measured). Batch 1, gradient
-# checkpointing, 8-bit AdamW; "fast" = trinity_core.qdora, "peft" = PEFT's own DoRA. 48-layer rows
+# checkpointing, 8-bit AdamW; "fast" = trinity_core.train.fast_dora.linear, "peft" = PEFT's own DoRA. 48-layer rows
 # were measured directly (the 4-layer model's layers repeated), not extrapolated. The plain-peft
 # "fast" rows of 2026-11-25 and the H100 peft 48-layer 23.254 row ran earlier fast-DoRA versions
 # (v1/v2); on plain peft the logits peak hides the DoRA layer's transient, so they stay in the fit.
@@ -337,11 +338,11 @@ def test_a_failed_attempt_is_released_before_the_next_rung_loads(tiny_spec, tmp_
     def train(model, *args, **kwargs):
         if len(loaded) == 1:
             raise torch.OutOfMemoryError("CUDA out of memory (test)")
-        from trinity_core.train import TrainOutcome
+        from trinity_core.train.trainer import TrainOutcome
 
         return TrainOutcome(stopped=False, global_step=1, resumed_from=None)
 
-    monkeypatch.setattr("trinity_core.train.train", train)
+    monkeypatch.setattr("trinity_core.train.trainer.train", train)
     spec = make_spec(tiny_spec, **{"model.max_seq_length": 4096})
     gc.disable()  # only the ladder's own gc.collect may free the cycle
     try:

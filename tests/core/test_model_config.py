@@ -11,7 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from tests.helpers import cache_hub_model
-from trinity_core import memory, model_config
+from trinity_core import model_config
+from trinity_core.train import memory
 from trinity_core.errors import ModelUnavailable
 from trinity_core.spec import DEFAULT_MODEL, JobSpec
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.helpers import make_spec
-from trinity_core import oom
+from trinity_core.train import ladder as oom
 from trinity_core.errors import OOMLadderExhausted
 from trinity_core.pipeline import run_job
 from trinity_core.spec import JobSpec
@@ -73,7 +73,7 @@ def test_memory_kept_by_a_failed_attempt_sends_the_job_to_a_fresh_process(tiny_s
     Test seam: ``oom.leftover_gib`` reports memory still held. The job stops with a retryable
     ``gpu_memory_not_released`` whose progress points at the next rung; run again (as the worker
     does, in a fresh process) it resumes there and finishes."""
-    from trinity_core import oom
+    from trinity_core.train import ladder as oom
     from trinity_core.errors import GpuMemoryNotReleased
 
     monkeypatch.setenv("TRINITY_INJECT_OOM", "1")

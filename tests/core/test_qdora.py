@@ -14,9 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from trinity_core import nf4, qdora
-from trinity_core.qdora import FastDoraLinearLayer, enable_fast_dora, linear_norm_reference
-from trinity_core.qdora_mlp import _plain_fast_dora
+from trinity_core import nf4
+from trinity_core.train.fast_dora import linear as qdora
+from trinity_core.train.fast_dora.linear import FastDoraLinearLayer, enable_fast_dora, linear_norm_reference
+from trinity_core.train.fast_dora.mlp import _plain_fast_dora
 
 RTOL = 2e-5
 TINY_RTOL = 1e-4
@@ -299,7 +300,7 @@ def test_tiny_model_forward_backward_and_adapter_format(tiny_spec, tmp_path):
     from peft import PeftModel, get_peft_model_state_dict
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from trinity_core.backends.peft import PeftBackend
+    from trinity_core.train.backends.peft import PeftBackend
 
     ref, _ = PeftBackend().load(tiny_spec)  # backends patch: undo that for the reference
     assert any(isinstance(m, FastDoraLinearLayer) for m in ref.modules())
@@ -350,7 +351,7 @@ def test_tiny_model_forward_backward_and_adapter_format(tiny_spec, tmp_path):
 def test_gated_mlp_falls_back_to_the_stock_forward_when_adapters_are_off(tiny_spec):
     """The fused MLP path only runs in plain fast-DoRA training/inference: with the adapter
     disabled (base-model evaluation) or merged it is the class's own forward, bit for bit."""
-    from trinity_core.backends.peft import PeftBackend
+    from trinity_core.train.backends.peft import PeftBackend
 
     model, _ = PeftBackend().load(tiny_spec)
     with torch.no_grad():

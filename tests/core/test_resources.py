@@ -1,4 +1,4 @@
-"""Host-resource pre-flight: disk and RAM of the export (trinity_core/resources.py)."""
+"""Host-resource pre-flight: disk and RAM of the export (trinity_core/export/resources.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from trinity_core import model_config, resources
+from trinity_core import model_config
+from trinity_core.export import resources
 from trinity_core.errors import ExportResourcesError
 from trinity_core.spec import JobSpec
 

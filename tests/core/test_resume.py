@@ -13,7 +13,7 @@ import yaml
 from tests.helpers import make_spec
 from trinity_core.errors import JobCancelled
 from trinity_core.pipeline import run_job
-from trinity_core.train import checkpoints
+from trinity_core.train.trainer import checkpoints
 
 NO_EXPORT = {"export.merge": False, "export.gguf": False, "export.evaluate": False}
 

@@ -79,7 +79,7 @@ def test_two_dataset_sources_are_refused():
 def test_attention_kernel_is_chosen_by_the_spec(tiny_spec):
     """auto leaves the backend's choice (eager on CPU); an explicit kernel reaches the model, and
     an unknown one is refused naming the field."""
-    from trinity_core.backends.peft import PeftBackend
+    from trinity_core.train.backends.peft import PeftBackend
 
     assert tiny_spec.model.attention == "auto"
     model, _ = PeftBackend().load(tiny_spec)

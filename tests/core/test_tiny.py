@@ -1,4 +1,4 @@
-"""Tests for trinity_core.tiny: the offline Gemma-3 tokenizer and the tiny random Gemma-3 model."""
+"""Tests for trinity_core.fixtures.tiny: the offline Gemma-3 tokenizer and the tiny random Gemma-3 model."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from trinity_core import tiny
+from trinity_core.fixtures import tiny
 
 TEXTS = [
     "Hello, world!",

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers import make_spec
-from trinity_core.backends.peft import PeftBackend
+from trinity_core.train.backends.peft import PeftBackend
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tests.data.cases import USE_CASES, rows_for, write_jsonl
-from trinity_core.data import validate_file
-from trinity_core.formats import resolve_mapping, to_messages
+from trinity_core.data.prepare import validate_file
+from trinity_core.data.formats import resolve_mapping, to_messages
 
 
 @pytest.mark.parametrize("case", list(USE_CASES))

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tests.data.cases import USE_CASES, rows_for, write_jsonl
-from trinity_core.data import prepare_data, read_jsonl, split_indices
+from trinity_core.data.prepare import prepare_data, read_jsonl, split_indices
 from trinity_core.errors import DatasetError
 from trinity_core.spec import DataSpec, JobSpec
 
@@ -40,7 +40,7 @@ def test_prepare_each_use_case(case, tmp_path, tokenizer):
 
 
 def test_tokens_match_the_canonical_rows(tmp_path, tokenizer):
-    from trinity_core.template import tokenize_conversation
+    from trinity_core.data.template import tokenize_conversation
 
     prepared = prepare_data(_spec(write_jsonl(tmp_path / "s.jsonl", rows_for("chat"))), tokenizer, tmp_path / "d",
                             max_seq_length=512)  # fmt: skip

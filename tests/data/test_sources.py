@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.data.cases import rows_for, write_jsonl
-from trinity_core.data import validate_file, validate_source
+from trinity_core.data.prepare import validate_file, validate_source
 from trinity_core.errors import DatasetError
-from trinity_core.sources import looks_like_hub_id, open_source, resolve_cli_source
+from trinity_core.data.sources import looks_like_hub_id, open_source, resolve_cli_source
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -121,9 +121,9 @@ HUB_SCRIPT = textwrap.dedent("""
     import datasets
     from datasets.data_files import DataFilesDict
     from datasets.packaged_modules.parquet.parquet import Parquet, ParquetConfig
-    from trinity_core.data import validate_source
+    from trinity_core.data.prepare import validate_source
     from trinity_core.errors import TrinityError
-    from trinity_core.sources import open_source
+    from trinity_core.data.sources import open_source
 
     class Hub(Parquet):
         BUILDER_CONFIGS = [ParquetConfig(name="default", data_files=DataFilesDict.from_patterns(
@@ -184,7 +184,7 @@ FAKE_HUB_SCRIPT = textwrap.dedent("""
     threading.Thread(target=server.serve_forever, daemon=True).start()
     os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{server.server_port}"
     from trinity_core.errors import HubDownloadError
-    from trinity_core.sources import open_source
+    from trinity_core.data.sources import open_source
     out = {}
     for name in ("acme/no-such-set", "acme/gated-set"):
         try:

@@ -6,8 +6,8 @@ import pytest
 
 from tests.data.cases import USE_CASES, rows_for
 from trinity_core.errors import DatasetError
-from trinity_core.formats import resolve_mapping, to_messages
-from trinity_core.template import show_masked, tokenize_conversation
+from trinity_core.data.formats import resolve_mapping, to_messages
+from trinity_core.data.template import show_masked, tokenize_conversation
 
 
 def _runs(ids, masks):

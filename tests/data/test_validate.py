@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from tests.data.cases import rows_for, write_jsonl
-from trinity_core.data import MAX_STORED_PER_KIND, validate_file
+from trinity_core.data.prepare import MAX_STORED_PER_KIND, validate_file
 
 
 def _conv(*turns: tuple[str, object]) -> dict:

@@ -27,7 +27,7 @@ def print_fidelity():
 @pytest.fixture(scope="session")
 def sharded_base(tmp_path_factory) -> Path:
     """The tiny Gemma-3 (fp32) saved in 8 shards, so the merge really goes shard by shard."""
-    from trinity_core.tiny import build_tiny_model
+    from trinity_core.fixtures.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("export-base") / "model", max_shard_size="2MB")
 
@@ -47,7 +47,7 @@ def workdir(export_spec, tmp_path_factory) -> Path:
     """A job workdir holding ``adapter/`` in PEFT format, made with the real backend's loader, and
     ``data/eval.jsonl``. A/B are stored in bf16 (as TRL leaves them when it computes in bf16), the
     DoRA magnitudes in fp32, so the merge's dtype handling is exercised too."""
-    from trinity_core.backends.peft import PeftBackend
+    from trinity_core.train.backends.peft import PeftBackend
 
     wd = tmp_path_factory.mktemp("job")
     model, _ = PeftBackend().load(export_spec)
@@ -66,7 +66,7 @@ def workdir(export_spec, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def exported(export_spec, workdir):
     """``export_all`` run once: (result, events)."""
-    from trinity_core.export import export_all
+    from trinity_core.export.run import export_all
 
     events = Events()
     result = export_all(export_spec, workdir, emit=events)
@@ -83,14 +83,14 @@ def tokenizer(sharded_base):
 @pytest.fixture(scope="session")
 def trained_model(export_spec, workdir):
     """The model as trained: 4-bit NF4 base + the adapter, fp32 compute."""
-    from trinity_core.evaluate import load_trained_model
+    from trinity_core.evaluate.run import load_trained_model
 
     return load_trained_model(export_spec.model.name_or_path, workdir / "adapter")
 
 
 @pytest.fixture(scope="session")
 def merged_model(exported, workdir):
-    from trinity_core.evaluate import load_merged_model
+    from trinity_core.evaluate.run import load_merged_model
 
     return load_merged_model(workdir / "merged")
 
@@ -108,7 +108,7 @@ def probe_ids(tokenizer) -> list[int]:
 @pytest.fixture(scope="session")
 def report(exported, workdir, tokenizer, export_spec):
     """The report stage as the pipeline runs it, after the export."""
-    from trinity_core.evaluate import evaluate_job
+    from trinity_core.evaluate.run import evaluate_job
 
     result, _ = exported
     history = [{"step": s, "loss": 7.0 * 0.9**s, "lr": 2e-3 * min(1, s / 2)} for s in range(1, 31)]

@@ -79,8 +79,8 @@ def test_atomic_dir_replaces_only_when_complete(tmp_path):
 
 
 def test_merge_on_a_full_disk_is_an_artifact_error(workdir, sharded_base, tmp_path, monkeypatch):
-    from trinity_core import shards
-    from trinity_core.merge import merge_adapter
+    from trinity_core.export import shards
+    from trinity_core.export.merge import merge_adapter
 
     written = []
     real_write = shards.SafetensorsWriter.write

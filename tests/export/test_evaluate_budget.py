@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.export.export_helpers import EVAL_ROWS, perturb_adapter
-from trinity_core import evaluate as ev
-from trinity_core.eval_budget import Caps, Clock, Stages
-from trinity_core.merge import shard_files
-from trinity_core.merge_check import check_merged_weights
+from trinity_core.evaluate import run as ev
+from trinity_core.evaluate.budget import Caps, Clock, Stages
+from trinity_core.export.merge import shard_files
+from trinity_core.evaluate.merge_check import check_merged_weights
 
 
 def _rows(workdir):
@@ -130,11 +130,11 @@ def test_weight_check_finds_a_changed_weight(exported, workdir, trained_model, t
 @pytest.fixture(scope="module")
 def mm4_merge(tmp_path_factory):
     """The pre-quantised multimodal stand-in, a non-trivial adapter, merged: (base, workdir)."""
-    from trinity_core.backends.peft import PeftBackend
-    from trinity_core.export import quant_of
-    from trinity_core.merge import merge_adapter
+    from trinity_core.train.backends.peft import PeftBackend
+    from trinity_core.export.run import quant_of
+    from trinity_core.export.merge import merge_adapter
     from trinity_core.spec import JobSpec
-    from trinity_core.tiny_multimodal import build_multimodal_model
+    from trinity_core.fixtures.tiny_multimodal import build_multimodal_model
 
     root = tmp_path_factory.mktemp("mm4-check")
     base = build_multimodal_model(root / "base", quantized=True)

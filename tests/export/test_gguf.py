@@ -9,7 +9,7 @@ import pytest
 
 from tests.export.export_helpers import FIDELITY, hf_greedy, hf_logits
 from trinity_core.errors import ExportError
-from trinity_core.gguf import CONTROL, GEMMA3_TEMPLATE, check_gguf, convert_to_gguf, inspect_gguf, quantize_gguf
+from trinity_core.export.gguf import CONTROL, GEMMA3_TEMPLATE, check_gguf, convert_to_gguf, inspect_gguf, quantize_gguf
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of Peru?"}],

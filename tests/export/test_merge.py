@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from tests.export.export_helpers import FIDELITY, hf_greedy, hf_logits
 from trinity_core.errors import ExportError
-from trinity_core.merge import Quant, bnb_linear_names, load_adapter, merge_adapter, nf4_roundtrip, shard_files
+from trinity_core.export.merge import Quant, bnb_linear_names, load_adapter, merge_adapter, nf4_roundtrip, shard_files
 
 def _bnb_config(dtype):
     from transformers import BitsAndBytesConfig
@@ -44,7 +44,7 @@ def test_nf4_roundtrip_is_what_bitsandbytes_loaded(sharded_base, dtype):
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbf
 
-    from trinity_core.merge import _meta_model
+    from trinity_core.export.merge import _meta_model
 
     model = _load_4bit(sharded_base, dtype)
     loaded = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
@@ -154,7 +154,7 @@ def test_prequantized_base_is_dequantized_from_its_quant_state(workdir, sharded_
     for key, value in _weights(out).items():
         assert torch.equal(value, _weights(workdir / "merged")[key]), key
     trained = PeftModel.from_pretrained(_load_4bit(bnb_dir), str(workdir / "adapter")).eval()
-    from trinity_core.evaluate import load_merged_model
+    from trinity_core.evaluate.run import load_merged_model
 
     diff = (hf_logits(trained, probe_ids) - hf_logits(load_merged_model(out), probe_ids)).abs().max().item()
     FIDELITY["merge_prequantized_max_abs"] = diff

@@ -16,9 +16,9 @@ import torch
 from safetensors import safe_open
 
 from tests.export.export_helpers import FIDELITY
-from trinity_core.backends.common import NON_LANGUAGE
-from trinity_core.merge import QUANT_SUFFIXES, shard_files
-from trinity_core.tiny_multimodal import (PUBLISHED_4BIT, PUBLISHED_16BIT, VISION_SHAPES, build_multimodal_model,
+from trinity_core.train.backends.common import NON_LANGUAGE
+from trinity_core.export.merge import QUANT_SUFFIXES, shard_files
+from trinity_core.fixtures.tiny_multimodal import (PUBLISHED_4BIT, PUBLISHED_16BIT, VISION_SHAPES, build_multimodal_model,
                                           published_config)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,7 +31,7 @@ import json, sys
 import torch
 from transformers import AutoTokenizer
 from tests.export.export_helpers import hf_logits
-from trinity_core.evaluate import load_merged_model, load_trained_model
+from trinity_core.evaluate.run import load_merged_model, load_trained_model
 base, workdir = sys.argv[1], sys.argv[2]
 trained = load_trained_model(base, workdir + "/adapter", compute_dtype=torch.float32)
 merged = load_merged_model(workdir + "/merged")
@@ -195,7 +195,7 @@ def test_an_adapter_on_the_vision_tower_is_refused(stand_ins):
     from peft import LoraConfig, get_peft_model
     from transformers import Gemma3ForConditionalGeneration
 
-    from trinity_core.backends.common import adapted_non_language, check_language_only
+    from trinity_core.train.backends.common import adapted_non_language, check_language_only
     from trinity_core.errors import AdapterPlacementError
 
     model = Gemma3ForConditionalGeneration.from_pretrained(stand_ins["16bit"])
@@ -212,7 +212,7 @@ def test_an_adapter_on_the_vision_tower_is_refused(stand_ins):
 def test_merged_model_keeps_the_vision_tower_and_reproduces_the_trained_model(mm_runs, stand_ins, variant):
     from transformers import Gemma3ForConditionalGeneration
 
-    from trinity_core.evaluate import load_merged_model
+    from trinity_core.evaluate.run import load_merged_model
 
     result, workdir, spec = mm_runs[variant]
     merged_dir = workdir / "merged"
@@ -248,7 +248,7 @@ def test_merged_model_keeps_the_vision_tower_and_reproduces_the_trained_model(mm
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_projector_gguf_is_in_the_manifest_and_readable(mm_runs, variant):
-    from trinity_core.gguf import check_mmproj
+    from trinity_core.export.gguf import check_mmproj
 
     result, workdir, _ = mm_runs[variant]
     rows = {r["name"]: r for r in json.loads((workdir / "artifacts.json").read_text())}

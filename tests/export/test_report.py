@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tests.export.export_helpers import EVAL_ROWS
-from trinity_core.evaluate import _score_logits, prompt_and_reference, score_hf
-from trinity_core.template import tokenize_conversation
+from trinity_core.evaluate.run import _score_logits, prompt_and_reference, score_hf
+from trinity_core.data.template import tokenize_conversation
 
 
 def test_report_files(report, workdir):

@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from trinity_core.shards import SafetensorsReader, SafetensorsWriter
+from trinity_core.export.shards import SafetensorsReader, SafetensorsWriter
 
 TENSORS = {
     "a.weight": torch.randn(33, 7).to(torch.bfloat16),

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trinity_core import qdora
+from trinity_core.train.fast_dora import linear as qdora
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -59,7 +59,7 @@ def test_gated_dora_act_matches_autograd(kind, dtype, shape):
     """The Triton gated activation (gains inside) against the same formula through autograd in
     float64: h, de, du within 16-bit rounding of the result; the gain gradients (fp32 sums over
     tokens, in another order) within 1e-4 of their scale."""
-    from trinity_core.qdora_mlp import GatedDoraAct, _kernels
+    from trinity_core.train.fast_dora.mlp import GatedDoraAct, _kernels
 
     assert _kernels() is not None
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -33,8 +33,8 @@ def test_fast_dora_matches_peft_dora_in_bf16(tiny_spec, monkeypatch):
     layers) while fast DoRA keeps it in fp32, and the two sum the terms in another order in bf16."""
     import copy
 
-    from trinity_core.backends.peft import PeftBackend
-    from trinity_core.qdora import enable_fast_dora
+    from trinity_core.train.backends.peft import PeftBackend
+    from trinity_core.train.fast_dora.linear import enable_fast_dora
 
     monkeypatch.setenv("TRINITY_FAST_DORA", "0")
     ref, _ = PeftBackend().load(make_spec(tiny_spec, **{"model.compute_dtype": "bfloat16"}))
@@ -73,7 +73,7 @@ def test_run_job_with_unsloth_on_the_tiny_model(tiny_spec, tmp_path):
 
 def _long_rows(tokenizer, n: int, tokens: int) -> list[dict]:
     """Chat rows of about ``tokens`` tokens each, so seq 4096 is really used."""
-    from trinity_core.tiny import CORPUS_PATH
+    from trinity_core.fixtures.tiny import CORPUS_PATH
 
     words = CORPUS_PATH.read_text(encoding="utf-8").split()
     rng = random.Random(0)
@@ -155,7 +155,7 @@ def test_ladder_on_real_ooms_under_an_emulated_t4(tmp_path):
     C: fast DoRA, the seed's seq 4096, pre-flight on → the recipe itself fits (issue 10's T4 target)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from trinity_core import memory
+    from trinity_core.train import memory
     from trinity_core.spec import JobSpec
 
     model_dir = os.environ["TRINITY_BENCH_MODEL"]

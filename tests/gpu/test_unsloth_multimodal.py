@@ -26,10 +26,10 @@ def test_unsloth_trains_the_language_model_only(tmp_path, quantized):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from trinity_core.merge import shard_files
+    from trinity_core.export.merge import shard_files
     from trinity_core.pipeline import run_job
     from trinity_core.spec import load_spec
-    from trinity_core.tiny_multimodal import build_multimodal_model
+    from trinity_core.fixtures.tiny_multimodal import build_multimodal_model
 
     base = build_multimodal_model(tmp_path / "base", quantized=quantized)
     spec = load_spec(ROOT / "examples" / "tiny.yaml")

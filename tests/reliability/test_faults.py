@@ -285,7 +285,7 @@ def _tmpfs_over_jobs(rstack, size: str) -> Path:
 
 
 def test_a_job_whose_export_cannot_fit_the_disk_is_refused_before_training(rstack):
-    """The host pre-flight (trinity_core/resources.py) sees a 6 MB disk: the job fails before any step."""
+    """The host pre-flight (trinity_core/export/resources.py) sees a 6 MB disk: the job fails before any step."""
     dataset_id = upload(rstack)
     ensure_worker(rstack)
     body = tiny_job(rstack, dataset_id, export=True, max_steps=2)

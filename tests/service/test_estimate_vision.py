@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from trinity_core import memory, model_config
+from trinity_core import model_config
+from trinity_core.train import memory
 
 from .conftest import new_tenant
 

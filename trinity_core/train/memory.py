@@ -218,7 +218,7 @@ def preflight(spec: JobSpec, backend: str) -> tuple[Estimate, float] | None:
     try:
         import torch
 
-        from trinity_core.qdora import fast_dora_enabled
+        from trinity_core.train.fast_dora.linear import fast_dora_enabled
 
         config = model_config.load(spec.model.name_or_path, spec.model.revision)
         return estimate(config, spec, backend, bf16_supported=torch.cuda.is_bf16_supported(),

@@ -20,9 +20,9 @@ from typing import Any, NamedTuple
 
 from trinity_core.artifacts import atomic_write_bytes, atomic_write_json
 from trinity_core.errors import DatasetError
-from trinity_core.formats import Mapping, Problem, resolve_mapping, to_messages
-from trinity_core.sources import Source, open_source, open_spec_source
-from trinity_core.template import tokenize_conversation
+from trinity_core.data.formats import Mapping, Problem, resolve_mapping, to_messages
+from trinity_core.data.sources import Source, open_source, open_spec_source
+from trinity_core.data.template import tokenize_conversation
 
 MAX_STORED_PER_KIND = 100  # errors and warnings of one kind kept in the report (all are counted)
 SAMPLE_ROWS = 50  # rows read to detect the format and propose a mapping

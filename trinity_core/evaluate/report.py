@@ -1,5 +1,5 @@
 """The report's files: ``loss.png`` (training loss and learning rate per step) and ``report.md``
-(the held-out table, caps, export checks, memory, generations), both from :func:`trinity_core.evaluate.evaluate`'s
+(the held-out table, caps, export checks, memory, generations), both from :func:`trinity_core.evaluate.run.evaluate`'s
 report dict."""
 
 from __future__ import annotations

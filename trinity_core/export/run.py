@@ -1,7 +1,7 @@
 """The export stage, top to bottom: merge -> GGUF f16 -> quantisations -> Modelfile.
 
-``export_all`` is what ``run_job`` calls after training; the work lives in :mod:`trinity_core.merge`
-(shard-streamed merge into the NF4-dequantised or original base) and :mod:`trinity_core.gguf`
+``export_all`` is what ``run_job`` calls after training; the work lives in :mod:`trinity_core.export.merge`
+(shard-streamed merge into the NF4-dequantised or original base) and :mod:`trinity_core.export.gguf`
 (llama.cpp conversion, quantisation, checks, Ollama Modelfile). Layout written::
 
     workdir/merged/   model*.safetensors (+ index), config.json, tokenizer, trinity_merge.json
@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from trinity_core.gguf import export_gguf
-from trinity_core.merge import Quant, merge_adapter
+from trinity_core.export.gguf import export_gguf
+from trinity_core.export.merge import Quant, merge_adapter
 from trinity_core.spec import JobSpec
 
 
@@ -29,7 +29,7 @@ def quant_of(spec: JobSpec, compute_dtype: str | None = None) -> Quant | None:
     if not spec.model.load_in_4bit:
         return None
     if compute_dtype is None:
-        from trinity_core.backends.common import compute_dtype as resolve
+        from trinity_core.train.backends.common import compute_dtype as resolve
 
         compute_dtype = str(resolve(spec)).removeprefix("torch.")
     return Quant(quant_type=spec.model.quant_type, double_quant=spec.model.double_quant, dtype=compute_dtype)

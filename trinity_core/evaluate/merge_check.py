@@ -3,9 +3,9 @@
 Scoring the merged model means loading it: 24 GB in 16 bits for Gemma-3-12B, more than a T4 has
 (and 48 GB of host RAM in fp32 on CPU). But with ``merge_into="dequantized"`` the merge is exact by
 construction, so the weights themselves can be checked instead: every tensor of ``merged/`` is read
-from disk one at a time (:class:`~trinity_core.shards.SafetensorsReader`, never a whole shard) and
+from disk one at a time (:class:`~trinity_core.export.shards.SafetensorsReader`, never a whole shard) and
 compared with the tensor the trained model in memory (the 4-bit base + adapter, as
-:func:`trinity_core.evaluate.load_trained_model` loads it) computes with:
+:func:`trinity_core.evaluate.run.load_trained_model` loads it) computes with:
 
 * a LoRA/DoRA module: ``W = dequant(W_nf4)`` of its loaded ``Linear4bit`` (or its 16-bit weight),
   ``Δ = module.get_delta_weight()`` (PEFT's own ``s·B@A``, rsLoRA's ``s`` included), ``W + Δ``, and
@@ -13,7 +13,7 @@ compared with the tensor the trained model in memory (the 4-bit base + adapter, 
 * any other 4-bit module: ``dequant(W_nf4)``; everything else (embedding, norms, vision tower,
   projector) the loaded tensor.
 
-None of it comes from :mod:`trinity_core.merge`'s reading of the adapter file or of the base's
+None of it comes from :mod:`trinity_core.export.merge`'s reading of the adapter file or of the base's
 shards, so a wrong scaling, a missed or misnamed module, a truncated or swapped tensor shows up as a
 mismatch. A tensor matches when ``|merged − expected| <= ATOL + rtol·|expected|`` element-wise, rtol
 one ulp of the stored dtype (the expected tensor is fp32; the merged one was rounded once).
@@ -28,8 +28,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from trinity_core.merge import checkpoint_renamer, shard_files
-from trinity_core.shards import SafetensorsReader
+from trinity_core.export.merge import checkpoint_renamer, shard_files
+from trinity_core.export.shards import SafetensorsReader
 
 ATOL = 1e-6
 MIN_RTOL = 1e-5  # fp32 results computed in another order (B@A, the row norm) differ by a few 1e-7

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from trinity_core import nf4
-from trinity_core.backends.common import (EXCLUDE_NON_LANGUAGE, check_language_only, compute_dtype, is_multimodal,
+from trinity_core.train.backends.common import (EXCLUDE_NON_LANGUAGE, check_language_only, compute_dtype, is_multimodal,
                                           lora_kwargs, quantized_load)
 from trinity_core.spec import JobSpec
 
@@ -26,7 +26,7 @@ class PeftBackend:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from trinity_core.qdora import enable_fast_dora
+        from trinity_core.train.fast_dora.linear import enable_fast_dora
 
         dtype = compute_dtype(spec)
         load = quantized_load(spec.model.name_or_path, spec.model.revision, load_in_4bit=spec.model.load_in_4bit,

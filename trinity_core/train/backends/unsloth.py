@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any
 
-from trinity_core.backends.common import check_language_only, compute_dtype, lora_kwargs
+from trinity_core.train.backends.common import check_language_only, compute_dtype, lora_kwargs
 from trinity_core.spec import JobSpec
 
 COMPILE_ENV = "UNSLOTH_COMPILE_DISABLE"
@@ -56,7 +56,7 @@ class UnslothBackend:
             **lora_kwargs(spec),
         )
         check_language_only(model)
-        from trinity_core.qdora import enable_fast_dora
+        from trinity_core.train.fast_dora.linear import enable_fast_dora
 
         fast_dora_layers = enable_fast_dora(model) if spec.lora.use_dora else 0
         compiled = os.environ.get(COMPILE_ENV, "0") not in ("1", "true", "True")

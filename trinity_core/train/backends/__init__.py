@@ -47,9 +47,9 @@ def select(spec: JobSpec) -> Backend:
         if not unsloth_installed():
             raise BackendUnavailable("backend 'unsloth' needs the gpu extra: pip install 'trinity[gpu]'",
                                      param="model.backend")
-        from trinity_core.backends.unsloth import UnslothBackend
+        from trinity_core.train.backends.unsloth import UnslothBackend
 
         return UnslothBackend(spec)
-    from trinity_core.backends.peft import PeftBackend
+    from trinity_core.train.backends.peft import PeftBackend
 
     return PeftBackend()

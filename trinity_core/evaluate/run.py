@@ -1,7 +1,7 @@
 """The report: base vs fine-tuned on the held-out split, export fidelity, the loss curve.
 
 Every number is computed on the same token ids with the same loss mask as training
-(:func:`trinity_core.template.tokenize_conversation`): the mean negative log-likelihood of the
+(:func:`trinity_core.data.template.tokenize_conversation`): the mean negative log-likelihood of the
 assistant tokens, and its exponential, the perplexity. The models compared:
 
 * ``base``: the 4-bit base, i.e. the trained model with its adapter disabled;
@@ -16,9 +16,9 @@ fine-tuned on ``eval_prompts`` held-out conversations cut before their last assi
 
 Inside a T4's memory: one model is on the GPU, the trained one (4-bit base + adapter; the base is
 scored with the adapter disabled). The merged checkpoint is checked weight by weight against it
-(:mod:`trinity_core.merge_check`, streamed from disk, exact by construction for the dequantised
+(:mod:`trinity_core.evaluate.merge_check`, streamed from disk, exact by construction for the dequantised
 merge) instead of being loaded, and the GGUF files run on the CPU. Rows, tokens per row and
-seconds are capped (:mod:`trinity_core.eval_budget`); the report says what was capped and the
+seconds are capped (:mod:`trinity_core.evaluate.budget`); the report says what was capped and the
 peak memory of each stage (``memory``).
 
 Writes ``report/report.json``, ``report/report.md`` and ``report/loss.png``.
@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from trinity_core.artifacts import atomic_write_json, atomic_write_text
-from trinity_core.eval_budget import Capped, Caps, Clock, Stages
-from trinity_core.report import plot_loss, render_markdown
-from trinity_core.template import tokenize_conversation
+from trinity_core.evaluate.budget import Capped, Caps, Clock, Stages
+from trinity_core.evaluate.report import plot_loss, render_markdown
+from trinity_core.data.template import tokenize_conversation
 
 Scored = tuple[list[int], list[int]]  # (input_ids, assistant_masks)
 
@@ -66,7 +66,7 @@ def load_trained_model(base_model: str | Path, adapter_dir: str | Path, *, revis
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from trinity_core.backends.common import quantized_load
+    from trinity_core.train.backends.common import quantized_load
 
     dtype = compute_dtype or (torch.bfloat16 if _cuda() else torch.float32)
     # The same 4-bit settings as the peft backend: a pre-quantised base keeps its packed weights
@@ -274,7 +274,7 @@ def _check_weights(trained_model: Any, merged_dir: Path | None, stages: Stages, 
     info = json.loads(info_file.read_text()) if info_file.is_file() else {}
     if info.get("merge_into") == "original":
         return {"skipped": "merge_into=original: differs from the trained model by the NF4 rounding, by design"}
-    from trinity_core.merge_check import check_merged_weights
+    from trinity_core.evaluate.merge_check import check_merged_weights
 
     with stages("check merged weights"):
         result = check_merged_weights(trained_model, merged_dir)
@@ -371,19 +371,19 @@ def evaluate_job(spec: Any, workdir: str | Path, *, export: dict[str, Any], toke
                  compute_dtype: Any = None, training_peak_gib: float | None = None,
                  model: Any = None) -> dict[str, Any]:
     """:func:`evaluate` as the pipeline's stage: everything from the spec, the workdir and
-    ``export`` (what :func:`trinity_core.export.export_all` returned); ``training_peak_gib`` (the
+    ``export`` (what :func:`trinity_core.export.run.export_all` returned); ``training_peak_gib`` (the
     training's peak GPU memory) goes in the report beside evaluation's own. ``model``: the trained
     PeftModel still in memory (run_job passes it: under Unsloth a second load in the same process
     computes in the dtypes Unsloth patched in, "Half != BFloat16" on the T4 path, H200 2026-11-28);
     ``None`` loads the base + ``workdir/adapter``."""
-    from trinity_core.data import read_jsonl
+    from trinity_core.data.prepare import read_jsonl
 
     workdir = Path(workdir)
     if compute_dtype is None:
         import torch
 
         from trinity_core import model_config
-        from trinity_core.backends.common import compute_dtype as resolve
+        from trinity_core.train.backends.common import compute_dtype as resolve
 
         compute_dtype = resolve(spec)
         model_type = str(model_config.resolve(spec.model.name_or_path, spec.model.revision).data.get("model_type", ""))

@@ -257,7 +257,7 @@ class DoraOutput(torch.autograd.Function):
 
 class LoraSum(torch.autograd.Function):
     """``z = base + s·xa·Bᵀ`` accumulated into ``base`` in place (one GEMM, no copy), in base's dtype:
-    the DoRA output before its gain, for :mod:`trinity_core.qdora_mlp`. Same inputs and gradients
+    the DoRA output before its gain, for :mod:`trinity_core.train.fast_dora.mlp`. Same inputs and gradients
     as :class:`DoraOutput` with g = 1 (d base = dz, d xa = s·dz·B, d B = s·dzᵀ·xa)."""
 
     @staticmethod
@@ -368,7 +368,7 @@ def enable_fast_dora(model: torch.nn.Module) -> int:
                 module.lora_variant[name] = FastDoraLinearVariant()
                 patched += 1
     if patched:
-        from trinity_core.qdora_mlp import patch_gated_mlps
+        from trinity_core.train.fast_dora.mlp import patch_gated_mlps
 
         patch_gated_mlps(model)
     if patched and _hook_handle is None:

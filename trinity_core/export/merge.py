@@ -23,7 +23,7 @@ For every adapted module (fp32 math, cast to the output dtype at the end)::
     DoRA:  W' = m / ||W + delta||_row * (W + delta)    (norm over in_features, one per output row)
 
 which is what PEFT's ``DoraLinearVariant.merge_safe`` computes. Each input shard becomes one
-output shard, streamed tensor by tensor (:mod:`trinity_core.shards`): peak memory is the adapter
+output shard, streamed tensor by tensor (:mod:`trinity_core.export.shards`): peak memory is the adapter
 plus one weight and its fp32 temporaries, whatever the shard size (``bench/merge_rss.py``).
 """
 
@@ -40,9 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from trinity_core.artifacts import atomic_dir, atomic_write_json
-from trinity_core.backends.common import quantization_skip
+from trinity_core.train.backends.common import quantization_skip
 from trinity_core.errors import ExportError, HubDownloadError
-from trinity_core.shards import SafetensorsReader, SafetensorsWriter
+from trinity_core.export.shards import SafetensorsReader, SafetensorsWriter
 
 Emit = Callable[..., Any]
 
@@ -233,7 +233,7 @@ def _shard_plan(reader: SafetensorsReader, out_dtype: Any) -> tuple[list[tuple[s
     weights take the shape in their quant state) and, per packed weight, its quant-state keys."""
     import bitsandbytes.functional as bnbf
 
-    from trinity_core.shards import _torch_dtype
+    from trinity_core.export.shards import _torch_dtype
 
     stats_of: dict[str, dict[str, str]] = {}
     for key in reader.keys():
@@ -283,7 +283,7 @@ def copy_tokenizer(srcs: list[Path], out: Path) -> None:
     and make sure ``tokenizer_config.json`` carries ``added_tokens_decoder`` for llama.cpp."""
     from transformers import AutoTokenizer
 
-    from trinity_core.tiny import write_added_tokens_decoder
+    from trinity_core.fixtures.tiny import write_added_tokens_decoder
 
     tok_src = next((s for s in srcs if (s / "tokenizer_config.json").is_file()), None)
     if tok_src is None:

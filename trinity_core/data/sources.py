@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from trinity_core.errors import DatasetError, HubDownloadError
-from trinity_core.formats import Problem
+from trinity_core.data.formats import Problem
 
 RowIter = Iterator[tuple[int, Any, Problem | None]]
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".pq": "parquet",

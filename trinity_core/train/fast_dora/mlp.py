@@ -7,7 +7,7 @@ pass over their (tokens × out) output to scale it, and one in backward to unsca
 and reduce the magnitude gradient, on top of the activation's own passes.
 
 This module folds the gains into the activation instead: gate and up return z (the in-place
-LoRA GEMM of :class:`~trinity_core.qdora.LoraSum`, no gain), and :class:`GatedDoraAct` computes
+LoRA GEMM of :class:`~trinity_core.train.fast_dora.linear.LoraSum`, no gain), and :class:`GatedDoraAct` computes
 
     h = act(g_gate ⊙ e) ⊙ (g_up ⊙ u)
 
@@ -28,7 +28,7 @@ import types
 import torch
 from torch import nn
 
-from trinity_core.qdora import FastDoraLinearLayer, FastDoraLinearVariant, LoraSum
+from trinity_core.train.fast_dora.linear import FastDoraLinearLayer, FastDoraLinearVariant, LoraSum
 
 GATED_MLP_CLASSES = frozenset({"GemmaMLP", "Gemma2MLP", "Gemma3MLP", "LlamaMLP", "MistralMLP", "Qwen2MLP",
                                "Qwen3MLP"})
