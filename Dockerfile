@@ -63,6 +63,7 @@ RUN python -c "import tomllib; p = tomllib.load(open('/src/pyproject.toml', 'rb'
 # The source last. The demo (compose profile `cpu`) also needs its client and the examples.
 COPY README.md /src/README.md
 COPY trinity_core /src/trinity_core
+COPY trinity_service /src/trinity_service
 COPY api /src/api
 COPY worker /src/worker
 COPY cli /src/cli

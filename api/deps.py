@@ -9,11 +9,11 @@ from fastapi import Depends, Path
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session
 
-from api import crud
-from api.db import get_session
+from trinity_service import crud
+from trinity_service.db import get_session
 from api.errors import ApiError, not_found
-from api.models import Job
-from api.settings import Settings, get_settings
+from trinity_service.models import Job
+from trinity_service.settings import Settings, get_settings
 
 SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]

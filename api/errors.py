@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.settings import get_settings
+from trinity_service.settings import get_settings
 from trinity_core.errors import TrinityError
 
 log = logging.getLogger("trinity.api")

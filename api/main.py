@@ -10,11 +10,11 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 
 from api import errors
-from api.db import init_db
+from trinity_service.db import init_db
 from api.deps import get_tenant
 from api.routes import (artifacts, dashboard, datasets, estimate, events, health, jobs, openai_files, openai_jobs,
                         webhooks)
-from api.settings import get_settings
+from trinity_service.settings import get_settings
 
 
 @asynccontextmanager

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from api.errors import ApiError
-from api.models import CheckpointPublic, Dataset, Job, JobEvent, JobOpenAI
+from trinity_service.models import CheckpointPublic, Dataset, Job, JobEvent, JobOpenAI
 from api.openai_models import (
     CheckpointObject,
     FileObject,
@@ -19,7 +19,7 @@ from api.openai_models import (
     FineTuningJobCreate,
     JobEventObject,
 )
-from api.states import JobStatus
+from trinity_service.states import JobStatus
 from trinity_core.spec import DataSpec, TrainSpec
 
 S = JobStatus

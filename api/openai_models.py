@@ -1,6 +1,6 @@
 """The shapes of the OpenAI-compatible surface (``/v1``), one family per resource: files, fine-tuning
 jobs, their events and checkpoints. Field names and types follow OpenAI's API reference, so the
-official ``openai`` package parses them; the table behind them is Trinity's own (``api.models``).
+official ``openai`` package parses them; the table behind them is Trinity's own (``trinity_service.models``).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from api.settings import Settings
+from trinity_service.settings import Settings
 from trinity_core import model_config
 from trinity_core.errors import ModelUnavailable
 from trinity_core.spec import DEFAULT_MODEL

@@ -12,13 +12,13 @@ from typing import Any
 
 from sqlmodel import Session
 
-from api import crud
-from api.admission import admit
+from trinity_service import crud
+from trinity_service.admission import admit
 from api.errors import ApiError
-from api.models import Job
+from trinity_service.models import Job
 from api.policy import spec_problems
-from api.settings import Settings
-from api.states import JobStatus
+from trinity_service.settings import Settings
+from trinity_service.states import JobStatus
 from trinity_core.errors import SpecError
 from trinity_core.spec import JobSpec, parse_spec
 

@@ -1,4 +1,4 @@
-"""The webhook sender: POSTs due outbox deliveries (``api.webhooks``), signed the Standard Webhooks
+"""The webhook sender: POSTs due outbox deliveries (``trinity_service.webhooks``), signed the Standard Webhooks
 way (https://www.standardwebhooks.com, the ``standardwebhooks`` package): headers ``webhook-id``
 (the same on every retry), ``webhook-timestamp`` and ``webhook-signature`` (``v1,`` + base64
 HMAC-SHA256 of ``id.timestamp.body`` with the endpoint's secret), signed afresh on each attempt.
@@ -21,10 +21,10 @@ from datetime import datetime, timezone
 import httpx
 from standardwebhooks.webhooks import Webhook
 
-from api import webhooks
-from api.db import session_scope
-from api.settings import Settings, get_settings
-from api.webhook_models import WebhookDelivery, WebhookEndpoint
+from trinity_service import webhooks
+from trinity_service.db import session_scope
+from trinity_service.settings import Settings, get_settings
+from trinity_service.webhook_models import WebhookDelivery, WebhookEndpoint
 
 log = logging.getLogger("trinity.webhooks")
 

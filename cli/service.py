@@ -42,8 +42,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 # ── keys ─────────────────────────────────────────────────────────────────────────────────────
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
-    from api import crud
-    from api.db import init_db, session_scope
+    from trinity_service import crud
+    from trinity_service.db import init_db, session_scope
 
     init_db()
     with session_scope() as session:
@@ -54,8 +54,8 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
-    from api import crud
-    from api.db import init_db, session_scope
+    from trinity_service import crud
+    from trinity_service.db import init_db, session_scope
 
     init_db()
     with session_scope() as session:
@@ -66,8 +66,8 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
-    from api import crud
-    from api.db import init_db, session_scope
+    from trinity_service import crud
+    from trinity_service.db import init_db, session_scope
 
     init_db()
     with session_scope() as session:
@@ -86,8 +86,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.queues:
         os.environ["TRINITY_WORKER_QUEUES"] = args.queues
     choose_broker()
-    from api.db import init_db
-    from api.settings import get_settings
+    from trinity_service.db import init_db
+    from trinity_service.settings import get_settings
 
     get_settings.cache_clear()
     settings = get_settings()
@@ -114,7 +114,7 @@ def choose_broker() -> str:
     if redis_answers(REDIS_DEFAULT):
         url = REDIS_DEFAULT
     else:
-        from api.settings import Settings
+        from trinity_service.settings import Settings
 
         data_dir = Settings().data_dir
         data_dir.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 # Checks the deployment files on a machine without a Docker engine (docs/DEPLOY.md, "Checks"):
 #
 #   1. tests/deploy: compose services, volumes, GPU reservation, healthchecks, start order, the
-#      Dockerfiles, .env.example against api.settings.Settings, the Compose Specification's JSON
+#      Dockerfiles, .env.example against trinity_service.settings.Settings, the Compose Specification's JSON
 #      schema, and Debian's docker-compose 1.29 `config` (apt-get install docker-compose).
 #   2. Each image's Python dependency set resolves against the public indexes with the pins read
 #      from its Dockerfile: `pip install --dry-run --ignore-installed --report`, Python 3.12 as in

@@ -27,9 +27,9 @@ from celery import Celery, signals
 from kombu import Queue
 from sqlmodel import Session
 
-from api import crud
-from api.models import Job
-from api.settings import Settings, get_settings
+from trinity_service import crud
+from trinity_service.models import Job
+from trinity_service.settings import Settings, get_settings
 
 TASK_NAME = "trinity.run_training"
 log = logging.getLogger("trinity.worker")

@@ -27,11 +27,11 @@ import threading
 import time
 from pathlib import Path
 
-from api import crud
-from api.admission import admit
-from api.db import session_scope
-from api.settings import Settings, get_settings
-from api.states import JobStatus
+from trinity_service import crud
+from trinity_service.admission import admit
+from trinity_service.db import session_scope
+from trinity_service.settings import Settings, get_settings
+from trinity_service.states import JobStatus
 from worker.app import app, enqueue
 
 log = logging.getLogger("trinity.reaper")

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from api import crud
-from api.db import session_scope
-from api.models import Dataset
-from api.settings import get_settings
-from api.states import IllegalTransition, JobStatus
+from trinity_service import crud
+from trinity_service.db import session_scope
+from trinity_service.models import Dataset
+from trinity_service.settings import get_settings
+from trinity_service.states import IllegalTransition, JobStatus
 from trinity_core.errors import JobCancelled, TrinityError
 from trinity_core.events import Event
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from api.settings import get_settings
+from trinity_service.settings import get_settings
 from trinity_core.errors import GpuMemoryNotReleased, JobCancelled, TrinityError
 from worker import runner
 from worker.app import TASK_NAME, app

@@ -17,8 +17,8 @@ from fastapi.responses import FileResponse
 
 from api.deps import JobDep, SettingsDep
 from api.errors import ApiError, ErrorResponse, not_found
-from api.models import ArtifactPublic, CheckpointPublic
-from api.settings import Settings
+from trinity_service.models import ArtifactPublic, CheckpointPublic
+from trinity_service.settings import Settings
 from trinity_core.artifacts import MANIFEST, read_json
 
 router = APIRouter(prefix="/jobs/{job_id}", tags=["artifacts"])

@@ -18,12 +18,12 @@ from typing import Annotated, Any, get_args
 from fastapi import APIRouter, Path as PathParam, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from api import crud
+from trinity_service import crud
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.errors import UPLOAD_RESPONSES, ApiError, not_found
-from api.models import Dataset, DatasetList, DatasetPublic, new_id
+from trinity_service.models import Dataset, DatasetList, DatasetPublic, new_id
 from api.policy import model_problem
-from api.settings import Settings
+from trinity_service.settings import Settings
 from api.uploads import Upload, receive_upload
 from trinity_core.errors import DatasetError
 from trinity_core.spec import DataSpec

@@ -17,12 +17,12 @@ from fastapi import APIRouter, Header, Query
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from api import crud
-from api.db import session_scope
+from trinity_service import crud
+from trinity_service.db import session_scope
 from api.deps import JobDep, SessionDep, SettingsDep
 from api.errors import ApiError
-from api.models import EventList, EventPublic, JobEvent
-from api.states import is_terminal
+from trinity_service.models import EventList, EventPublic, JobEvent
+from trinity_service.states import is_terminal
 
 router = APIRouter(prefix="/jobs/{job_id}/events", tags=["events"])
 

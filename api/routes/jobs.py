@@ -9,11 +9,12 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
-from api import crud, submit
+from api import submit
+from trinity_service import crud
 from api.deps import JobDep, SessionDep, SettingsDep, TenantDep
 from api.errors import ApiError, ErrorResponse
-from api.models import Job, JobCreate, JobList, JobPublic
-from api.states import IllegalTransition, JobStatus
+from trinity_service.models import Job, JobCreate, JobList, JobPublic
+from trinity_service.states import IllegalTransition, JobStatus
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 

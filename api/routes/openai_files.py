@@ -16,14 +16,14 @@ from fastapi import APIRouter, Path as PathParam, Query, Request
 from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from api import crud
+from trinity_service import crud
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.errors import UPLOAD_RESPONSES, ApiError, not_found
-from api.models import Job
+from trinity_service.models import Job
 from api.openai_compat import RESULTS_PREFIX, file_object, results_csv
 from api.openai_models import FileDeleted, FileList, FileObject
 from api.routes.datasets import SUFFIXES, _suffix, remove_dataset, store_dataset
-from api.states import JobStatus
+from trinity_service.states import JobStatus
 from api.uploads import receive_upload
 
 router = APIRouter(prefix="/v1/files", tags=["openai"])

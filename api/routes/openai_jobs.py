@@ -13,10 +13,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query
 
-from api import crud, submit
+from api import submit
+from trinity_service import crud
 from api.deps import JobDep, SessionDep, SettingsDep, TenantDep
 from api.errors import ErrorResponse
-from api.models import Job
+from trinity_service.models import Job
 from api.openai_compat import (
     checkpoint_object,
     cursor_seq,

@@ -7,10 +7,10 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query
 
-from api import webhooks
+from trinity_service import webhooks
 from api.deps import SessionDep, TenantDep
 from api.errors import not_found
-from api.webhook_models import (
+from trinity_service.webhook_models import (
     WebhookDeliveryList,
     WebhookDeliveryPublic,
     WebhookEndpoint,

@@ -217,20 +217,20 @@ def test_demo_client_accepts_the_demo_arguments():
 # ── .env.example ────────────────────────────────────────────────────────────────────────────
 
 def test_every_setting_is_documented():
-    from api.settings import Settings
+    from trinity_service.settings import Settings
 
     documented = env_example(commented=True)
     wanted = {f"TRINITY_{name.upper()}" for name in Settings.model_fields}
     assert not wanted - set(documented), f"add to .env.example: {sorted(wanted - set(documented))}"
     stale = {k for k in documented if k.startswith("TRINITY_")} - wanted
-    assert not stale, f"not read by api.settings.Settings: {sorted(stale)}"
+    assert not stale, f"not read by trinity_service.settings.Settings: {sorted(stale)}"
     assert "HF_TOKEN" in env_example() and env_example()["HF_TOKEN"] == ""
 
 
 def test_documented_defaults_are_the_real_defaults(monkeypatch):
     """.env.example is valid production config, and uncommenting its `# NAME=value` lines changes
     nothing: each documents the real default (or, marked so, the value compose sets)."""
-    from api.settings import Settings
+    from trinity_service.settings import Settings
 
     def settings(env: dict[str, str]) -> dict:
         for name in [n for n in os.environ if n.startswith("TRINITY_")]:
@@ -285,11 +285,11 @@ def test_dockerfile_layer_order(kind):
             at.setdefault("pyproject", i)
         if word == "RUN" and "-r /tmp/requirements.txt" in args:
             at.setdefault("deps", i)
-        if word == "COPY" and args.split()[0] in ("trinity_core", "api", "worker", "cli", "README.md"):
+        if word == "COPY" and args.split()[0] in ("trinity_core", "trinity_service", "api", "worker", "cli", "README.md"):
             at.setdefault("source", i)
     assert at["torch"] < at["pyproject"] < at["deps"] < at["source"], at
     copied = {a.split()[0] for w, a in final if w == "COPY" and not a.startswith("--from")}
-    assert {"trinity_core", "api", "worker", "cli", "pyproject.toml", "README.md"} <= copied
+    assert {"trinity_core", "trinity_service", "api", "worker", "cli", "pyproject.toml", "README.md"} <= copied
     assert all((ROOT / src).exists() for src in copied), copied
 
 

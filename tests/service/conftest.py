@@ -61,7 +61,7 @@ def _postgres_database():
     try:
         yield url.render_as_string(hide_password=False)
     finally:
-        from api import db
+        from trinity_service import db
 
         for key in [k for k in db._engines if k[1].endswith(f"/{name}")]:
             db._engines.pop(key).dispose()
@@ -81,8 +81,8 @@ def database_url(request, tmp_path_factory):
 @pytest.fixture
 def settings(database_url, tmp_path_factory, monkeypatch):
     """Settings pointing at this parameter's database and a data dir shared per database."""
-    from api.db import init_db
-    from api.settings import get_settings
+    from trinity_service.db import init_db
+    from trinity_service.settings import get_settings
 
     data_dir = tmp_path_factory.getbasetemp() / f"data-{abs(hash(database_url)) % 10**8}"
     monkeypatch.setenv("TRINITY_DATABASE_URL", database_url)
@@ -95,7 +95,7 @@ def settings(database_url, tmp_path_factory, monkeypatch):
 
 @pytest.fixture
 def session(settings):
-    from api.db import session_scope
+    from trinity_service.db import session_scope
 
     with session_scope() as s:
         yield s
@@ -105,7 +105,7 @@ def session(settings):
 def enqueued(monkeypatch):
     """Record enqueues instead of publishing (API tests need no worker)."""
     import worker.app
-    from api import crud
+    from trinity_service import crud
 
     sent: list[str] = []
 
@@ -129,7 +129,7 @@ def client(settings, enqueued):
 
 
 def new_tenant(session) -> tuple[str, dict[str, str]]:
-    from api import crud
+    from trinity_service import crud
 
     tenant = f"tenant-{secrets.token_hex(3)}"
     _, key = crud.create_api_key(session=session, tenant=tenant)

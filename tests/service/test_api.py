@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from api import crud
-from api.states import JobStatus as S
+from trinity_service import crud
+from trinity_service.states import JobStatus as S
 from trinity_core.artifacts import write_manifest
 
 from .conftest import alpaca_rows, job_body, new_tenant

@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from api.settings import Settings
+from trinity_service.settings import Settings
 from cli import main, service
 
 
@@ -15,8 +15,8 @@ def test_keys_create_list_revoke(settings, capsys):
     out, err = capsys.readouterr()
     key = out.strip()
     assert key.startswith("trn_") and "shown only now" in err
-    from api import crud
-    from api.db import session_scope
+    from trinity_service import crud
+    from trinity_service.db import session_scope
 
     with session_scope() as s:
         assert crud.authenticate(session=s, key=key) == "cli-tenant"

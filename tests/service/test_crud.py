@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-from api import crud
-from api.db import session_scope
-from api.models import ApiKey, Job
-from api.security import hash_key
-from api.states import IllegalTransition, JobStatus as S
+from trinity_service import crud
+from trinity_service.db import session_scope
+from trinity_service.models import ApiKey, Job
+from trinity_service.security import hash_key
+from trinity_service.states import IllegalTransition, JobStatus as S
 
 
 def make_job(session, *, tenant="t", queue="q", status=S.queued, key=None) -> Job:

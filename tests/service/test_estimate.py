@@ -15,7 +15,7 @@ def model_12b(tmp_path, monkeypatch, settings):
     """Only the config of a 12B-shaped Gemma-3 (no weights): all the estimate reads."""
     from transformers import Gemma3TextConfig
 
-    from api.settings import get_settings
+    from trinity_service.settings import get_settings
 
     Gemma3TextConfig(**GEMMA3_12B_TEXT).save_pretrained(tmp_path / "gemma3-12b")
     monkeypatch.setenv("TRINITY_MODEL_DIRS", str(tmp_path))

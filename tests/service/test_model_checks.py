@@ -13,7 +13,7 @@ from .conftest import job_body, new_tenant
 @pytest.fixture
 def model_dir(tmp_path, monkeypatch, settings):
     """TRINITY_MODEL_DIRS = tmp_path."""
-    from api.settings import get_settings
+    from trinity_service.settings import get_settings
 
     monkeypatch.setenv("TRINITY_MODEL_DIRS", str(tmp_path))
     get_settings.cache_clear()

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from api import crud
-from api.states import JobStatus as S
+from trinity_service import crud
+from trinity_service.states import JobStatus as S
 
 from .conftest import alpaca_rows, new_tenant
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from api.states import (ACTIVE, TERMINAL, TRANSITIONS, IllegalTransition, JobStatus as S, can_transition,
+from trinity_service.states import (ACTIVE, TERMINAL, TRANSITIONS, IllegalTransition, JobStatus as S, can_transition,
                         check_transition, is_terminal, sources)
 
 LEGAL = [

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from api import crud
-from api.states import JobStatus as S
+from trinity_service import crud
+from trinity_service.states import JobStatus as S
 from api.webhook_sender import send_due
 
 from .conftest import job_body, new_tenant
@@ -21,8 +21,8 @@ def no_endpoints_left(session):
     """send_due sends every tenant's due deliveries: each test leaves none behind for the next."""
     from sqlmodel import select
 
-    from api import webhooks
-    from api.webhook_models import WebhookEndpoint
+    from trinity_service import webhooks
+    from trinity_service.webhook_models import WebhookEndpoint
 
     yield
     for endpoint in session.exec(select(WebhookEndpoint)).all():
@@ -132,7 +132,7 @@ def test_a_receiver_down_for_a_while_gets_it_later_with_backoff(client, session,
 
 
 def test_gives_up_after_max_attempts(client, session, auth, dataset_id, monkeypatch):
-    from api.settings import get_settings
+    from trinity_service.settings import get_settings
 
     receiver = Receiver(fail_first=10)
     try:
@@ -154,7 +154,7 @@ def test_the_outbox_is_written_with_the_state_change(session, auth, dataset_id, 
     """A delivery exists as soon as the transition commits: nothing is held in memory to be lost."""
     from sqlmodel import select
 
-    from api.webhook_models import WebhookDelivery
+    from trinity_service.webhook_models import WebhookDelivery
 
     register(client, auth[1], "http://127.0.0.1:9/never")
     job = client.post("/jobs", headers=auth[1], json=job_body(dataset_id)).json()["id"]
@@ -167,7 +167,7 @@ def test_the_outbox_is_written_with_the_state_change(session, auth, dataset_id, 
 def test_the_docs_verify_function_on_a_real_delivery(client, auth, dataset_id, receiver):
     from standardwebhooks.webhooks import WebhookVerificationError
 
-    from api.webhook_models import new_secret
+    from trinity_service.webhook_models import new_secret
 
     example: dict = {}
     exec(compile(python_block("Webhooks"), "docs/API.md", "exec"), example)  # noqa: S102

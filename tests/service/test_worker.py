@@ -9,11 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from api import crud
-from api.db import session_scope
-from api.models import Job
-from api.settings import get_settings
-from api.states import JobStatus as S
+from trinity_service import crud
+from trinity_service.db import session_scope
+from trinity_service.models import Job
+from trinity_service.settings import get_settings
+from trinity_service.states import JobStatus as S
 from trinity_core.errors import GpuMemoryNotReleased, HubDownloadError, JobCancelled, OOMLadderExhausted
 from trinity_core.events import Emitter
 

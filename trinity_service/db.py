@@ -16,8 +16,8 @@ from sqlalchemy import Engine, event
 from sqlalchemy.engine import make_url
 from sqlmodel import Session, SQLModel, create_engine
 
-from api import models, webhook_models  # noqa: F401  (registers the tables)
-from api.settings import get_settings
+from trinity_service import models, webhook_models  # noqa: F401  (registers the tables)
+from trinity_service.settings import get_settings
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # No fixed ceiling on connections. With SQLAlchemy's default 5 + 10, 16+ concurrent requests

@@ -14,7 +14,7 @@ from pydantic import AnyHttpUrl, BaseModel, Field as PField
 from sqlalchemy import JSON, Column, Index
 from sqlmodel import Field, SQLModel
 
-from api.models import new_id, now
+from trinity_service.models import new_id, now
 
 EventType = Literal["fine_tuning.job.running", "fine_tuning.job.succeeded", "fine_tuning.job.failed",
                     "fine_tuning.job.cancelled"]

@@ -2,7 +2,7 @@
 
 Status changes go through ``transition``: a compare-and-set UPDATE (``WHERE status = <read>``,
 optionally fenced by ``run_token``) checked against ``states.TRANSITIONS``, with the status
-event and the webhook deliveries it causes (``api.webhooks``, the outbox) written in the same
+event and the webhook deliveries it causes (``trinity_service.webhooks``, the outbox) written in the same
 transaction. Event ``seq`` comes from ``job.last_seq`` bumped by an
 ``UPDATE ... RETURNING``, which also row-locks the job, so seq order is commit order per job.
 """
@@ -17,10 +17,10 @@ from sqlalchemy import and_, func, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from api import webhooks
-from api.models import ApiKey, Dataset, Job, JobEvent, JobOpenAI, now
-from api.security import generate_key, hash_key, same_hash
-from api.states import ACTIVE, IllegalTransition, JobStatus, can_transition, is_terminal
+from trinity_service import webhooks
+from trinity_service.models import ApiKey, Dataset, Job, JobEvent, JobOpenAI, now
+from trinity_service.security import generate_key, hash_key, same_hash
+from trinity_service.states import ACTIVE, IllegalTransition, JobStatus, can_transition, is_terminal
 
 S = JobStatus
 CAS_TRIES = 5

@@ -16,7 +16,7 @@ from pydantic import ConfigDict
 from sqlmodel import Field, SQLModel
 
 from api.errors import ErrorInfo
-from api.states import JobStatus
+from trinity_service.states import JobStatus
 from trinity_core.spec import JobSpec
 
 

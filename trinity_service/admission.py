@@ -10,9 +10,9 @@ from pathlib import Path
 
 from sqlmodel import Session
 
-from api import crud
-from api.models import Dataset, Job
-from api.states import IllegalTransition, JobStatus
+from trinity_service import crud
+from trinity_service.models import Dataset, Job
+from trinity_service.states import IllegalTransition, JobStatus
 
 
 def admit(*, session: Session, job: Job) -> Job | None:

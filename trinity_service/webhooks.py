@@ -14,8 +14,8 @@ from typing import Any
 from sqlalchemy import delete, update
 from sqlmodel import Session, col, select
 
-from api.models import now
-from api.webhook_models import WebhookDelivery, WebhookEndpoint, new_secret
+from trinity_service.models import now
+from trinity_service.webhook_models import WebhookDelivery, WebhookEndpoint, new_secret
 
 EVENT_OF_STATUS = {"running": "fine_tuning.job.running", "succeeded": "fine_tuning.job.succeeded",
                    "failed": "fine_tuning.job.failed", "cancelled": "fine_tuning.job.cancelled"}
