@@ -78,5 +78,5 @@ EXPOSE 8000
 # /health answers only when the API can query its database.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
   CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)" || exit 1
-# One process (it also runs the reaper thread); any number may run side by side (worker/reaper.py).
+# One process; any number may run side by side (the reaper runs in the workers: worker/reaper.py).
 CMD ["uvicorn", "api.main:app", "--host", "0.0.0.0", "--port", "8000"]

@@ -17,9 +17,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from trinity_service.models import ErrorInfo
 from trinity_service.settings import get_settings
 from trinity_core.errors import TrinityError
 
@@ -32,14 +33,6 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
         self.param, self.details, self.headers = param, details, headers
-
-
-class ErrorInfo(BaseModel):
-    code: str
-    message: str
-    param: str | None = None
-    type: str | None = Field(None, description="invalid_request_error (4xx) or server_error (5xx), as OpenAI's")
-    details: Any = None
 
 
 class ErrorResponse(BaseModel):

@@ -1,5 +1,5 @@
 """Assembles the app: routers, error handlers, and a lifespan that creates tables and runs the
-reaper and webhook sender threads (``worker/reaper.py``, ``api/webhook_sender.py``). Run with ``uvicorn api.main:app`` or ``trinity serve``."""
+webhook sender thread (``api/webhook_sender.py``; the reaper runs in the worker). Run with ``uvicorn api.main:app`` or ``trinity serve``."""
 
 from __future__ import annotations
 
@@ -22,11 +22,7 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     settings = get_settings()
     logging.getLogger("trinity").setLevel(logging.INFO)
     init_db()
-    stops = []
-    if settings.reaper_enabled:
-        from worker import reaper
-
-        stops.append(reaper.start_thread(settings))
+    stops = []  # the reaper runs in the worker (worker/app.py), not here
     if settings.webhooks_enabled:
         from api import webhook_sender
 

@@ -13,6 +13,7 @@ from typing import Any
 from sqlmodel import Session
 
 from trinity_service import crud
+from trinity_service import queue as job_queue  # `queue` is the parameter naming a job's queue here
 from trinity_service.admission import admit
 from api.errors import ApiError
 from trinity_service.models import Job
@@ -86,7 +87,5 @@ def submit(*, session: Session, tenant: str, spec: JobSpec, queue: str, idempote
     if admitted is None:  # the reaper admitted (and enqueued) it meanwhile: answer its current row
         return crud.get_job(session=session, tenant=tenant, job_id=job.id) or job, True
     if admitted.status == JobStatus.queued:
-        from worker.app import enqueue
-
-        enqueue(session=session, job=admitted)
+        job_queue.enqueue(session=session, job=admitted)
     return admitted, True

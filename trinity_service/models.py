@@ -12,10 +12,10 @@ from typing import Any
 
 from sqlalchemy import JSON, Column, Index, UniqueConstraint
 from sqlalchemy import Enum as SAEnum
-from pydantic import ConfigDict
+from pydantic import BaseModel, ConfigDict
+from pydantic import Field as PydanticField
 from sqlmodel import Field, SQLModel
 
-from api.errors import ErrorInfo
 from trinity_service.states import JobStatus
 from trinity_core.spec import JobSpec
 
@@ -26,6 +26,16 @@ def new_id(prefix: str) -> str:
 
 def now() -> float:
     return time.time()
+
+
+class ErrorInfo(BaseModel):
+    """The one error shape (``api/errors.py``), also stored on a failed job's row."""
+
+    code: str
+    message: str
+    param: str | None = None
+    type: str | None = PydanticField(None, description="invalid_request_error (4xx) or server_error (5xx), as OpenAI's")
+    details: Any = None
 
 
 # ── API keys ─────────────────────────────────────────────────────────────────────────────────

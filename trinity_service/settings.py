@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     retry_backoff_s: float = Field(30.0, ge=0, description="First retry delay; doubles each time.")
     heartbeat_interval_s: float = Field(10.0, gt=0, description="How often a running job touches its row.")
     stale_after_s: float = Field(60.0, gt=0, description="A running job whose heartbeat is older is re-queued.")
-    reaper_enabled: bool = Field(True, description="Run the reaper thread in the API process.")
+    reaper_enabled: bool = Field(True, description="Run the reaper thread in each worker's main process.")
     reaper_interval_s: float = Field(15.0, gt=0, description="Seconds between reaper sweeps.")
     requeue_after_s: float = Field(60.0, gt=0, description="A queued job not seen in the broker after this is re-sent.")
     requeue_blind_after_s: float = Field(900.0, gt=0, description="Same, for brokers that cannot be inspected.")

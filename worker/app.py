@@ -1,4 +1,5 @@
-"""The Celery app and ``enqueue``.
+"""The worker's Celery app (the consuming side; ``trinity_service.queue`` sends), and the reaper
+thread it runs.
 
 Settings for long GPU jobs, and why:
 
@@ -15,33 +16,29 @@ Settings for long GPU jobs, and why:
 - ``task_track_started``, hard/soft time limits, no result backend (the row holds results).
 - queues are named per GPU class (``gpu.default``, ``gpu.t4``...); a worker consumes
   ``TRINITY_WORKER_QUEUES`` (default: all of ``TRINITY_GPU_QUEUES``).
+- the reaper (``worker/reaper.py``) runs as a thread of the worker's main process, started when
+  the worker is ready (``reaper_enabled``): it needs the broker and the database, which a worker
+  has, and any number of them may run. A job's child forked beside the thread inherits none of
+  its connections: the child builds its own database engine (``trinity_service/db.py``) and Celery
+  resets the broker pool after the fork.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-import secrets
 
 from celery import Celery, signals
 from kombu import Queue
-from sqlmodel import Session
 
-from trinity_service import crud
-from trinity_service.models import Job
+from trinity_service.queue import configure
 from trinity_service.settings import Settings, get_settings
 
-TASK_NAME = "trinity.run_training"
 log = logging.getLogger("trinity.worker")
 
 
 def make_app(settings: Settings) -> Celery:
-    if settings.broker_url.startswith("sqla+"):
-        # FACTS.md: passing this in broker_transport_options breaks create_engine; 0.1 s, not 1 s, latency.
-        import kombu.transport.sqlalchemy
-
-        kombu.transport.sqlalchemy.Transport.polling_interval = 0.1
-    app = Celery("trinity", broker=settings.broker_url, include=["worker.tasks"])
+    app = configure(Celery("trinity", include=["worker.tasks"]), settings)
     app.conf.update(
         task_acks_late=False,
         worker_prefetch_multiplier=1,
@@ -51,14 +48,7 @@ def make_app(settings: Settings) -> Celery:
         task_track_started=True,
         task_time_limit=settings.task_time_limit_s,
         task_soft_time_limit=settings.task_soft_time_limit_s,
-        task_ignore_result=True,
-        result_backend=None,
-        task_default_queue=settings.default_queue,
         task_queues=[Queue(name, routing_key=name) for name in settings.worker_queues],
-        task_create_missing_queues=True,
-        broker_connection_retry_on_startup=True,
-        broker_connection_timeout=3,
-        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
         worker_send_task_events=False,
         worker_enable_remote_control=not settings.broker_url.startswith("sqla+"),  # unsupported there
     )
@@ -66,19 +56,6 @@ def make_app(settings: Settings) -> Celery:
 
 
 app = make_app(get_settings())
-
-
-def enqueue(*, session: Session, job: Job) -> bool:
-    """Send a message for a queued job (after its row is committed). A failure is logged, not
-    raised: the job stays queued and the reaper sends it again."""
-    task_id = f"{job.id}.{secrets.token_hex(4)}"
-    try:
-        app.send_task(TASK_NAME, args=[job.id], queue=job.queue, routing_key=job.queue, task_id=task_id)
-    except Exception as error:  # broker down: kombu/redis raise OperationalError, ConnectionError...
-        log.warning("could not enqueue %s (%s); the reaper will retry", job.id, error)
-        return False
-    crud.mark_enqueued(session=session, job_id=job.id, task_id=task_id)
-    return True
 
 
 @signals.worker_init.connect
@@ -94,3 +71,13 @@ def _preload(**_: object) -> None:
     import trinity_core.data.prepare  # noqa: F401
     import trinity_core.pipeline  # noqa: F401
     import trinity_core.train.trainer  # noqa: F401  (transformers)
+
+
+@signals.worker_ready.connect
+def _start_reaper(sender=None, **_: object) -> None:
+    """The reaper sweeps from the worker's main process (never from a job's child)."""
+    settings = get_settings()
+    if settings.reaper_enabled:
+        from worker import reaper
+
+        reaper.start_thread(settings)

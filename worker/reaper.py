@@ -15,8 +15,9 @@ Each sweep:
    validated again.
 
 Duplicates are harmless by design: the task's claim (``UPDATE ... WHERE status='queued'``) lets
-one delivery run the job; the others return at once. The reaper runs as a thread in the API
-process (``reaper_enabled``; ``trinity serve`` has one) — any number of API processes may run it.
+one delivery run the job; the others return at once. The reaper runs as a thread in each worker's
+main process (``reaper_enabled``, started on ``worker_ready`` in ``worker/app.py``); any number of
+workers may run it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from trinity_service.admission import admit
 from trinity_service.db import session_scope
 from trinity_service.settings import Settings, get_settings
 from trinity_service.states import JobStatus
-from worker.app import app, enqueue
+from trinity_service import queue
 
 log = logging.getLogger("trinity.reaper")
 STALE_UPLOAD_S = 3600.0  # an upload's temp file not written for this long belongs to a dead API process
@@ -63,7 +64,7 @@ def sweep(settings: Settings | None = None) -> dict[str, int]:
                                       max_resumes=settings.max_resumes)
             if moved is not None and moved.status == JobStatus.queued:
                 counts["requeued"] += 1
-                enqueue(session=session, job=moved)
+                queue.enqueue(session=session, job=moved)
             elif moved is not None:
                 counts["ended"] += 1
 
@@ -71,7 +72,7 @@ def sweep(settings: Settings | None = None) -> dict[str, int]:
             moved = admit(session=session, job=job)
             if moved is not None and moved.status == JobStatus.queued:
                 counts["admitted"] += 1
-                enqueue(session=session, job=moved)
+                queue.enqueue(session=session, job=moved)
 
         candidates = crud.unsent_candidates(session=session, enqueued_before=now - settings.requeue_after_s)
         present = queued_task_ids({job.queue for job in candidates}) if candidates else set()
@@ -83,7 +84,7 @@ def sweep(settings: Settings | None = None) -> dict[str, int]:
             crud.add_event(session=session, job_id=job.id, type="message", level="warning",
                            message="the job's message is not in the broker; sending it again",
                            data={"task_id": job.task_id})
-            counts["resent"] += enqueue(session=session, job=job)
+            counts["resent"] += queue.enqueue(session=session, job=job)
     counts["temp_removed"] = remove_stale_uploads(settings.datasets_dir / ".tmp", before=now - STALE_UPLOAD_S)
     if any(counts.values()):
         log.info("reaper: %s", counts)
@@ -92,14 +93,15 @@ def sweep(settings: Settings | None = None) -> dict[str, int]:
 
 def queued_task_ids(queues: set[str]) -> set[str] | None:
     """Task ids waiting in the broker's queues, or None when the broker cannot be inspected."""
+    app = queue.producer()
     url = app.conf.broker_url or ""
     if not url.startswith(("redis://", "rediss://", "unix://")):
         return None
     with app.connection_for_read() as conn:
         client = conn.default_channel.client
         found: set[str] = set()
-        for queue in queues:
-            for raw in client.lrange(queue, 0, -1):
+        for name in queues:
+            for raw in client.lrange(name, 0, -1):
                 found.add(_task_id(raw))
     return found
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from trinity_service.settings import get_settings
 from trinity_core.errors import GpuMemoryNotReleased, JobCancelled, TrinityError
 from worker import runner
-from worker.app import TASK_NAME, app
+from trinity_service.queue import TASK_NAME
+from worker.app import app
 
 
 @app.task(bind=True, name=TASK_NAME)

@@ -239,7 +239,8 @@ def test_api_killed_during_upload_and_download_shows_nothing_half_written(rstack
     assert {p.name for p in stored} == before, "only committed datasets have a directory"
     leftovers = list((data_dir / "datasets" / ".tmp").glob("upload-*"))
     print(f"\ntemp files left in datasets/.tmp after the kill: {len(leftovers)}")
-    # the reaper removes an upload's temp file once it is an hour old (here: aged by hand)
+    # the reaper (a worker's thread) removes an upload's temp file once it is an hour old (aged by hand)
+    ensure_worker(rstack)
     for path in leftovers:
         os.utime(path, (time.time() - 7200, time.time() - 7200))
     wait_for(lambda: not list((data_dir / "datasets" / ".tmp").glob("upload-*")), 30, "the reaper to remove it")

@@ -104,7 +104,7 @@ def session(settings):
 @pytest.fixture
 def enqueued(monkeypatch):
     """Record enqueues instead of publishing (API tests need no worker)."""
-    import worker.app
+    from trinity_service import queue
     from trinity_service import crud
 
     sent: list[str] = []
@@ -114,7 +114,7 @@ def enqueued(monkeypatch):
         crud.mark_enqueued(session=session, job_id=job.id, task_id=f"{job.id}.fake")
         return True
 
-    monkeypatch.setattr(worker.app, "enqueue", fake_enqueue)
+    monkeypatch.setattr(queue, "enqueue", fake_enqueue)
     return sent
 
 

@@ -317,8 +317,8 @@ def age(job_id, **fields):
 
 
 def test_reaper_resends_a_queued_job_missing_from_the_broker(queue, redis_client, monkeypatch):
+    from trinity_service.queue import enqueue
     from worker import reaper
-    from worker.app import enqueue
 
     lost, kept = queued_job(queue=queue), queued_job(queue=queue)
     with session_scope() as s:
@@ -376,13 +376,13 @@ def test_reaper_thread_sweeps(fast, monkeypatch):
 
 
 def test_enqueue_failure_leaves_the_job_queued(fast, monkeypatch):
-    import worker.app
+    from trinity_service import queue as sending
 
     def broken(*a, **kw):
         raise ConnectionError("broker down")
 
-    monkeypatch.setattr(worker.app.app, "send_task", broken)
+    monkeypatch.setattr(sending.producer(), "send_task", broken)
     job_id = queued_job()
     with session_scope() as s:
-        assert worker.app.enqueue(session=s, job=load(job_id)) is False
+        assert sending.enqueue(session=s, job=load(job_id)) is False
     assert load(job_id).status == S.queued and load(job_id).enqueued_at is None
