@@ -1,7 +1,7 @@
 """Final loss after the same steps on the same data: Trinity's fast DoRA vs PEFT's own DoRA.
 
 Each seed trains the tiny recipe (examples/tiny.yaml, rsLoRA + DoRA on all 42 projections)
-twice through ``run_job`` — once with ``TRINITY_FAST_DORA=0`` (PEFT's DoRA), once with fast DoRA —
+twice through ``run_job`` — once with ``RunOptions(fast_dora=False)`` (PEFT's DoRA), once with fast DoRA —
 with the same seed, so the same LoRA init and the same data order: the pairs differ only in the
 DoRA implementation. Noise is the spread between seeds. Prints one JSON line per run and a summary:
 
@@ -35,6 +35,7 @@ def main(argv: list[str]) -> None:
 
     if a.backend == "unsloth":
         import unsloth  # noqa: F401  (before transformers)
+    from trinity_core.options import RunOptions
     from trinity_core.pipeline import run_job
     from trinity_core.spec import load_spec
     from trinity_core.fixtures.tiny import build_tiny_model
@@ -44,7 +45,6 @@ def main(argv: list[str]) -> None:
     rows = []
     for seed in a.seeds:
         for impl in ("peft", "fast"):
-            os.environ["TRINITY_FAST_DORA"] = "1" if impl == "fast" else "0"
             spec = load_spec(ROOT / "examples" / "tiny.yaml")
             spec.model.name_or_path = str(a.model)
             spec.model.backend = a.backend
@@ -55,7 +55,7 @@ def main(argv: list[str]) -> None:
             spec.export.merge = spec.export.gguf = spec.export.evaluate = False
             with tempfile.TemporaryDirectory() as work:
                 t0 = time.time()
-                result = run_job(spec, work)
+                result = run_job(spec, work, options=RunOptions(fast_dora=impl == "fast"))
             losses = [h["loss"] for h in result.loss_history]
             row = {"seed": seed, "impl": impl, "backend": a.backend, "dtype": result.backend["compute_dtype"],
                    "fast_dora_layers": result.backend["fast_dora_layers"], "steps": len(losses),

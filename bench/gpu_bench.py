@@ -206,7 +206,7 @@ def run_peft(model_root: Path, depths: list[int], out, deadline: float, grow_to:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from trinity_core.train.fast_dora.linear import enable_fast_dora
+    from trinity_core.train.fast_dora import enable_fast_dora
 
     for depth in depths + ([grow_to] if grow_to else []):
         src = model_root / f"L{depth if depth != grow_to else depths[-1]}"
@@ -251,7 +251,7 @@ def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_
     from unsloth import FastLanguageModel  # noqa: I001  (before transformers is used)
     import torch
 
-    from trinity_core.train.fast_dora.linear import enable_fast_dora
+    from trinity_core.train.fast_dora import enable_fast_dora
 
     todo = [dict(v, depth=d) for v in selected("unsloth") for d in depths]
     if grow_to:
@@ -300,7 +300,7 @@ def profile(model_root: Path, depth: int, out_dir: Path, grow_to: int = 0) -> No
     from torch.profiler import ProfilerActivity
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from trinity_core.train.fast_dora.linear import enable_fast_dora
+    from trinity_core.train.fast_dora import enable_fast_dora
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16)

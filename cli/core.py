@@ -29,6 +29,11 @@ def add_parsers(sub) -> None:
     p.add_argument("spec", type=Path, help="YAML or JSON job spec")
     p.add_argument("--workdir", type=Path, required=True)
     p.add_argument("--json", action="store_true", help="print events as JSON lines")
+    p.add_argument("--no-fast-dora", action="store_true", help="PEFT's own DoRA instead of Trinity's fast DoRA")
+    p.add_argument("--unsloth-compile", choices=("auto", "on", "off"), default="auto",
+                   help="Unsloth's torch.compile mode (auto: on for LoRA, off with DoRA)")
+    p.add_argument("--debug-memory", action="store_true",
+                   help="after a failed OOM-ladder attempt, print what still holds CUDA memory")
     p.set_defaults(func=cmd_train)
 
 
@@ -86,12 +91,15 @@ class ProgressPrinter:
 
 
 def cmd_train(args) -> int:
+    from trinity_core.options import RunOptions
     from trinity_core.pipeline import run_job
     from trinity_core.spec import load_spec
 
+    options = RunOptions(fast_dora=not args.no_fast_dora, debug_memory=args.debug_memory,
+                         unsloth_compile={"auto": None, "on": True, "off": False}[args.unsloth_compile])
     try:
         spec = load_spec(args.spec)
-        result = run_job(spec, args.workdir, ProgressPrinter(as_json=args.json))
+        result = run_job(spec, args.workdir, ProgressPrinter(as_json=args.json), options=options)
     except TrinityError as e:
         print(f"error [{e.code}]: {e.message}", file=sys.stderr)
         for d in e.details if isinstance(e.details, list) else []:

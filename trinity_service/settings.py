@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from trinity_core.options import RunOptions
+
 DEFAULT_DATA_DIR = Path(".trinity")
 LOOPBACK = {"127.0.0.1", "localhost", "::1", None, ""}
 
@@ -74,6 +76,14 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = Field(15, ge=1, description="Tries before a delivery is marked failed (~6 h).")
     expose_errors: bool | None = Field(
         None, description="Show exception text in 500 responses; default: in development only.")
+    # How the worker runs jobs (trinity_core.options.RunOptions, built in worker/runner.py).
+    fast_dora: bool = Field(True, description="Trinity's fast DoRA; false runs PEFT's own DoRA (benchmarks).")
+    unsloth_compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="Unsloth's torch.compile mode (auto: on for LoRA, off with DoRA).")
+    debug_memory: bool = Field(False, description="After a failed OOM-ladder attempt, print what still holds CUDA memory.")
+    test_seams: bool = Field(False, description="Allow the test seams below (tests only; refused in production).")
+    inject_oom: int = Field(0, ge=0, description="Test seam: the first N training attempts of each job raise an OOM "
+                            "at their first step (needs TRINITY_TEST_SEAMS=true).")
 
     _split_lists = field_validator("model_dirs", "gpu_queues", "worker_queues", mode="before")(_split)
 
@@ -92,6 +102,8 @@ class Settings(BaseSettings):
             raise ValueError("task_soft_time_limit_s must be below task_time_limit_s")
         if self.expose_errors is None:
             self.expose_errors = self.env == "development"
+        if self.inject_oom and not self.test_seams:
+            raise ValueError("TRINITY_INJECT_OOM is a test seam: it needs TRINITY_TEST_SEAMS=true")
         return self
 
     def _refuse_insecure_defaults(self) -> None:
@@ -100,6 +112,8 @@ class Settings(BaseSettings):
             problems.append("TRINITY_DATA_DIR must be an absolute path")
         if self.expose_errors:
             problems.append("TRINITY_EXPOSE_ERRORS=true leaks internals in 500 responses")
+        if self.test_seams:
+            problems.append("TRINITY_TEST_SEAMS=true is for tests only")
         for name, url in (("TRINITY_BROKER_URL", self.broker_url), ("TRINITY_DATABASE_URL", self.database_url)):
             parts = urlsplit(url)
             if parts.scheme.startswith(("redis", "postgres", "amqp")) and parts.hostname not in LOOPBACK \
@@ -107,6 +121,12 @@ class Settings(BaseSettings):
                 problems.append(f"{name} reaches {parts.hostname} without a password")
         if problems:
             raise ValueError("refusing insecure settings in production: " + "; ".join(problems))
+
+    def run_options(self) -> RunOptions:
+        """How this worker runs a job (``run_job(..., options=...)``)."""
+        return RunOptions(fast_dora=self.fast_dora, debug_memory=self.debug_memory, test_seams=self.test_seams,
+                          unsloth_compile={"auto": None, "on": True, "off": False}[self.unsloth_compile],
+                          inject_oom=self.inject_oom)
 
     @property
     def default_queue(self) -> str:
@@ -125,6 +145,17 @@ class Settings(BaseSettings):
         return int(self.max_upload_mb * 2**20)
 
 
+_configured: Settings | None = None
+
+
+def configure(settings: Settings | None) -> None:
+    """Use ``settings`` in this process instead of reading the environment (``trinity serve``, after
+    it chose the broker); None reads the environment again."""
+    global _configured
+    _configured = settings
+    get_settings.cache_clear()
+
+
 @lru_cache
 def get_settings() -> Settings:
-    return Settings()
+    return _configured if _configured is not None else Settings()

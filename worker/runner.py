@@ -1,8 +1,9 @@
 """Runs one claimed job: ``trinity_core.run_job`` with callbacks that keep the row true.
 
 - ``on_event`` stores each core event with the service's own per-job ``seq`` (run_job's restarts
-  on resume) and copies progress onto the row: step, loss, tokens/s, ETA, memory, stage, and the
-  OOM ladder's rung and settings when a downgrade warning arrives.
+  on resume) and copies progress onto the row: step, loss, tokens/s, ETA, memory, stage, and from
+  the OOM ladder's ``ladder`` events its attempt list, rung and settings, as they are.
+- ``run_job`` gets its ``RunOptions`` from the service settings (fast DoRA, test seams...).
 - ``on_step`` and a heartbeat thread touch ``heartbeat_at`` (the thread also covers data
   preparation, model loading and export, where there are no steps); the reaper re-queues a job
   whose heartbeat goes stale.
@@ -41,27 +42,20 @@ class Run:
     spec: dict[str, Any]
     dataset_path: str | None
     workdir: Path
-    attempts: list[dict[str, Any]]
     eval_dataset_path: str | None = None  # the stored file of data.eval_dataset_id
 
 
 def claim(job_id: str, *, worker: str) -> Run | None:
     """The atomic claim (queued → running); None for a duplicate, cancelled or finished job."""
-    from trinity_core.train.ladder import Settings as LadderSettings
-    from trinity_core.spec import parse_spec
-
     with session_scope() as session:
         job = crud.claim_job(session=session, job_id=job_id, worker=worker)
         if job is None:
             return None
-        if job.rung is None:  # first run: the spec's own settings are what runs until a downgrade
-            settings = LadderSettings.from_spec(parse_spec(job.spec)).to_dict()
-            crud.heartbeat(session=session, job_id=job.id, run_token=job.run_token, rung="recipe", settings=settings)
         dataset = session.get(Dataset, job.dataset_id) if job.dataset_id else None
         eval_id = (job.spec.get("data") or {}).get("eval_dataset_id")
         eval_dataset = session.get(Dataset, eval_id) if eval_id else None
         return Run(job.id, job.run_token, job.spec, dataset.path if dataset else None,
-                   get_settings().jobs_dir / job.id, list(job.attempts or []),
+                   get_settings().jobs_dir / job.id,
                    eval_dataset.path if eval_dataset and eval_dataset.tenant == job.tenant else None)
 
 
@@ -71,8 +65,8 @@ def run(job: Run) -> Any:
 
     spec = job_spec(job)
     with Recorder(job) as recorder:
-        return run_job(spec, job.workdir, recorder.on_event, should_stop=recorder.should_stop,
-                       on_step=recorder.on_step)
+        return run_job(spec, job.workdir, recorder.on_event, options=get_settings().run_options(),
+                       should_stop=recorder.should_stop, on_step=recorder.on_step)
 
 
 def job_spec(job: Run) -> Any:
@@ -97,7 +91,6 @@ class Recorder:
     def __init__(self, job: Run):
         self.job = job
         self.settings = get_settings()
-        self.attempts = list(job.attempts)
         self.lost = False
         self._last_stop_check = 0.0
         self._stop = False
@@ -162,19 +155,8 @@ class Recorder:
             return {k: data[k] for k in METRIC_FIELDS if data.get(k) is not None}
         if event.type == "status" and data.get("stage"):
             return {"stage": str(data["stage"])[:40]}
-        if event.level == "warning" and "settings" in data and "rung" in data:  # an OOM-ladder downgrade
-            if not self.attempts:
-                self.attempts.append({"rung": "recipe", "outcome": "oom"})
-            elif self.attempts[-1].get("outcome") == "running":
-                self.attempts[-1] = {**self.attempts[-1], "outcome": "oom"}
-            self.attempts.append({"rung": data["rung"], "settings": data["settings"], "outcome": "running"})
-            return {"rung": data["rung"], "settings": data["settings"], "attempts": list(self.attempts)}
-        if event.level == "warning" and "rung" in data:  # pre-flight: the rung about to run cannot fit
-            if self.attempts and self.attempts[-1].get("rung") == data["rung"]:
-                self.attempts[-1] = {**self.attempts[-1], "outcome": "skipped"}
-            else:
-                self.attempts.append({"rung": data["rung"], "outcome": "skipped"})
-            return {"attempts": list(self.attempts)}
+        if event.type == "ladder":  # the ladder's own attempt list (and the rung now training), copied
+            return {k: data[k] for k in ("attempts", "rung", "settings") if k in data}
         return {}
 
 

@@ -11,8 +11,7 @@ from api.deps import SettingsDep
 from api.errors import ApiError
 from api.policy import model_problem
 from trinity_core import model_config
-from trinity_core.train import memory
-from trinity_core.train import ladder as oom
+from trinity_core.train import ladder, memory
 from trinity_core.errors import ModelUnavailable, SpecError
 from trinity_core.spec import parse_spec
 
@@ -38,7 +37,7 @@ def estimate_job(
         config = model_config.load(spec.model.name_or_path, spec.model.revision)
     except ModelUnavailable as e:
         raise ApiError(422, e.code, e.message, param=e.param, details=e.details) from None
-    rungs = oom.ladder(spec)
+    rungs = ladder.rungs(spec)
     plans = memory.plan(rungs, spec, config, backend, gpu_gib, bf16_supported=bf16)
     chosen = next((p.index for p in plans if p.fits), None)
     return {

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from trinity_core import gpu
+from trinity_core.train import ladder
 from trinity_core.train import memory
-from trinity_core.train import ladder as oom
 from trinity_core.spec import ALL_PROJECTIONS, JobSpec
 
 GEMMA3_12B = dict(hidden_size=3840, intermediate_size=15360, num_attention_heads=16, num_key_value_heads=8,
@@ -252,7 +253,7 @@ def test_t4_rung_choice():
     recipe is predicted over (15.7 GiB, measured 2026-11-25 extrapolation) and seq 2048 is the
     first rung that fits; plain PEFT (the 262k-vocab logits) fits only the last, q,v at seq 2048."""
     spec = _spec(dora="fast", t4=True, accum=4)
-    rungs = oom.ladder(spec)
+    rungs = ladder.rungs(spec)
     assert memory.pick_rung(rungs, spec, GEMMA3_12B, "unsloth", T4_GIB) == 0
     plan = memory.plan(rungs, spec, GEMMA3_12B, "unsloth", T4_GIB, fast_dora=False)
     assert [p.fits for p in plan][:2] == [False, True]
@@ -265,13 +266,13 @@ def test_estimates_fall_down_the_ladder():
     """Every rung is cheaper than the one before, except turning fast DoRA off: since fast DoRA v3
     a DoRA layer's peak is LoRA's (measured within ±0.2 GiB at 48 layers), so that rung saves ~nothing."""
     spec = _spec(dora="fast", accum=4)
-    plan = memory.plan(oom.ladder(spec), spec, GEMMA3_12B, "unsloth", 80.0)
+    plan = memory.plan(ladder.rungs(spec), spec, GEMMA3_12B, "unsloth", 80.0)
     for before, after in zip(plan, plan[1:]):
         if after.name == "dora_off":
             assert abs(after.estimate.gib - before.estimate.gib) < 0.25, (before, after)
         else:
             assert after.estimate.gib < before.estimate.gib, (before, after)
-    peft_dora = memory.plan(oom.ladder(spec), spec, GEMMA3_12B, "unsloth", 80.0, fast_dora=False)
+    peft_dora = memory.plan(ladder.rungs(spec), spec, GEMMA3_12B, "unsloth", 80.0, fast_dora=False)
     gibs = [p.estimate.gib for p in peft_dora]
     assert gibs == sorted(gibs, reverse=True)
 
@@ -280,17 +281,17 @@ def test_no_cuda_means_no_preflight(monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert memory.gpu_budget_gib() is None
+    assert gpu.budget_gib() is None
     assert memory.preflight(JobSpec(), "peft") is None
 
 
 def test_ladder_skips_rungs_the_estimate_rules_out(tiny_spec, tmp_path, monkeypatch):
-    """pipeline.train_with_ladder asks memory.preflight before each rung but the last; a rung
+    """ladder.walk asks memory.preflight before each rung but the last; a rung
     predicted not to fit is recorded as skipped (with its estimate) and never loaded."""
     from tests.helpers import make_spec
     from trinity_core.pipeline import run_job
 
-    def fake_preflight(spec, backend):
+    def fake_preflight(spec, backend, *, fast_dora=True):
         need = 20.0 if spec.model.max_seq_length > 2048 else 10.0
         return memory.Estimate(need, {"transient": need}), 15.1
 
@@ -317,8 +318,8 @@ def test_a_failed_attempt_is_released_before_the_next_rung_loads(tiny_spec, tmp_
     from datasets import Dataset
 
     from tests.helpers import make_spec
-    from trinity_core import pipeline
     from trinity_core.events import Emitter
+    from trinity_core.options import RunOptions
 
     loaded: list[weakref.ref] = []
 
@@ -329,7 +330,7 @@ def test_a_failed_attempt_is_released_before_the_next_rung_loads(tiny_spec, tmp_
     class Backend:
         name = "peft"
 
-        def load(self, spec):
+        def load(self, spec, tokenizer=None):
             assert all(ref() is None for ref in loaded), "the failed attempt's model is still alive"
             model = Model()
             loaded.append(weakref.ref(model))
@@ -347,7 +348,7 @@ def test_a_failed_attempt_is_released_before_the_next_rung_loads(tiny_spec, tmp_
     gc.disable()  # only the ladder's own gc.collect may free the cycle
     try:
         rows = Dataset.from_dict({"input_ids": [[2, 5, 6]], "assistant_masks": [[0, 1, 1]]})
-        rung, _, attempts, _ = pipeline.train_with_ladder(spec, Backend(), rows, tmp_path, Emitter(), None, None)
+        rung, _, attempts, _ = ladder.walk(spec, Backend(), rows, tmp_path, Emitter(), RunOptions())
     finally:
         gc.enable()
     assert [a.outcome for a in attempts] == ["oom", "ok"] and rung.name == "seq_2048"

@@ -16,7 +16,8 @@ from torch import nn
 
 from trinity_core import nf4
 from trinity_core.train.fast_dora import linear as qdora
-from trinity_core.train.fast_dora.linear import FastDoraLinearLayer, enable_fast_dora, linear_norm_reference
+from trinity_core.train.fast_dora import enable_fast_dora
+from trinity_core.train.fast_dora.linear import FastDoraLinearLayer, linear_norm_reference
 from trinity_core.train.fast_dora.mlp import _plain_fast_dora
 
 RTOL = 2e-5
@@ -377,12 +378,23 @@ def test_gated_mlp_falls_back_to_the_stock_forward_when_adapters_are_off(tiny_sp
     assert not torch.allclose(fused, base_stock), "the adapter changes the output"
 
 
-def test_opt_out_env(monkeypatch):
-    monkeypatch.setenv(qdora.FAST_DORA_ENV, "0")
-    from peft import LoraConfig, get_peft_model
+def test_run_options_turn_fast_dora_off(tiny_spec):
+    """``RunOptions(fast_dora=False)``: the backend leaves PEFT's own DoRA layers (the benchmark's
+    baseline); the default patches every one of them."""
+    from peft.tuners.lora.dora import DoraLinearLayer
 
-    model = get_peft_model(Block(8, 8, 8, False), LoraConfig(r=2, use_dora=True, target_modules=["up"]))
-    assert enable_fast_dora(model) == 0
+    from trinity_core.options import RunOptions
+    from trinity_core.train.backends.peft import PeftBackend
+
+    spec = tiny_spec.model_copy(deep=True)
+    spec.lora.use_dora = True
+    off = PeftBackend(RunOptions(fast_dora=False))
+    model, _ = off.load(spec)
+    dora = [m for m in model.modules() if isinstance(m, DoraLinearLayer)]
+    assert off.info()["fast_dora_layers"] == 0 and dora and not any(isinstance(m, FastDoraLinearLayer) for m in dora)
+    on = PeftBackend()
+    model, _ = on.load(spec)
+    assert on.info()["fast_dora_layers"] == len(dora) == sum(isinstance(m, FastDoraLinearLayer) for m in model.modules())
 
 
 def test_dora_output_gradients_are_exact_in_float64():

@@ -33,12 +33,11 @@ def test_fast_dora_matches_peft_dora_in_bf16(tiny_spec, monkeypatch):
     layers) while fast DoRA keeps it in fp32, and the two sum the terms in another order in bf16."""
     import copy
 
+    from trinity_core.options import RunOptions
     from trinity_core.train.backends.peft import PeftBackend
-    from trinity_core.train.fast_dora.linear import enable_fast_dora
+    from trinity_core.train.fast_dora import enable_fast_dora
 
-    monkeypatch.setenv("TRINITY_FAST_DORA", "0")
-    ref, _ = PeftBackend().load(make_spec(tiny_spec, **{"model.compute_dtype": "bfloat16"}))
-    monkeypatch.delenv("TRINITY_FAST_DORA")
+    ref, _ = PeftBackend(RunOptions(fast_dora=False)).load(make_spec(tiny_spec, **{"model.compute_dtype": "bfloat16"}))
     with torch.no_grad():
         for name, p in ref.named_parameters():
             if "lora_B" in name:
@@ -95,6 +94,7 @@ os.environ.setdefault("UNSLOTH_COMPILE_DISABLE", "1")  # what the backend sets w
 import torch
 import unsloth  # noqa: F401  (before transformers)
 from trinity_core.errors import GpuMemoryNotReleased
+from trinity_core.options import RunOptions
 from trinity_core.pipeline import run_job
 from trinity_core.spec import JobSpec
 
@@ -102,7 +102,7 @@ spec = JobSpec.model_validate_json(open(sys.argv[1]).read())
 total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
 torch.cuda.set_per_process_memory_fraction(float(sys.argv[3]) / total_gib)
 try:
-    run_job(spec, sys.argv[2])
+    run_job(spec, sys.argv[2], options=RunOptions(fast_dora=sys.argv[4] == "1"))
 except GpuMemoryNotReleased as e:
     print("continue:", e.message, flush=True)
     sys.exit(3)
@@ -119,10 +119,10 @@ def _run_like_the_worker(spec, workdir: Path, cap_gib: float, fast_dora: str) ->
     spec_file = workdir.with_suffix(".spec.json")
     workdir.mkdir(parents=True, exist_ok=True)
     spec_file.write_text(spec.model_dump_json())
-    env = dict(os.environ, TRINITY_FAST_DORA=fast_dora, PYTHONPATH=os.pathsep.join(sys.path))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     runs, t0 = [], time.monotonic()
     for _ in range(6):  # at most one process per rung of the ladder
-        proc = subprocess.run([sys.executable, "-c", CHILD, str(spec_file), str(workdir), str(cap_gib)],
+        proc = subprocess.run([sys.executable, "-c", CHILD, str(spec_file), str(workdir), str(cap_gib), fast_dora],
                               env=env, capture_output=True, text=True, timeout=1200)
         runs.append(proc.returncode)
         if proc.returncode != 3:

@@ -1,7 +1,7 @@
 """Faults with real processes: kill -9 of the worker (repeatedly, at random moments), a Redis
 restart mid-queue (a private redis-server with AOF, as in docker-compose), the API killed during
 an upload and a download, a full disk while a job writes its artifacts (a 6 MB tmpfs), and OOMs
-injected into the service's worker (TRINITY_INJECT_OOM)."""
+injected into the service's worker (TRINITY_TEST_SEAMS + TRINITY_INJECT_OOM)."""
 
 from __future__ import annotations
 
@@ -339,7 +339,7 @@ def test_disk_full_while_writing_artifacts_fails_cleanly(rstack):
 @pytest.mark.parametrize("ooms, rung", [(1, "seq_2048"), (5, None)])
 def test_injected_oom_through_the_service(rstack, ooms, rung):
     queue = f"{rstack.queue}.oom"
-    proc = rstack.start_worker(f"oom{ooms}", queue, TRINITY_INJECT_OOM=str(ooms))
+    proc = rstack.start_worker(f"oom{ooms}", queue, TRINITY_TEST_SEAMS="true", TRINITY_INJECT_OOM=str(ooms))
     try:
         rstack.wait_ready(proc)
         body = tiny_job(rstack, upload(rstack), max_steps=2)

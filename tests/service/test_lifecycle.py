@@ -2,7 +2,7 @@
 unique to this session), a SQLite file (``TRINITY_TEST_SERVICE_DB=postgresql`` switches to a
 fresh PostgreSQL database), the tiny Gemma-3 trained for a few steps, httpx as the client.
 
-One worker serves the module; the OOM test adds a second one (``TRINITY_INJECT_OOM`` must be in
+One worker serves the module; the OOM test adds a second one (``TRINITY_TEST_SEAMS`` + ``TRINITY_INJECT_OOM`` in
 the worker's environment) on its own queue. Timeouts are generous: the 2 cores are shared.
 """
 
@@ -165,7 +165,7 @@ def test_killed_worker_is_reaped_and_the_job_resumes_from_its_checkpoint(stack):
 
 def test_injected_oom_shows_the_downgrade_and_final_settings(stack):
     queue = f"{stack.queue}.oom"
-    oom_worker = stack.start_worker("oom-worker", queue, TRINITY_INJECT_OOM="1")
+    oom_worker = stack.start_worker("oom-worker", queue, TRINITY_TEST_SEAMS="true", TRINITY_INJECT_OOM="1")
     try:
         stack.wait_ready(oom_worker)
         body = tiny_job(stack, stack.dataset_id, max_steps=2)

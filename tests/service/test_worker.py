@@ -31,13 +31,15 @@ def fast(settings, monkeypatch):
 
 @pytest.fixture
 def script(monkeypatch):
-    """Replace run_job with ``script.fn(spec, workdir, emit, should_stop, on_step)``."""
+    """Replace run_job with ``script.fn(spec, workdir, emit, should_stop, on_step)``; the
+    ``RunOptions`` it was given land in ``script.options``."""
     import trinity_core.pipeline
 
-    holder = SimpleNamespace(fn=None, calls=0)
+    holder = SimpleNamespace(fn=None, calls=0, options=[])
 
-    def fake_run_job(spec, workdir, on_event=None, *, should_stop=None, on_step=None):
+    def fake_run_job(spec, workdir, on_event=None, *, options=None, should_stop=None, on_step=None):
         holder.calls += 1
+        holder.options.append(options)
         workdir.mkdir(parents=True, exist_ok=True)
         return holder.fn(spec, workdir, Emitter(on_event), should_stop, on_step)
 
@@ -80,8 +82,10 @@ def test_success_records_events_progress_and_result(fast, script):
     def fn(spec, workdir, emit, should_stop, on_step):
         assert spec.data.hub == "org/data"
         emit.status("training", stage="train")
-        emit.warning("out of memory: stepping down to rung 'dora_off'", rung="dora_off",
-                     settings={"max_seq_length": 256, "r": 16, "use_dora": False, "target_modules": ["q_proj"]})
+        low = {"max_seq_length": 256, "r": 16, "use_dora": False, "target_modules": ["q_proj"]}
+        emit("out of memory: stepping down to rung 'dora_off'", level="warning", type="ladder", rung="dora_off",
+             settings=low, attempts=[{"rung": "recipe", "outcome": "oom"},
+                                     {"rung": "dora_off", "settings": low, "outcome": "running"}])
         mid = load(job_id)
         assert (mid.rung, mid.settings["use_dora"], mid.stage) == ("dora_off", False, "train")
         assert [a["outcome"] for a in mid.attempts] == ["oom", "running"]
@@ -111,35 +115,43 @@ def test_success_records_events_progress_and_result(fast, script):
     assert manifest is not None  # the core's manifest exists for the API to serve
 
 
-def test_ladder_attempts_follow_the_warnings(fast):
+def test_the_row_copies_the_ladders_attempt_list(fast):
+    """The ladder reports its whole attempt list in ``ladder`` events; the worker copies it (and the
+    rung now training, when the event names one) and reads nothing else into it."""
     from trinity_core.events import Event
     from worker.runner import Recorder, Run
 
-    recorder = Recorder(Run("job", 1, SPEC, None, fast.jobs_dir / "job", []))
+    recorder = Recorder(Run("job", 1, SPEC, None, fast.jobs_dir / "job"))
 
-    def warn(**data):
-        return recorder._progress(Event(0, 0.0, "warning", "message", "w", data))
+    def ladder(level="info", **data):
+        return recorder._progress(Event(0, 0.0, level, "ladder", "l", data))
 
-    assert warn(rung="recipe", estimate_gib=99.0, budget_gib=80.0) == {
-        "attempts": [{"rung": "recipe", "outcome": "skipped"}]}  # pre-flight skip, no settings
+    skipped = [{"rung": "recipe", "outcome": "skipped", "estimate_gib": 99.0}]
+    assert ladder("warning", attempts=skipped, skipped="recipe") == {"attempts": skipped}  # pre-flight skip
     low = {"max_seq_length": 2048, "r": 64, "use_dora": True, "target_modules": ["q_proj"]}
-    assert warn(rung="seq_2048", settings=low)["rung"] == "seq_2048"
-    warn(rung="r_32", settings={**low, "r": 32})  # seq_2048 ran out of memory
-    progress = warn(rung="dora_off", settings={**low, "r": 32, "use_dora": False})
-    assert [(a["rung"], a["outcome"]) for a in progress["attempts"]] == [
-        ("recipe", "skipped"), ("seq_2048", "oom"), ("r_32", "oom"), ("dora_off", "running")]
-    assert progress["settings"]["use_dora"] is False
-    assert recorder._progress(Event(0, 0.0, "warning", "message", "disk almost full", {})) == {}
+    attempts = [*skipped, {"rung": "seq_2048", "outcome": "oom"}, {"rung": "r_32", "outcome": "running"}]
+    assert ladder("warning", rung="r_32", settings={**low, "r": 32}, attempts=attempts) == {
+        "rung": "r_32", "settings": {**low, "r": 32}, "attempts": attempts}
+    # a warning that merely names a rung is not the ladder's: nothing is copied
+    assert recorder._progress(Event(0, 0.0, "warning", "message", "w", {"rung": "r_32", "settings": low})) == {}
 
 
-def test_a_new_job_starts_on_the_recipe_rung(fast, script):
-    seen = []
-    script.fn = lambda *a: seen.append(load(job_id)) or result()
-    job_id = queued_job()
-    run_task(job_id)
-    assert seen[0].rung == "recipe" and seen[0].settings == {
-        "max_seq_length": 256, "r": 16, "use_dora": True, "target_modules":
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+def test_the_worker_runs_with_the_service_run_options(settings, script, monkeypatch):
+    """RunOptions come from the service settings: TRINITY_FAST_DORA, and the injected-OOM seam only
+    with TRINITY_TEST_SEAMS (without it the settings refuse to load)."""
+    from trinity_core.options import RunOptions
+
+    monkeypatch.setenv("TRINITY_FAST_DORA", "false")
+    monkeypatch.setenv("TRINITY_INJECT_OOM", "2")
+    get_settings.cache_clear()
+    with pytest.raises(ValueError, match="TRINITY_TEST_SEAMS"):
+        get_settings()
+    monkeypatch.setenv("TRINITY_TEST_SEAMS", "true")
+    get_settings.cache_clear()
+    script.fn = lambda *a: result()
+    run_task(queued_job())
+    assert script.options == [RunOptions(fast_dora=False, test_seams=True, inject_oom=2)]
+    get_settings.cache_clear()
 
 
 def test_cancel_stops_at_a_step_boundary(fast, script):

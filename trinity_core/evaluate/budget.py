@@ -27,6 +27,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from trinity_core import gpu
+
 GIB = 2**30
 
 
@@ -90,18 +92,15 @@ class Stages:
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
-        import torch
-
-        cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
+        cuda = gpu.available()
+        gpu.reset_peak()
         t0 = time.monotonic()
         try:
             yield
         finally:
             self.stages[name] = {
                 "seconds": round(time.monotonic() - t0, 2),
-                "gpu_peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 3) if cuda else None,
+                "gpu_peak_gib": round(gpu.peak_gib(), 3) if cuda else None,
                 "host_peak_rss_gib": _host_peak_rss_gib(),
             }
 

@@ -37,6 +37,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from trinity_core import gpu
 from trinity_core.artifacts import atomic_write_json, atomic_write_text
 from trinity_core.evaluate.budget import Capped, Caps, Clock, Stages
 from trinity_core.evaluate.report import plot_loss, render_markdown
@@ -53,9 +54,7 @@ are also loaded on the CPU and scored; above it the weight check alone stands fo
 
 
 def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    return gpu.available()
 
 
 def load_trained_model(base_model: str | Path, adapter_dir: str | Path, *, revision: str | None = None,

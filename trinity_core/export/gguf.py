@@ -18,6 +18,7 @@ that converter); this module's own name does not shadow it (absolute imports).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -32,13 +33,14 @@ from typing import Any
 from trinity_core.artifacts import atomic_file, atomic_write_text
 from trinity_core.errors import ExportError
 
-# The one table of GGUF outputs: name -> (llama.cpp file type, tensor types of the big matrices).
+# The one table of GGUF outputs (the spec's export.quantizations takes its names from it), in the
+# order the Modelfile prefers them: name -> (llama.cpp file type, tensor types of the big matrices).
 # K-quants need rows that are multiples of 256; llama.cpp falls back (q5_0/q8_0...) otherwise.
 GGUF_TYPES: dict[str, tuple[int, frozenset[str]]] = {
-    "f16": (1, frozenset({"F16"})),
-    "q8_0": (7, frozenset({"Q8_0"})),
     "q4_k_m": (15, frozenset({"Q4_K", "Q6_K"})),
     "q5_k_m": (17, frozenset({"Q5_K", "Q6_K"})),
+    "q8_0": (7, frozenset({"Q8_0"})),
+    "f16": (1, frozenset({"F16"})),
 }
 FALLBACK_TYPES = frozenset({"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16"})
 CONTROL = 3  # gguf.TokenType.CONTROL
@@ -293,8 +295,32 @@ def export_gguf(merged_dir: Path, gguf_dir: Path, quantizations: list[str], *, n
         seconds["mmproj"] = round(time.monotonic() - t0, 2)
         emit(f"GGUF vision projector written ({info['mmproj']['size'] / 2**20:.1f} MiB, {seconds['mmproj']} s)",
              gguf="mmproj", size=info["mmproj"]["size"], seconds=seconds["mmproj"])
-    served = next((q for q in ("q4_k_m", "q5_k_m", "q8_0") if q in files), "f16")
+    served = next(q for q in GGUF_TYPES if q in files)  # f16 is always made
     mmproj = files.get("mmproj")
     path = write_modelfile(gguf_dir, gguf_name(served), num_ctx=num_ctx, mmproj_file=mmproj.name if mmproj else None)
     return {"files": files, "info": info, "seconds": seconds, "modelfile": path, "served": served,
             "mmproj": mmproj}
+
+
+def write_added_tokens_decoder(tokenizer: Any, out_dir: str | os.PathLike[str]) -> None:
+    """Add ``added_tokens_decoder`` to ``out_dir/tokenizer_config.json`` (call after ``save_pretrained``).
+
+    transformers 5 no longer writes this mapping (it lives only in ``tokenizer.json``), but
+    llama.cpp's ``convert_hf_to_gguf`` reads it from ``tokenizer_config.json`` to mark tokens such
+    as ``<start_of_turn>``/``<end_of_turn>`` as CONTROL; without it they become normal text tokens
+    and generation never stops on ``<end_of_turn>``. Idempotent; keeps every other key.
+    """
+    path = Path(out_dir) / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["added_tokens_decoder"] = {
+        str(token_id): {
+            "content": tok.content,
+            "lstrip": tok.lstrip,
+            "normalized": tok.normalized,
+            "rstrip": tok.rstrip,
+            "single_word": tok.single_word,
+            "special": tok.special,
+        }
+        for token_id, tok in sorted(tokenizer.added_tokens_decoder.items())
+    }
+    path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")

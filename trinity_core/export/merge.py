@@ -233,7 +233,7 @@ def _shard_plan(reader: SafetensorsReader, out_dtype: Any) -> tuple[list[tuple[s
     weights take the shape in their quant state) and, per packed weight, its quant-state keys."""
     import bitsandbytes.functional as bnbf
 
-    from trinity_core.export.shards import _torch_dtype
+    from trinity_core.export.shards import torch_dtype
 
     stats_of: dict[str, dict[str, str]] = {}
     for key in reader.keys():
@@ -246,7 +246,7 @@ def _shard_plan(reader: SafetensorsReader, out_dtype: Any) -> tuple[list[tuple[s
         if key in aux:
             continue
         info = reader.header[key]
-        dtype, shape = _torch_dtype(info["dtype"]), tuple(info["shape"])
+        dtype, shape = torch_dtype(info["dtype"]), tuple(info["shape"])
         if key in stats_of:
             packed_state = next(k for s, k in stats_of[key].items() if s.startswith("quant_state."))
             shape = tuple(bnbf.unpack_tensor_to_dict(reader.get(packed_state))["shape"])
@@ -283,7 +283,7 @@ def copy_tokenizer(srcs: list[Path], out: Path) -> None:
     and make sure ``tokenizer_config.json`` carries ``added_tokens_decoder`` for llama.cpp."""
     from transformers import AutoTokenizer
 
-    from trinity_core.fixtures.tiny import write_added_tokens_decoder
+    from trinity_core.export.gguf import write_added_tokens_decoder
 
     tok_src = next((s for s in srcs if (s / "tokenizer_config.json").is_file()), None)
     if tok_src is None:

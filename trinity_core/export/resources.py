@@ -380,15 +380,13 @@ def preflight(spec: JobSpec, workdir: str | Path, *, eval_tokens: int | None = N
     """:func:`check` for ``run_job``: the model's config, dtype and tokenizer files from where it
     resolves; evaluation on a GPU when CUDA is present. Returns ``{"estimate", "free"}`` (JSON-able,
     without paths)."""
-    import torch
-
-    from trinity_core import model_config
+    from trinity_core import gpu, model_config
 
     resolved = model_config.resolve(spec.model.name_or_path, spec.model.revision)
     config = model_config.load(spec.model.name_or_path, spec.model.revision)
     model_dir = Path(resolved.where).parent
     tokenizer = sum((model_dir / f).stat().st_size for f in TOKENIZER_FILES if (model_dir / f).is_file())
     est, free = check(spec, workdir, config=config, free=free, dtype_bytes=dtype_bytes(resolved.data),
-                      tokenizer_bytes=tokenizer, eval_tokens=eval_tokens, cuda=torch.cuda.is_available())
+                      tokenizer_bytes=tokenizer, eval_tokens=eval_tokens, cuda=gpu.available())
     # the numbers only: the workdir's path is the host's business (the API shows this dict)
     return {"estimate": est.to_dict(), "free": {k: v for k, v in asdict(free).items() if k != "where"}}

@@ -21,7 +21,7 @@ DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat1
           "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
-def _torch_dtype(code: str) -> Any:
+def torch_dtype(code: str) -> Any:
     import torch
 
     return getattr(torch, DTYPES[code])
@@ -52,7 +52,7 @@ class SafetensorsReader:
 
         info = self.header[name]
         begin, end = info["data_offsets"]
-        dtype = _torch_dtype(info["dtype"])
+        dtype = torch_dtype(info["dtype"])
         if end == begin:
             return torch.empty(info["shape"], dtype=dtype)
         buf = bytearray(end - begin)

@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from trinity_core import model_config
+from trinity_core import gpu, model_config
 from trinity_core.errors import ModelUnavailable
 from trinity_core.spec import JobSpec
 
@@ -177,7 +177,7 @@ class RungPlan:
 
 
 def plan(rungs: list, spec: JobSpec, config: Any, backend: str, budget_gib: float, **kw: Any) -> list[RungPlan]:
-    """Estimate every rung of ``oom.ladder(spec)`` against ``budget_gib``."""
+    """Estimate every rung of ``ladder.rungs(spec)`` against ``budget_gib``."""
     out = []
     for index, rung in enumerate(rungs):
         est = estimate(config, rung.settings.apply(spec), backend, **kw)
@@ -194,34 +194,14 @@ def pick_rung(rungs: list, spec: JobSpec, config: Any, backend: str, budget_gib:
     return len(rungs) - 1
 
 
-def gpu_budget_gib() -> float | None:
-    """Memory this process may still allocate on the current GPU: free memory, capped by a
-    ``torch.cuda.set_per_process_memory_fraction`` limit. None without CUDA."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    device = torch.cuda.current_device()
-    free, total = torch.cuda.mem_get_info(device)
-    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)
-    # the cap bounds what the caching allocator reserves; its cached-but-free blocks are reusable
-    reservable = min(free + torch.cuda.memory_reserved(device), fraction * total)
-    return (reservable - torch.cuda.memory_allocated(device)) / GIB
-
-
-def preflight(spec: JobSpec, backend: str) -> tuple[Estimate, float] | None:
+def preflight(spec: JobSpec, backend: str, *, fast_dora: bool = True) -> tuple[Estimate, float] | None:
     """(estimate, budget) for this spec on this GPU, or None where there is nothing to check
-    (no CUDA, or a config we cannot read)."""
-    budget = gpu_budget_gib()
+    (no CUDA, or a config we cannot read). ``fast_dora``: the run's ``RunOptions.fast_dora``."""
+    budget = gpu.budget_gib()
     if budget is None:
         return None
     try:
-        import torch
-
-        from trinity_core.train.fast_dora.linear import fast_dora_enabled
-
         config = model_config.load(spec.model.name_or_path, spec.model.revision)
-        return estimate(config, spec, backend, bf16_supported=torch.cuda.is_bf16_supported(),
-                        fast_dora=fast_dora_enabled()), budget
+        return estimate(config, spec, backend, bf16_supported=gpu.bf16_supported(), fast_dora=fast_dora), budget
     except (ModelUnavailable, OSError, ValueError, TypeError, KeyError):
         return None

@@ -2,7 +2,7 @@
 
 - ``ProgressCallback`` turns Trainer logs into ``metrics`` events (loss, lr, grad_norm,
   tokens/s, peak memory, ETA), honours the cooperative stop flag at step boundaries and hosts
-  the ``TRINITY_INJECT_OOM`` test seam.
+  the injected-OOM test seam (``RunOptions.inject_oom``, passed down by the ladder).
 - ``CheckpointCallback`` makes checkpoints atomic: the Trainer writes ``checkpoints/.staging/
   checkpoint-N``; once complete it is renamed to ``checkpoints/step-N``. Only ``step-*`` dirs
   count, so a kill mid-save never leaves a checkpoint that looks complete.
@@ -23,6 +23,7 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
+from trinity_core import gpu
 from trinity_core.events import Emitter
 from trinity_core.spec import JobSpec
 
@@ -54,10 +55,9 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
 
 
 def peak_memory_gib() -> float:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
+    """Training's peak: GPU memory allocated with CUDA, else the process's peak RSS."""
+    if gpu.available():
+        return gpu.peak_gib()
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return kib / 2**20
 
@@ -104,7 +104,7 @@ class ProgressCallback(TrainerCallback):
             import torch
 
             raise torch.OutOfMemoryError(
-                "CUDA out of memory (injected by TRINITY_INJECT_OOM at the first step of this attempt)"
+                "CUDA out of memory (injected by RunOptions.inject_oom at the first step of this attempt)"
             )
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -150,13 +150,10 @@ def _float_or_none(x: Any) -> float | None:
 
 def sft_config(spec: JobSpec, output_dir: Path) -> Any:
     """The one place TRL's config is built. ``spec`` already carries the ladder's settings."""
-    import torch
     from trl import SFTConfig
 
-    on_gpu = torch.cuda.is_available()
-    dtype_name = spec.model.compute_dtype
-    if dtype_name == "auto" and on_gpu:
-        dtype_name = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    on_gpu = gpu.available()
+    dtype_name = str(gpu.compute_dtype(spec.model.compute_dtype)).removeprefix("torch.")  # the backends' choice
     t = spec.train
     return SFTConfig(
         output_dir=str(output_dir),

@@ -9,15 +9,18 @@ from __future__ import annotations
 import importlib.util
 from typing import Any, Protocol
 
+from trinity_core import gpu
 from trinity_core.errors import BackendUnavailable
+from trinity_core.options import RunOptions
 from trinity_core.spec import JobSpec
 
 
 class Backend(Protocol):
     name: str
 
-    def load(self, spec: JobSpec) -> tuple[Any, Any]:
-        """Return ``(model, tokenizer)``: the 4-bit base with adapters applied, ready for TRL."""
+    def load(self, spec: JobSpec, tokenizer: Any = None) -> tuple[Any, Any]:
+        """Return ``(model, tokenizer)``: the 4-bit base with adapters applied, ready for TRL.
+        ``tokenizer``: one already loaded for this model (the data stage's), used when the backend can."""
         ...
 
     def info(self) -> dict[str, Any]:
@@ -25,23 +28,18 @@ class Backend(Protocol):
         ...
 
 
-def cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def unsloth_installed() -> bool:
     return importlib.util.find_spec("unsloth") is not None
 
 
-def select(spec: JobSpec) -> Backend:
+def select(spec: JobSpec, options: RunOptions | None = None) -> Backend:
     """The one place a backend is chosen. ``auto``: unsloth when CUDA and the gpu extra exist."""
+    options = options or RunOptions()
     wanted = spec.model.backend
     if wanted == "auto":
-        wanted = "unsloth" if cuda_available() and unsloth_installed() else "peft"
+        wanted = "unsloth" if gpu.available() and unsloth_installed() else "peft"
     if wanted == "unsloth":
-        if not cuda_available():
+        if not gpu.available():
             raise BackendUnavailable("backend 'unsloth' needs a CUDA GPU; use backend 'peft' or 'auto'",
                                      param="model.backend")
         if not unsloth_installed():
@@ -49,7 +47,7 @@ def select(spec: JobSpec) -> Backend:
                                      param="model.backend")
         from trinity_core.train.backends.unsloth import UnslothBackend
 
-        return UnslothBackend(spec)
+        return UnslothBackend(spec, options)
     from trinity_core.train.backends.peft import PeftBackend
 
-    return PeftBackend()
+    return PeftBackend(options)

@@ -5,19 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from trinity_core import gpu
 from trinity_core.spec import JobSpec
 
 
 def compute_dtype(spec: JobSpec) -> Any:
-    """``auto``: bf16 where the GPU supports it, fp16 on older GPUs (T4), fp32 on CPU."""
-    import torch
-
-    name = spec.model.compute_dtype
-    if name == "auto":
-        if not torch.cuda.is_available():
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return getattr(torch, name)
+    """``auto``: bf16 where the GPU supports it, fp16 on older GPUs (T4), fp32 on CPU (``gpu.compute_dtype``)."""
+    return gpu.compute_dtype(spec.model.compute_dtype)
 
 
 def lora_kwargs(spec: JobSpec) -> dict[str, Any]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from trinity_core import nf4
+from trinity_core import gpu, nf4
+from trinity_core.options import RunOptions
 from trinity_core.train.backends.common import (EXCLUDE_NON_LANGUAGE, check_language_only, compute_dtype, is_multimodal,
                                           lora_kwargs, quantized_load)
 from trinity_core.spec import JobSpec
@@ -18,15 +19,16 @@ from trinity_core.spec import JobSpec
 class PeftBackend:
     name = "peft"
 
-    def __init__(self) -> None:
+    def __init__(self, options: RunOptions | None = None) -> None:
         self._info: dict[str, Any] = {}
+        self.options = options or RunOptions()
 
-    def load(self, spec: JobSpec) -> tuple[Any, Any]:
+    def load(self, spec: JobSpec, tokenizer: Any = None) -> tuple[Any, Any]:
         import torch
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from trinity_core.train.fast_dora.linear import enable_fast_dora
+        from trinity_core.train.fast_dora import enable_fast_dora
 
         dtype = compute_dtype(spec)
         load = quantized_load(spec.model.name_or_path, spec.model.revision, load_in_4bit=spec.model.load_in_4bit,
@@ -45,7 +47,8 @@ class PeftBackend:
         if quantized and device_map is None:
             nf4.exact_on_cpu(model)  # bitsandbytes' AVX-512 CPU paths: bf16 switch, misread widths
         # A multimodal checkpoint's directory holds its processor; the text tokenizer is in it.
-        tokenizer = AutoTokenizer.from_pretrained(spec.model.name_or_path, revision=spec.model.revision)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(spec.model.name_or_path, revision=spec.model.revision)
         model.config.use_cache = False
         if spec.model.gradient_checkpointing:
             # Non-reentrant checkpointing needs no input grads, and unlike
@@ -59,7 +62,7 @@ class PeftBackend:
         check_language_only(model)
         self._info = {"backend": self.name, "compute_dtype": str(dtype).removeprefix("torch."),
                       "device": "cuda" if torch.cuda.is_available() else "cpu",
-                      "fast_dora_layers": enable_fast_dora(model) if spec.lora.use_dora else 0}
+                      "fast_dora_layers": enable_fast_dora(model) if spec.lora.use_dora and self.options.fast_dora else 0}
         return model, tokenizer
 
     def info(self) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 Unsloth patches transformers and TRL globally and must be imported before them. Its torch.compile
 mode is 1.34x faster with LoRA after a ~58 s first step, but with PEFT's DoRA it stalled for over
 3 minutes and once crashed (H100 measurements in ../docs/BENCHMARKS.md), so compile is disabled
-when DoRA is on. The choice is made once per process (Unsloth reads the variable at import).
+when DoRA is on, unless ``RunOptions.unsloth_compile`` says otherwise. The choice is made once per
+process: Unsloth reads ``UNSLOTH_COMPILE_DISABLE`` at import, so it is set here, before the import
+(its only switch; trinity_core writes no other environment variable).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 from typing import Any
 
 from trinity_core.train.backends.common import check_language_only, compute_dtype, lora_kwargs
+from trinity_core.options import RunOptions
 from trinity_core.spec import JobSpec
 
 COMPILE_ENV = "UNSLOTH_COMPILE_DISABLE"
@@ -21,14 +24,20 @@ COMPILE_ENV = "UNSLOTH_COMPILE_DISABLE"
 class UnslothBackend:
     name = "unsloth"
 
-    def __init__(self, spec: JobSpec) -> None:
+    def __init__(self, spec: JobSpec, options: RunOptions | None = None) -> None:
         """Imports Unsloth now, so that it comes before the pipeline's transformers/TRL imports."""
         self._info: dict[str, Any] = {}
-        if "unsloth" not in sys.modules and spec.lora.use_dora:
-            os.environ.setdefault(COMPILE_ENV, "1")
+        self.options = options or RunOptions()
+        compile_ = self.options.unsloth_compile
+        if "unsloth" not in sys.modules:
+            if compile_ is None and spec.lora.use_dora:
+                compile_ = False
+            if compile_ is not None:
+                os.environ[COMPILE_ENV] = "0" if compile_ else "1"
         import unsloth  # noqa: F401
 
-    def load(self, spec: JobSpec) -> tuple[Any, Any]:
+    def load(self, spec: JobSpec, tokenizer: Any = None) -> tuple[Any, Any]:
+        """``tokenizer`` is not used: FastLanguageModel loads (and patches) its own."""
         from unsloth import FastLanguageModel
 
         dtype = compute_dtype(spec)
@@ -56,9 +65,9 @@ class UnslothBackend:
             **lora_kwargs(spec),
         )
         check_language_only(model)
-        from trinity_core.train.fast_dora.linear import enable_fast_dora
+        from trinity_core.train.fast_dora import enable_fast_dora
 
-        fast_dora_layers = enable_fast_dora(model) if spec.lora.use_dora else 0
+        fast_dora_layers = enable_fast_dora(model) if spec.lora.use_dora and self.options.fast_dora else 0
         compiled = os.environ.get(COMPILE_ENV, "0") not in ("1", "true", "True")
         self._info = {
             "backend": self.name,

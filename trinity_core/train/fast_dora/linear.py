@@ -27,13 +27,12 @@ Patching swaps the class of each LoRA layer's ``lora_magnitude_vector[adapter]``
 ``lora_variant[adapter]`` for :class:`FastDoraLinearVariant` (same merge/unmerge; its forward is
 one :class:`DoraOutput` autograd node). Parameter names, the adapter file, merging (PEFT's
 ``get_weight_norm``) and GGUF export are unchanged.
-``TRINITY_FAST_DORA=0`` turns it off (PEFT's own DoRA runs; used by the benchmark).
+``RunOptions(fast_dora=False)`` turns it off (PEFT's own DoRA runs; used by the benchmark).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import weakref
 from collections.abc import Iterator
 
@@ -43,7 +42,6 @@ from peft.tuners.lora.variants import DoraLinearVariant
 
 from trinity_core import nf4
 
-FAST_DORA_ENV = "TRINITY_FAST_DORA"
 CANCELLATION_RATIO = 0.05
 """Rows with ‖W_i + s·B_iA‖² < this × (‖W_i‖² + s²·B_iAAᵀB_iᵀ) are recomputed directly."""
 CHUNK_ELEMENTS = 1 << 24
@@ -342,20 +340,11 @@ def _scale_and_reduce_triton(dy, z, g, rows=256, block_t=32, block_n=128):
     return dz, parts.sum(0)
 
 
-def fast_dora_enabled() -> bool:
-    """False when ``TRINITY_FAST_DORA`` is 0/false/no/off."""
-    return os.environ.get(FAST_DORA_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-def enable_fast_dora(model: torch.nn.Module) -> int:
-    """Swap every PEFT DoRA linear layer of ``model`` for :class:`FastDoraLinearLayer`.
-
-    Returns the number of layers patched (0 when ``TRINITY_FAST_DORA=0`` or no DoRA layer).
-    Call it after ``get_peft_model`` and after the model is on its device.
-    """
+def patch_linear_layers(model: torch.nn.Module) -> int:
+    """Swap every PEFT DoRA linear layer of ``model`` for :class:`FastDoraLinearLayer` and install
+    the optimizer post-step hook; the number of layers patched. ``fast_dora.enable_fast_dora``
+    calls it, then patches the gated MLPs."""
     global _hook_handle
-    if not fast_dora_enabled():
-        return 0
     patched = 0
     for module in model.modules():
         magnitudes = getattr(module, "lora_magnitude_vector", None)
@@ -367,10 +356,6 @@ def enable_fast_dora(model: torch.nn.Module) -> int:
                 dora.prepare(module.get_base_layer())
                 module.lora_variant[name] = FastDoraLinearVariant()
                 patched += 1
-    if patched:
-        from trinity_core.train.fast_dora.mlp import patch_gated_mlps
-
-        patch_gated_mlps(model)
     if patched and _hook_handle is None:
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -434,6 +419,6 @@ def linear_norm_reference(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: to
     return torch.linalg.vector_norm(w, dim=1)
 
 
-__all__ = ["DoraOutput", "LoraSum", "FastDoraLinearLayer", "FastDoraLinearVariant", "scale_and_reduce", "enable_fast_dora",
-           "fast_dora_enabled", "optimizer_steps", "refresh_after_step", "linear_norm_reference",
-           "CANCELLATION_RATIO", "FAST_DORA_ENV"]
+__all__ = ["DoraOutput", "LoraSum", "FastDoraLinearLayer", "FastDoraLinearVariant", "scale_and_reduce",
+           "patch_linear_layers", "optimizer_steps", "refresh_after_step", "linear_norm_reference",
+           "CANCELLATION_RATIO"]

@@ -1,0 +1,33 @@
+"""``RunOptions``: how to run a job, as opposed to what to train (the spec).
+
+Given to ``run_job`` explicitly: the worker builds it from the service settings, ``trinity train``
+from its flags, tests and benchmarks directly. trinity_core reads no environment variable of its
+own; the one it writes is Unsloth's (``UNSLOTH_COMPILE_DISABLE``, read by Unsloth at import, so
+the backend sets it from ``unsloth_compile`` before importing it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    fast_dora: bool = True
+    """Trinity's fast DoRA (``train/fast_dora``); False runs PEFT's own DoRA (benchmarks). The
+    memory estimate follows the choice."""
+    unsloth_compile: bool | None = None
+    """Unsloth's torch.compile mode; None: on for LoRA, off with DoRA (it stalls or crashes there)."""
+    debug_memory: bool = False
+    """After a failed ladder attempt, print what still holds CUDA memory (stderr)."""
+    test_seams: bool = False
+    """Allow the test seams below; only test settings turn it on."""
+    inject_oom: int = 0
+    """Test seam: the first N training attempts of the job raise ``torch.OutOfMemoryError`` at their
+    first step, whatever their settings (the OOM ladder's walk is then real)."""
+
+    def __post_init__(self) -> None:
+        if self.inject_oom < 0:
+            raise ValueError("RunOptions.inject_oom must be >= 0")
+        if self.inject_oom and not self.test_seams:
+            raise ValueError("RunOptions.inject_oom is a test seam: it needs test_seams=True")
