@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import StreamingResponse
@@ -22,12 +22,11 @@ from trinity_service.db import session_scope
 from api.deps import JobDep, SessionDep, SettingsDep
 from api.errors import ApiError
 from trinity_service.models import EventList, EventPublic, JobEvent
+from trinity_core.events import Kind, Level  # the event shape's own lists (ladder included)
 from trinity_service.states import is_terminal
 
 router = APIRouter(prefix="/jobs/{job_id}/events", tags=["events"])
 
-Level = Literal["info", "warning", "error"]
-Kind = Literal["message", "metrics", "status"]
 LevelQuery = Annotated[list[Level] | None, Query(description="Only these levels (repeatable)")]
 TypeQuery = Annotated[list[Kind] | None, Query(description="Only these types (repeatable)")]
 PAGE = 500

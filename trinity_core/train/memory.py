@@ -18,7 +18,7 @@ peak ≈ weights + adapter state + saved activations + the largest transient, wh
   for the loss, its log-softmax and gradient: ~3 fp32 copies; 12 GiB for Gemma-3's 262k vocab
   at seq 4096); Unsloth's fused loss never does, so its peak is a layer's recompute and backward
   (~12.5 MLP-sized activations). PEFT's DoRA adds its out × in and fp32 element-wise temporaries;
-  Trinity's fast DoRA (``qdora.py``, ``qdora_mlp.py``) nothing: since its fused gated MLP it peaks
+  Trinity's fast DoRA (``train/fast_dora/``) nothing: since its fused gated MLP it peaks
   like LoRA, one (tokens × intermediate) tensor lower.
 
 The constants are fitted on the H100 measurements in docs/BENCHMARKS.md (12B Gemma-3 shape,
