@@ -34,7 +34,7 @@ class PeftBackend:
         load = quantized_load(spec.model.name_or_path, spec.model.revision, load_in_4bit=spec.model.load_in_4bit,
                               quant_type=spec.model.quant_type, double_quant=spec.model.double_quant, dtype=dtype)
         quantized = load["quantization_config"] is not None or hasattr(load["config"], "quantization_config")
-        device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
+        device_map = {"": torch.cuda.current_device()} if gpu.available() else None
         model = AutoModelForCausalLM.from_pretrained(
             spec.model.name_or_path,
             revision=spec.model.revision,
@@ -42,7 +42,7 @@ class PeftBackend:
             dtype=dtype,
             device_map=device_map,
             attn_implementation=(spec.model.attention if spec.model.attention != "auto"
-                                 else "sdpa" if torch.cuda.is_available() else "eager"),
+                                 else "sdpa" if gpu.available() else "eager"),
         )
         if quantized and device_map is None:
             nf4.exact_on_cpu(model)  # bitsandbytes' AVX-512 CPU paths: bf16 switch, misread widths
@@ -61,7 +61,7 @@ class PeftBackend:
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
         check_language_only(model)
         self._info = {"backend": self.name, "compute_dtype": str(dtype).removeprefix("torch."),
-                      "device": "cuda" if torch.cuda.is_available() else "cpu",
+                      "device": "cuda" if gpu.available() else "cpu",
                       "fast_dora_layers": enable_fast_dora(model) if spec.lora.use_dora and self.options.fast_dora else 0}
         return model, tokenizer
 
