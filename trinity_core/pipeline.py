@@ -122,7 +122,9 @@ def run_job(
             raise JobCancelled(f"stopped at step {outcome.global_step}; checkpoint kept", details=result.to_dict())
 
         t0 = time.monotonic()
-        result.export = export_all(ran, workdir, emit=emit)
+        from trinity_core.nf4 import dequant_dtype_of  # imports torch: not before the backend chose
+
+        result.export = export_all(ran, workdir, emit=emit, dequant_dtype=dequant_dtype_of(model))
         timings["export_s"] = round(time.monotonic() - t0, 2)
         if spec.export.evaluate:
             emit.status("evaluating", stage="evaluate")
