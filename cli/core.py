@@ -29,6 +29,8 @@ def add_parsers(sub) -> None:
     p.add_argument("spec", type=Path, help="YAML or JSON job spec")
     p.add_argument("--workdir", type=Path, required=True)
     p.add_argument("--json", action="store_true", help="print events as JSON lines")
+    p.add_argument("--mlflow-uri", default=None, metavar="URI",
+                   help="also log the job to MLflow (http://host:5000, file:///path/mlruns); needs the tracking extra")
     p.set_defaults(func=cmd_train)
 
 
@@ -91,7 +93,7 @@ def cmd_train(args) -> int:
 
     try:
         spec = load_spec(args.spec)
-        result = run_job(spec, args.workdir, ProgressPrinter(as_json=args.json))
+        result = run_job(spec, args.workdir, ProgressPrinter(as_json=args.json), mlflow_uri=args.mlflow_uri)
     except TrinityError as e:
         print(f"error [{e.code}]: {e.message}", file=sys.stderr)
         for d in e.details if isinstance(e.details, list) else []:
@@ -103,5 +105,13 @@ def cmd_train(args) -> int:
     if losses:
         print(f"loss: {losses[0]:.4f} -> {losses[-1]:.4f} over {result.global_step} steps "
               f"({result.train_seconds:.1f}s)")
+    if result.eval_history:
+        print("eval loss: " + ", ".join(f"{h['eval_loss']:.4f} (step {h['step']})" for h in result.eval_history))
+    if result.early_stopping:
+        print(f"stopped early at step {result.early_stopping['step']}: {result.early_stopping['why']}")
+    if result.checkpoint:
+        print(f"exported: step {result.checkpoint['step']} ({result.checkpoint['checkpoint']}): {result.checkpoint['why']}")
+    if result.tracking.get("mlflow_run_id"):
+        print(f"mlflow run: {result.tracking['mlflow_run_id']} (experiment {result.tracking['mlflow_experiment_id']})")
     print(f"workdir: {args.workdir}")
     return 0

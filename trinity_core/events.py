@@ -1,7 +1,9 @@
 """One event shape from run_job to the SSE stream.
 
-``{seq, time, level: info|warning|error, type: message|metrics|status, message, data}``.
+``{seq, time, level: info|warning|error, type: message|metrics|eval|status, message, data}``.
 ``metrics`` data carries step, total_steps, loss, lr, grad_norm, tokens_per_s, peak_mem_gib, eta_s;
+``eval`` (the held-out loss during training, :mod:`trinity_core.eval_loop`) carries step, total_steps,
+eval_loss, rows, tokens, seconds, best_step, best_eval_loss;
 ``status`` data carries the stage or job state; a ladder downgrade is a ``warning``.
 """
 
@@ -13,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 Level = Literal["info", "warning", "error"]
-Kind = Literal["message", "metrics", "status"]
+Kind = Literal["message", "metrics", "eval", "status"]
 
 
 @dataclass
@@ -51,6 +53,9 @@ class Emitter:
 
     def metrics(self, message: str, **data: Any) -> Event:
         return self(message, type="metrics", **data)
+
+    def eval(self, message: str, **data: Any) -> Event:
+        return self(message, type="eval", **data)
 
     def status(self, message: str, **data: Any) -> Event:
         return self(message, type="status", **data)

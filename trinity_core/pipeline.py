@@ -1,7 +1,7 @@
 """``run_job``: the whole pipeline, top to bottom.
 
 data → backend.load → train (OOM ladder, checkpoints, resume) → merge → GGUF → report → manifest;
-the metrics events also go to TensorBoard (``tracking.Tracker``).
+the metrics events also go to TensorBoard, and to MLflow when ``mlflow_uri`` is given (``tracking.Tracker``).
 
 Calling ``run_job`` again on the same workdir resumes: the rung in ``progress.json`` and the newest
 complete checkpoint are picked up, so a worker that died costs only the steps since that checkpoint.
@@ -52,6 +52,12 @@ class JobResult:
     report: dict[str, Any] = field(default_factory=dict)
     artifacts: list[dict[str, Any]] = field(default_factory=list)
     resources: dict[str, Any] = field(default_factory=dict)  # pre-flight: export disk/RAM needed vs free
+    tracking: dict[str, Any] = field(default_factory=dict)  # tensorboard dir; mlflow_run_id, mlflow_experiment_id
+    # evaluation during training (trinity_core.eval_loop): [{step, eval_loss, ...}], the exported step and why
+    eval_history: list[dict[str, Any]] = field(default_factory=list)
+    best_step: int | None = None
+    checkpoint: dict[str, Any] = field(default_factory=dict)
+    early_stopping: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,18 +71,22 @@ def run_job(
     should_stop: Callable[[], bool] | None = None,
     on_step: Callable[[int], None] | None = None,
     host_free: resources.HostFree | None = None,
+    mlflow_uri: str | None = None,
 ) -> JobResult:
     """Run one fine-tuning job in ``workdir``. Raises a ``TrinityError`` on failure.
 
-    ``host_free``: the free disk and RAM the resource pre-flight compares with (tests); default: measured."""
+    ``host_free``: the free disk and RAM the resource pre-flight compares with (tests); default: measured.
+    ``mlflow_uri``: an MLflow tracking URI (``file:///…``, ``http://…``) to log the job to as well; a
+    tracking server that fails is a warning event, never the job's failure."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker(workdir)  # TensorBoard scalars from the metrics events (opened at the first)
+    tracker = Tracker(workdir, mlflow_uri)  # TensorBoard scalars from the metrics events (opened at the first)
     emit = Emitter(tracker.tee(on_event))
     try:
         timings: dict[str, float] = {}
 
         backend = backends.select(spec)  # first: Unsloth must be imported before transformers
+        tracker.start(spec.model_dump(mode="json"), emit)  # the MLflow run, when there is a URI
         # a missing model is a clear ModelUnavailable now, not an OSError from transformers later
         model_config.resolve(spec.model.name_or_path, spec.model.revision, need_weights=True)
         emit.status("preparing data", stage="data")
@@ -92,7 +102,8 @@ def run_job(
 
         emit.status("training", stage="train", backend=backend.name)
         t0 = time.monotonic()
-        rung, outcome, attempts, model = train_with_ladder(spec, backend, data.train, workdir, emit, should_stop, on_step)
+        rung, outcome, attempts, model = train_with_ladder(spec, backend, data.train, workdir, emit, should_stop, on_step,
+                                                           eval_dataset=data.eval)
         timings["train_s"] = round(time.monotonic() - t0, 2)
         ran = rung.settings.apply(spec)  # the spec as it actually ran, after any downgrade
 
@@ -114,6 +125,8 @@ def run_job(
             libraries=library_versions(),
             timings=timings,
             resources=host,
+            tracking=tracker.info(),
+            **outcome.evaluation,
         )
         atomic_write_json(workdir / "spec.resolved.json", {"spec": result.resolved_spec, "rung": rung.name,
                                                            "libraries": result.libraries, "data": result.data})
@@ -131,17 +144,27 @@ def run_job(
             t0 = time.monotonic()
             result.report = evaluate_job(ran, workdir, export=result.export, tokenizer=tokenizer,
                                          loss_history=outcome.loss_history, emit=emit,
-                                         training_peak_gib=outcome.peak_mem_gib, model=model)
+                                         training_peak_gib=outcome.peak_mem_gib, model=model,
+                                         eval_history=result.eval_history, checkpoint=result.checkpoint)
             timings["evaluate_s"] = round(time.monotonic() - t0, 2)
 
         tracker.finish(result.report)
+        result.tracking = tracker.info()
         atomic_write_json(workdir / "result.json", result.to_dict())
+        tracker.upload(result.to_dict())  # MLflow: report, result.json, GGUF
         result.artifacts = build_manifest(workdir)
         write_manifest(workdir, result.artifacts)
+        tracker.close(mlflow_status="FINISHED")
         # A message, not a status: the job's one terminal status event belongs to whoever owns its
         # state (the worker records "succeeded" when this returns; `trinity train` prints the result).
         emit(f"finished: {len(result.artifacts)} artifacts", artifacts=len(result.artifacts))
         return result
+    except JobCancelled:
+        tracker.close(mlflow_status="KILLED")
+        raise
+    except BaseException:
+        tracker.close(mlflow_status="FAILED")  # a retried job reopens the run
+        raise
     finally:
         tracker.close()
 
@@ -159,8 +182,9 @@ def check_host(spec, workdir, eval_rows, emit, free) -> dict[str, Any]:
     return host
 
 
-def train_with_ladder(spec, backend, train_dataset, workdir, emit, should_stop, on_step):
-    """Walk the OOM ladder: try each rung until one trains; persist progress for resume."""
+def train_with_ladder(spec, backend, train_dataset, workdir, emit, should_stop, on_step, eval_dataset=None):
+    """Walk the OOM ladder: try each rung until one trains; persist progress for resume. Every rung
+    evaluates on ``eval_dataset`` during training (cut to its own max_seq_length)."""
     from trinity_core.train import train
 
     progress_file = workdir / "progress.json"
@@ -186,7 +210,8 @@ def train_with_ladder(spec, backend, train_dataset, workdir, emit, should_stop, 
             model, tokenizer = backend.load(rung.settings.apply(spec))
             rows = fit_to_length(train_dataset, rung.settings.max_seq_length)
             outcome = train(model, tokenizer, rows, rung.settings.apply(spec), workdir, emit,
-                            should_stop=should_stop, inject_oom=len(attempts) <= inject, on_step=on_step)
+                            should_stop=should_stop, inject_oom=len(attempts) <= inject, on_step=on_step,
+                            eval_dataset=eval_dataset)
         except Exception as error:
             if not oom.is_oom(error):
                 attempt.outcome, attempt.error = "failed", f"{type(error).__name__}: {error}"

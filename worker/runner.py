@@ -72,7 +72,7 @@ def run(job: Run) -> Any:
     spec = job_spec(job)
     with Recorder(job) as recorder:
         return run_job(spec, job.workdir, recorder.on_event, should_stop=recorder.should_stop,
-                       on_step=recorder.on_step)
+                       on_step=recorder.on_step, mlflow_uri=recorder.settings.mlflow_tracking_uri or None)
 
 
 def job_spec(job: Run) -> Any:

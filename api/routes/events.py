@@ -27,7 +27,7 @@ from api.states import is_terminal
 router = APIRouter(prefix="/jobs/{job_id}/events", tags=["events"])
 
 Level = Literal["info", "warning", "error"]
-Kind = Literal["message", "metrics", "status"]
+Kind = Literal["message", "metrics", "eval", "status"]
 LevelQuery = Annotated[list[Level] | None, Query(description="Only these levels (repeatable)")]
 TypeQuery = Annotated[list[Kind] | None, Query(description="Only these types (repeatable)")]
 PAGE = 500
