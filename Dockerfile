@@ -51,10 +51,10 @@ RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch==${TORCH
  && echo 'trl>=1.16' >> /opt/torch-constraints.txt \
  && cat /opt/torch-constraints.txt
 
-# Dependencies + the postgres extra, from pyproject.toml alone (rebuilt only when they change).
+# Dependencies + the postgres and tracking (MLflow) extras, from pyproject.toml alone (rebuilt only when they change).
 COPY --from=llama /wheels /wheels
 COPY pyproject.toml /src/pyproject.toml
-RUN python -c "import tomllib; p = tomllib.load(open('/src/pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['postgres']))" > /tmp/requirements.txt \
+RUN python -c "import tomllib; p = tomllib.load(open('/src/pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['postgres'] + p['optional-dependencies']['tracking']))" > /tmp/requirements.txt \
  && pip install --find-links /wheels --only-binary llama-cpp-python \
       -r /tmp/requirements.txt -c /opt/torch-constraints.txt \
  && pip check \

@@ -211,6 +211,8 @@ def event_object(job_id: str, event: JobEvent) -> JobEventObject:
     data = dict(event.data or {})
     if event.type == "metrics" and "loss" in data:
         data["train_loss"] = data["loss"]
+    if event.type == "eval" and "eval_loss" in data:  # the held-out loss during training: OpenAI's valid_loss
+        data["valid_loss"] = data["eval_loss"]  # (a message: OpenAI's metrics events are the training steps)
     return JobEventObject(id=event_id(job_id, event.seq), created_at=int(event.time), level=LEVEL.get(event.level, "info"),
                           message=event.message, type="metrics" if event.type == "metrics" else "message", data=data)
 
@@ -220,6 +222,7 @@ def checkpoint_object(job: Job, checkpoint: CheckpointPublic, losses: dict[int, 
     return CheckpointObject(
         id=f"ftckpt-{job.id.removeprefix('ftjob-')}-{checkpoint.step}", created_at=int(checkpoint.created_at),
         fine_tuned_model_checkpoint=f"{base}:ckpt-step-{checkpoint.step}", fine_tuning_job_id=job.id,
-        metrics={"step": float(checkpoint.step), "train_loss": losses.get(checkpoint.step)},
+        metrics={"step": float(checkpoint.step), "train_loss": losses.get(checkpoint.step),
+                 "valid_loss": checkpoint.eval_loss},
         step_number=checkpoint.step)
 

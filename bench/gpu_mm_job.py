@@ -26,12 +26,43 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
 T4_GIB = 15.1
+EXPORT_STAGES = ("merge", "gguf")
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of ``pid`` and all its descendants (from /proc)."""
+def cgroup_report() -> dict | None:
+    """When the process runs in a cgroup-v2 group with a memory limit (``--ram-limit``), the limit, the
+    group's peak (anonymous + page cache charged to it) and its OOM-kill count: the proof that the
+    run fitted, page cache pressure included."""
+    try:
+        rel = Path("/proc/self/cgroup").read_text().strip().split("::", 1)[1]
+        base = Path("/sys/fs/cgroup") / rel.lstrip("/")
+        read = lambda name: (base / name).read_text().strip() if (base / name).exists() else None  # noqa: E731
+        events = dict(line.split() for line in (read("memory.events") or "").splitlines())
+        return {"group": rel, "memory.max": read("memory.max"), "memory.peak": read("memory.peak"),
+                "oom_kill": events.get("oom_kill")}
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+MEM_FIELDS = ("RssAnon", "RssFile", "RssShmem")
+
+
+def _status_kib(pid: int) -> dict[str, int]:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in MEM_FIELDS:
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def tree_mem(pid: int) -> dict[str, int]:
+    """Resident bytes of ``pid`` and all its descendants (from /proc), split the kernel's way:
+    ``anon`` (heap, tensors: what must fit in RAM), ``file`` (pages of mmap'd files, e.g. the
+    checkpoint or the f16 GGUF being read: clean, the kernel drops them under pressure), ``shmem``;
+    ``rss`` is their sum, ``main_anon`` the job process's own anonymous part."""
     children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -39,14 +70,23 @@ def tree_rss(pid: int) -> int:
             with open(f"/proc/{entry}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
             children.setdefault(int(fields[1]), []).append(int(entry))
-            rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
         except (OSError, IndexError, ValueError):
             continue
-    total, todo = 0, [pid]
+    total = {"anon": 0, "file": 0, "shmem": 0, "main_anon": 0}
+    todo = [pid]
     while todo:
         p = todo.pop()
-        total += rss.get(p, 0)
+        try:
+            mem = _status_kib(p)
+        except OSError:
+            continue
+        total["anon"] += mem.get("RssAnon", 0)
+        total["file"] += mem.get("RssFile", 0)
+        total["shmem"] += mem.get("RssShmem", 0)
+        if p == pid:
+            total["main_anon"] = mem.get("RssAnon", 0)
         todo += children.get(p, [])
+    total["rss"] = total["anon"] + total["file"] + total["shmem"]
     return total
 
 
@@ -72,7 +112,8 @@ class StageSampler:
             self._close(now)
         if self.torch.cuda.is_available():
             self.torch.cuda.reset_peak_memory_stats()
-        self.stages.append({"stage": name, "t0": now, "peak_rss_gib": 0.0})
+        self.stages.append({"stage": name, "t0": now, "peak_rss_gib": 0.0, "peak_anon_gib": 0.0,
+                            "peak_main_anon_gib": 0.0, "peak_file_gib": 0.0})
 
     def _close(self, now: float) -> None:
         stage = self.stages[-1]
@@ -84,7 +125,9 @@ class StageSampler:
     def _sample(self) -> None:
         while not self._stop.wait(0.2):
             stage = self.stages[-1]
-            stage["peak_rss_gib"] = max(stage["peak_rss_gib"], round(tree_rss(os.getpid()) / GIB, 3))
+            mem = tree_mem(os.getpid())
+            for key in ("rss", "anon", "main_anon", "file"):
+                stage[f"peak_{key}_gib"] = max(stage[f"peak_{key}_gib"], round(mem[key] / GIB, 3))
 
     def finish(self) -> list[dict]:
         self._stop.set()
@@ -162,6 +205,10 @@ def run(args: argparse.Namespace) -> None:
         "backend": args.backend, "wall_s": round(time.monotonic() - t0, 1), "error": error,
         "stages": stages,
         "peak_rss_gib": max(s["peak_rss_gib"] for s in stages),
+        "peak_anon_gib": max(s["peak_anon_gib"] for s in stages),
+        "export_peak_rss_gib": max((s["peak_rss_gib"] for s in stages if s["stage"] in EXPORT_STAGES), default=None),
+        "export_peak_anon_gib": max((s["peak_anon_gib"] for s in stages if s["stage"] in EXPORT_STAGES), default=None),
+        "cgroup": cgroup_report(),
         "workdir_disk_gib": round(disk_bytes(workdir) / GIB, 3),
         "files": {str(p.relative_to(workdir)): p.stat().st_size for p in sorted(workdir.rglob("*"))
                   if p.is_file() and p.suffix in (".gguf", ".safetensors") and "checkpoints" not in p.parts},
@@ -171,6 +218,7 @@ def run(args: argparse.Namespace) -> None:
                       timings=result.timings, report={k: result.report.get(k) for k in ("held_out", "models")})
     Path(args.out).write_text(json.dumps(report, indent=1, default=str))
     print(json.dumps({k: report[k] for k in ("device", "layers", "cap_gib", "wall_s", "error", "peak_rss_gib",
+                                             "peak_anon_gib", "export_peak_rss_gib", "export_peak_anon_gib",
                                              "workdir_disk_gib")}))
     for s in stages:
         print(json.dumps(s))

@@ -319,7 +319,12 @@ def _status(args: argparse.Namespace) -> int:
                 print_jobs(jobs)
             return EXIT_OK
         job = call(api, "GET", f"/jobs/{args.job_id}").json()
-        print(json.dumps(job, indent=2) if args.json else describe(job))
+        if args.json:
+            print(json.dumps(job, indent=2))
+        else:
+            evals = call(api, "GET", f"/jobs/{args.job_id}/events",
+                         params={"type": "eval", "limit": 1000}).json()["data"]
+            print(describe(job, evals))
         return TERMINAL.get(job["status"], EXIT_OK)
 
 
@@ -340,7 +345,8 @@ def print_jobs(jobs: list[dict[str, Any]]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
 
 
-def describe(job: dict[str, Any]) -> str:
+def describe(job: dict[str, Any], evals: list[dict[str, Any]] = ()) -> str:
+    """The job in a few lines; ``evals``: its ``eval`` events (held-out loss during training)."""
     total = job.get("total_steps") or (job["spec"].get("train") or {}).get("max_steps")
     lines = [f"{job['id']}  {job['status']}" + ("  (cancel requested)" if job.get("cancel_requested") else ""),
              f"  model     {(job['spec'].get('model') or {}).get('name_or_path')}",
@@ -354,10 +360,26 @@ def describe(job: dict[str, Any]) -> str:
     for a in job.get("attempts") or []:
         if a.get("outcome") != "ok":
             lines.append(f"  attempt   {a.get('rung')}: {a.get('outcome')}")
+    lines += _evaluation(job.get("result") or {}, evals)
     lines.append(f"  started   {_when(job.get('started_at'))}  duration {_duration(job)}")
     if job.get("error"):
         lines.append(f"  error     {job['error']['code']}: {job['error']['message']}")
     return "\n".join(lines)
+
+
+def _evaluation(result: dict[str, Any], evals: list[dict[str, Any]]) -> list[str]:
+    """The latest held-out loss and the best so far (eval events), then the exported step and why."""
+    lines = []
+    if evals:
+        d = evals[-1]["data"]
+        lines.append(f"  eval      loss {d['eval_loss']:.4f} at step {d['step']}; best {d['best_eval_loss']:.4f} "
+                     f"at step {d['best_step']} ({len(evals)} evaluation{'' if len(evals) == 1 else 's'})")
+    if result.get("early_stopping"):
+        lines.append(f"  stopped   early at step {result['early_stopping']['step']}: {result['early_stopping']['why']}")
+    if result.get("checkpoint"):
+        c = result["checkpoint"]
+        lines.append(f"  exported  step {c['step']} ({c['checkpoint']}): {c['why']}")
+    return lines
 
 
 def cmd_logs(args: argparse.Namespace) -> int:

@@ -34,6 +34,8 @@ def add_parsers(sub) -> None:
                    help="Unsloth's torch.compile mode (auto: on for LoRA, off with DoRA)")
     p.add_argument("--debug-memory", action="store_true",
                    help="after a failed OOM-ladder attempt, print what still holds CUDA memory")
+    p.add_argument("--mlflow-uri", default=None, metavar="URI",
+                   help="also log the job to MLflow (http://host:5000, file:///path/mlruns); needs the tracking extra")
     p.set_defaults(func=cmd_train)
 
 
@@ -96,7 +98,8 @@ def cmd_train(args) -> int:
     from trinity_core.spec import load_spec
 
     options = RunOptions(fast_dora=not args.no_fast_dora, debug_memory=args.debug_memory,
-                         unsloth_compile={"auto": None, "on": True, "off": False}[args.unsloth_compile])
+                         unsloth_compile={"auto": None, "on": True, "off": False}[args.unsloth_compile],
+                         mlflow_tracking_uri=args.mlflow_uri)
     try:
         spec = load_spec(args.spec)
         result = run_job(spec, args.workdir, ProgressPrinter(as_json=args.json), options=options)
@@ -111,5 +114,13 @@ def cmd_train(args) -> int:
     if losses:
         print(f"loss: {losses[0]:.4f} -> {losses[-1]:.4f} over {result.global_step} steps "
               f"({result.train_seconds:.1f}s)")
+    if result.eval_history:
+        print("eval loss: " + ", ".join(f"{h['eval_loss']:.4f} (step {h['step']})" for h in result.eval_history))
+    if result.early_stopping:
+        print(f"stopped early at step {result.early_stopping['step']}: {result.early_stopping['why']}")
+    if result.checkpoint:
+        print(f"exported: step {result.checkpoint['step']} ({result.checkpoint['checkpoint']}): {result.checkpoint['why']}")
+    if result.tracking.get("mlflow_run_id"):
+        print(f"mlflow run: {result.tracking['mlflow_run_id']} (experiment {result.tracking['mlflow_experiment_id']})")
     print(f"workdir: {args.workdir}")
     return 0

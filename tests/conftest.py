@@ -13,6 +13,8 @@ TINY_SPEC = ROOT / "examples" / "tiny.yaml"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# MLflow 3 refuses its (maintenance-mode) file store without this; the tests track into file:// stores
+os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 
 
 @pytest.fixture(scope="session")
@@ -33,11 +35,19 @@ def tiny_spec(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
-def trained_run(tiny_spec, tmp_path_factory):
-    """The tiny recipe run once, end to end: (JobResult, workdir, events)."""
+def mlflow_uri(tmp_path_factory) -> str:
+    """A local MLflow file store (``file:///…``) the session's trained run also logs to."""
+    return tmp_path_factory.mktemp("mlruns").as_uri()
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_spec, tmp_path_factory, mlflow_uri):
+    """The tiny recipe run once, end to end, tracked in TensorBoard and in ``mlflow_uri``:
+    (JobResult, workdir, events)."""
+    from trinity_core.options import RunOptions
     from trinity_core.pipeline import run_job
 
     workdir = tmp_path_factory.mktemp("run")
     events = []
-    result = run_job(tiny_spec, workdir, events.append)
+    result = run_job(tiny_spec, workdir, events.append, options=RunOptions(mlflow_tracking_uri=mlflow_uri))
     return result, workdir, events

@@ -39,6 +39,13 @@ class DatasetError(TrinityError):
     code = "invalid_dataset"
 
 
+class TurnEndNotTrained(DatasetError):
+    """An assistant turn's labels miss the turn terminator (``<end_of_turn>``): the fine-tune would never
+    learn to stop. ``details`` lists the rows and turns; ``data.turn_end_check: warn`` lets it train."""
+
+    code = "turn_end_not_trained"
+
+
 class HubDownloadError(TrinityError):
     """A model or dataset could not be fetched from the hub. Transient: the worker may retry."""
 

@@ -1,7 +1,9 @@
 """One event shape from run_job to the SSE stream.
 
-``{seq, time, level: info|warning|error, type: message|metrics|status|ladder, message, data}``.
+``{seq, time, level: info|warning|error, type: message|metrics|eval|status|ladder, message, data}``.
 ``metrics`` data carries step, total_steps, loss, lr, grad_norm, tokens_per_s, peak_mem_gib, eta_s;
+``eval`` (the held-out loss during training, :mod:`trinity_core.train.eval_loop`) carries step,
+total_steps, eval_loss, rows, tokens, seconds, best_step, best_eval_loss;
 ``status`` data carries the stage or job state; ``ladder`` data carries the OOM ladder's whole
 attempt list (``attempts``), and ``rung`` + ``settings`` when an attempt starts (a downgrade is a
 ``warning``; ``train/ladder.py``).
@@ -15,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 Level = Literal["info", "warning", "error"]
-Kind = Literal["message", "metrics", "status", "ladder"]
+Kind = Literal["message", "metrics", "eval", "status", "ladder"]
 
 
 @dataclass
@@ -53,6 +55,9 @@ class Emitter:
 
     def metrics(self, message: str, **data: Any) -> Event:
         return self(message, type="metrics", **data)
+
+    def eval(self, message: str, **data: Any) -> Event:
+        return self(message, type="eval", **data)
 
     def status(self, message: str, **data: Any) -> Event:
         return self(message, type="status", **data)

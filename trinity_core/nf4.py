@@ -126,3 +126,13 @@ def exact_on_cpu(model: Any) -> Any:
         if getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
     return model
+
+
+def dequant_dtype_of(model: Any) -> str | None:
+    """The dtype ``model``'s 4-bit layers dequantise in (their ``quant_state.dtype``; None without
+    any). The merge reproduces it: Unsloth on a T4 loads in fp16, then computes Gemma-3 in fp32."""
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None:
+            return str(state.dtype).removeprefix("torch.")
+    return None

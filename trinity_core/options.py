@@ -20,6 +20,8 @@ class RunOptions:
     """Unsloth's torch.compile mode; None: on for LoRA, off with DoRA (it stalls or crashes there)."""
     debug_memory: bool = False
     """After a failed ladder attempt, print what still holds CUDA memory (stderr)."""
+    mlflow_tracking_uri: str | None = None
+    """Also log the job to MLflow there (``trinity_core.tracking_mlflow``); None: TensorBoard only."""
     test_seams: bool = False
     """Allow the test seams below; only test settings turn it on."""
     inject_oom: int = 0

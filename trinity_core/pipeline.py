@@ -1,7 +1,7 @@
 """``run_job``: the whole pipeline, top to bottom.
 
 data → backend.load → train (OOM ladder, checkpoints, resume) → merge → GGUF → report → manifest;
-the metrics events also go to TensorBoard (``tracking.Tracker``).
+the metrics events also go to TensorBoard, and to MLflow when ``RunOptions.mlflow_tracking_uri`` is set (``tracking.Tracker``).
 
 Calling ``run_job`` again on the same workdir resumes: the rung in ``progress.json`` (``train/ladder.py``)
 and the newest complete checkpoint are picked up, so a worker that died costs only the steps since
@@ -56,6 +56,12 @@ class JobResult:
     report: dict[str, Any] = field(default_factory=dict)
     artifacts: list[dict[str, Any]] = field(default_factory=list)
     resources: dict[str, Any] = field(default_factory=dict)  # pre-flight: export disk/RAM needed vs free
+    tracking: dict[str, Any] = field(default_factory=dict)  # tensorboard dir; mlflow_run_id, mlflow_experiment_id
+    # evaluation during training (trinity_core.train.eval_loop): [{step, eval_loss, ...}], the exported step and why
+    eval_history: list[dict[str, Any]] = field(default_factory=list)
+    best_step: int | None = None
+    checkpoint: dict[str, Any] = field(default_factory=dict)
+    early_stopping: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,17 +79,20 @@ def run_job(
 ) -> JobResult:
     """Run one fine-tuning job in ``workdir``. Raises a ``TrinityError`` on failure.
 
-    ``options``: how to run it (fast DoRA, Unsloth's compile, test seams), default ``RunOptions()``.
+    ``options``: how to run it (fast DoRA, Unsloth's compile, test seams, an MLflow tracking URI to log
+    the job to as well: a tracking server that fails is a warning event, never the job's failure),
+    default ``RunOptions()``.
     ``host_free``: the free disk and RAM the resource pre-flight compares with (tests); default: measured."""
     options = options or RunOptions()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker(workdir)  # TensorBoard scalars from the metrics events (opened at the first)
+    tracker = Tracker(workdir, options.mlflow_tracking_uri)  # TensorBoard scalars from the metrics events (opened at the first)
     emit = Emitter(tracker.tee(on_event))
     try:
         timings: dict[str, float] = {}
 
         backend = backends.select(spec, options)  # first: Unsloth must be imported before transformers
+        tracker.start(spec.model_dump(mode="json"), emit)  # the MLflow run, when there is a URI
         # a missing model is a clear ModelUnavailable now, not an OSError from transformers later
         model_config.resolve(spec.model.name_or_path, spec.model.revision, need_weights=True)
         emit.status("preparing data", stage="data")
@@ -100,7 +109,8 @@ def run_job(
         emit.status("training", stage="train", backend=backend.name)
         t0 = time.monotonic()
         rung, outcome, attempts, model = ladder.walk(spec, backend, data.train, workdir, emit, options,
-                                                     tokenizer=tokenizer, should_stop=should_stop, on_step=on_step)
+                                                     tokenizer=tokenizer, should_stop=should_stop, on_step=on_step,
+                                                     eval_dataset=data.eval)
         timings["train_s"] = round(time.monotonic() - t0, 2)
         ran = rung.settings.apply(spec)  # the spec as it actually ran, after any downgrade
 
@@ -122,6 +132,8 @@ def run_job(
             libraries=library_versions(),
             timings=timings,
             resources=host,
+            tracking=tracker.info(),
+            **outcome.evaluation,
         )
         atomic_write_json(workdir / "spec.resolved.json", {"spec": result.resolved_spec, "rung": rung.name,
                                                            "libraries": result.libraries, "data": result.data})
@@ -130,24 +142,36 @@ def run_job(
             raise JobCancelled(f"stopped at step {outcome.global_step}; checkpoint kept", details=result.to_dict())
 
         t0 = time.monotonic()
-        result.export = export_all(ran, workdir, emit=emit)
+        from trinity_core.nf4 import dequant_dtype_of  # imports torch: not before the backend chose
+
+        result.export = export_all(ran, workdir, emit=emit, dequant_dtype=dequant_dtype_of(model))
         timings["export_s"] = round(time.monotonic() - t0, 2)
         if spec.export.evaluate:
             emit.status("evaluating", stage="evaluate")
             t0 = time.monotonic()
             result.report = evaluate_job(ran, workdir, export=result.export, tokenizer=tokenizer,
                                          loss_history=outcome.loss_history, emit=emit,
-                                         training_peak_gib=outcome.peak_mem_gib, model=model)
+                                         training_peak_gib=outcome.peak_mem_gib, model=model,
+                                         eval_history=result.eval_history, checkpoint=result.checkpoint)
             timings["evaluate_s"] = round(time.monotonic() - t0, 2)
 
         tracker.finish(result.report)
+        result.tracking = tracker.info()
         atomic_write_json(workdir / "result.json", result.to_dict())
+        tracker.upload(result.to_dict())  # MLflow: report, result.json, GGUF
         result.artifacts = build_manifest(workdir)
         write_manifest(workdir, result.artifacts)
+        tracker.close(mlflow_status="FINISHED")
         # A message, not a status: the job's one terminal status event belongs to whoever owns its
         # state (the worker records "succeeded" when this returns; `trinity train` prints the result).
         emit(f"finished: {len(result.artifacts)} artifacts", artifacts=len(result.artifacts))
         return result
+    except JobCancelled:
+        tracker.close(mlflow_status="KILLED")
+        raise
+    except BaseException:
+        tracker.close(mlflow_status="FAILED")  # a retried job reopens the run
+        raise
     finally:
         tracker.close()
 

@@ -96,6 +96,11 @@ class DataSpec(_Part):
     drop_invalid_rows: bool = Field(
         False, description="Skip invalid rows (reported) instead of failing the job."
     )
+    turn_end_check: Literal["error", "warn"] = Field(
+        "error", description="Rows whose trained labels miss the chat template's turn terminator "
+        "(<end_of_turn>), so the model would not learn to stop: fail the job naming them (error), "
+        "or list them in the data report as warnings and train anyway (warn)."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -158,7 +163,33 @@ class TrainSpec(_Part):
     max_steps: int = Field(60, ge=1, le=1_000_000, description="Optimizer steps.")
     seed: int = Field(3407, description="Seeds data shuffling, the eval split and LoRA init.")
     save_steps: int = Field(20, ge=1, description="Checkpoint every N optimizer steps.")
-    save_total_limit: int = Field(2, ge=1, description="Keep the newest N checkpoints.")
+    save_total_limit: int = Field(
+        2, ge=1, description="Keep the newest N checkpoints (and, with export.checkpoint=best, the best one too)."
+    )
+    eval_steps: int = Field(
+        10, ge=0, le=1_000_000,
+        description="Held-out loss every N optimizer steps and at the last step, each with a checkpoint "
+        "(eval events, result.json eval_history); 0 turns evaluation during training off.",
+    )
+    eval_max_rows: int = Field(
+        32, ge=1, le=100_000,
+        description="Held-out rows scored at each evaluation during training: the first N of the seeded eval split.",
+    )
+    eval_max_tokens: int = Field(
+        512, ge=16, le=131_072,
+        description="Tokens scored per held-out row during training (a longer row is cut; also cut at the "
+        "rung's max_seq_length).",
+    )
+    eval_max_seconds: float = Field(
+        120.0, gt=0, le=86_400,
+        description="Wall-clock budget of the first evaluation (at least one row); the rows it scored are "
+        "the rows every later evaluation scores, so their losses compare.",
+    )
+    early_stopping_patience: int = Field(
+        0, ge=0, le=10_000,
+        description="Stop when this many evaluations in a row bring no new lowest eval loss; 0 (the recipe): "
+        "off, all max_steps are trained. Needs eval_steps > 0.",
+    )
     logging_steps: int = Field(1, ge=1)
     packing: bool = Field(False, description="Pack short rows into max_seq_length sequences.")
 
@@ -234,6 +265,12 @@ class ExportSpec(_Part):
         default_factory=lambda: ["q4_k_m"], description="GGUF files to produce (f16 is always made)."
     )
     evaluate: bool = Field(True, description="Base vs fine-tuned report and export fidelity.")
+    checkpoint: Literal["best", "last"] = Field(
+        "best",
+        description="Which step is exported (adapter, merged model, GGUF, report): best = the evaluated step "
+        "with the lowest held-out loss during training; last = the final step. best without evaluation "
+        "(train.eval_steps = 0) exports the last step, and result.json says why.",
+    )
     eval_prompts: int = Field(4, ge=0, le=64, description="Prompts generated side by side.")
     max_new_tokens: int = Field(48, ge=1, le=2048)
     eval_max_rows: int = Field(
@@ -271,6 +308,8 @@ class JobSpec(_Part):
             problems.append("export.original_model is required when export.merge_into is 'original'")
         if self.export.gguf and not self.export.merge:
             problems.append("export.gguf needs export.merge (GGUF is made from the merged model)")
+        if self.train.early_stopping_patience and not self.train.eval_steps:
+            problems.append("train.early_stopping_patience needs train.eval_steps > 0 (it counts evaluations)")
         if problems:
             raise ValueError("; ".join(problems))
         return self

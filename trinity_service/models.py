@@ -262,6 +262,10 @@ class CheckpointPublic(SQLModel):
     step: int
     created_at: float
     size_bytes: int
+    eval_loss: float | None = Field(None, description="Held-out loss at this step (evaluation during training); "
+                                    "null when the step was not evaluated")
+    best: bool = Field(False, description="The evaluated step with the lowest eval loss so far "
+                       "(exported with export.checkpoint = best)")
 
 
 class ArtifactPublic(SQLModel):

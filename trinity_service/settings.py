@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     webhook_retry_s: float = Field(5.0, gt=0, description="First retry delay of a failed delivery; doubles each time.")
     webhook_retry_max_s: float = Field(3600.0, gt=0, description="Longest delay between two tries.")
     webhook_max_attempts: int = Field(15, ge=1, description="Tries before a delivery is marked failed (~6 h).")
+    mlflow_tracking_uri: str = Field(
+        "", description="MLflow tracking URI (http://mlflow:5000, file:///srv/mlruns...): each job also logs its "
+        "spec, metrics, report and GGUF to an MLflow run (the `tracking` extra). Empty: TensorBoard only.")
     expose_errors: bool | None = Field(
         None, description="Show exception text in 500 responses; default: in development only.")
     # How the worker runs jobs (trinity_core.options.RunOptions, built in worker/runner.py).
@@ -126,7 +129,7 @@ class Settings(BaseSettings):
         """How this worker runs a job (``run_job(..., options=...)``)."""
         return RunOptions(fast_dora=self.fast_dora, debug_memory=self.debug_memory, test_seams=self.test_seams,
                           unsloth_compile={"auto": None, "on": True, "off": False}[self.unsloth_compile],
-                          inject_oom=self.inject_oom)
+                          inject_oom=self.inject_oom, mlflow_tracking_uri=self.mlflow_tracking_uri or None)
 
     @property
     def default_queue(self) -> str:

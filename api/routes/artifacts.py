@@ -23,6 +23,7 @@ from trinity_core.artifacts import MANIFEST, read_json
 
 router = APIRouter(prefix="/jobs/{job_id}", tags=["artifacts"])
 STEP_DIR = re.compile(r"^step-(\d+)$")  # trinity_core.train.trainer's complete-checkpoint names (without importing torch)
+EVAL_FILE = "trinity_eval.json"  # trinity_core.train.eval_loop.EVAL_FILE: {step, eval_loss, state: {best_step, ...}}
 
 
 def workdir(settings: Settings, job_id: str) -> Path:
@@ -36,19 +37,36 @@ def manifest(settings: Settings, job_id: str) -> list[dict[str, Any]]:
 
 @router.get("/checkpoints", response_model=list[CheckpointPublic])
 def list_checkpoints(job: JobDep, settings: SettingsDep):
-    """Complete checkpoints (``checkpoints/step-N``), oldest first; a resumed job starts from the newest."""
+    """Complete checkpoints (``checkpoints/step-N``), oldest first; a resumed job starts from the newest.
+    Each has its held-out loss when the step was evaluated during training, and ``best`` marks the
+    evaluated step with the lowest one."""
     return checkpoints(settings, job.id)
 
 
 def checkpoints(settings: Settings, job_id: str) -> list[CheckpointPublic]:
     root = workdir(settings, job_id) / "checkpoints"
-    found = []
+    found, evals = [], {}
     if root.is_dir():
         for path in root.iterdir():
             if (m := STEP_DIR.match(path.name)) and path.is_dir():
                 size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-                found.append(CheckpointPublic(step=int(m.group(1)), created_at=path.stat().st_mtime, size_bytes=size))
-    return sorted(found, key=lambda c: c.step)
+                evals[int(m.group(1))] = _eval_file(path)
+                found.append(CheckpointPublic(step=int(m.group(1)), created_at=path.stat().st_mtime, size_bytes=size,
+                                              eval_loss=_number(evals[int(m.group(1))].get("eval_loss"))))
+    found.sort(key=lambda c: c.step)
+    best = (evals[found[-1].step].get("state") or {}).get("best_step") if found else None  # the newest knows
+    for c in found:
+        c.best = c.step == best
+    return found
+
+
+def _eval_file(path: Path) -> dict[str, Any]:
+    data = read_json(path / EVAL_FILE)
+    return data if isinstance(data, dict) else {}
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 @router.get("/artifacts", response_model=list[ArtifactPublic])

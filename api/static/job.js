@@ -1,9 +1,10 @@
 // /ui/jobs/{id}: one job. Polls the JSON API every second while the job runs (job row + new events
-// after the last seq), draws the loss and lr curves, and stops polling once the job has ended.
+// after the last seq), draws the loss, held-out (eval) loss and lr curves, and stops polling once the
+// job has ended.
 "use strict";
 const JOB_ID = decodeURIComponent(location.pathname.split("/").pop());
 const POLL_MS = 1000;
-const state = {lastSeq: 0, metrics: [], job: null, finished: false};
+const state = {lastSeq: 0, metrics: [], evals: [], job: null, finished: false};
 
 function setText(id, text) { document.getElementById(id).textContent = text ?? ""; }
 
@@ -48,9 +49,13 @@ function addEvents(events) {
     if (e.type === "metrics" && typeof e.data.loss === "number") {
       state.metrics.push({step: e.data.step, loss: e.data.loss, lr: e.data.lr});
     }
+    if (e.type === "eval" && typeof e.data.eval_loss === "number") {
+      state.evals = state.evals.filter(p => p.step !== e.data.step);  // a resumed run re-evaluates a step
+      state.evals.push({step: e.data.step, loss: e.data.eval_loss, best: e.data.best_step});
+    }
     body.append(Trinity.row([e.seq, Trinity.time(e.time), e.level, e.type, e.message], {class: e.level, "data-seq": e.seq}));
   }
-  if (events.some(e => e.type === "metrics")) drawChart();
+  if (events.some(e => e.type === "metrics" || e.type === "eval")) drawChart();
 }
 
 // ── the chart: an SVG drawn here, no library ─────────────────────────────────────────────────
@@ -67,12 +72,15 @@ function drawChart() {
   const W = 720, H = 260, L = 56, R = 60, T = 14, B = 34;
   const pts = state.metrics.slice().sort((a, b) => a.step - b.step);
   const lrs = pts.filter(p => typeof p.lr === "number");
+  const evals = state.evals.slice().sort((a, b) => a.step - b.step);
   chart.replaceChildren();
   chart.setAttribute("data-points", pts.length);
   chart.setAttribute("data-lr-points", lrs.length);
+  chart.setAttribute("data-eval-points", evals.length);
   if (!pts.length) { chart.append(svg("text", {x: W / 2 - 60, y: H / 2}, "no training steps yet")); return; }
   const total = Math.max(state.job && state.job.total_steps || 0, pts[pts.length - 1].step, 1);
-  const lo = Math.min(...pts.map(p => p.loss)), hi = Math.max(...pts.map(p => p.loss));
+  const all = pts.concat(evals).map(p => p.loss);
+  const lo = Math.min(...all), hi = Math.max(...all);
   const pad = (hi - lo) * 0.05 || Math.abs(hi) * 0.05 || 1;
   const y0 = lo - pad, y1 = hi + pad;
   const x = s => L + (W - L - R) * (s / total);
@@ -85,6 +93,16 @@ function drawChart() {
                svg("text", {x: L + 6, y: T + 10, fill: "#1f6feb"}, "loss"));
   chart.append(svg("polyline", {class: "loss", points: pts.map(p => `${x(p.step).toFixed(1)},${y(p.loss).toFixed(1)}`).join(" ")}));
   for (const p of pts.length <= 200 ? pts : []) chart.append(svg("circle", {class: "loss-point", cx: x(p.step).toFixed(1), cy: y(p.loss).toFixed(1), r: 2.5, fill: "#1f6feb"}));
+  if (evals.length) {  // the held-out loss at each evaluation during training; the best one ringed
+    const best = evals[evals.length - 1].best;
+    chart.append(svg("polyline", {class: "eval-loss", fill: "none", stroke: "#2da44e", "stroke-width": 2,
+                                  points: evals.map(p => `${x(p.step).toFixed(1)},${y(p.loss).toFixed(1)}`).join(" ")}),
+                 svg("text", {x: L + 70, y: T + 10, fill: "#2da44e"}, "eval loss"));
+    for (const p of evals) {
+      chart.append(svg("circle", {class: "eval-point", "data-step": p.step, cx: x(p.step).toFixed(1), cy: y(p.loss).toFixed(1),
+                                  r: p.step === best ? 6 : 3.5, fill: p.step === best ? "none" : "#2da44e", stroke: "#2da44e"}));
+    }
+  }
   if (lrs.length) {
     const lrHi = Math.max(...lrs.map(p => p.lr)) || 1;
     const ly = v => T + (H - T - B) * (1 - v / (lrHi * 1.05));

@@ -80,6 +80,10 @@ def test_ladder_walks_the_rungs_in_order(tiny_spec, tmp_path):
     assert last.data["attempts"] == result.attempts
     assert all("injected" in a["error"] for a in result.attempts[:3])
     assert result.global_step == 2
+    # the rung that trained evaluated too (its last step), on eval rows cut to its max_seq_length
+    evals = [e for e in events if e.type == "eval"]
+    assert [e.data["step"] for e in evals] == [2] and evals[0].seq > downgrades[-1].seq
+    assert [h["step"] for h in result.eval_history] == [2] and result.best_step == 2
 
 
 def test_targets_qv_trains_only_q_and_v(tiny_spec, tmp_path):

@@ -68,9 +68,10 @@ def test_estimate_matches_tiny_export(trained_run, tiny_model_dir):
     actual = {"merged": du(workdir / "merged"), "adapter": du(workdir / "adapter"),
               "gguf_f16": (workdir / "gguf" / "model-f16.gguf").stat().st_size,
               "gguf_q4_k_m": (workdir / "gguf" / "model-q4_k_m.gguf").stat().st_size,
-              # the newest checkpoint, times the number alive at once (save_total_limit + one being written)
+              # the newest checkpoint, times the number alive at once (save_total_limit + one being written
+              # + the best evaluated step kept for export)
               "checkpoints": max(du(p) for p in (workdir / "checkpoints").glob("step-*"))
-              * (spec.train.save_total_limit + 1)}
+              * (spec.train.save_total_limit + 1 + resources.kept_best_checkpoint(spec))}
     for part, size in actual.items():
         print(part, size, est.disk[part], est.disk[part] / size)
     assert result.resources["estimate"]["disk"]  # recorded in result.json by run_job

@@ -103,7 +103,9 @@ def test_long_rows_fail_or_truncate_for_the_oom_ladder(tmp_path, tokenizer):
     assert [(d["row"], d["kind"]) for d in info.value.details] == [(7, "too_long")]
     prepared = prepare_data(spec, tokenizer, tmp_path / "d", max_seq_length=64, truncate=True)
     assert max(len(r) for r in prepared.train["input_ids"]) == 64
-    assert prepared.report.warning_counts == {"truncated": 1}
+    # the cut row lost its <end_of_turn>: the label audit warns (truncation is the caller's choice), not fails
+    assert prepared.report.warning_counts == {"truncated": 1, "turn_end_untrained": 1}
+    assert prepared.report.warnings[-1]["row"] == 7 and "truncated" in prepared.report.warnings[-1]["message"]
 
 
 def test_save_to_disk_directory_through_the_spec(tmp_path, tokenizer):

@@ -157,6 +157,16 @@ def test_modelfile(workdir, exported, export_spec):
         assert line in text.splitlines()
 
 
+def test_modelfile_stops_on_the_trained_terminator(workdir, exported, tokenizer):
+    """Ollama stops where training taught the model to: the stop token is the chat template's turn
+    terminator (what the label audit checks is trained), and the template closes each turn with it."""
+    from trinity_core.data.label_audit import turn_terminator
+
+    token = turn_terminator(tokenizer).token
+    text = (workdir / exported[0]["modelfile"]).read_text()
+    assert f'PARAMETER stop "{token}"' in text.splitlines() and token in GEMMA3_TEMPLATE
+
+
 # Ollama renders TEMPLATE with Go's text/template. To check it without Go, each action of the
 # template is mapped to its Jinja equivalent (the table below; `{{-`/`-}}` trim whitespace the
 # same way in both) and the result is rendered by jinja2; the literal text between the actions,

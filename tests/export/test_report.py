@@ -20,6 +20,19 @@ def test_report_files(report, workdir):
     assert "| fine_tuned |" in md and "| gguf_q4_k_m |" in md and "![loss](loss.png)" in md
 
 
+def test_verdict_counts_what_the_prompts_show(report, workdir):
+    """The export fixture's adapter is perturbed, not trained: whatever the outcome, the verdict is the
+    count of the per-prompt outcomes and the report opens with it."""
+    v, prompts = report["verdict"], report["prompts"]
+    assert len(prompts) == v["prompts"] == 2 and all(set(p["models"]) == {"base", "fine_tuned", "gguf_q4_k_m"}
+                                                     for p in prompts)
+    counts = [sum(p["outcome"] == k for p in prompts) for k in ("win", "tie", "loss")]
+    assert counts == [v["wins"], v["ties"], v["losses"]]
+    assert v["outcome"] == ("better" if counts[0] > counts[2] else "worse" if counts[2] > counts[0] else "even")
+    words = {"better": "beat the base", "worse": "did worse than the base", "even": "did not beat the base"}
+    assert words[v["outcome"]] in (workdir / "report" / "report.md").read_text().splitlines()[2]
+
+
 def test_scores_every_model_on_the_same_tokens(report, workdir, tokenizer):
     rows = [json.loads(line) for line in (workdir / "data" / "eval.jsonl").read_text().splitlines()]
     masks = [tokenize_conversation(tokenizer, r["messages"], 256)[1] for r in rows]

@@ -10,8 +10,13 @@ API_MD = Path(__file__).resolve().parents[2] / "docs" / "API.md"
 
 def python_block(heading: str) -> str:
     """The first ```python block of the ``## heading`` section."""
+    return python_blocks(heading)[0]
+
+
+def python_blocks(heading: str) -> list[str]:
+    """Every ```python block of the ``## heading`` section, in order."""
     text = API_MD.read_text()
     section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
-    match = re.search(r"```python\n(.*?)```", section, re.S)
-    assert match, f"no python example under '## {heading}'"
-    return match.group(1)
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert blocks, f"no python example under '## {heading}'"
+    return blocks

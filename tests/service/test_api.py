@@ -420,9 +420,16 @@ def test_manifest_paths_cannot_escape_the_workdir(client, auth, job_with_files, 
     assert_error(client.get(f"/jobs/{job_id}/artifacts/evil", headers=auth[1]), 404, "not_found")
 
 
-def test_checkpoints(client, auth, job_with_files):
+def test_checkpoints(client, auth, job_with_files, settings):
     got = client.get(f"/jobs/{job_with_files[0]}/checkpoints", headers=auth[1]).json()
     assert [(c["step"], c["size_bytes"]) for c in got] == [(5, 5), (10, 0)]
+    assert [(c["eval_loss"], c["best"]) for c in got] == [(None, False), (None, False)]  # not evaluated
+    # evaluated during training: each checkpoint has its eval loss; the newest one's state names the best
+    root = settings.jobs_dir / job_with_files[0] / "checkpoints"
+    (root / "step-5" / "trinity_eval.json").write_text(json.dumps({"step": 5, "eval_loss": 1.25, "state": {"best_step": 5}}))
+    (root / "step-10" / "trinity_eval.json").write_text(json.dumps({"step": 10, "eval_loss": 1.5, "state": {"best_step": 5}}))
+    got = client.get(f"/jobs/{job_with_files[0]}/checkpoints", headers=auth[1]).json()
+    assert [(c["step"], c["eval_loss"], c["best"]) for c in got] == [(5, 1.25, True), (10, 1.5, False)]
 
 
 def test_no_artifacts_yet(client, auth, dataset_id):

@@ -55,6 +55,10 @@ def test_submit_wait_then_status_and_logs(live_service, tmp_path):
 
     status = trinity(stack, "status", job_id)
     assert status.returncode == 0 and "succeeded" in status.stdout and "step 2/2" in status.stdout
+    # the held-out loss during training (one evaluation: the last step) and the step that was exported
+    assert "eval      loss " in status.stdout and "at step 2 (1 evaluation)" in status.stdout
+    assert "exported  step 2 (best): the last step has the lowest eval loss" in status.stdout
+    assert any(" eval loss " in line for line in followed)  # the eval event, as `trinity logs` prints it
     listing = trinity(stack, "status")
     assert any(row.split("\t")[:2] == [job_id, "succeeded"] for row in listing.stdout.splitlines())
     logs = trinity(stack, "logs", job_id)

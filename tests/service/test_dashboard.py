@@ -105,6 +105,9 @@ def test_dashboard_lists_jobs_shows_a_finished_job_and_its_downloads(live_servic
     assert attr(driver, "#loss-chart", "data-points") == str(len(metrics(stack, job_id))) == "4"
     assert attr(driver, "#loss-chart", "data-lr-points") == "4"
     assert len(by_css(driver, "#loss-chart circle.loss-point")) == 4
+    evals = stack.events(job_id, type="eval")  # the held-out loss during training: a second curve
+    assert evals and attr(driver, "#loss-chart", "data-eval-points") == str(len(evals))
+    assert len(by_css(driver, "#loss-chart circle.eval-point")) == len(evals)
     assert by_css(driver, '#settings tr[data-setting="r"]')[0].text.split() == ["r", "8"]
     assert "recipe" in by_css(driver, "#attempts tbody")[0].text and "ok" in by_css(driver, "#attempts tbody")[0].text
     models = [r.get_attribute("data-model") for r in by_css(driver, "#fidelity tbody tr")]

@@ -93,6 +93,8 @@ def test_the_docs_example_then_events_checkpoints_results(live_service, sdk, hoo
     checkpoints = sdk.fine_tuning.jobs.checkpoints.list(job.id)
     assert [c.step_number for c in checkpoints.data] == [4, 2]
     assert checkpoints.data[0].metrics.train_loss == pytest.approx(metrics[0].data["loss"])
+    valid = [e for e in events if "valid_loss" in e.data]  # the held-out loss at the last step (eval event)
+    assert [e.data["step"] for e in valid] == [4] and checkpoints.data[0].metrics.valid_loss == valid[0].data["valid_loss"]
     assert checkpoints.data[0].fine_tuned_model_checkpoint == f"{done.fine_tuned_model}:ckpt-step-4"
 
     [results] = done.result_files

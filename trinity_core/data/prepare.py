@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from trinity_core.artifacts import atomic_write_bytes, atomic_write_json
-from trinity_core.errors import DatasetError
+from trinity_core.errors import DatasetError, TurnEndNotTrained
 from trinity_core.data.formats import Mapping, Problem, resolve_mapping, to_messages
+from trinity_core.data.label_audit import audit_turn_ends, turn_terminator
 from trinity_core.data.sources import Source, open_source, open_spec_source
 from trinity_core.data.template import tokenize_conversation
 
@@ -246,6 +247,7 @@ def prepare_data(spec: Any, tokenizer: Any, out_dir: Path, *, max_seq_length: in
     if not examples:
         report.add(None, Problem("empty", None, "no valid rows"))
         _fail(report, out_dir)
+    check_turn_ends(examples, tokenizer, report, out_dir, warn=data.turn_end_check == "warn")
     if data.eval_path or data.eval_dataset_id:
         train, held = examples, eval_file_examples(data, tokenizer, out_dir, max_seq_length=max_seq_length,
                                                    truncate=truncate)  # fmt: skip
@@ -272,6 +274,32 @@ def prepare_data(spec: Any, tokenizer: Any, out_dir: Path, *, max_seq_length: in
 
     return PreparedData(to_dataset(train), to_dataset(held), report, digest.hexdigest(), mapping.format,
                         dict(mapping.fields))  # fmt: skip
+
+
+def check_turn_ends(examples: list[Example], tokenizer: Any, report: DataReport, out_dir: Path, *,
+                    warn: bool = False) -> None:
+    """The label audit (:mod:`trinity_core.data.label_audit`): raises :class:`TurnEndNotTrained` naming every
+    row whose trained labels miss the turn terminator, or (``warn``) adds them to the report's warnings.
+    A row cut to ``max_seq_length`` (``truncate``, the OOM ladder's choice, already warned as
+    ``truncated``) that lost its terminator is always a warning: the template and masking are not at fault."""
+    terminator = turn_terminator(tokenizer)
+    found = audit_turn_ends(examples, terminator)
+    by_row = {e.row: e for e in examples}
+    cut = {f["row"] for f in found
+           if len(tokenize_conversation(tokenizer, by_row[f["row"]].messages)[0]) > len(by_row[f["row"]].input_ids)}
+    report.stats["turn_end"] = {"token": terminator.token, "id": terminator.id, "rows_checked": len(examples),
+                                "rows_untrained": len(found), "rows_truncated": len(cut)}
+    for f in found:
+        note = " (the row was truncated)" if f["row"] in cut else ""
+        report.add(f["row"], Problem("turn_end_untrained", None, f["message"] + note), warning=warn or f["row"] in cut)
+    found = [f for f in found if f["row"] not in cut]
+    if found and not warn:
+        atomic_write_json(out_dir / "report.json", report.to_dict())
+        rows = ", ".join(str(f["row"]) for f in found[:20]) + (" ..." if len(found) > 20 else "")
+        raise TurnEndNotTrained(
+            f"{len(found)} of {len(examples)} {report.unit}s would not teach the model to stop: {terminator.token} is "
+            f"missing from the trained labels of {report.unit}s {rows} (set data.turn_end_check: warn to train "
+            "anyway)", details=found[:MAX_STORED_PER_KIND], param="data")
 
 
 def eval_file_examples(data: Any, tokenizer: Any, out_dir: Path, *, max_seq_length: int,

@@ -1,6 +1,6 @@
 """The report's files: ``loss.png`` (training loss and learning rate per step) and ``report.md``
-(the held-out table, caps, export checks, memory, generations), both from :func:`trinity_core.evaluate.run.evaluate`'s
-report dict."""
+(the verdict in words first, then the held-out table, caps, export checks, memory, the scored
+generations), both from :func:`trinity_core.evaluate.run.evaluate`'s report dict."""
 
 from __future__ import annotations
 
@@ -9,10 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from trinity_core.artifacts import atomic_file
+from trinity_core.evaluate.verdict import headline
 
 
-def plot_loss(loss_history: Sequence[dict[str, Any]], out_path: Path) -> Path | None:
-    """``loss.png``: training loss per step (and the learning rate on a second axis)."""
+def plot_loss(loss_history: Sequence[dict[str, Any]], out_path: Path,
+              eval_history: Sequence[dict[str, Any]] = ()) -> Path | None:
+    """``loss.png``: training loss per step, the held-out loss at each evaluation during training
+    (``eval_history``, its lowest point circled) and the learning rate on a
+    second axis."""
     points = [h for h in loss_history if h.get("loss") is not None]
     if not points:
         return None
@@ -23,6 +27,14 @@ def plot_loss(loss_history: Sequence[dict[str, Any]], out_path: Path) -> Path | 
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot([h["step"] for h in points], [h["loss"] for h in points], color="tab:blue", label="train loss")
+    evals = [h for h in eval_history if h.get("eval_loss") is not None]
+    if evals:
+        ax.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], color="tab:green", marker="o",
+                label="eval loss")
+        best = min(evals, key=lambda h: h["eval_loss"])
+        ax.scatter([best["step"]], [best["eval_loss"]], s=120, facecolors="none", edgecolors="tab:red",
+                   label=f"lowest eval loss (step {best['step']})", zorder=3)
+        ax.legend(loc="upper right")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
@@ -31,7 +43,7 @@ def plot_loss(loss_history: Sequence[dict[str, Any]], out_path: Path) -> Path | 
         ax2 = ax.twinx()
         ax2.plot([h["step"] for h in lrs], [h["lr"] for h in lrs], color="tab:orange", alpha=0.6, label="lr")
         ax2.set_ylabel("learning rate")
-    ax.set_title("Training loss")
+    ax.set_title("Training and held-out loss" if evals else "Training loss")
     fig.tight_layout()
     with atomic_file(out_path) as tmp:
         fig.savefig(tmp, format="png")
@@ -40,7 +52,7 @@ def plot_loss(loss_history: Sequence[dict[str, Any]], out_path: Path) -> Path | 
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    lines = ["# Fine-tuning report", ""]
+    lines = ["# Fine-tuning report", "", *headline(report["verdict"])]
     held, caps = report["held_out"], report["caps"]
     lines += [f"Held-out split: {held['rows']} conversations, {held['tokens']} assistant tokens scored "
               f"(caps: {caps['max_rows']} rows of {caps['rows_available']}, {caps['max_tokens']} tokens a row, "
@@ -62,13 +74,32 @@ def render_markdown(report: dict[str, Any]) -> str:
     mem = report["memory"]
     if mem["gpu_peak_gib"] is not None:
         lines += [f"Peak GPU memory while evaluating: {mem['gpu_peak_gib']} GiB (training: {mem['training_peak_gib']}).", ""]
-    if report["generations"]:
-        lines += ["## Generations (greedy)", ""]
-        for i, g in enumerate(report["generations"], 1):
-            lines += [f"### {i}. {g['prompt']}", "", f"- **reference**: {g['reference']}",
-                      f"- **base**: {g['base']}", f"- **fine-tuned**: {g['fine_tuned']}", ""]
+    if report["prompts"]:
+        lines += ["## Generations (greedy), scored against the reference", ""]
+        for i, p in enumerate(report["prompts"], 1):
+            lines += [f"### {i}. {p['prompt']} — fine-tuned vs base: {p['outcome']}", "",
+                      f"- **reference**: {p['reference']}"]
+            for name, m in p["models"].items():
+                lines.append(f"- **{name.replace('_', '-')}**: {m['text']}  \n  chrF {m['chrf']:.1f}, "
+                             f"ROUGE-L {m['rouge_l']:.2f}, exact {m['exact_match']:.0f}, "
+                             f"{'ended its turn' if m['stopped'] else 'did not end its turn'}")
+            lines.append("")
     t = report["training"]
     if t["steps"]:
         lines += ["## Training", "", f"{t['steps']} logged steps, loss {t['first_loss']:.4f} → "
-                  f"{t['last_loss']:.4f} (min {t['min_loss']:.4f}).", "", "![loss](loss.png)", ""]
+                  f"{t['last_loss']:.4f} (min {t['min_loss']:.4f}).", "", *_evaluation_lines(t),
+                  "![loss](loss.png)", ""]
     return "\n".join(lines)
+
+
+def _evaluation_lines(training: dict[str, Any]) -> list[str]:
+    """The held-out loss during training and the step that was exported (trinity_core.train.eval_loop)."""
+    lines = []
+    evals = training.get("eval_history") or []
+    if evals:
+        lines += ["Held-out loss during training: " + ", ".join(f"step {h['step']} {h['eval_loss']:.4f}" for h in evals)
+                  + f" ({evals[0]['rows']} rows each).", ""]
+    choice = training.get("checkpoint") or {}
+    if choice:
+        lines += [f"Exported step {choice['step']} ({choice['checkpoint']}): {choice['why']}.", ""]
+    return lines

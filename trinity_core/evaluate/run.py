@@ -39,9 +39,11 @@ from typing import Any
 
 from trinity_core import gpu
 from trinity_core.artifacts import atomic_write_json, atomic_write_text
+from trinity_core.data.label_audit import turn_terminator
+from trinity_core.data.template import tokenize_conversation
 from trinity_core.evaluate.budget import Capped, Caps, Clock, Stages
 from trinity_core.evaluate.report import plot_loss, render_markdown
-from trinity_core.data.template import tokenize_conversation
+from trinity_core.evaluate.verdict import build_verdict, generate_gguf, headline, score_prompts
 
 Scored = tuple[list[int], list[int]]  # (input_ids, assistant_masks)
 
@@ -202,13 +204,16 @@ def dora_cache(model: Any) -> Iterator[None]:
 
 def generate_side_by_side(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], *, max_new_tokens: int,
                           max_prompt_tokens: int | None = None, deadline: float = float("inf"),
-                          skipped: dict[str, Any] | None = None) -> list[dict[str, str]]:
+                          skipped: dict[str, Any] | None = None, stop_ids: Sequence[int] = ()) -> list[dict[str, Any]]:
     """Greedy replies of the base (adapter disabled) and the fine-tuned model for each row (the first
     always, the others until ``deadline``). A prompt over ``max_prompt_tokens`` is skipped and counted
-    in ``skipped["long_prompts"]``; ``skipped["stopped_on_time"]`` says whether the deadline cut in."""
+    in ``skipped["long_prompts"]``; ``skipped["stopped_on_time"]`` says whether the deadline cut in.
+    Generation ends on any of ``stop_ids`` (default: the tokenizer's eos); ``stopped[name]`` says whether
+    that reply emitted one within ``max_new_tokens``, and ``_prompt`` holds the rendered prompt."""
     import torch
 
     device = next(model.parameters()).device
+    stop = sorted({*stop_ids, tokenizer.eos_token_id} - {None})
     out = []
     skipped = {} if skipped is None else skipped
     skipped.setdefault("long_prompts", 0)
@@ -220,13 +225,16 @@ def generate_side_by_side(model: Any, tokenizer: Any, rows: Sequence[dict[str, A
         if max_prompt_tokens is not None and ids.shape[1] > max_prompt_tokens:
             skipped["long_prompts"] += 1
             continue
-        replies = {}
+        replies, stopped = {}, {}
         for name in ("base", "fine_tuned"):
             with torch.no_grad(), (model.disable_adapter() if name == "base" else nullcontext()):
                 gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                     do_sample=False, pad_token_id=tokenizer.pad_token_id)
-            replies[name] = tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip()
-        out.append({"prompt": prompt[-1]["content"], "reference": reference, **replies})
+                                     do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)
+            new_ids = gen[0, ids.shape[1]:].tolist()
+            replies[name] = tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+            stopped[name] = any(t in stop for t in new_ids)
+        out.append({"prompt": prompt[-1]["content"], "reference": reference, **replies, "stopped": stopped,
+                    "_prompt": text})
     skipped["stopped_on_time"] = todo.stopped_on_time
     return out
 
@@ -301,6 +309,8 @@ def evaluate(
     training_peak_gib: float | None = None,
     stages: Stages | None = None,
     emit: Callable[..., Any] | None = None,
+    eval_history: Sequence[dict[str, Any]] = (),
+    checkpoint: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Score base, fine-tuned and every export on the first ``caps.max_rows`` of ``eval_rows``; check
     the merged weights; write ``workdir/report/``.
@@ -331,8 +341,10 @@ def evaluate(
         # a model loaded now would not compute as transformers does (H200, 2026-11-28: "Half != float")
         skipped["merged"] = "unsloth is imported in this process and patches newly loaded models; see merged_weights"
     prompts = rows[: eval_prompts]
+    gguf_gen = next((q for q in ("q4_k_m", *gguf_files) if q in gguf_files), None) if prompts else None
     tasks = (2 + (merged_dir is not None and "merged" not in skipped) + len(gguf_files)) * bool(examples) \
-        + bool(prompts)
+        + bool(prompts) + bool(gguf_gen)
+    terminator = turn_terminator(tokenizer, required=False)  # None: generation stops on eos alone
     clock = Clock(caps.max_seconds, tasks)
     gen_skipped: dict[str, Any] = {}
     with dora_cache(trained_model):
@@ -342,9 +354,24 @@ def evaluate(
         with stages("generate"):
             generations = generate_side_by_side(trained_model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                                 max_prompt_tokens=caps.max_tokens, deadline=clock.share(),
-                                                skipped=gen_skipped) if prompts else []
+                                                skipped=gen_skipped, stop_ids=[terminator.id] if terminator else [])
+    gguf_replies = []
+    if gguf_gen and generations:
+        with stages(f"generate gguf_{gguf_gen} (CPU)"):
+            gguf_replies = generate_gguf(gguf_files[gguf_gen], [g.pop("_prompt") for g in generations],
+                                         max_new_tokens=max_new_tokens, n_ctx=caps.max_tokens + max_new_tokens + 8,
+                                         deadline=clock.share())
+    for g in generations:
+        g.pop("_prompt", None)
+    gguf_name = f"gguf_{gguf_gen}" if gguf_replies else None
+    scored_prompts = score_prompts(generations, gguf_replies, gguf_name)
+    verdict = build_verdict(scored_prompts, models, max_new_tokens=max_new_tokens, gguf_name=gguf_name,
+                            terminator=terminator.token if terminator else None)
+    emit(headline(verdict)[0].replace("**", ""), **{k: verdict[k] for k in ("outcome", "wins", "ties", "losses")})
     losses = [h["loss"] for h in loss_history if h.get("loss") is not None]
     report = {
+        "verdict": verdict,
+        "prompts": scored_prompts,
         "held_out": {"rows": len(examples), "tokens": models.get("base", {}).get("tokens", 0)},
         "models": models,
         "merged_weights": weights,
@@ -352,14 +379,16 @@ def evaluate(
         "generations": generations,
         "caps": {**caps.to_dict(), "rows_available": len(eval_rows), "rows_capped": len(eval_rows) > caps.max_rows,
                  "rows_cut": cut, "stopped_on_time": [n for n, m in models.items() if m["stopped_on_time"]]
-                 + (["generations"] if gen_skipped.get("stopped_on_time") else []),
+                 + (["generations"] if gen_skipped.get("stopped_on_time") else [])
+                 + ([f"generations_{gguf_name}"] if gguf_name and len(gguf_replies) < len(generations) else []),
                  "long_prompts_skipped": gen_skipped.get("long_prompts", 0)},
         "memory": stages.summary(training_peak_gib),
         "training": {"steps": len(losses), "first_loss": losses[0] if losses else None,
                      "last_loss": losses[-1] if losses else None, "min_loss": min(losses) if losses else None},
         "seconds": round(time.monotonic() - t0, 2),
     }
-    plot_loss(loss_history, out / "loss.png")
+    report["training"].update(eval_history=list(eval_history), checkpoint=checkpoint or {})  # eval_loop's
+    plot_loss(loss_history, out / "loss.png", eval_history=eval_history)
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", render_markdown(report))
     return report
@@ -368,7 +397,8 @@ def evaluate(
 def evaluate_job(spec: Any, workdir: str | Path, *, export: dict[str, Any], tokenizer: Any,
                  loss_history: Sequence[dict[str, Any]], emit: Callable[..., Any] | None = None,
                  compute_dtype: Any = None, training_peak_gib: float | None = None,
-                 model: Any = None) -> dict[str, Any]:
+                 model: Any = None, eval_history: Sequence[dict[str, Any]] = (),
+                 checkpoint: dict[str, Any] | None = None) -> dict[str, Any]:
     """:func:`evaluate` as the pipeline's stage: everything from the spec, the workdir and
     ``export`` (what :func:`trinity_core.export.run.export_all` returned); ``training_peak_gib`` (the
     training's peak GPU memory) goes in the report beside evaluation's own. ``model``: the trained
@@ -406,4 +436,5 @@ def evaluate_job(spec: Any, workdir: str | Path, *, export: dict[str, Any], toke
         gguf_files={q: workdir / p for q, p in (export.get("gguf") or {}).items()},
         eval_prompts=ex.eval_prompts, max_new_tokens=ex.max_new_tokens, emit=emit, stages=stages,
         caps=Caps(ex.eval_max_rows, ex.eval_max_tokens, ex.eval_max_seconds), training_peak_gib=training_peak_gib,
+        eval_history=eval_history, checkpoint=checkpoint,
     )

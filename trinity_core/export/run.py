@@ -21,18 +21,20 @@ from trinity_core.export.merge import Quant, merge_adapter
 from trinity_core.spec import JobSpec
 
 
-def quant_of(spec: JobSpec, compute_dtype: str | None = None) -> Quant | None:
+def quant_of(spec: JobSpec, compute_dtype: str | None = None, dequant_dtype: str | None = None) -> Quant | None:
     """How bitsandbytes quantised the base during training (None: it was not quantised).
 
     bitsandbytes quantises weights in the dtype the model is loaded in, which the backends set to
-    the compute dtype (float32 on CPU, bfloat16 on most GPUs)."""
+    the compute dtype (float32 on CPU, bfloat16 on most GPUs). ``dequant_dtype``: the dtype the
+    trained model dequantised in, when it differs (``nf4.dequant_dtype_of(model)``)."""
     if not spec.model.load_in_4bit:
         return None
     if compute_dtype is None:
         from trinity_core.train.backends.common import compute_dtype as resolve
 
         compute_dtype = str(resolve(spec)).removeprefix("torch.")
-    return Quant(quant_type=spec.model.quant_type, double_quant=spec.model.double_quant, dtype=compute_dtype)
+    return Quant(quant_type=spec.model.quant_type, double_quant=spec.model.double_quant, dtype=compute_dtype,
+                 dequant_dtype=dequant_dtype if dequant_dtype != compute_dtype else None)
 
 
 def export_all(
@@ -42,11 +44,13 @@ def export_all(
     emit: Callable[..., Any],
     base_model: str | None = None,
     compute_dtype: str | None = None,
+    dequant_dtype: str | None = None,
 ) -> dict[str, Any]:
     """Merge ``workdir/adapter`` into the base, convert and quantise to GGUF, write the Modelfile.
 
     ``base_model``: the checkpoint training loaded (default ``spec.model.name_or_path``);
-    ``compute_dtype``: the dtype training loaded it in (default: the backends' choice).
+    ``compute_dtype``: the dtype training loaded it in (default: the backends' choice);
+    ``dequant_dtype``: the dtype the trained model's 4-bit layers dequantise in, when known.
     Returns ``{"merge": {...}, "gguf": {type: relative path}, "mmproj": relative path or None,
     "modelfile": path, "timings": {...}}``.
     Raises ``ExportError`` / ``ArtifactError``; nothing half-written is left under a final name.
@@ -62,7 +66,7 @@ def export_all(
     result["merge"] = merge_adapter(
         workdir / "adapter", workdir / "merged",
         base_model=base_model or spec.model.name_or_path, revision=spec.model.revision,
-        merge_into=ex.merge_into, original_model=ex.original_model, quant=quant_of(spec, compute_dtype), emit=emit,
+        merge_into=ex.merge_into, original_model=ex.original_model, quant=quant_of(spec, compute_dtype, dequant_dtype), emit=emit,
     )
     result["timings"]["merge_s"] = round(time.monotonic() - t0, 2)
 

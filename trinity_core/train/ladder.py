@@ -87,9 +87,11 @@ class Progress:
 
 
 def walk(spec: JobSpec, backend: Any, train_dataset: Any, workdir: Path, emit: Emitter, options: RunOptions, *,
-         tokenizer: Any = None, should_stop=None, on_step=None) -> tuple[Rung, Any, list[Attempt], Any]:
+         tokenizer: Any = None, should_stop=None, on_step=None,
+         eval_dataset: Any = None) -> tuple[Rung, Any, list[Attempt], Any]:
     """Try each rung until one trains: ``(rung, TrainOutcome, attempts, model)``; ``tokenizer``: the
-    data stage's, handed to the backend so it is not loaded again. Raises
+    data stage's, handed to the backend so it is not loaded again; every rung evaluates on
+    ``eval_dataset`` during training (``train/eval_loop.py``, rows cut to its own length). Raises
     ``OOMLadderExhausted`` when every rung ran out of memory, ``GpuMemoryNotReleased`` when a failed
     attempt kept its memory (the job continues at the next rung in a fresh process)."""
     from trinity_core.data.prepare import fit_to_length
@@ -121,7 +123,7 @@ def walk(spec: JobSpec, backend: Any, train_dataset: Any, workdir: Path, emit: E
             rows = fit_to_length(train_dataset, rung.settings.max_seq_length)
             outcome = train(model, trained_with, rows, ran, workdir, emit, should_stop=should_stop,
                             inject_oom=options.test_seams and len(progress.attempts) <= options.inject_oom,
-                            on_step=on_step)
+                            on_step=on_step, eval_dataset=eval_dataset)
         except Exception as error:
             attempt.seconds = round(time.monotonic() - t0, 2)
             if not is_oom(error):

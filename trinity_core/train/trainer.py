@@ -5,7 +5,11 @@
   the injected-OOM test seam (``RunOptions.inject_oom``, passed down by the ladder).
 - ``CheckpointCallback`` makes checkpoints atomic: the Trainer writes ``checkpoints/.staging/
   checkpoint-N``; once complete it is renamed to ``checkpoints/step-N``. Only ``step-*`` dirs
-  count, so a kill mid-save never leaves a checkpoint that looks complete.
+  count, so a kill mid-save never leaves a checkpoint that looks complete. It writes the evaluation
+  state (:mod:`trinity_core.train.eval_loop`) into each checkpoint before the rename, and its pruning of old
+  checkpoints spares the best one when that is the one to export.
+- ``EvalCallback`` (``eval_loop``): the held-out loss every ``train.eval_steps``, early stopping; at the
+  end the best step's adapter is loaded back when ``export.checkpoint`` is ``best``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
 from trinity_core import gpu
+from trinity_core.train import eval_loop
 from trinity_core.events import Emitter
 from trinity_core.spec import JobSpec
 
@@ -39,6 +44,7 @@ class TrainOutcome:
     seconds: float = 0.0
     peak_mem_gib: float = 0.0
     tokens_per_s: float | None = None
+    evaluation: dict[str, Any] = field(default_factory=dict)  # eval_loop.summary: eval_history, best_step...
 
 
 def checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
@@ -63,21 +69,28 @@ def peak_memory_gib() -> float:
 
 
 class CheckpointCallback(TrainerCallback):
-    def __init__(self, ckpt_root: Path, keep: int):
+    def __init__(self, ckpt_root: Path, keep: int, evaluation: eval_loop.EvalState | None = None,
+                 keep_best: bool = False):
         self.root = ckpt_root
         self.staging = ckpt_root / ".staging"
         self.keep = keep
+        self.evaluation = evaluation
+        self.keep_best = keep_best
 
     def on_save(self, args, state, control, **kwargs):
         src = self.staging / f"checkpoint-{state.global_step}"
         if not src.is_dir():
             return
+        if self.evaluation is not None:
+            self.evaluation.write(src, state.global_step)
         dst = self.root / f"step-{state.global_step}"
         if dst.exists():
             shutil.rmtree(dst)
         os.replace(src, dst)
-        for _, old in checkpoints(self.root)[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        best = self.evaluation.best_step if self.evaluation is not None and self.keep_best else None
+        for step, old in checkpoints(self.root)[: -self.keep]:
+            if step != best:
+                shutil.rmtree(old, ignore_errors=True)
 
 
 class ProgressCallback(TrainerCallback):
@@ -197,8 +210,11 @@ def train(
     should_stop: Callable[[], bool] | None = None,
     inject_oom: bool = False,
     on_step: Callable[[int], None] | None = None,
+    eval_dataset: Any = None,
 ) -> TrainOutcome:
-    """Train (or resume from the newest complete checkpoint) and save ``workdir/adapter``."""
+    """Train (or resume from the newest complete checkpoint) and save ``workdir/adapter``: the last
+    step's, or the best evaluated step's (``export.checkpoint``). ``eval_dataset``: the tokenised
+    held-out rows scored every ``train.eval_steps`` (none: no evaluation during training)."""
     from trl import SFTTrainer
 
     ckpt_root = workdir / "checkpoints"
@@ -207,21 +223,33 @@ def train(
     staging.mkdir(parents=True, exist_ok=True)
     resume = latest_checkpoint(ckpt_root)
     progress = ProgressCallback(emit, spec.train.max_steps, should_stop, inject_oom, on_step)
+    t = spec.train
+    examples = [] if not t.eval_steps else eval_loop.eval_examples(
+        eval_dataset, max_rows=t.eval_max_rows, max_tokens=min(t.eval_max_tokens, spec.model.max_seq_length))
+    evaluation = ((resume and eval_loop.EvalState.load(resume)) or eval_loop.EvalState()) if examples else None
+    callbacks = [progress, CheckpointCallback(ckpt_root, t.save_total_limit, evaluation,
+                                              keep_best=spec.export.checkpoint == "best")]
+    if evaluation is not None:
+        callbacks.append(eval_loop.EvalCallback(examples, evaluation, emit, every=t.eval_steps, total_steps=t.max_steps,
+                                                patience=t.early_stopping_patience, max_seconds=t.eval_max_seconds))
+    elif t.eval_steps:
+        emit.warning("no held-out rows to evaluate during training (data.eval_fraction / data.eval_path)")
     trainer = SFTTrainer(
         model=model,
         args=sft_config(spec, staging),
         train_dataset=train_dataset,
         processing_class=tokenizer,
-        callbacks=[progress, CheckpointCallback(ckpt_root, spec.train.save_total_limit)],
+        callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # our events replace its raw log dicts on stdout
     resumed_from = int(STEP_DIR.match(resume.name).group(1)) if resume else None
     if resume:
         emit(f"resuming from checkpoint step {resumed_from}", resumed_from=resumed_from)
     started = time.monotonic()
-    if resume and resumed_from >= spec.train.max_steps:
+    if resume and (resumed_from >= spec.train.max_steps or (evaluation and evaluation.early_stopped)):
         # Killed after the last checkpoint (during export, say): training is over, and the Trainer
-        # resumed at max_steps would run one step more. Take that checkpoint's adapter and history.
+        # resumed at max_steps would run one step more (or, after early stopping, train on).
+        # Take that checkpoint's adapter and history.
         from transformers.trainer_callback import TrainerState
 
         trainer._load_from_checkpoint(str(resume))
@@ -230,6 +258,12 @@ def train(
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.monotonic() - started
 
+    choice = None
+    if not progress.stopped:  # a cancelled run is resumed later, from its newest checkpoint
+        choice = eval_loop.choose_checkpoint(spec, evaluation, trainer.state.global_step, ckpt_root)
+        if choice["step"] != trainer.state.global_step:
+            trainer._load_from_checkpoint(str(ckpt_root / f"step-{choice['step']}"))
+        emit(f"exporting step {choice['step']} ({choice['checkpoint']}): {choice['why']}", **choice)
     save_adapter(trainer, workdir / "adapter")
     history = [
         {"step": h["step"], "loss": h["loss"], "lr": h.get("learning_rate"), "grad_norm": h.get("grad_norm")}
@@ -244,6 +278,7 @@ def train(
         seconds=seconds,
         peak_mem_gib=peak_memory_gib(),
         tokens_per_s=progress.tokens_per_s,
+        evaluation=eval_loop.summary(evaluation, choice),
     )
 
 
