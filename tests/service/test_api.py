@@ -171,7 +171,8 @@ def test_create_job_commits_then_enqueues(client, auth, dataset_id, enqueued, se
     assert job["queue_position"] >= 1 and job["created_at"] <= job["queued_at"]
     # the stored spec is the validated one, every default fixed at submit time (no unset optionals)
     assert job["spec"]["data"] == {"dataset_id": dataset_id, "split": "train", "format": "auto", "columns": {},
-                                   "eval_fraction": 0.05, "eval_min_rows": 1, "drop_invalid_rows": False}
+                                   "eval_fraction": 0.05, "eval_min_rows": 1, "drop_invalid_rows": False,
+                                   "turn_end_check": "error"}
     assert job["spec"]["train"]["learning_rate"] == 2e-4 and job["spec"]["lora"]["use_dora"] is True
     assert enqueued[-1] == job["id"]
     events = client.get(f"/jobs/{job['id']}/events", headers=auth[1]).json()["data"]

@@ -8,7 +8,7 @@ compared with the tensor the trained model in memory (the 4-bit base + adapter, 
 :func:`trinity_core.evaluate.run.load_trained_model` loads it) computes with:
 
 * a LoRA/DoRA module: ``W = dequant(W_nf4)`` of its loaded ``Linear4bit`` (or its 16-bit weight),
-  ``Δ = module.get_delta_weight()`` (PEFT's own ``s·B@A``, rsLoRA's ``s`` included), ``W + Δ``, and
+  ``Δ = s·B@A`` from the module's own A, B and ``scaling`` (rsLoRA's ``s`` included), in fp32, ``W + Δ``, and
   for DoRA ``m / ||W + Δ||_row · (W + Δ)``;
 * any other 4-bit module: ``dequant(W_nf4)``; everything else (embedding, norms, vision tower,
   projector) the loaded tensor.
@@ -49,11 +49,22 @@ def _adapted(module: Any, adapter: str) -> bool:
     return adapter in (getattr(module, "lora_A", None) or {})
 
 
+def delta_weight(module: Any, adapter: str) -> Any:
+    """PEFT's ``s·B@A`` of a LoRA layer (its ``scaling``, rsLoRA's included, and ``fan_in_fan_out``),
+    computed in fp32. Not ``get_delta_weight``: that rounds the product to the adapter's dtype, and TRL
+    keeps a QLoRA adapter's A and B in bf16 (``SFTTrainer`` casts them), so it would be a bf16 rounding
+    away from the fp32 merge even when the merge is exact."""
+    from peft.utils import transpose
+
+    a, b = module.lora_A[adapter].weight.float(), module.lora_B[adapter].weight.float()
+    return transpose(b @ a, module.fan_in_fan_out) * module.scaling[adapter]
+
+
 def expected_weight(module: Any, adapter: str) -> Any:
     """The effective weight (fp32) of a LoRA/DoRA layer of a ``PeftModel`` with ``adapter`` active."""
     import torch
 
-    w = _dense(module.get_base_layer().weight).float() + module.get_delta_weight(adapter).float()
+    w = _dense(module.get_base_layer().weight).float() + delta_weight(module, adapter)
     magnitude = getattr(module, "lora_magnitude_vector", None) or {}
     if adapter in magnitude:
         w = (magnitude[adapter].weight.float() / torch.linalg.norm(w, dim=1)).view(-1, 1) * w

@@ -1,0 +1,14 @@
+"""The session's recipe run (tests/conftest.py ``trained_run``): its report's merged-weights check.
+
+TRL keeps a QLoRA adapter's A and B in bf16; the check once took PEFT's ``get_delta_weight``, which
+rounds s·B@A to bf16, and so warned "42 mismatched" on every tiny run although the fp32 merge was
+exact (bench/results/2026-11-28-cpu-tiny_pipeline-rerun.txt)."""
+
+from __future__ import annotations
+
+
+def test_the_merged_checkpoint_equals_the_trained_model(trained_run):
+    result, _, events = trained_run
+    weights = result.report["merged_weights"]
+    assert weights["ok"] and weights["adapted"] == 42 and weights["max_abs_diff"] <= 1e-6, weights
+    assert not [e for e in events if e.level == "warning" and "merged weights" in e.message]
