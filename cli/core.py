@@ -120,6 +120,10 @@ def cmd_train(args) -> int:
         print(f"stopped early at step {result.early_stopping['step']}: {result.early_stopping['why']}")
     if result.checkpoint:
         print(f"exported: step {result.checkpoint['step']} ({result.checkpoint['checkpoint']}): {result.checkpoint['why']}")
+    if result.report.get("verdict"):
+        from trinity_core.evaluate.verdict import headline
+
+        print("verdict: " + headline(result.report["verdict"])[0].replace("**", ""))
     if result.tracking.get("mlflow_run_id"):
         print(f"mlflow run: {result.tracking['mlflow_run_id']} (experiment {result.tracking['mlflow_experiment_id']})")
     print(f"workdir: {args.workdir}")
