@@ -1,4 +1,4 @@
-"""Typed dependencies: ``SessionDep``, ``TenantDep`` (the caller's tenant, from its API key),
+"""Typed dependencies: ``SessionDep``, ``TenantDep`` (the caller's tenant, from its API key; cached),
 ``SettingsDep``, and ``JobDep`` (a job of the caller's tenant, else 404)."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from fastapi import Depends, Path
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session
 
+from api import auth
 from trinity_service import crud
 from trinity_service.db import get_session
 from api.errors import ApiError, not_found
@@ -22,11 +23,12 @@ _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API k
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
-def get_tenant(session: SessionDep,
-               credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
+async def get_tenant(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
+    """Async, and cached for ``auth_cache_s`` (``api/auth.py``): a poll costs no thread hop and no
+    key lookup. (``SettingsDep`` would be one: FastAPI runs a sync dependency in the threadpool.)"""
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
         raise ApiError(401, "missing_api_key", "send 'Authorization: Bearer <key>'", headers=_CHALLENGE)
-    tenant = crud.authenticate(session=session, key=credentials.credentials)
+    tenant = await auth.tenant_for(credentials.credentials, get_settings().auth_cache_s)
     if tenant is None:
         raise ApiError(401, "invalid_api_key", "the API key is unknown or revoked", headers=_CHALLENGE)
     return tenant

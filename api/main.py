@@ -1,5 +1,5 @@
 """Assembles the app: routers, error handlers, and a lifespan that creates tables and runs the
-webhook sender thread (``api/webhook_sender.py``; the reaper runs in the worker). Run with ``uvicorn api.main:app`` or ``trinity serve``."""
+SSE event hub (``api/event_hub.py``) and the webhook sender thread (``api/webhook_sender.py``; the reaper runs in the worker). Run with ``uvicorn api.main:app`` or ``trinity serve``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
-from api import errors
+from api import auth, errors
+from api.event_hub import EventHub
 from trinity_service.db import init_db
 from api.deps import get_tenant
 from api.routes import (artifacts, dashboard, datasets, estimate, events, health, jobs, openai_files, openai_jobs,
@@ -18,16 +19,20 @@ from trinity_service.settings import get_settings
 
 
 @asynccontextmanager
-async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = get_settings()
     logging.getLogger("trinity").setLevel(logging.INFO)
     init_db()
+    auth.forget()  # a cache from another app of this process (tests) must not outlive it
+    app.state.event_hub = EventHub(settings)  # SSE fan-out: one Redis subscriber for every follower
+    await app.state.event_hub.start()
     stops = []  # the reaper runs in the worker (worker/app.py), not here
     if settings.webhooks_enabled:
         from api import webhook_sender
 
         stops.append(webhook_sender.start_thread(settings))
     yield
+    await app.state.event_hub.stop()
     for stop in stops:
         stop.set()
 

@@ -74,7 +74,8 @@ class FineTuningJobCreate(BaseModel):
                                                                "(trinity_spec may be longer).")
     integrations: list[dict[str, Any]] | None = Field(None, description="Not supported (must be empty).")
     trinity_spec: dict[str, Any] | None = Field(None, description="A Trinity job spec (extra_body).")
-    queue: str | None = Field(None, description="Trinity GPU queue (extra_body); default the first.")
+    queue: str | None = Field(None, description="Trinity GPU queue (extra_body); default: the smallest "
+                                 "GPU class the job's memory estimate fits (TRINITY_QUEUE_GPU_GIB), else the first.")
 
     @field_validator("metadata")
     @classmethod

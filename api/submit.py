@@ -15,6 +15,7 @@ from sqlmodel import Session
 from trinity_service import crud
 from trinity_service import queue as job_queue  # `queue` is the parameter naming a job's queue here
 from trinity_service.admission import admit
+from api import routing
 from api.errors import ApiError
 from trinity_service.models import Job
 from api.policy import spec_problems
@@ -24,9 +25,10 @@ from trinity_core.errors import SpecError
 from trinity_core.spec import JobSpec, parse_spec
 
 
-def problems(*, session: Session, tenant: str, body: dict[str, Any], queue: str,
+def problems(*, session: Session, tenant: str, body: dict[str, Any], queue: str | None,
              settings: Settings) -> list[dict[str, str]]:
-    """Every problem with a raw spec body and its queue, as ``[{"loc", "msg"[, "code", "did_you_mean"]}]``."""
+    """Every problem with a raw spec body and its queue (None: routed by the estimate later,
+    ``api/routing.py``), as ``[{"loc", "msg"[, "code", "did_you_mean"]}]``."""
     found: list[dict[str, str]] = []
     try:
         parse_spec(body)
@@ -45,7 +47,7 @@ def problems(*, session: Session, tenant: str, body: dict[str, Any], queue: str,
             found.append({"loc": f"data.{loc}", "msg": f"dataset {dataset_id} is invalid "
                           f"({dataset.report.get('summary', 'see GET /datasets/' + dataset_id)}); fix the file "
                           "and upload it again, or set data.drop_invalid_rows"})
-    if queue not in settings.gpu_queues:
+    if queue is not None and queue not in settings.gpu_queues:
         found.append({"loc": "queue", "msg": f"unknown queue; use one of {', '.join(settings.gpu_queues)}"})
     return found
 
@@ -57,7 +59,7 @@ def refuse(found: list[dict[str, str]]) -> ApiError:
     return ApiError(422, code, message, param=found[0]["loc"], details=found)
 
 
-def check(*, session: Session, tenant: str, body: dict[str, Any], queue: str, settings: Settings) -> None:
+def check(*, session: Session, tenant: str, body: dict[str, Any], queue: str | None, settings: Settings) -> None:
     """Raise one ``ApiError`` (422) listing every problem, or return."""
     if found := problems(session=session, tenant=tenant, body=body, queue=queue, settings=settings):
         raise refuse(found)
@@ -68,14 +70,16 @@ def normalised(spec: JobSpec) -> dict[str, Any]:
     return spec.model_dump(mode="json", exclude_none=True)
 
 
-def submit(*, session: Session, tenant: str, spec: JobSpec, queue: str, idempotency_key: str | None,
-           request: Any = None, openai: dict[str, Any] | None = None) -> tuple[Job, bool]:
-    """Store, admit and enqueue a checked job; ``(job, created)``. ``request`` (default: the
-    normalised spec) is what an Idempotency-Key must see again to replay the first job; ``openai``
-    is stored with it (``JobOpenAI``) by ``/v1/fine_tuning/jobs``."""
+def submit(*, session: Session, tenant: str, spec: JobSpec, queue: str | None, idempotency_key: str | None,
+           settings: Settings, request: Any = None, openai: dict[str, Any] | None = None) -> tuple[Job, bool]:
+    """Route, store, admit and enqueue a checked job; ``(job, created)``. ``queue``: the client's
+    (None: the smallest GPU class its estimate fits, ``api/routing.py``, which may refuse it with a
+    422). ``request`` (default: the normalised spec) is what an Idempotency-Key must see again to
+    replay the first job; ``openai`` is stored with it (``JobOpenAI``) by ``/v1/fine_tuning/jobs``."""
     stored = normalised(spec)
+    queue, why = routing.route(spec, queue, settings)
     try:
-        job, created = crud.create_job(session=session, tenant=tenant, spec=stored, queue=queue,
+        job, created = crud.create_job(session=session, tenant=tenant, spec=stored, queue=queue, routing=why,
                                        dataset_id=spec.data.dataset_id, idempotency_key=idempotency_key, openai=openai,
                                        body_hash=crud.request_hash(stored if request is None else request, queue))
     except crud.IdempotencyConflict as conflict:

@@ -50,7 +50,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     submit = sub.add_parser("submit", help="upload a dataset, create a job, print its id", epilog=epilog)
     submit.add_argument("spec", type=Path, help="job spec (YAML or JSON; checked before anything is uploaded)")
     submit.add_argument("--data", type=Path, help="training file to upload (default: the spec's data.path)")
-    submit.add_argument("--queue", help="GPU queue (default: the service's first)")
+    submit.add_argument("--queue", help="GPU queue (default: the smallest GPU class the job's memory estimate "
+                        "fits, when the service knows their sizes; else its first queue)")
     submit.add_argument("--wait", action="store_true", help="follow the job until it ends; exit code = its outcome")
     submit.set_defaults(func=cmd_submit)
 

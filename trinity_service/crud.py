@@ -13,11 +13,11 @@ import hashlib
 import json
 from typing import Any
 
-from sqlalchemy import and_, func, or_, update
+from sqlalchemy import Connection, and_, bindparam, func, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from trinity_service import webhooks
+from trinity_service import notify, webhooks
 from trinity_service.models import ApiKey, Dataset, Job, JobEvent, JobOpenAI, now
 from trinity_service.security import generate_key, hash_key, same_hash
 from trinity_service.states import ACTIVE, IllegalTransition, JobStatus, can_transition, is_terminal
@@ -59,10 +59,14 @@ def list_api_keys(*, session: Session, tenant: str | None = None) -> list[ApiKey
 
 
 def revoke_api_key(*, session: Session, key_id: int) -> bool:
+    """Revoke, then tell the API processes to drop the key from their caches (``api/auth.py``)."""
     res = session.execute(update(ApiKey).where(col(ApiKey.id) == key_id, col(ApiKey.revoked_at).is_(None))
-                          .values(revoked_at=now()))
+                          .values(revoked_at=now()).returning(ApiKey.key_hash))
+    key_hash = res.scalar_one_or_none()
     session.commit()
-    return res.rowcount == 1
+    if key_hash is not None:
+        notify.key_revoked(key_hash)
+    return key_hash is not None
 
 
 # ── Datasets ─────────────────────────────────────────────────────────────────────────────────
@@ -120,15 +124,17 @@ def request_hash(body: Any, *extra: Any) -> str:
 def create_job(
     *, session: Session, tenant: str, spec: dict[str, Any], queue: str, dataset_id: str | None,
     idempotency_key: str | None = None, body_hash: str | None = None, openai: dict[str, Any] | None = None,
+    routing: dict[str, Any] | None = None,
 ) -> tuple[Job, bool]:
-    """Insert a job in ``validating_files`` (with ``openai``: its ``JobOpenAI`` row, same transaction).
+    """Insert a job in ``validating_files`` (with ``openai``: its ``JobOpenAI`` row, same transaction);
+    ``routing``: why it goes to ``queue`` (``api/routing.py``).
     With an idempotency key, a repeat returns the first job (``created`` False); the same key with
     another body raises ``IdempotencyConflict``."""
     if idempotency_key:
         existing = _by_idempotency_key(session, tenant, idempotency_key)
         if existing is not None:
             return _replay(existing, body_hash), False
-    job = Job(tenant=tenant, spec=spec, queue=queue, dataset_id=dataset_id,
+    job = Job(tenant=tenant, spec=spec, queue=queue, dataset_id=dataset_id, routing=routing,
               idempotency_key=idempotency_key, request_hash=body_hash)
     session.add(job)
     try:
@@ -169,6 +175,33 @@ def get_job(*, session: Session, tenant: str | None, job_id: str) -> Job | None:
     """The job, or None when it does not exist or belongs to another tenant (tenant None: any)."""
     job = session.get(Job, job_id, populate_existing=True)
     return job if job is not None and (tenant is None or job.tenant == tenant) else None
+
+
+def _job_row_statement():  # noqa: ANN202
+    """Built once, in Core with bound parameters: SQLAlchemy then skips the ORM and reuses the
+    compiled SQL (per call, building and hashing the statement cost more than running it)."""
+    job, ahead = Job.__table__, Job.__table__.alias("ahead")
+    position = select(func.count()).select_from(ahead).where(
+        ahead.c.queue == job.c.queue, ahead.c.status == S.queued.value,
+        or_(ahead.c.queued_at < job.c.queued_at, and_(ahead.c.queued_at == job.c.queued_at, ahead.c.id < job.c.id)),
+    ).correlate(job).scalar_subquery()
+    return select(*job.columns, position.label("ahead")).where(
+        job.c.id == bindparam("job_id"), job.c.tenant == bindparam("tenant"))
+
+
+_JOB_ROW = _job_row_statement()
+
+
+def job_row(*, connection: Connection, tenant: str, job_id: str) -> tuple[dict[str, Any], int | None] | None:
+    """The job's columns by name and its ``queue_position``, in one statement and without an ORM
+    object or a session (GET /jobs/{id} is polled); None when missing or another tenant's."""
+    row = connection.execute(_JOB_ROW, {"job_id": job_id, "tenant": tenant}).first()
+    if row is None:
+        return None
+    fields = dict(row._mapping)
+    ahead = fields.pop("ahead")
+    position = ahead + 1 if fields["status"] == S.queued and fields["queued_at"] is not None else None
+    return fields, position
 
 
 def list_jobs(
@@ -230,6 +263,7 @@ def transition(
             webhooks.enqueue(session, job_id=job_id, tenant=tenant, status=to.value, previous=current.value,
                              data={"error": error} if isinstance(error, dict) else None)
             session.commit()  # the status, its event and its webhook deliveries (the outbox) together
+            notify.event_committed(job_id, None)
             return get_job(session=session, tenant=None, job_id=job_id)
         session.rollback()
         if run_token is not None or where:
@@ -343,6 +377,7 @@ def record_event(
         return None
     seq = _append_event(session, job_id, type=type, message=message, level=level, data=data, time=time)
     session.commit()
+    notify.event_committed(job_id, seq)  # after the commit: a follower woken by it can read the row
     return seq
 
 
@@ -351,6 +386,7 @@ def add_event(*, session: Session, job_id: str, type: str, message: str, level: 
     """Append a service event (reaper, API) to any job."""
     seq = _append_event(session, job_id, type=type, message=message, level=level, data=data)
     session.commit()
+    notify.event_committed(job_id, seq)
     return seq
 
 

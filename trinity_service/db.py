@@ -12,8 +12,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, event
+from sqlalchemy import Connection, Engine, event, inspect, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session, SQLModel, create_engine
 
 from trinity_service import models, webhook_models  # noqa: F401  (registers the tables)
@@ -60,8 +61,38 @@ def get_engine(url: str | None = None) -> Engine:
 
 
 def init_db(engine: Engine | None = None) -> None:
-    """Create missing tables (the schema is small and additive; no migration tool yet)."""
-    SQLModel.metadata.create_all(engine or get_engine())
+    """Create missing tables, and add missing nullable columns to existing ones (the schema is
+    small and additive; no migration tool yet)."""
+    engine = engine or get_engine()
+    SQLModel.metadata.create_all(engine)
+    add_missing_columns(engine)
+
+
+def add_missing_columns(engine: Engine) -> list[str]:
+    """``ALTER TABLE ... ADD COLUMN`` for each nullable column a table of an older release lacks
+    (``job.routing``...), so an upgraded service starts on its old database. A new NOT NULL
+    column would need a default for the old rows: that is a migration, and refused here."""
+    added = []
+    existing = inspect(engine)
+    for table in SQLModel.metadata.sorted_tables:
+        if not existing.has_table(table.name):
+            continue
+        have = {c["name"] for c in existing.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in have:
+                continue
+            if not column.nullable:
+                raise RuntimeError(f"table {table.name} lacks the NOT NULL column {column.name}: migrate it by hand")
+            kind = column.type.compile(dialect=engine.dialect)
+            try:
+                with engine.begin() as conn:
+                    conn.execute(text(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}'))
+            except DBAPIError:  # the API and each worker start together: another process added it first
+                if column.name not in {c["name"] for c in inspect(engine).get_columns(table.name)}:
+                    raise
+                continue
+            added.append(f"{table.name}.{column.name}")
+    return added
 
 
 def get_session() -> Iterator[Session]:
@@ -74,3 +105,19 @@ def session_scope() -> Iterator[Session]:
     """A session for code outside a request (worker, reaper, CLI)."""
     with Session(get_engine()) as session:
         yield session
+
+
+_readers: dict[tuple[int, str], Connection] = {}
+
+
+def loop_reader() -> Connection | None:
+    """On SQLite, one autocommit connection per process for short reads made on the event loop's
+    thread (the hot GET /jobs/{id}): no session, no pool checkout, and no transaction held between
+    reads, so each SELECT sees the latest commit. None on other databases: read them in a thread."""
+    engine = get_engine()
+    if engine.dialect.name != "sqlite":
+        return None
+    key = (os.getpid(), str(engine.url))
+    if key not in _readers:
+        _readers[key] = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    return _readers[key]

@@ -128,6 +128,8 @@ class Job(SQLModel, table=True):
         SAEnum(JobStatus, native_enum=False, length=20, values_callable=lambda e: [m.value for m in e]),
         index=True, nullable=False))
     queue: str = Field(max_length=100)
+    routing: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON),
+                                           description="Why the job went to its queue (api/routing.py)")
     spec: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
     dataset_id: str | None = Field(default=None, max_length=40)
     idempotency_key: str | None = Field(default=None, max_length=255)
@@ -167,6 +169,9 @@ class JobPublic(SQLModel):
     status: JobStatus
     queue: str
     queue_position: int | None = Field(None, description="1 = next to start (queued jobs only)")
+    routing: dict[str, Any] | None = Field(None, description="Why the job went to its queue: rule (recipe_fits, "
+                                           "cheapest_rung_fits, explicit, default), reason, and the memory "
+                                           "estimate per queue it compared")
     spec: dict[str, Any] = Field(description="The validated spec, every default filled in when it was submitted")
     dataset_id: str | None
     stage: str | None
@@ -191,19 +196,25 @@ class JobPublic(SQLModel):
 
     @classmethod
     def of(cls, job: Job, *, queue_position: int | None = None) -> JobPublic:
-        return cls.model_validate(job.model_dump() | {"queue_position": queue_position, "result": _summary(job)})
+        return cls.of_row(job.model_dump(), queue_position=queue_position)
+
+    @classmethod
+    def of_row(cls, row: dict[str, Any], *, queue_position: int | None = None) -> JobPublic:
+        """From the job table's columns by name (``crud.job_row``: the hot poll builds no ORM object)."""
+        return cls.model_validate(row | {"queue_position": queue_position,
+                                         "result": _summary(row["result"], row["dataset_id"], row["spec"])})
 
 
-def _summary(job: Job) -> dict[str, Any] | None:
+def _summary(result: dict[str, Any] | None, dataset_id: str | None, spec: dict[str, Any]) -> dict[str, Any] | None:
     """The run's result without the loss history (it is in the metrics events) or server paths."""
-    if not job.result:
+    if not result:
         return None
-    result = {k: v for k, v in job.result.items() if k not in ("loss_history", "workdir")}
+    result = {k: v for k, v in result.items() if k not in ("loss_history", "workdir")}
     data = (result.get("resolved_spec") or {}).get("data")
-    if isinstance(data, dict) and job.dataset_id:
-        data = {**data, "path": None, "dataset_id": job.dataset_id}
+    if isinstance(data, dict) and dataset_id:
+        data = {**data, "path": None, "dataset_id": dataset_id}
         if data.get("eval_path"):
-            data = {**data, "eval_path": None, "eval_dataset_id": (job.spec.get("data") or {}).get("eval_dataset_id")}
+            data = {**data, "eval_path": None, "eval_dataset_id": (spec.get("data") or {}).get("eval_dataset_id")}
         result["resolved_spec"] = {**result["resolved_spec"], "data": data}
     return result
 

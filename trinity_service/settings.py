@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from trinity_core.options import RunOptions
@@ -26,6 +26,27 @@ def _split(value: object) -> object:
     if isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
     return value
+
+
+class GpuClass(BaseModel):
+    """The GPU behind a queue, as the API's routing sees it (``api/routing.py``)."""
+
+    gib: float = Field(gt=0, le=4096, description="GPU memory a job may use, in GiB (a T4: 15.1)")
+    bf16: bool = Field(False, description="The GPU computes in bf16 (Ampere and newer; a T4 does not)")
+
+
+def _gpu_classes(value: object) -> object:
+    """``gpu.t4=15.1,gpu.a100=79:bf16`` → ``{"gpu.t4": {"gib": 15.1}, "gpu.a100": {"gib": 79, "bf16": True}}``."""
+    if not isinstance(value, str):
+        return value
+    out: dict[str, dict[str, object]] = {}
+    for entry in _split(value):
+        name, eq, size = entry.partition("=")
+        gib, _, flag = size.partition(":")
+        if not (eq and name.strip() and gib.strip()) or flag.strip() not in ("", "bf16"):
+            raise ValueError(f"TRINITY_QUEUE_GPU_GIB: {entry!r} is not QUEUE=GIB or QUEUE=GIB:bf16")
+        out[name.strip()] = {"gib": gib.strip(), "bf16": flag.strip() == "bf16"}
+    return out
 
 
 class Settings(BaseSettings):
@@ -47,6 +68,11 @@ class Settings(BaseSettings):
     gpu_queues: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["gpu.default"], description="Queues jobs may be sent to, one per GPU class."
     )
+    queue_gpu_gib: Annotated[dict[str, GpuClass], NoDecode] = Field(
+        default_factory=dict,
+        description="GPU memory per queue (`gpu.t4=15.1,gpu.a100=79:bf16`; `:bf16`: the GPU computes in bf16). "
+        "A job submitted without a queue goes to the smallest one its estimate fits; empty: the first of gpu_queues.",
+    )
     worker_queues: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Queues this worker consumes (TRINITY_WORKER_QUEUES); default all gpu_queues."
     )
@@ -67,7 +93,14 @@ class Settings(BaseSettings):
     requeue_blind_after_s: float = Field(900.0, gt=0, description="Same, for brokers that cannot be inspected.")
     max_resumes: int = Field(5, ge=0, description="A job whose worker died more often than this fails (worker_lost).")
     cancel_poll_s: float = Field(1.0, gt=0, description="should_stop reads the cancel flag at most this often.")
-    sse_poll_s: float = Field(0.5, gt=0, description="How often the event stream looks for new events.")
+    sse_poll_s: float = Field(0.5, gt=0, description="How often an event stream looks for new events when no "
+                              "notification channel is up (no Redis): one query per job, shared by its followers.")
+    sse_fallback_poll_s: float = Field(15.0, gt=0, description="With Redis notifications, each followed job is "
+                                       "still read this often, in case a notification was lost.")
+    notify_url: str = Field("", description="Redis URL for event and key-revocation notifications (pub/sub); "
+                            "default: broker_url when it is Redis; `off` disables them.")
+    auth_cache_s: float = Field(5.0, ge=0, description="API key → tenant cache per API process; a revoked key "
+                                "is refused at once where Redis carries the revocation, else within this.")
     webhooks_enabled: bool = Field(True, description="Send webhook deliveries from a thread in the API process.")
     webhook_poll_s: float = Field(1.0, gt=0, description="How often the sender looks for due deliveries.")
     webhook_timeout_s: float = Field(10.0, gt=0, description="A receiver must answer within this.")
@@ -89,6 +122,7 @@ class Settings(BaseSettings):
                             "at their first step (needs TRINITY_TEST_SEAMS=true).")
 
     _split_lists = field_validator("model_dirs", "gpu_queues", "worker_queues", mode="before")(_split)
+    _parse_gpu_classes = field_validator("queue_gpu_gib", mode="before")(_gpu_classes)
 
     @model_validator(mode="after")
     def _derive_and_check(self) -> Settings:
@@ -101,6 +135,9 @@ class Settings(BaseSettings):
             self.worker_queues = list(self.gpu_queues)
         if not self.gpu_queues:
             raise ValueError("gpu_queues must name at least one queue")
+        if unknown := [name for name in self.queue_gpu_gib if name not in self.gpu_queues]:
+            raise ValueError(f"TRINITY_QUEUE_GPU_GIB names {', '.join(unknown)}, not in TRINITY_GPU_QUEUES "
+                             f"({', '.join(self.gpu_queues)})")
         if self.task_soft_time_limit_s >= self.task_time_limit_s:
             raise ValueError("task_soft_time_limit_s must be below task_time_limit_s")
         if self.expose_errors is None:
@@ -117,7 +154,8 @@ class Settings(BaseSettings):
             problems.append("TRINITY_EXPOSE_ERRORS=true leaks internals in 500 responses")
         if self.test_seams:
             problems.append("TRINITY_TEST_SEAMS=true is for tests only")
-        for name, url in (("TRINITY_BROKER_URL", self.broker_url), ("TRINITY_DATABASE_URL", self.database_url)):
+        for name, url in (("TRINITY_BROKER_URL", self.broker_url), ("TRINITY_DATABASE_URL", self.database_url),
+                          ("TRINITY_NOTIFY_URL", self.notify_url)):
             parts = urlsplit(url)
             if parts.scheme.startswith(("redis", "postgres", "amqp")) and parts.hostname not in LOOPBACK \
                     and not parts.password:
@@ -130,6 +168,12 @@ class Settings(BaseSettings):
         return RunOptions(fast_dora=self.fast_dora, debug_memory=self.debug_memory, test_seams=self.test_seams,
                           unsloth_compile={"auto": None, "on": True, "off": False}[self.unsloth_compile],
                           inject_oom=self.inject_oom, mlflow_tracking_uri=self.mlflow_tracking_uri or None)
+
+    @property
+    def notify_redis_url(self) -> str | None:
+        """Where event / key notifications go (``trinity_service.notify``); None: nowhere (poll)."""
+        url = self.broker_url if not self.notify_url else self.notify_url
+        return url if url != "off" and url.startswith(("redis://", "rediss://", "unix://")) else None
 
     @property
     def default_queue(self) -> str:

@@ -13,13 +13,14 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from trinity_service import crud
 from trinity_service.db import session_scope
-from api.deps import JobDep, SessionDep, SettingsDep
+from api.deps import JobDep, SessionDep
+from api.event_hub import EventHub, sse_event
 from api.errors import ApiError
 from trinity_service.models import EventList, EventPublic, JobEvent
 from trinity_core.events import Kind, Level  # the event shape's own lists (ladder included)
@@ -51,7 +52,7 @@ def list_events(
 @router.get("/stream", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"}})
 def stream_events(
-    session: SessionDep, job: JobDep, settings: SettingsDep, level: LevelQuery = None, type: TypeQuery = None,
+    request: Request, session: SessionDep, job: JobDep, level: LevelQuery = None, type: TypeQuery = None,
     last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
     last_event_id: Annotated[str | None, Query(description="Same as the Last-Event-ID header")] = None,
 ):
@@ -60,41 +61,50 @@ def stream_events(
         raise ApiError(422, "invalid_request", "Last-Event-ID must be an event seq (an integer)",
                        param="Last-Event-ID")
     job_id = job.id
-    session.close()  # a stream may last hours: hold no connection between polls
+    session.close()  # a stream may last hours: hold no connection
     return StreamingResponse(
-        _stream(job_id, int(raw), level, type, settings.sse_poll_s), media_type="text/event-stream",
+        _stream(request.app.state.event_hub, job_id, int(raw), level, type), media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
-async def _stream(job_id: str, after: int, levels, types, poll_s: float) -> AsyncIterator[str]:  # noqa: ANN001
+async def _stream(hub: EventHub, job_id: str, after: int, levels, types) -> AsyncIterator[str]:  # noqa: ANN001
+    """``seen``: every event up to it was sent or filtered out. Behind the job's shared feed, the
+    follower reads its own pages from the database (a replay); then it sends from the feed."""
     yield "retry: 2000\n\n"
-    quiet = 0.0
-    while True:
-        status, events, more = await run_in_threadpool(_poll, job_id, after, levels, types)
-        for event in events:
-            after = event.seq
-            yield f"id: {event.seq}\ndata: {json.dumps(_public(event).model_dump(), separators=(',', ':'))}\n\n"
-        if status is None or (is_terminal(status) and not more):
-            yield f"event: end\ndata: {json.dumps({'status': getattr(status, 'value', status)})}\n\n"
-            return
-        if events:
-            quiet = 0.0
-            continue
-        await asyncio.sleep(poll_s)
-        quiet += poll_s
-        if quiet >= KEEPALIVE_S:
-            quiet = 0.0
-            yield ": keep-alive\n\n"
+    seen = after
+    async with hub.follow(job_id) as feed:
+        while True:
+            tick = feed.tick
+            if seen < feed.lo:
+                status, events, more, last_seq = await run_in_threadpool(_poll, job_id, seen, levels, types)
+                for event in events:
+                    yield sse_event(event)
+                seen = events[-1].seq if more else max(seen, last_seq, events[-1].seq if events else 0)
+                if status is None or (is_terminal(status) and not more):
+                    break
+                continue
+            items, upto, status = feed.snapshot(seen)
+            for item in items:
+                if (not levels or item.level in levels) and (not types or item.type in types):
+                    yield item.sse
+            seen = max(seen, upto)
+            if status is None or is_terminal(status):
+                break
+            try:
+                await asyncio.wait_for(tick.wait(), KEEPALIVE_S)
+            except TimeoutError:
+                yield ": keep-alive\n\n"
+    yield f"event: end\ndata: {json.dumps({'status': getattr(status, 'value', status)})}\n\n"
 
 
 def _poll(job_id: str, after: int, levels, types):  # noqa: ANN001, ANN202
-    """Read the status first: if it is terminal, its final event is already committed."""
+    """Read the status (and ``last_seq``) first: if it is terminal, its final event is already committed."""
     with session_scope() as session:
         job = crud.get_job(session=session, tenant=None, job_id=job_id)
-        status = job.status if job else None
+        status, last_seq = (job.status, job.last_seq) if job else (None, 0)
         events, more = crud.list_events(session=session, job_id=job_id, after=after, limit=PAGE,
                                         levels=levels, types=types)
         for event in events:
             session.expunge(event)
-        return status, events, more
+        return status, events, more, last_seq

@@ -11,8 +11,9 @@ from starlette.concurrency import run_in_threadpool
 
 from api import submit
 from trinity_service import crud
+from trinity_service.db import get_engine, loop_reader
 from api.deps import JobDep, SessionDep, SettingsDep, TenantDep
-from api.errors import ApiError, ErrorResponse
+from api.errors import ApiError, ErrorResponse, not_found
 from trinity_service.models import Job, JobCreate, JobList, JobPublic
 from trinity_service.states import IllegalTransition, JobStatus
 
@@ -21,20 +22,20 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 @dataclass
 class JobRequest:
-    """What ``checked_request`` found acceptable: the queue the job goes to."""
+    """What ``checked_request`` found acceptable: the queue asked for (None: routed by the estimate)."""
 
-    queue: str
+    queue: str | None
 
 
 async def checked_request(
     request: Request, session: SessionDep, tenant: TenantDep, settings: SettingsDep,
-    queue: Annotated[str | None, Query(description="GPU queue, e.g. gpu.t4")] = None,
+    queue: Annotated[str | None, Query(description="GPU queue, e.g. gpu.t4; default: the smallest GPU class "
+                                                   "the job's memory estimate fits (TRINITY_QUEUE_GPU_GIB)")] = None,
 ) -> JobRequest:
     """Every problem of the request at once (the spec's own with "did you mean", the service
     policy, the dataset, the queue) as one 422 ``invalid_spec``. FastAPI runs dependencies before
     it validates the typed body, so that validation (which stops at the spec) only sees a body
     already accepted here; a body that is not a JSON object is left to it (``invalid_request``)."""
-    queue = queue or settings.default_queue
     try:
         raw = await request.json()
     except ValueError:
@@ -48,16 +49,19 @@ async def checked_request(
 @router.post("", status_code=201, response_model=JobPublic,
              responses={200: {"description": "Replay of an Idempotency-Key: the job created the first time"},
                         409: {"description": "Idempotency-Key reused with another body"},
-                        422: {"description": "Every problem in the spec (invalid_spec), or only the model "
-                                              "cannot be found now (model_unavailable)"}})
+                        422: {"description": "Every problem in the spec (invalid_spec), only the model "
+                                              "cannot be found now (model_unavailable), or no queue's GPU fits "
+                                              "the job's estimate (no_queue_fits, queue_too_small)"}})
 def create_job(
     body: JobCreate, checked: Annotated[JobRequest, Depends(checked_request)], response: Response,
-    session: SessionDep, tenant: TenantDep, idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+    session: SessionDep, tenant: TenantDep, settings: SettingsDep,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ):
     """Create a fine-tuning job. The stored spec is the validated one with every default filled in;
-    the row is committed, then the job id is enqueued."""
+    without ``queue`` the job goes to the smallest GPU class its memory estimate fits (``routing``
+    on the job says which rule and estimate). The row is committed, then the job id is enqueued."""
     job, created = submit.submit(session=session, tenant=tenant, spec=body, queue=checked.queue,
-                                 idempotency_key=idempotency_key)
+                                 idempotency_key=idempotency_key, settings=settings)
     if not created:
         response.status_code = 200
     return public(session, job)
@@ -78,9 +82,30 @@ def list_jobs(
     return JobList(data=[public(session, j) for j in jobs], has_more=more)
 
 
-@router.get("/{job_id}", response_model=JobPublic)
-def get_job(session: SessionDep, job: JobDep):
-    return public(session, job)
+@router.get("/{job_id}", response_model=JobPublic, responses={404: {"model": ErrorResponse}})
+async def get_job(tenant: TenantDep, job_id: str) -> Response:
+    """The hot poll: async; one statement; serialised by pydantic in one pass (not re-validated
+    through ``response_model``, which stays for the schema). On SQLite (WAL: a reader never waits
+    for a writer) the read takes less time than a hop to a thread and back, so it runs on the
+    event loop; a networked database is read in the threadpool."""
+    reader = loop_reader()
+    if reader is not None:
+        body = _public_json(reader, tenant, job_id)
+    else:
+        body = await run_in_threadpool(_read_in_thread, tenant, job_id)
+    if body is None:
+        raise not_found("job", job_id, "job_id")
+    return Response(body, media_type="application/json")
+
+
+def _public_json(connection, tenant: str, job_id: str) -> bytes | None:  # noqa: ANN001
+    found = crud.job_row(connection=connection, tenant=tenant, job_id=job_id)
+    return None if found is None else JobPublic.of_row(found[0], queue_position=found[1]).model_dump_json().encode()
+
+
+def _read_in_thread(tenant: str, job_id: str) -> bytes | None:
+    with get_engine().connect() as connection:
+        return _public_json(connection, tenant, job_id)
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic,

@@ -53,14 +53,14 @@ def create_fine_tuning_job(
         raise error
     dataset = crud.get_dataset(session=session, tenant=tenant, dataset_id=body.training_file)
     raw = to_spec(body, dataset)
-    queue = body.queue or settings.default_queue
+    queue = body.queue  # None: routed by the job's memory estimate (api/routing.py)
     if found := submit.problems(session=session, tenant=tenant, body=raw, queue=queue, settings=settings):
         raise submit.refuse(rename_params(found))
     spec = parse_spec(raw)
     extras = {"labels": dict(body.metadata or {}),
               "hyperparameters": resolved_hyperparameters(body, submit.normalised(spec))}
     job, _ = submit.submit(session=session, tenant=tenant, spec=spec, queue=queue, idempotency_key=idempotency_key,
-                           request=body.model_dump(mode="json"), openai=extras)
+                           settings=settings, request=body.model_dump(mode="json"), openai=extras)
     return _object(session, job)
 
 

@@ -144,11 +144,13 @@ def test_keys_hashed_never_logged_or_returned(rstack, owned):
 
 def test_key_comparison_is_constant_time_code_check():
     """A code check (timing cannot be measured reliably on shared cores): the stored hash is looked
-    up by value and then compared with hmac.compare_digest."""
-    source = (ROOT / "api" / "security.py").read_text()
+    up by value and then compared with hmac.compare_digest; the API's key cache is keyed by the hash too
+    (a dict lookup by the key itself would leak its prefix through timing)."""
+    source = (ROOT / "trinity_service" / "security.py").read_text()
     assert re.search(r"(hmac|secrets)\.compare_digest\(", source)
-    crud = (ROOT / "api" / "crud.py").read_text()
+    crud = (ROOT / "trinity_service" / "crud.py").read_text()
     assert "same_hash(" in crud and "hash_key(key)" in crud
+    assert "hash_key(key)" in (ROOT / "api" / "auth.py").read_text()
 
 
 # ── Bad input ────────────────────────────────────────────────────────────────────────────────
