@@ -49,6 +49,8 @@ def test_worker_killed_at_random_moments_resumes_each_time(rstack):
     moments while the job runs and restarted; the reaper (stale after 5 s) re-queues it each time."""
     from safetensors import safe_open
 
+    from trinity_core.spec import JobSpec
+
     seed = int(os.environ.get("TRINITY_TEST_SEED", time.time_ns() % 10**6))
     rng = random.Random(seed)
     ensure_worker(rstack)
@@ -58,9 +60,11 @@ def test_worker_killed_at_random_moments_resumes_each_time(rstack):
     # a resumed run starts at its checkpoint, so steps between a checkpoint and a kill are trained twice
     targets = sorted(rng.sample(range(1, 30), KILLS))
     for target in targets:
+        # running again since the last kill (resumes == kills: re-queued and claimed by the new worker),
+        # not the killed run's row, which says "running" until the reaper finds it stale
         wait_for(lambda: (j := rstack.job(job["id"]))["status"] == "succeeded"
-                 or (j["status"] == "running" and (j["step"] or 0) >= target), JOB_TIMEOUT, f"step {target}",
-                 interval=0.1)
+                 or (j["status"] == "running" and j["resumes"] == kills and (j["step"] or 0) >= target),
+                 JOB_TIMEOUT, f"step {target}", interval=0.1)
         time.sleep(rng.uniform(0, 1.0))
         before = rstack.job(job["id"])
         if before["status"] != "running":
@@ -80,7 +84,9 @@ def test_worker_killed_at_random_moments_resumes_each_time(rstack):
     events = rstack.events(job["id"])
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
     resumed = [e["data"]["resumed_from"] for e in events if "resumed_from" in e["data"]]
-    assert all(r % 3 == 0 for r in resumed) and resumed == sorted(resumed), resumed
+    # checkpoints: every save_steps (3) and at every evaluation (train.eval_steps, 10 by default)
+    eval_steps = JobSpec().train.eval_steps
+    assert all(r % 3 == 0 or r % eval_steps == 0 for r in resumed) and resumed == sorted(resumed), resumed
     # the loss history: after each (re)start, steps go on from the checkpoint, one by one, to 30
     runs, current = [], None
     for e in events:
