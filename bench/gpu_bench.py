@@ -120,8 +120,16 @@ def measure(model, v: dict, vocab: int, warmup: int = 2, timed: int = 4) -> dict
     weights_gib = torch.cuda.memory_allocated() / 2**30
     times, losses = [], []
     model.train()
-    for i in range((warmup + timed) * v["accum"]):
+    total = (warmup + timed) * v["accum"]
+    snap_dir = os.environ.get("TRINITY_BENCH_MEMSNAP")  # what is alive at the peak of the last optimizer step
+    for i in range(total):
         torch.cuda.synchronize()
+        if snap_dir and i == total - v["accum"]:
+            from mem_peak import recording
+
+            rec = recording(Path(snap_dir) / f"mem_peak-{v['name']}-L{v.get('depth', '?')}.txt",
+                            f"{v['name']} L{v.get('depth', '?')}")
+            rec.__enter__()
         t0 = time.perf_counter()
         with autocast:
             loss = model(input_ids=ids, labels=ids).loss
@@ -132,6 +140,8 @@ def measure(model, v: dict, vocab: int, warmup: int = 2, timed: int = 4) -> dict
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         losses.append(float(loss))
+    if snap_dir:
+        rec.__exit__(None, None, None)  # (its timed micro-batches ran with the recorder on)
     timed_times = times[warmup * v["accum"]:]
     # accum > 1: the median of each position within the optimizer step (the last one includes the
     # step and fast DoRA's refresh), averaged: robust to a one-off stall, fair to the step's cost
@@ -430,5 +440,6 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/mem_peak.py
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     main(sys.argv[1:])
