@@ -7,9 +7,10 @@
 #                                       # the whole job in the 8e9-byte cgroup; SKIP_TESTS=1: no pytest)
 #   bash bench/gpu_mm_calls.sh export8g # export redone in a fresh process inside a cgroup limited to
 #                                       # 8e9 bytes of RAM (page cache included), then waits
-# Needs .whl/site (../shared/gpu/wheels.sh) and .gpu-extra/site (bench/gpu_extra.sh) carried.
+# Needs .whl/site (../shared/gpu/wheels.sh) and .gpu-extra/site.tar.gz (bench/gpu_extra.sh) carried.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+[ -d .gpu-extra/site ] || tar xzf .gpu-extra/site.tar.gz -C .gpu-extra  # bench/gpu_extra.sh's tarball
 export PYTHONPATH=$PWD/.whl/site:$PWD/.gpu-extra/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 \
   TOKENIZERS_PARALLELISM=false UNSLOTH_COMPILE_DISABLE=1
 OUT=${OUT:-bench/results/gpu-out}

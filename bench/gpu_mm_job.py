@@ -110,6 +110,9 @@ class StageSampler:
     def start(self, name: str, now: float) -> None:
         if self.stages:
             self._close(now)
+            # each stage's line as it ends: a job killed later (the kernel's OOM killer in a cgroup)
+            # still leaves the peaks of the stages it finished in the log
+            print("stage done " + json.dumps(self.stages[-1]), flush=True)
         if self.torch.cuda.is_available():
             self.torch.cuda.reset_peak_memory_stats()
         self.stages.append({"stage": name, "t0": now, "peak_rss_gib": 0.0, "peak_anon_gib": 0.0,

@@ -110,3 +110,40 @@ def test_insufficient_memory_names_the_stage_and_switch(tmp_path):
 def test_host_free_reads_this_machine(tmp_path):
     free = resources.host_free(tmp_path)
     assert 0 < free.disk and 0 < free.ram < resources._meminfo_available() + 1
+
+
+def _cgroup(root, path, limit, used, cache=None):
+    d = root / path.strip("/")
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "memory.max").write_text(f"{limit}\n")
+    (d / "memory.current").write_text(f"{used}\n")
+    if cache is not None:
+        (d / "memory.stat").write_text(f"anon {used - cache}\nfile {cache}\nkernel 1000\n")
+
+
+def test_cgroup_ram_left_reads_the_process_own_cgroup_and_those_above(tmp_path):
+    """A process moved into a sub-cgroup (the GPU run's 8e9-byte /trinity8g) is limited there, not
+    at the root; a parent's limit counts when it is tighter."""
+    root, proc = tmp_path / "cg", tmp_path / "cgroup"
+    root.mkdir()
+    proc.write_text("0::/jobs/trinity8g\n")
+    _cgroup(root, "/jobs/trinity8g", 8_000_000_000, 3_000_000_000)
+    assert resources.cgroup_ram_left(root, proc) == (5_000_000_000, "cgroup /jobs/trinity8g memory.max - memory.current")
+    _cgroup(root, "/jobs", 6_000_000_000, 4_000_000_000)  # the parent leaves less
+    assert resources.cgroup_ram_left(root, proc) == (2_000_000_000, "cgroup /jobs memory.max - memory.current")
+    (root / "jobs" / "memory.max").write_text("max\n")  # no limit there: the child's counts
+    assert resources.cgroup_ram_left(root, proc)[0] == 5_000_000_000
+    # page cache is charged but reclaimable: after writing GGUF files it fills the limit
+    _cgroup(root, "/jobs/trinity8g", 8_000_000_000, 8_000_000_000, cache=6_500_000_000)
+    assert resources.cgroup_ram_left(root, proc)[0] == 6_500_000_000
+
+
+def test_cgroup_ram_left_without_limits(tmp_path):
+    root, proc = tmp_path / "cg", tmp_path / "cgroup"
+    (root / "a").mkdir(parents=True)
+    proc.write_text("0::/a\n")
+    assert resources.cgroup_ram_left(root, proc) is None
+    proc.write_text("")  # cgroup v1 or unreadable: the root's own files, none here
+    assert resources.cgroup_ram_left(root, proc) is None
+    _cgroup(root, "/", 1_000, 400)  # a container sees its own cgroup at the root
+    assert resources.cgroup_ram_left(root, proc) == (600, "cgroup / memory.max - memory.current")

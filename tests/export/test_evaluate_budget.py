@@ -158,3 +158,32 @@ def test_weight_check_covers_the_vision_tower_of_the_prequantised_base(mm4_merge
     key = _corrupt(root / "merged", tmp_path / "bad", lambda k: k.startswith("vision_tower.") and k.endswith("fc1.weight"))
     bad = check_merged_weights(model, tmp_path / "bad")
     assert not bad["ok"] and [m["tensor"] for m in bad["mismatches"]] == [key]
+
+
+def test_a_gguf_larger_than_free_ram_is_not_loaded(exported, workdir, trained_model, tokenizer, tmp_path, monkeypatch):
+    """llama.cpp maps the whole file: one that does not fit the host RAM free now (a cgroup's limit
+    included) is neither scored nor used for generation, and the report says why; one that fits is."""
+    q4 = workdir / "gguf" / "model-q4_k_m.gguf"
+    f16 = workdir / "gguf" / "model-f16.gguf"
+    free = q4.stat().st_size + ev.GGUF_RAM_MARGIN  # room for the q4_k_m, not for the larger f16
+    assert f16.stat().st_size > q4.stat().st_size
+    loaded = []
+    real_llama = __import__("llama_cpp").Llama
+    monkeypatch.setattr("llama_cpp.Llama", lambda model_path, **kw: loaded.append(model_path) or real_llama(
+        model_path=model_path, **kw))
+    report = ev.evaluate(tmp_path, trained_model=trained_model, tokenizer=tokenizer, eval_rows=_rows(workdir),
+                         max_seq_length=256, eval_prompts=1, max_new_tokens=2,
+                         gguf_files={"f16": f16, "q4_k_m": q4}, caps=Caps(max_rows=1, max_tokens=32),
+                         free_ram=lambda: free)
+    assert set(report["models"]) == {"base", "fine_tuned", "gguf_q4_k_m"}
+    why = report["skipped"]["gguf_f16"]
+    assert why.startswith("model-f16.gguf: ") and "GiB of host RAM free" in why
+    assert loaded and all(p.endswith("model-q4_k_m.gguf") for p in loaded)  # scored and generated with
+    assert "gguf_f16 not scored" in (tmp_path / "report" / "report.md").read_text()
+
+    loaded.clear()
+    report = ev.evaluate(tmp_path, trained_model=trained_model, tokenizer=tokenizer, eval_rows=_rows(workdir),
+                         max_seq_length=256, eval_prompts=1, max_new_tokens=2, gguf_files={"q4_k_m": q4},
+                         caps=Caps(max_rows=1, max_tokens=32), free_ram=lambda: free - 1)
+    assert set(report["models"]) == {"base", "fine_tuned"} and not loaded
+    assert set(report["skipped"]) == {"gguf_q4_k_m", "generations gguf_q4_k_m"}

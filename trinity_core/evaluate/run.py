@@ -47,6 +47,10 @@ from trinity_core.evaluate.verdict import build_verdict, generate_gguf, headline
 
 Scored = tuple[list[int], list[int]]  # (input_ids, assistant_masks)
 
+GGUF_RAM_MARGIN = 1 << 30
+"""Host RAM a GGUF needs in llama.cpp besides the file itself: the logits of a scored row
+(``logits_all``: tokens × vocabulary × 4 bytes, 0.5 GiB at 512 tokens of Gemma-3's 262k), the KV cache
+and compute buffers."""
 MERGED_LOGITS_MAX_BYTES = 1 << 30
 """Merged safetensors up to this size (~0.5B parameters in 16 bits; 4 GiB of host RAM once in fp32)
 are also loaded on the CPU and scored; above it the weight check alone stands for the merge."""
@@ -246,9 +250,25 @@ def _merged_size(merged_dir: Path) -> int:
     return sum(f.stat().st_size for f in merged_dir.glob("*.safetensors"))
 
 
+def gguf_too_big(path: Path, free_ram: Callable[[], int]) -> str | None:
+    """Why llama.cpp should not load ``path`` now, or None when it fits the host RAM free now.
+
+    llama.cpp maps the whole file and reads all of it for every batch of tokens; past the RAM free
+    (a container's or a cgroup's limit included: ``export.resources.host_free``) it pages the file
+    through the cache for every row, and under a cgroup limit the kernel may kill the job instead
+    (H200, 2026-11-28: the 12.2 GB f16 GGUF of the 24-layer stand-in in an 8e9-byte cgroup, beside
+    the trained model's process, OOM-killed the job in evaluation after its export had finished)."""
+    need, free = path.stat().st_size + GGUF_RAM_MARGIN, free_ram()
+    if need <= free:
+        return None
+    return (f"{path.name}: {path.stat().st_size / 2**30:.2f} GiB file + {GGUF_RAM_MARGIN / 2**30:.0f} GiB for "
+            f"llama.cpp > {free / 2**30:.2f} GiB of host RAM free; the file is written and complete, not scored here")
+
+
 def _score_all(trained_model: Any, examples: Sequence[Scored], merged_dir: Path | None,
                gguf_files: dict[str, Path], load_merged: Callable[[Path], Any], emit: Callable[..., Any],
-               clock: Clock, stages: Stages, skipped: dict[str, str]) -> dict[str, dict[str, Any]]:
+               clock: Clock, stages: Stages, skipped: dict[str, str],
+               free_ram: Callable[[], int]) -> dict[str, dict[str, Any]]:
     models: dict[str, dict[str, Any]] = {}
     with stages("score base"), trained_model.disable_adapter():
         models["base"] = score_hf(trained_model, examples, clock.share())
@@ -263,6 +283,11 @@ def _score_all(trained_model: Any, examples: Sequence[Scored], merged_dir: Path 
             del merged
             gc.collect()
     for qtype, path in gguf_files.items():
+        if why := gguf_too_big(path, free_ram):
+            skipped[f"gguf_{qtype}"] = why
+            emit(f"not scoring gguf_{qtype}: {why}", level="warning")
+            clock.share()  # its share of the time passes on to the tasks after it
+            continue
         with stages(f"score gguf_{qtype} (CPU)"):
             models[f"gguf_{qtype}"] = score_gguf(path, examples, clock.share())
     reference = models["fine_tuned"]["_top1"]
@@ -311,6 +336,7 @@ def evaluate(
     emit: Callable[..., Any] | None = None,
     eval_history: Sequence[dict[str, Any]] = (),
     checkpoint: dict[str, Any] | None = None,
+    free_ram: Callable[[], int] | None = None,
 ) -> dict[str, Any]:
     """Score base, fine-tuned and every export on the first ``caps.max_rows`` of ``eval_rows``; check
     the merged weights; write ``workdir/report/``.
@@ -318,9 +344,16 @@ def evaluate(
     ``trained_model`` is a ``PeftModel`` (see :func:`load_trained_model`); its base is scored with
     the adapter disabled. ``gguf_files`` maps a type (``f16``, ``q4_k_m``...) to its file. ``stages``
     may hold stages measured before (the model's load); ``training_peak_gib`` is set beside them.
+    ``free_ram``: bytes of host RAM free now (default: ``export.resources.host_free``); a GGUF that
+    does not fit is not loaded (:func:`gguf_too_big`) and the report says so under ``skipped``.
     Returns the report dict (also ``report/report.json``).
     """
     emit = emit or (lambda *a, **k: None)
+    if free_ram is None:
+        from trinity_core.export.resources import host_free
+
+        def free_ram() -> int:
+            return host_free(workdir).ram
     stages = stages or Stages()
     t0 = time.monotonic()
     out = Path(workdir) / "report"
@@ -349,13 +382,17 @@ def evaluate(
     gen_skipped: dict[str, Any] = {}
     with dora_cache(trained_model):
         models = _score_all(trained_model, examples, merged_dir, gguf_files, load_merged, emit, clock, stages,
-                            skipped) if examples else {}
+                            skipped, free_ram) if examples else {}
         weights = _check_weights(trained_model, merged_dir, stages, emit)
         with stages("generate"):
             generations = generate_side_by_side(trained_model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                                 max_prompt_tokens=caps.max_tokens, deadline=clock.share(),
                                                 skipped=gen_skipped, stop_ids=[terminator.id] if terminator else [])
     gguf_replies = []
+    if gguf_gen and generations and (why := gguf_too_big(gguf_files[gguf_gen], free_ram)):
+        skipped[f"generations gguf_{gguf_gen}"] = why
+        emit(f"not generating with gguf_{gguf_gen}: {why}", level="warning")
+        gguf_gen = None
     if gguf_gen and generations:
         with stages(f"generate gguf_{gguf_gen} (CPU)"):
             gguf_replies = generate_gguf(gguf_files[gguf_gen], [g.pop("_prompt") for g in generations],

@@ -309,14 +309,46 @@ def _stage(est: Estimate, name: str, work: int, *, child: bool, basis: str) -> N
 
 
 def host_free(workdir: str | Path) -> HostFree:
-    """Free disk under ``workdir`` and RAM: MemAvailable, or the cgroup's limit minus its usage if lower."""
+    """Free disk under ``workdir`` and RAM: MemAvailable, or what this process's cgroup (or one above
+    it) still allows, if lower (:func:`cgroup_ram_left`)."""
     workdir = Path(workdir)
     disk = shutil.disk_usage(workdir).free
     ram, source = _meminfo_available(), "/proc/meminfo MemAvailable"
-    limit, used = _read_int("/sys/fs/cgroup/memory.max"), _read_int("/sys/fs/cgroup/memory.current")
-    if limit is not None and used is not None and limit - used < ram:
-        ram, source = max(0, limit - used), "cgroup memory.max - memory.current"
+    left = cgroup_ram_left()
+    if left is not None and left[0] < ram:
+        ram, source = left
     return HostFree(disk=disk, ram=ram, where=str(workdir.resolve()), ram_from=source)
+
+
+def cgroup_ram_left(root: str | Path = "/sys/fs/cgroup", proc_cgroup: str | Path = "/proc/self/cgroup"
+                    ) -> tuple[int, str] | None:
+    """(bytes, which cgroup) the tightest cgroup v2 memory limit on this process still allows:
+    ``memory.max`` less what is in use, for its own cgroup and every one above it, the least; None
+    without a limit. A container limited with ``mem_limit`` sees its own cgroup at ``root``; a
+    process moved into a sub-cgroup (``0::/trinity8g`` in ``/proc/self/cgroup``) is limited there,
+    where ``root``'s own files say nothing (the root cgroup has no ``memory.max``).
+
+    In use = ``memory.current`` less the page cache (``file`` in ``memory.stat``): the cache is
+    charged to the cgroup, and after the export has written its GGUF files it fills the limit
+    (H200, 2026-11-28: ``memory.peak`` = ``memory.max`` = 8e9 in a run that never came near it in
+    anonymous memory), but the kernel reclaims it before it kills anything."""
+    root = Path(root)
+    try:
+        line = next(ln for ln in Path(proc_cgroup).read_text().splitlines() if ln.startswith("0::"))
+    except (OSError, StopIteration):
+        line = "0::/"
+    here = (root / line[3:].strip().lstrip("/")).resolve()
+    best = None
+    for level in (here, *here.parents):
+        if root.resolve() not in (level, *level.parents):
+            break
+        limit, used = _read_int(level / "memory.max"), _read_int(level / "memory.current")
+        if used is not None:
+            used -= _memory_stat(level / "memory.stat").get("file", 0)
+        if limit is not None and used is not None and (best is None or limit - used < best[0]):
+            where = "/" + str(level.relative_to(root.resolve())).removeprefix(".")
+            best = (max(0, limit - used), f"cgroup {where} memory.max - memory.current")
+    return best
 
 
 def _meminfo_available() -> int:
@@ -326,7 +358,14 @@ def _meminfo_available() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def _read_int(path: str) -> int | None:
+def _memory_stat(path: Path) -> dict[str, int]:
+    try:
+        return {k: int(v) for k, v in (ln.split() for ln in path.read_text().splitlines() if len(ln.split()) == 2)}
+    except (OSError, ValueError):
+        return {}
+
+
+def _read_int(path: str | Path) -> int | None:
     try:
         text = Path(path).read_text().strip()
     except OSError:
