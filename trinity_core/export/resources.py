@@ -65,7 +65,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 # Measured on CPU (docs/BENCHMARKS.md, "Host resources"; raw files bench/results/2026-11-28-cpu-export_resources.txt).
 PROCESS_BYTES = int(0.40 * GIB)  # a process with the export modules imported (merge child: 0.98 GiB − 0.56 embedding − adapter)
 MERGE_BYTES_PER_ELEMENT = 16.5  # merging one projection (NF4 dequant + DoRA fp32 temporaries), beyond its input
-CONVERT_BYTES_PER_ELEMENT = 6.1  # converter peak over its imports, per element of the largest (bf16) tensor
+CONVERT_BYTES_PER_ELEMENT = 2.0  # the converter's anonymous peak over its imports, per element of the largest
+# tensor, run by Trinity's runner (export/gguf_convert.py casts bf16 straight to f16): (2.146 GiB − its 0.35 GiB
+# baseline) / 1.007e9 elements of the 12B embedding = 1.91 (bench/results/2026-11-28-cpu-gguf_convert_rss.json;
+# llama.cpp's own converter, through f32: 6.1). Its mmap'd input is page cache, which the kernel reclaims.
 CONVERT_PROCESS_BYTES = int(0.35 * GIB)  # the converter's interpreter + imports (0.344 GiB converting the tiny model)
 
 
@@ -278,8 +281,11 @@ def estimate(config: Any, spec: JobSpec, *, dtype_bytes: int = 2, tokenizer_byte
             n_layers = 1 + max(t.layer for t in text)
             quantised = max(_padded(t.numel * BITS[gguf_type(t, q, n_layers)] / 8) for t in text)
             big = max(text, key=lambda t: t.numel)
-            _stage(est, f"quantize_{q}", int(big.numel * (4 + 2) + quantised), child=False,
-                   basis=f"llama.cpp: {big.name} in f32 + f16 (mmap) + its {q} output")
+            # anonymous memory only: the f16 input is mmap'd (page cache; the kernel drops it under
+            # pressure, and a cgroup's RAM left counts it free: cgroup_ram_left). At the 12B embedding
+            # this predicts 5.29 GB; measured 4.92 GB anonymous (4.582 GiB, the same JSON)
+            _stage(est, f"quantize_{q}", int(big.numel * 4 + quantised), child=False,
+                   basis=f"llama.cpp: {big.name} in f32 + its {q} output (the f16 input is mmap'd)")
         if vision:
             v_big = max(vision, key=lambda t: t.numel)
             _stage(est, "mmproj", int(v_big.numel * CONVERT_BYTES_PER_ELEMENT), child=True,
