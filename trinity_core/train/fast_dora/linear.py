@@ -7,7 +7,9 @@ gradient-checkpoint recompute and for every gradient-accumulation micro-batch. W
     ‖W_i + s·B_i A‖² = ‖W_i‖² + 2s·B_i·(W Aᵀ)_i + s²·B_i (A Aᵀ) B_iᵀ
 
 - ``‖W_i‖²`` is computed once, when the layer is patched;
-- ``W Aᵀ`` (out × r) is one pass over W, dequantised a block of rows at a time;
+- ``W Aᵀ`` (out × r) is one pass over W: on CUDA a Triton kernel reads the packed NF4 codes
+  directly (:mod:`~trinity_core.train.fast_dora.nf4_matmul`), elsewhere W is dequantised a block
+  of rows at a time and multiplied;
 - ``A Aᵀ`` is r × r.
 
 The norm is detached (the DoRA paper, section 4.3, and PEFT treat it as a constant in backward),
@@ -40,6 +42,7 @@ import torch
 from peft.tuners.lora.dora import DoraLinearLayer
 from peft.tuners.lora.variants import DoraLinearVariant
 
+import trinity_core.train.fast_dora.nf4_matmul as nf4_matmul  # a module reference: tests patch its functions
 from trinity_core import nf4
 
 CANCELLATION_RATIO = 0.05
@@ -49,6 +52,9 @@ CHUNK_ELEMENTS = 1 << 24
 CUDA, where a whole 12B projection (59M elements) then is one block."""
 STACK_ELEMENTS = 1 << 24
 """The batched refresh stacks at most ~16M elements of B (64 MB in fp32) per group."""
+USE_NF4_KERNEL = True
+"""W Aᵀ straight from the packed NF4 codes where :mod:`nf4_matmul` takes the weights (CUDA and
+Triton); False keeps the dequantise-and-multiply path everywhere (the benchmark's baseline)."""
 
 _optimizer_steps = 0
 _hook_handle = None
@@ -71,10 +77,11 @@ def optimizer_steps() -> int:
 @torch.no_grad()
 def refresh_after_step(optimizer) -> int:
     """Recompute the norm of every fast-DoRA layer whose A or B ``optimizer`` holds, right after its
-    step, batched: projections of one shape are stacked, so per projection only its W Aᵀ is a
-    separate GEMM, and one host sync (the cancellation check) serves the whole model, instead of
-    ~20 small kernels and a sync per projection (336 projections and ~170 ms per step on the 12B
-    shape). Layers this misses (a copy, a reload) still refresh lazily in their next forward.
+    step, batched: projections of one shape are stacked, so a stack's W Aᵀ is one NF4 kernel
+    launch on CUDA (elsewhere one dequantisation and GEMM per projection), and one host sync (the
+    cancellation check) serves the whole model, instead of ~20 small kernels and a sync per
+    projection (336 projections and ~170 ms per step on the 12B shape). Layers this misses (a
+    copy, a reload) still refresh lazily in their next forward.
     Returns the number refreshed."""
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     todo = [(dora, *refs) for dora, refs in list(_registry.items()) if id(refs[0]) in held or id(refs[1]) in held]
@@ -102,7 +109,8 @@ def refresh_after_step(optimizer) -> int:
 
 def _stacked_norms(group: list, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Factored squared norms ‖W_i + s·B_iA‖² of same-shaped projections ``(dora, A, B, s, base)``,
-    (L, out) fp32, and the rows flagged for cancellation (see the module docstring), (L, out)."""
+    (L, out) fp32, and the rows flagged for cancellation (see the module docstring) or not finite,
+    (L, out): those are recomputed from their dequantised rows."""
     a = torch.stack([item[1] for item in group]).float()  # (L, r, in)
     b = torch.stack([item[2] for item in group]).float()  # (L, out, r)
     s = torch.tensor([item[3] for item in group], device=a.device).view(-1, 1)
@@ -110,14 +118,28 @@ def _stacked_norms(group: list, dtype: torch.dtype) -> tuple[torch.Tensor, torch
         if dora._w2.device != a.device:
             dora.prepare(base)
     w2 = torch.stack([item[0]._w2 for item in group])
-    a_t = a.mT.to(dtype)
-    wa = torch.empty(b.shape, device=a.device, dtype=dtype)  # W Aᵀ per projection, (L, out, r)
-    for i, item in enumerate(group):
-        for start, rows in _weight_rows(item[4], dtype):
-            torch.mm(rows, a_t[i], out=wa[i, start:start + rows.shape[0]])
+    wa = _weight_times_a([item[4] for item in group], a, b.shape[1], dtype)  # (L, out, r)
     quad = ((b @ (a @ a.mT)) * b).sum(-1)  # B_i (A Aᵀ) B_iᵀ
     n2 = w2 + 2.0 * s * (b * wa.float()).sum(-1) + s * s * quad
-    return n2, n2 < CANCELLATION_RATIO * (w2 + s * s * quad)
+    # a non-finite sum (the NF4 kernel's fp16 products overflowing, say) is recomputed like a cancelled row
+    return n2, (n2 < CANCELLATION_RATIO * (w2 + s * s * quad)) | ~torch.isfinite(n2)
+
+
+def _weight_times_a(bases: list, a: torch.Tensor, out_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """``W_l A_lᵀ`` (L, out, r) for same-shaped base layers and stacked ``a`` (L, r, in), W's values
+    in ``dtype``: straight from the packed codes where the NF4 kernel takes them (CUDA, Triton, NF4:
+    :mod:`~trinity_core.train.fast_dora.nf4_matmul`, ~9× less memory traffic, fp32 result), else
+    dequantised a block of rows at a time and multiplied (result in ``dtype``)."""
+    if USE_NF4_KERNEL:
+        wa = nf4_matmul.nf4_times_stacked_or_none([base.weight for base in bases], a, dtype)
+        if wa is not None:
+            return wa
+    a_t = a.mT.to(dtype)
+    wa = torch.empty((a.shape[0], out_features, a.shape[1]), device=a.device, dtype=dtype)
+    for i, base in enumerate(bases):
+        for start, rows in _weight_rows(base, dtype):
+            torch.mm(rows, a_t[i], out=wa[i, start:start + rows.shape[0]])
+    return wa
 
 
 def _cache_key(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> tuple:

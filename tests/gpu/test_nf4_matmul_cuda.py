@@ -1,0 +1,139 @@
+"""GPU-only: the NF4 W·Aᵀ Triton kernel, compiled, against dequantise-then-multiply at the 12B shapes.
+
+Run on the lent GPU: ``PYTHONPATH=.whl/site:. pytest -m gpu tests/gpu/test_nf4_matmul_cuda.py``.
+Timing is not tested here: ``bench/norm_refresh.py`` measures it.
+
+Tolerance, as in tests/core/test_nf4_matmul.py: against the same NF4 values (fp16 table for
+16-bit GEMMs), absmax (bitsandbytes' own, on CUDA) and A in float64, only the fp32 accumulation
+order differs (and, with double quantisation, possibly one rounding of an absmax where the compiler
+fuses code·absmax2 + offset into one FMA): ≈ u·√in of the result's scale, u = 2⁻²⁴, in ≤ 15360 →
+~1e-5; we allow 1e-4. Against bitsandbytes' exact fp32 dequantisation a 16-bit GEMM is off by the
+fp16 rounding of the 16 NF4 values: 1e-3 (dequantising to bf16 first, the old path, is ~2e-3 off).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trinity_core import nf4
+from trinity_core.train.fast_dora import linear as qdora
+from trinity_core.train.fast_dora import nf4_matmul
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+CUDA = torch.device("cuda")
+# (out, in) of the 12B Gemma-3 projections: q, k/v, o, gate/up, down
+SHAPES_12B = [(4096, 3840), (2048, 3840), (3840, 4096), (15360, 3840), (3840, 15360)]
+
+
+def _weight(out_features: int, in_features: int, *, nested: bool, dtype=torch.bfloat16, seed: int = 0):
+    """A Params4bit quantised on CUDA by bitsandbytes from a random weight (as Unsloth's checkpoints)."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    w = (0.02 * torch.randn(out_features, in_features, device="cuda", generator=gen)).to(dtype)
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4")
+    return bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=64,
+                             compress_statistics=nested, quant_type="nf4", bnb_quantized=True)
+
+
+def _mirrored(weight, a_t: torch.Tensor) -> torch.Tensor:
+    """W·a_t in float64 from the packed stream itself, with the kernel's NF4 values and A's rounding."""
+    state = weight.quant_state
+    gemm_dtype = torch.float32 if a_t.dtype == torch.float32 else torch.float16
+    numel = state.shape[0] * state.shape[1]
+    stream = weight.data.view(torch.uint8).reshape(-1)
+    q = torch.stack([stream >> 4, stream & 15], 1).reshape(-1)[:numel].long()  # high nibble first
+    codes = nf4_matmul.code_table(stream.device, gemm_dtype).double()[q]
+    scales = nf4.absmax_of(state).double().repeat_interleave(state.blocksize)[:numel]
+    return (codes * scales).reshape(state.shape) @ a_t.to(gemm_dtype).double()
+
+
+def _exact(weight, a_t: torch.Tensor) -> torch.Tensor:
+    w = nf4.dequantize(weight.data, weight.quant_state, torch.float32)  # bitsandbytes' CUDA kernel, in fp32
+    return w.double() @ a_t.double()
+
+
+def _relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("out_features,in_features", SHAPES_12B, ids=[f"{o}x{i}" for o, i in SHAPES_12B])
+def test_matches_dequantize_then_multiply_at_12b_shapes(out_features, in_features, dtype):
+    weight = _weight(out_features, in_features, nested=True, dtype=dtype, seed=out_features + in_features)
+    assert nf4_matmul.why_not([weight], CUDA) is None
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    a_t = (torch.randn(in_features, 64, device="cuda", generator=gen) / in_features ** 0.5).to(dtype)
+    got = nf4_matmul.nf4_times(weight, weight.quant_state, a_t)
+    assert got.shape == (out_features, 64) and got.dtype == torch.float32
+    err, exact = _relative_error(got, _mirrored(weight, a_t)), _relative_error(got, _exact(weight, a_t))
+    assert err < 1e-4, f"{err:.2e}"
+    assert exact < (1e-4 if dtype == torch.float32 else 1e-3), f"{exact:.2e}"
+
+
+@pytest.mark.parametrize("shape", [(4100, 96), (70, 192), (33, 384)], ids=str)
+@pytest.mark.parametrize("nested", [True, False], ids=["double_quant", "absmax"])
+def test_odd_shapes_and_plain_absmax(shape, nested):
+    """Row tails, chunks of 32 (width 96) and non-power-of-two r (masked columns)."""
+    weight = _weight(*shape, nested=nested, seed=shape[0])
+    a_t = torch.randn(shape[1], 24, device="cuda").bfloat16()
+    err = _relative_error(nf4_matmul.nf4_times(weight, weight.quant_state, a_t), _mirrored(weight, a_t))
+    assert err < 1e-4, f"{err:.2e}"
+
+
+def test_one_hot_columns_pick_single_weights():
+    """fp32 A of one-hot columns picks single weights: bitsandbytes' own fp32 dequantised values."""
+    weight = _weight(2048, 3840, nested=True, seed=5)
+    picks = torch.randperm(3840, device="cuda")[:64]
+    a_t = torch.zeros(3840, 64, device="cuda")
+    a_t[picks, torch.arange(64, device="cuda")] = 1
+    got = nf4_matmul.nf4_times(weight, weight.quant_state, a_t)
+    want = nf4.dequantize(weight.data, weight.quant_state, torch.float32)[:, picks]
+    torch.testing.assert_close(got, want, rtol=2e-7, atol=0)  # one absmax may round differently (FMA)
+
+
+def test_stacked_launch_over_distinct_weights():
+    weights = [_weight(2048, 3840, nested=True, seed=s) for s in range(3)]
+    a = torch.randn(3, 64, 3840, device="cuda") / 3840 ** 0.5
+    got = nf4_matmul.nf4_times_stacked(weights, a, torch.bfloat16)
+    for i, weight in enumerate(weights):
+        err = _relative_error(got[i], _mirrored(weight, a[i].mT.half()))  # a 16-bit GEMM converts A to fp16
+        assert err < 1e-4, f"layer {i}: {err:.2e}"
+
+
+def test_refresh_with_the_kernel_matches_the_dequantising_path(monkeypatch):
+    """The batched refresh over 3 same-shaped bf16 projections: both paths' norms against float64
+    norms of bitsandbytes' fp32 weights; the kernel path (fp16 NF4 values, fp32 W·Aᵀ) at least as
+    close as the old one (bf16 weights, W·Aᵀ rounded to bf16)."""
+    import types
+
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    torch.manual_seed(0)
+    items = []
+    for seed in range(3):
+        weight = _weight(4096, 3840, nested=True, seed=seed)
+        base = types.SimpleNamespace(weight=weight, bias=None)
+        a = torch.nn.Parameter(torch.randn(64, 3840, device="cuda") / 3840 ** 0.5)
+        b = torch.nn.Parameter(torch.randn(4096, 64, device="cuda") * 0.01)
+        dora = DoraLinearLayer(fan_in_fan_out=False)
+        dora.__class__ = qdora.FastDoraLinearLayer
+        dora.prepare(base)
+        dora.weight_norm(a, b, 4.0, base)
+        items.append((dora, a, b, 4.0, base))
+    optimizer = torch.optim.SGD([p for item in items for p in item[1:3]], lr=0.0)
+    norms = {}
+    for use_kernel in (False, True):
+        monkeypatch.setattr(qdora, "USE_NF4_KERNEL", use_kernel)
+        assert qdora.refresh_after_step(optimizer) == 3
+        norms[use_kernel] = [item[0]._cached_norm.clone() for item in items]
+    for (dora, a, b, s, base), old, new in zip(items, norms[False], norms[True]):
+        w = nf4.dequantize(base.weight.data, base.weight.quant_state, torch.float32)
+        ref = qdora.linear_norm_reference(w, a, b, s)
+        err_new = ((new.double() - ref).abs() / ref).max().item()
+        err_old = ((old.double() - ref).abs() / ref).max().item()
+        assert err_new < 1e-4, f"kernel path {err_new:.2e} (old path {err_old:.2e})"
+        assert err_new <= err_old * 1.5 + 1e-6, f"kernel path {err_new:.2e} vs old path {err_old:.2e}"

@@ -1,0 +1,356 @@
+"""W·Aᵀ straight from bitsandbytes' packed NF4 codes (Triton), for fast DoRA's norm refresh.
+
+Why: once per optimizer step the refresh needs ``W Aᵀ`` (out × r) for every projection
+(:func:`trinity_core.train.fast_dora.linear.refresh_after_step`). Dequantising each W to 16 bits
+first and then multiplying writes and reads 2 bytes per weight on top of the ½ byte of packed codes
+(~48 GB per step at 48 layers of the 12B shape, 47–61 ms on an H100/H200). This kernel reads the
+packed codes once and never materialises W: ~5.4 GB, one launch per stack of same-shaped
+projections.
+
+Layout (bitsandbytes 0.50, ``Params4bit``): the data is one flat row-major stream of out·in
+4-bit codes, two a byte, element 2i in the HIGH nibble of byte i and 2i+1 in the low one; one
+absmax per ``blocksize`` elements of that stream. With double quantisation (``state.nested``, what
+Unsloth's pre-quantised checkpoints use) the absmax are uint8 codes:
+``absmax_b = state2.code[q_b] · state2.absmax[b // state2.blocksize] + state.offset``.
+
+The kernel: one program per (BLOCK_M rows, projection) walks ``in`` in chunks of CHUNK elements,
+CHUNK dividing both ``in`` and the blocksize, so each row's chunk lies in one quantisation block
+and has one scale. The chunk's codes are looked up (``tl.gather`` from the 16 NF4 values held in
+registers), the high (even-column) and low (odd-column) nibbles multiplied against A's even and
+odd columns (``tl.dot``, fp32 accumulation), and the chunk's (BLOCK_M × r) partial product scaled
+by each row's absmax into the accumulator: W is never formed, even in registers. The packed
+stream, absmax and nested state of each projection come from a small table of addresses, so one
+launch serves a whole stack.
+
+Precision: a 16-bit GEMM runs in fp16 on the tensor cores, whatever 16-bit type W and A have: the
+NF4 values in fp16 are within 2⁻¹² of bitsandbytes' fp32 table (in bf16, 2⁻⁹), bf16 A converts to
+fp16 exactly (LoRA A is ≪ fp16's 65504 limit; a non-finite result is caught by the refresh, which
+then recomputes those rows from dequantised weights), and products accumulate in fp32. So the
+result is closer to W·Aᵀ than dequantising W to bf16 and multiplying. An fp32 GEMM (a model that
+computes in fp32) uses the fp32 table and IEEE fp32 products, on FMA units (~82 instructions per
+weight per thread at r = 64; not timed against cuBLAS yet).
+
+Why a gather from registers: a per-weight load from a 16-entry table in memory costs two 64-bit
+address instructions per weight, and Triton's software pipeliner turns a 4-byte one into an
+asynchronous copy through shared memory. Compiled for sm_90 the main loop takes ~9 instructions
+per weight per thread (``python bench/norm_refresh.py --sass``; a first version that loaded the
+values from memory and scaled each weight before the dot took ~21, counted the same way). Not yet
+timed on a GPU: ``bench/norm_refresh.py`` does.
+
+It runs on CUDA GPUs of compute capability ≥ 8.0, and on CPU tensors under Triton's interpreter
+(``TRITON_INTERPRET=1``, for the tests). :func:`why_not` names what it does not take (no Triton,
+a T4, FP4, a CPU-packed weight, widths no chunk of ≥ 32 divides, unaligned buffers…); the caller
+then keeps the dequantise-and-mm path.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+try:  # module globals: Triton's interpreter finds ``tl`` in the kernel function's globals
+    import triton
+    import triton.language as tl
+except ImportError:  # the kernel is then never asked for (why_not says so)
+    triton = tl = None
+
+TABLE_COLUMNS = 5
+"""Addresses per projection in the kernel's table: packed codes, absmax, nested absmax, nested
+code table, nested offset (the last three 0 without double quantisation)."""
+
+
+MAX_R = 128
+"""Largest LoRA rank the kernel takes: its accumulator is BLOCK_M × r fp32 in registers (the recipe
+uses 64; its OOM ladder goes down to 32)."""
+
+
+class UnsupportedNf4Weight(ValueError):
+    """The kernel cannot take this weight or input; the message says why (the caller's fallback is
+    dequantise-then-multiply, ``trinity_core.nf4.row_blocks``)."""
+
+
+def interpreting() -> bool:
+    """Whether Triton's interpreter runs kernels (``TRITON_INTERPRET=1``): they then take CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_available() -> bool:
+    return triton is not None
+
+
+def why_not(weights: Sequence[Any], device: torch.device) -> str | None:
+    """None when :func:`nf4_times_stacked` takes these same-shaped ``Params4bit`` weights for A on
+    ``device``; else the reason, in words."""
+    return _check(weights, device)[0]
+
+
+def _check(weights: Sequence[Any], device: torch.device) -> tuple[str | None, list]:
+    """(why not, or None; each weight's remembered check). The refresh asks for 336 projections
+    every optimizer step, so a weight's check is kept on the weight itself (:func:`_checked`)."""
+    if not weights:
+        return "no weights", []
+    if not _triton_available():
+        return "Triton is not installed", []
+    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+        return f"{device.type} tensors (the kernel runs on CUDA, or on CPU under TRITON_INTERPRET=1)", []
+    if device.type == "cuda" and _capability(device) < (8, 0):
+        return (f"compute capability {_capability(device)}: Triton's tensor-core dot needs 8.0 (compiled for "
+                "sm_75 it multiplies on FMA units and spills registers; cuBLAS uses the tensor cores)"), []
+    # Params4bit's __torch_function__ makes each data_ptr() ~2 µs (0.7 ms a refresh); plain: ~0.2 µs
+    with torch._C.DisableTorchFunctionSubclass():
+        checked = [_checked(weight, device) for weight in weights]
+    for found in checked:
+        if found.reason is not None:
+            return found.reason, checked
+        if found.signature != checked[0].signature:
+            return "projections of one stack differ in shape or quantisation settings", checked
+    return None, checked
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+class _Checked:
+    """What :func:`why_not` found for one weight on one device, and its row of the address table."""
+
+    __slots__ = ("key", "reason", "signature", "addresses")
+
+    def __init__(self, key: tuple, reason: str | None, signature: tuple | None, addresses: tuple | None):
+        self.key, self.reason, self.signature, self.addresses = key, reason, signature, addresses
+
+
+def _checked(weight: Any, device: torch.device) -> _Checked:
+    """The weight's check, redone when its data, quant state or absmax moved (``QuantState.to``
+    moves its tensors in place); the key holds the state itself, so its id cannot be reused."""
+    state = getattr(weight, "quant_state", None)
+    key = (weight.data_ptr(), device, state, None if state is None else state.absmax.data_ptr())
+    found = getattr(weight, "_trinity_nf4_check", None)
+    if found is None or found.key != key:
+        reason = _why_not_one(weight, device)
+        state = weight.quant_state if reason is None else None
+        found = _Checked(key, reason, None if state is None else _signature(state),
+                         None if state is None else _addresses(weight))
+        try:
+            weight._trinity_nf4_check = found
+        except AttributeError:  # a plain tensor without __dict__: checked every time (never taken)
+            pass
+    return found
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` are one device when the current device is 0 (``torch.device`` compares
+    them unequal: the GPU run of 2026-11-28 refused every weight a test made with ``device="cuda"``)."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.type != "cuda" or (a.index is not None and b.index is not None):
+        return a.index == b.index
+    return (a.index if a.index is not None else torch.cuda.current_device()) == (
+        b.index if b.index is not None else torch.cuda.current_device())
+
+
+def _why_not_one(weight: Any, device: torch.device) -> str | None:
+    state = getattr(weight, "quant_state", None)
+    if weight.__class__.__name__ != "Params4bit" or state is None:
+        return "not a bitsandbytes Params4bit"
+    if state.quant_type != "nf4":
+        return f"quant_type {state.quant_type!r} (only nf4)"
+    if getattr(weight, "packing_format_for_cpu", False) or getattr(state, "packing_format_for_cpu", False):
+        return "repacked for bitsandbytes' CPU kernel"
+    if len(state.shape) != 2:
+        return f"weight shape {tuple(state.shape)} is not 2-D"
+    if chunk_elements(state) is None:
+        return (f"in_features {state.shape[1]} and blocksize {state.blocksize} share no chunk of 32 or 64 "
+                "elements")
+    tensors = [weight.data, state.absmax]
+    if state.nested:
+        tensors += [state.state2.absmax, state.state2.code, state.offset]
+        if state.absmax.dtype != torch.uint8 or state.state2.code.numel() != 256:
+            return "nested absmax is not uint8 codes with a 256-entry table"
+        if state.state2.absmax.dtype != torch.float32 or state.state2.code.dtype != torch.float32:
+            return "nested absmax state is not fp32"
+        if not torch.is_tensor(state.offset) or state.offset.dtype != torch.float32:
+            return "nested offset is not an fp32 tensor"
+    elif state.absmax.dtype != torch.float32:
+        return f"absmax dtype {state.absmax.dtype} (fp32 expected)"
+    for t in tensors:
+        if not _same_device(t.device, device):
+            return f"quantisation state on {t.device}, A on {device}"
+        if not t.is_contiguous() or t.data_ptr() % 16:
+            return "a quantisation buffer is not contiguous and 16-byte aligned"
+    if weight.data.numel() * weight.data.element_size() * 2 < state.shape[0] * state.shape[1]:
+        return "packed data is shorter than the weight's shape needs"
+    return None  # the packed data may be stored in any dtype (quant_storage): the kernel reads its bytes
+
+
+def _addresses(weight: Any) -> tuple:
+    """The weight's row of the kernel's address table (see TABLE_COLUMNS)."""
+    state = weight.quant_state
+    if state.nested:
+        return (weight.data_ptr(), state.absmax.data_ptr(), state.state2.absmax.data_ptr(),
+                state.state2.code.data_ptr(), state.offset.data_ptr())
+    return weight.data_ptr(), state.absmax.data_ptr(), 0, 0, 0
+
+
+def _signature(state: Any) -> tuple:
+    """What the kernel is compiled for: projections of one launch must agree on it."""
+    nested = (state.state2.blocksize,) if state.nested else ()
+    return tuple(state.shape), state.blocksize, state.nested, nested
+
+
+def chunk_elements(state: Any) -> int | None:
+    """Elements of a row the kernel takes per scale: 64 or 32, dividing both in_features and the
+    blocksize (so a chunk never crosses a quantisation block); None where neither does."""
+    in_features = state.shape[1]
+    for chunk in (64, 32):
+        if in_features % chunk == 0 and state.blocksize % chunk == 0:
+            return chunk
+    return None
+
+
+def nf4_times(weight: Any, quant_state: Any, a_t: torch.Tensor) -> torch.Tensor:
+    """``W @ a_t`` (out × r, fp32) for the NF4 ``weight`` (a ``Params4bit``, out × in) and
+    ``a_t`` (in × r, bf16/fp16/fp32), without dequantising W: ``nf4.dequantize(weight, state) @ a_t``
+    up to the GEMM precision of ``a_t``'s dtype (module docstring). Raises
+    :class:`UnsupportedNf4Weight` saying why where the kernel cannot take it."""
+    if getattr(weight, "quant_state", None) is not quant_state:
+        raise UnsupportedNf4Weight("quant_state is not this weight's quant_state")
+    if a_t.dim() != 2 or a_t.shape[0] != quant_state.shape[1]:
+        raise UnsupportedNf4Weight(f"a_t has shape {tuple(a_t.shape)}; expected "
+                                   f"(in_features={quant_state.shape[1]}, r)")
+    return nf4_times_stacked([weight], a_t.mT.unsqueeze(0), a_t.dtype)[0]
+
+
+def nf4_times_stacked(weights: Sequence[Any], a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``W_l @ A_lᵀ`` for each same-shaped NF4 weight ``W_l`` (out × in) and ``a[l]`` (r × in), as
+    one (L, out, r) fp32 tensor, in one kernel launch. ``dtype`` picks the GEMM: bf16 or fp16 → fp16
+    tensor-core products, fp32 → IEEE fp32 (see the module docstring). Raises
+    :class:`UnsupportedNf4Weight` saying why where the kernel cannot take them."""
+    out = nf4_times_stacked_or_none(weights, a, dtype)
+    if out is None:
+        reason = why_not(weights, a.device) or f"r = {a.shape[1]} > {MAX_R}"
+        raise UnsupportedNf4Weight(f"the NF4 kernel cannot take these weights: {reason}")
+    return out
+
+
+def nf4_times_stacked_or_none(weights: Sequence[Any], a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """:func:`nf4_times_stacked`, or None where the kernel cannot take the weights (one check pass:
+    the refresh's way in, which then falls back to dequantising)."""
+    reason, checked = _check(weights, a.device)
+    if reason is not None or a.shape[1] > MAX_R:
+        return None
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise UnsupportedNf4Weight(f"GEMM dtype {dtype}: bf16, fp16 or fp32 only")
+    state = weights[0].quant_state
+    out_features, in_features = state.shape
+    if a.dim() != 3 or a.shape[0] != len(weights) or a.shape[2] != in_features:
+        raise UnsupportedNf4Weight(f"a has shape {tuple(a.shape)}; expected ({len(weights)}, r, {in_features})")
+    count, r = a.shape[0], a.shape[1]
+    gemm_dtype = torch.float32 if dtype == torch.float32 else torch.float16
+    # A's even and odd columns, each transposed: (L, 2, in/2, r), so a chunk's two halves are plain tiles
+    a_split = torch.empty((count, 2, in_features // 2, r), device=a.device, dtype=gemm_dtype)
+    a_split.copy_(a.view(count, r, in_features // 2, 2).permute(0, 3, 2, 1))
+    out = torch.empty((count, out_features, r), device=a.device, dtype=torch.float32)
+    config = launch_config(out_features, gemm_dtype)
+    grid = (-(-out_features // config["BLOCK_M"]), count)
+    table = _table_of(tuple(found.addresses for found in checked), a.device)
+    _kernel(interpreting())[grid](
+        table, a_split, code_table(a.device, gemm_dtype), out, out_features, r,
+        K=in_features, BLOCKSIZE=state.blocksize, BLOCKSIZE2=state.state2.blocksize if state.nested else 1,
+        NESTED=state.nested, CHUNK=chunk_elements(state), R_PAD=max(16, 1 << (r - 1).bit_length()), **config)
+    return out
+
+
+def launch_config(out_features: int, gemm_dtype: torch.dtype) -> dict:
+    """Tile sizes by shape and GEMM dtype, fixed (GPU time to tune is scarce; ``bench/norm_refresh.py
+    --sweep`` times alternatives). Chosen from the sm_90 build: 128 rows × 8 warps uses 128
+    registers a thread and 41 KB of shared memory, so two programs fit an SM; the fp32 FMA dot
+    needs ~190 registers, hence 64 rows × 4 warps."""
+    if gemm_dtype == torch.float32:
+        return {"BLOCK_M": 64, "num_warps": 4, "num_stages": 2}
+    if out_features >= 1024:
+        return {"BLOCK_M": 128, "num_warps": 8, "num_stages": 3}
+    return {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}
+
+
+@functools.lru_cache(maxsize=256)
+def _table_of(rows: tuple, device: torch.device) -> torch.Tensor:
+    """(L, TABLE_COLUMNS) int64 addresses on ``device``, cached by the addresses themselves
+    (frozen weights keep them: one copy to the device per stack, not per step)."""
+    return torch.tensor(rows, dtype=torch.int64).to(device)
+
+
+@functools.cache
+def code_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """bitsandbytes' 16 NF4 values (the table its dequantisation kernels use) in ``dtype``."""
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.get_4bit_type("nf4", device=device).to(dtype).contiguous()
+
+
+@functools.cache
+def _kernel(interpret: bool):
+    """The Triton kernel, compiled or interpreted on CPU tensors: ``interpret`` is part of the
+    cache key because ``triton.jit`` picks the interpreter when it wraps the function."""
+    return triton.jit(_nf4_times_kernel)
+
+
+def _nf4_times_kernel(table_ptr, a_ptr, code_ptr, out_ptr, N, R, K: tl.constexpr,
+                     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+                     BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, R_PAD: tl.constexpr):
+    """out[l] (N × R, fp32) = W_l · A_lᵀ for program (row tile, l). ``table_ptr``: (L, 5) addresses
+    (see TABLE_COLUMNS); ``a_ptr``: (L, 2, K/2, R), A's even then odd columns, transposed, in the
+    GEMM dtype; ``code_ptr``: the 16 NF4 values in that dtype. K is a compile-time constant (one
+    compile per width; Triton 3.6's interpreter also cannot loop to a runtime bound under numpy 2)."""
+    layer = tl.program_id(1)
+    entry = table_ptr + layer * 5
+    packed = tl.multiple_of(tl.load(entry).to(tl.pointer_type(tl.uint8)), 16)
+    if NESTED:
+        absmax_q = tl.load(entry + 1).to(tl.pointer_type(tl.uint8))
+        absmax2 = tl.load(entry + 2).to(tl.pointer_type(tl.float32))
+        code2 = tl.load(entry + 3).to(tl.pointer_type(tl.float32))
+        offset = tl.load(tl.load(entry + 4).to(tl.pointer_type(tl.float32)))
+    else:
+        absmax = tl.load(entry + 1).to(tl.pointer_type(tl.float32))
+
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    rows = tl.where(row_ok, rows, 0).to(tl.int64)
+    cols = tl.arange(0, R_PAD)
+    col_ok = cols < R
+    half = tl.arange(0, CHUNK // 2)
+    a_even = a_ptr + layer.to(tl.int64) * K * R + cols[None, :]
+    a_odd = a_even + (K // 2) * R
+    codes = tl.broadcast_to(tl.load(code_ptr + tl.arange(0, 16))[None, :], (BLOCK_M, 16))
+    # tl.zeros is itself a jit function: the interpreter runs those only when TRITON_INTERPRET was
+    # set before triton was imported; tl.full is a builtin
+    acc = tl.full((BLOCK_M, R_PAD), 0.0, tl.float32)
+    for k in range(0, K, CHUNK):
+        first = rows * K + k  # flat index of each row's chunk: it lies in one quantisation block
+        block = first // BLOCKSIZE
+        if NESTED:  # as bitsandbytes: code2[q] · absmax2, then + offset
+            q = tl.load(absmax_q + block, mask=row_ok, other=0).to(tl.int32)
+            scale = tl.load(code2 + q) * tl.load(absmax2 + block // BLOCKSIZE2, mask=row_ok, other=0.0)
+            scale = scale + offset
+        else:
+            scale = tl.load(absmax + block, mask=row_ok, other=0.0)
+        byte_at = tl.multiple_of(first // 2, CHUNK // 2)
+        byte = tl.load(packed + byte_at[:, None] + half[None, :], mask=row_ok[:, None], other=0).to(tl.int32)
+        a_rows = (k // 2 + half).to(tl.int64)[:, None] * R
+        even = tl.load(a_even + a_rows, mask=col_ok[None, :], other=0.0)
+        odd = tl.load(a_odd + a_rows, mask=col_ok[None, :], other=0.0)
+        part = tl.dot(tl.gather(codes, byte >> 4, 1), even, input_precision="ieee")
+        part = tl.dot(tl.gather(codes, byte & 15, 1), odd, part, input_precision="ieee")
+        acc += part * scale[:, None]
+    out = out_ptr + layer.to(tl.int64) * N * R + rows[:, None] * R + cols[None, :]
+    tl.store(out, acc, mask=row_ok[:, None] & col_ok[None, :])
+
+
+__all__ = ["MAX_R", "UnsupportedNf4Weight", "chunk_elements", "code_table", "interpreting", "launch_config", "nf4_times",
+           "nf4_times_stacked", "nf4_times_stacked_or_none", "why_not"]
