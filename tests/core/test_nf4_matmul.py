@@ -235,3 +235,17 @@ def test_refresh_recomputes_rows_the_kernel_left_non_finite(monkeypatch):
     for got, ref in zip(norms, refs):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=0)
+
+
+def test_cuda_and_cuda_0_are_one_device(monkeypatch):
+    """``torch.device("cuda") != torch.device("cuda:0")``; the kernel's device check must not refuse
+    weights on cuda:0 for A made with ``device="cuda"`` (the H200 run of 2026-11-28 did, 16 tests)."""
+    import torch
+
+    from trinity_core.train.fast_dora import nf4_matmul as nm
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert nm._same_device(torch.device("cuda"), torch.device("cuda:0"))
+    assert nm._same_device("cuda:1", "cuda:1") and not nm._same_device("cuda:0", "cuda:1")
+    assert not nm._same_device(torch.device("cuda"), torch.device("cuda:1"))
+    assert not nm._same_device("cpu", "cuda:0") and nm._same_device("cpu", "cpu")
