@@ -39,10 +39,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app() -> FastAPI:
     app = FastAPI(title="Trinity", version="0.1.0", lifespan=lifespan,
-                  description="Self-hosted fine-tuning jobs. Every route but /health needs "
+                  description="Self-hosted fine-tuning jobs. Every route but /livez and /health needs "
                               "`Authorization: Bearer <key>` (`trinity keys create --tenant NAME`).")
     errors.install(app)
     app.include_router(health.router)
+    app.include_router(jobs.poll_router)  # GET /jobs/{id}: checks the key itself (api/routes/jobs.py)
     authed = [Depends(get_tenant)]
     for module in (datasets, estimate, jobs, events, artifacts, webhooks, openai_files, openai_jobs):
         app.include_router(module.router, dependencies=authed, responses=errors.AUTHED_RESPONSES)

@@ -13,12 +13,13 @@ import hashlib
 import json
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, func, or_, update
+from sqlalchemy import JSON, Connection, Text, and_, bindparam, cast, func, or_, tuple_, update
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from trinity_service import notify, webhooks
-from trinity_service.models import ApiKey, Dataset, Job, JobEvent, JobOpenAI, now
+from trinity_service.models import ApiKey, Dataset, Job, JobEvent, JobOpenAI, JobPublic, now
 from trinity_service.security import generate_key, hash_key, same_hash
 from trinity_service.states import ACTIVE, IllegalTransition, JobStatus, can_transition, is_terminal
 
@@ -177,28 +178,53 @@ def get_job(*, session: Session, tenant: str | None, job_id: str) -> Job | None:
     return job if job is not None and (tenant is None or job.tenant == tenant) else None
 
 
+# Columns GET /jobs/{id} answers with (JobPublic's fields that are columns of the job table).
+_POLL_COLUMNS = tuple(c for c in Job.__table__.columns if c.name in JobPublic.model_fields)
+_POLL_NAMES = (*(c.name for c in _POLL_COLUMNS), "ahead")
+_POLL_JSON = tuple(c.name for c in _POLL_COLUMNS if isinstance(c.type, JSON))
+
+
 def _job_row_statement():  # noqa: ANN202
     """Built once, in Core with bound parameters: SQLAlchemy then skips the ORM and reuses the
-    compiled SQL (per call, building and hashing the statement cost more than running it)."""
+    compiled SQL (per call, building and hashing the statement cost more than running it). JSON
+    columns come back as their stored text (``CAST … AS TEXT``): a poll of an unchanged row is
+    then recognised by comparing plain values, before any JSON is parsed (``api/poll.py``)."""
     job, ahead = Job.__table__, Job.__table__.alias("ahead")
     position = select(func.count()).select_from(ahead).where(
         ahead.c.queue == job.c.queue, ahead.c.status == S.queued.value,
-        or_(ahead.c.queued_at < job.c.queued_at, and_(ahead.c.queued_at == job.c.queued_at, ahead.c.id < job.c.id)),
+        tuple_(ahead.c.queued_at, ahead.c.id) < tuple_(job.c.queued_at, job.c.id),
     ).correlate(job).scalar_subquery()
-    return select(*job.columns, position.label("ahead")).where(
+    columns = [cast(c, Text).label(c.name) if c.name in _POLL_JSON else c for c in _POLL_COLUMNS]
+    return select(*columns, position.label("ahead")).where(
         job.c.id == bindparam("job_id"), job.c.tenant == bindparam("tenant"))
 
 
 _JOB_ROW = _job_row_statement()
+# The same statement as SQLite's driver takes it (named parameters), for job_row_values on SQLite.
+_JOB_ROW_SQLITE = _JOB_ROW.compile(dialect=sqlite.dialect(paramstyle="named"))
+_JOB_ROW_SQLITE_SQL, _JOB_ROW_SQLITE_PARAMS = _JOB_ROW_SQLITE.string, dict(_JOB_ROW_SQLITE.params)
 
 
-def job_row(*, connection: Connection, tenant: str, job_id: str) -> tuple[dict[str, Any], int | None] | None:
-    """The job's columns by name and its ``queue_position``, in one statement and without an ORM
-    object or a session (GET /jobs/{id} is polled); None when missing or another tenant's."""
+def job_row_values(*, connection: Connection, tenant: str, job_id: str) -> tuple | None:
+    """The public columns of the job, JSON ones as text, then the number of queued jobs ahead of it
+    (``job_row_fields`` decodes them); None when missing or another tenant's. One statement, no
+    ORM object, no session: GET /jobs/{id} is polled. On SQLite the driver runs the SQL compiled
+    once (SQLAlchemy's execute and result handling cost several times the read itself); on other
+    databases Core runs it (its types then differ: ``bool``, ``JobStatus``; same decoded fields)."""
+    if connection.dialect.name == "sqlite":
+        params = _JOB_ROW_SQLITE_PARAMS | {"job_id": job_id, "tenant": tenant}
+        return connection.connection.driver_connection.execute(_JOB_ROW_SQLITE_SQL, params).fetchone()
     row = connection.execute(_JOB_ROW, {"job_id": job_id, "tenant": tenant}).first()
-    if row is None:
-        return None
-    fields = dict(row._mapping)
+    return None if row is None else tuple(row)
+
+
+def job_row_fields(values: tuple) -> tuple[dict[str, Any], int | None]:
+    """``job_row_values`` as the job's columns by name, as the ORM reads them, and its
+    ``queue_position`` (None unless queued)."""
+    fields = dict(zip(_POLL_NAMES, values, strict=True))
+    for name in _POLL_JSON:
+        fields[name] = None if fields[name] is None else json.loads(fields[name])
+    fields["cancel_requested"] = bool(fields["cancel_requested"])
     ahead = fields.pop("ahead")
     position = ahead + 1 if fields["status"] == S.queued and fields["queued_at"] is not None else None
     return fields, position
@@ -216,13 +242,16 @@ def list_jobs(
 
 
 def queue_position(*, session: Session, job: Job) -> int | None:
-    """1 + the queued jobs of the same queue queued before it; None unless queued."""
+    """1 + the queued jobs of the same queue queued before it (ties: by id); None unless queued.
+    A row-value comparison, ``(queued_at, id) < (…)``, as in the polled statement: on SQLite the
+    index on (queue, status, queued_at) then bounds the count to the jobs ahead (EXPLAIN QUERY
+    PLAN: ``queued_at<?``), where the ``OR`` of the two cases it replaces scanned the whole queue."""
     if job.status != S.queued or job.queued_at is None:
         return None
     ahead = session.exec(
         select(func.count()).select_from(Job).where(
             Job.queue == job.queue, Job.status == S.queued,
-            or_(col(Job.queued_at) < job.queued_at, and_(col(Job.queued_at) == job.queued_at, col(Job.id) < job.id)),
+            tuple_(col(Job.queued_at), col(Job.id)) < tuple_(job.queued_at, job.id),
         )
     ).one()
     return int(ahead) + 1

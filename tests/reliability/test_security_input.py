@@ -36,7 +36,7 @@ def app_routes() -> list[tuple[str, str]]:
     return sorted(found)
 
 
-PUBLIC = {"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+PUBLIC = {"/health", "/livez", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 # The dashboard (api/routes/dashboard.py): static pages without data; their script calls the JSON API
 # with the key. They are public by design; test_dashboard_pages_carry_no_data checks they leak nothing.
 DASHBOARD_PAGES = {"/", "/ui", "/ui/jobs/{job_id}"}
@@ -81,6 +81,7 @@ def test_every_route_needs_a_key(rstack, owned):
             assert r.json()["error"]["code"] in ("missing_api_key", "invalid_api_key")
             assert r.headers.get("www-authenticate") == "Bearer"
     assert httpx.get(rstack.base + "/health").status_code == 200
+    assert httpx.get(rstack.base + "/livez").status_code == 200
 
 
 def test_dashboard_pages_carry_no_data(rstack, owned):
