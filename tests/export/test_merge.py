@@ -174,3 +174,24 @@ def test_unknown_adapter_module_is_an_export_error(workdir, sharded_base, tmp_pa
     assert not (tmp_path / "merged").exists()
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
+
+
+def test_prequantized_weight_is_dequantized_in_the_trained_models_dtype():
+    """A pre-quantised checkpoint serialises its quant state's dtype (bf16 in unsloth's); the merge
+    dequantises in the dtype the trained model used (``nf4.dequant_dtype_of``), also when that is the
+    compute dtype (fp16 under Unsloth's T4 path): ``quant_of`` used to drop it then, and the merge fell
+    back to the file's bf16."""
+    import bitsandbytes.functional as bnbf
+
+    from trinity_core.export.merge import dequantize_prequantized
+    from trinity_core.export.run import quant_of
+    from trinity_core.spec import JobSpec
+
+    torch.manual_seed(0)
+    packed, state = bnbf.quantize_4bit(torch.randn(64, 128, dtype=torch.bfloat16) * 0.02, blocksize=64,
+                                       compress_statistics=True, quant_type="nf4")
+    stats = {k.removeprefix("weight."): v for k, v in state.as_dict(packed=True).items()}
+    quant = quant_of(JobSpec(), compute_dtype="float16", dequant_dtype="float16")
+    assert quant.dequant_dtype == "float16"
+    assert dequantize_prequantized(packed, stats, quant).dtype == torch.float16
+    assert dequantize_prequantized(packed, stats).dtype == torch.bfloat16  # no trained model: the file's

@@ -33,8 +33,11 @@ def quant_of(spec: JobSpec, compute_dtype: str | None = None, dequant_dtype: str
         from trinity_core.train.backends.common import compute_dtype as resolve
 
         compute_dtype = str(resolve(spec)).removeprefix("torch.")
+    # dequant_dtype is kept even when it equals the compute dtype: a pre-quantised base is otherwise
+    # dequantised in the dtype its file serialised (merge.dequantize_prequantized), not the one the
+    # trained model used (bf16 in the file, fp16 under Unsloth's T4 path)
     return Quant(quant_type=spec.model.quant_type, double_quant=spec.model.double_quant, dtype=compute_dtype,
-                 dequant_dtype=dequant_dtype if dequant_dtype != compute_dtype else None)
+                 dequant_dtype=dequant_dtype)
 
 
 def export_all(
