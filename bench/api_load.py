@@ -89,14 +89,21 @@ def start_api(tmp: Path, *, workers: int, baseline: bool, pin: bool, extra_env: 
     return proc, base, key, {"model": str(tmp / "model"), "queue": env["TRINITY_GPU_QUEUES"], "env": env}
 
 
-def ab(url: str, key: str | None, *, n: int, c: int, keepalive: bool, pin: bool) -> dict:
-    cmd = ["ab", "-q", "-n", str(n), "-c", str(c)] + (["-k"] if keepalive else [])
+def run_load_tool(cmd: list[str], url: str, key: str | None, pin: bool) -> tuple[str, tuple]:
+    """Run ab or wrk (``cmd`` without the key header and URL; on CPU 0 with ``pin``) and print its
+    output with the load average before it and the command, the key masked: (output, load)."""
     if key:
-        cmd += ["-H", f"Authorization: Bearer {key}"]
+        cmd = cmd + ["-H", f"Authorization: Bearer {key}"]
     cmd = (["taskset", "-c", "0"] if pin else []) + cmd + [url]
     load = os.getloadavg()
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     print(f"# load average before: {load}\n$ {' '.join(cmd).replace(key or '@@', 'trn_…')}\n{out}", flush=True)
+    return out, load
+
+
+def ab(url: str, key: str | None, *, n: int, c: int, keepalive: bool, pin: bool) -> dict:
+    out, load = run_load_tool(["ab", "-q", "-n", str(n), "-c", str(c)] + (["-k"] if keepalive else []),
+                              url, key, pin)
     field = lambda pattern: float(re.search(pattern, out).group(1))  # noqa: E731
     return {"requests": field(r"Complete requests:\s+(\d+)"),
             "req_per_s": field(r"Requests per second:\s+([\d.]+)"), "p50_ms": field(r"\n\s+50%\s+(\d+)"),
@@ -111,13 +118,7 @@ WRK_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
 
 def wrk(url: str, key: str | None, *, seconds: float, c: int, pin: bool) -> dict:
     """wrk with one thread (as ab: one core's worth of load tool), keep-alive always."""
-    cmd = ["wrk", "-t1", f"-c{c}", f"-d{seconds:g}s", "--latency"]
-    if key:
-        cmd += ["-H", f"Authorization: Bearer {key}"]
-    cmd = (["taskset", "-c", "0"] if pin else []) + cmd + [url]
-    load = os.getloadavg()
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    print(f"# load average before: {load}\n$ {' '.join(cmd).replace(key or '@@', 'trn_…')}\n{out}", flush=True)
+    out, load = run_load_tool(["wrk", "-t1", f"-c{c}", f"-d{seconds:g}s", "--latency"], url, key, pin)
 
     def latency(p: int) -> float:
         value, unit = re.search(rf"\n\s+{p}%\s+([\d.]+)(us|ms|s|m)\b", out).groups()

@@ -26,6 +26,7 @@ from trinity_core.train.fast_dora import enable_fast_dora  # noqa: E402
 from trinity_core.train.fast_dora import linear as qdora  # noqa: E402
 from trinity_core.train.fast_dora import nf4_matmul  # noqa: E402
 from trinity_core.train.fast_dora.linear import linear_norm_reference  # noqa: E402
+from tests.nf4_reference import mirrored_product as _mirrored  # noqa: E402
 
 TOL = 1e-5
 CPU = torch.device("cpu")
@@ -48,18 +49,6 @@ def _nf4_weight(out_features: int, in_features: int, *, nested: bool, seed: int 
     layer.weight = bnb.nn.Params4bit(torch.randn(out_features, in_features) * 0.05, requires_grad=False,
                                      compress_statistics=nested, quant_type=quant_type)
     return layer.to("cpu").weight  # quantises
-
-
-def _mirrored(weight, a_t: torch.Tensor) -> torch.Tensor:
-    """W·a_t in float64 from the packed stream itself, with the kernel's NF4 values and A's rounding."""
-    state = weight.quant_state
-    gemm_dtype = torch.float32 if a_t.dtype == torch.float32 else torch.float16
-    numel = state.shape[0] * state.shape[1]
-    stream = weight.data.view(torch.uint8).reshape(-1)
-    q = torch.stack([stream >> 4, stream & 15], 1).reshape(-1)[:numel].long()  # high nibble first
-    codes = nf4_matmul.code_table(stream.device, gemm_dtype).double()[q]
-    scales = nf4.absmax_of(state).double().repeat_interleave(state.blocksize)[:numel]
-    return (codes * scales).reshape(state.shape) @ a_t.to(gemm_dtype).double()
 
 
 def _relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:

@@ -19,6 +19,7 @@ import torch
 from trinity_core import nf4
 from trinity_core.train.fast_dora import linear as qdora
 from trinity_core.train.fast_dora import nf4_matmul
+from tests.nf4_reference import mirrored_product as _mirrored
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -37,18 +38,6 @@ def _weight(out_features: int, in_features: int, *, nested: bool, dtype=torch.bf
     packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4")
     return bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=64,
                              compress_statistics=nested, quant_type="nf4", bnb_quantized=True)
-
-
-def _mirrored(weight, a_t: torch.Tensor) -> torch.Tensor:
-    """W·a_t in float64 from the packed stream itself, with the kernel's NF4 values and A's rounding."""
-    state = weight.quant_state
-    gemm_dtype = torch.float32 if a_t.dtype == torch.float32 else torch.float16
-    numel = state.shape[0] * state.shape[1]
-    stream = weight.data.view(torch.uint8).reshape(-1)
-    q = torch.stack([stream >> 4, stream & 15], 1).reshape(-1)[:numel].long()  # high nibble first
-    codes = nf4_matmul.code_table(stream.device, gemm_dtype).double()[q]
-    scales = nf4.absmax_of(state).double().repeat_interleave(state.blocksize)[:numel]
-    return (codes * scales).reshape(state.shape) @ a_t.to(gemm_dtype).double()
 
 
 def _exact(weight, a_t: torch.Tensor) -> torch.Tensor:
