@@ -21,14 +21,21 @@ fi
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2}
 LLAMA_VERSION=$(sed -n 's/^ARG LLAMA_CPP_PYTHON_VERSION=//p' Dockerfile)
 LLAMA_ARGS=$(sed -n 's/^ARG LLAMA_CMAKE_ARGS="\(.*\)"$/\1/p' Dockerfile)
-portable_llama() {
-  "$VENV/bin/python" -c "import llama_cpp, sys; info = llama_cpp.llama_print_system_info().decode()
-sys.exit(any(f'{k} = 1' in info for k in ('AMX_INT8', 'AVX512')))" 2>/dev/null
+portable_llama() {  # exit 0: a portable build is installed; 1: a native one; 2: none importable
+  "$VENV/bin/python" -c "import sys
+try:
+    import llama_cpp
+except Exception as e:
+    print(f'llama_cpp does not import: {e}', file=sys.stderr); sys.exit(2)
+info = llama_cpp.llama_print_system_info().decode()
+sys.exit(any(f'{k} = 1' in info for k in ('AMX_INT8', 'AVX512')))"
 }
-if ! portable_llama; then
+if ! portable_llama 2>/dev/null; then
   echo "==> installing llama-cpp-python $LLAMA_VERSION ($LLAMA_ARGS)"
-  CMAKE_ARGS="$LLAMA_ARGS" "$VENV/bin/pip" install -q --no-deps "llama-cpp-python==$LLAMA_VERSION"
-  if ! portable_llama; then
+  CMAKE_ARGS="$LLAMA_ARGS" "$VENV/bin/pip" install -q "llama-cpp-python==$LLAMA_VERSION"  # with numpy & co
+  found=0; portable_llama || found=$?
+  [ "$found" != 2 ] || exit 1
+  if [ "$found" = 1 ]; then
     echo "==> the cached llama-cpp-python wheel was built for this CPU: rebuilding (~8 min)"
     "$VENV/bin/pip" cache remove 'llama_cpp_python*' >/dev/null 2>&1 || true
     CMAKE_ARGS="$LLAMA_ARGS" "$VENV/bin/pip" install -q --no-deps --force-reinstall "llama-cpp-python==$LLAMA_VERSION"
