@@ -49,7 +49,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load import free_port, make_jobs, pct  # noqa: E402  (bench/load.py: the job bodies)
+from load import free_port, make_jobs, pct, wait_healthy  # noqa: E402  (bench/load.py: the job bodies)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,14 +78,7 @@ def start_api(tmp: Path, *, workers: int, baseline: bool, pin: bool, extra_env: 
     log = open(tmp / "api.log", "wb")
     proc = subprocess.Popen(cmd, env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    else:
-        raise SystemExit((tmp / "api.log").read_text())
+    wait_healthy(base, tmp / "api.log")
     return proc, base, key, {"model": str(tmp / "model"), "queue": env["TRINITY_GPU_QUEUES"], "env": env}
 
 

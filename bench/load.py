@@ -54,13 +54,21 @@ def start_api(tmp: Path, broker: str, workers: int) -> tuple[subprocess.Popen, s
                              str(port), "--workers", str(workers), "--log-level", "warning"],
                             env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
-    for _ in range(120):
+    wait_healthy(base)
+    return proc, base, key, env | {"queue": queue, "model": str(tmp / "model")}
+
+
+def wait_healthy(base: str, log: Path | None = None, tries: int = 120) -> None:
+    """Until GET {base}/health answers 200 (~0.5 s between tries); then, with ``log``, exit with the
+    server's log if it never did."""
+    for _ in range(tries):
         try:
             if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
+                return
         except httpx.HTTPError:
             time.sleep(0.5)
-    return proc, base, key, env | {"queue": queue, "model": str(tmp / "model")}
+    if log is not None:
+        raise SystemExit(log.read_text())
 
 
 def make_jobs(base: str, key: str, n: int, model: str) -> list[str]:
