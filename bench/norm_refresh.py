@@ -11,7 +11,8 @@ checkpoints), with rank-``--r`` A and B, wrapped in fast DoRA's real layer objec
 times ``linear.refresh_after_step`` itself (what the optimizer's post-step hook runs): median of
 ``--iters`` calls after ``--warmup``, by CUDA events and by host wall clock (each call ends in the
 refresh's own host sync). ``old`` is the dequantise-and-mm path (``USE_NF4_KERNEL = False``),
-``new`` the kernel. Also printed: the kernel alone per projection shape (one launch over all layers,
+``new`` the kernel with the norm sums in torch (``FUSE_NORMS = False``), ``fused`` the kernel with its
+norm epilogue (the default). Also printed: the kernel alone per projection shape (one launch over all layers,
 effective bandwidth of the packed codes), and how far each path's norms are from float64.
 
 One JSON object per line on stdout (and ``--out``): ``kind`` = setup / refresh / kernel / accuracy /
@@ -135,14 +136,14 @@ def time_refresh(items: list, args, device: torch.device, emit) -> dict[str, tor
     """Times both paths of the real refresh; the norms each path left."""
     optimizer = torch.optim.SGD([p for item in items for p in item[1:3]], lr=0.0)
     left = {}
-    for path, use_kernel in (("old", False), ("new", True)):
-        qdora.USE_NF4_KERNEL = use_kernel
+    for path, use_kernel, fuse in (("old", False, False), ("new", True, False), ("fused", True, True)):
+        qdora.USE_NF4_KERNEL, qdora.FUSE_NORMS = use_kernel, fuse
         refreshed = qdora.refresh_after_step(optimizer)
         dev, host = timed(lambda: qdora.refresh_after_step(optimizer), args, device)
         left[path] = norms_of(items).clone()
         emit({"kind": "refresh", "path": path, "projections": refreshed, "iters": args.iters,
               "device": stats(dev), "host": stats(host)})
-    qdora.USE_NF4_KERNEL = True
+    qdora.USE_NF4_KERNEL = qdora.FUSE_NORMS = True
     return left
 
 
@@ -164,6 +165,12 @@ def time_kernel(items: list, args, device: torch.device, dtype: torch.dtype, emi
             nf4_matmul.launch_config = chosen
         median = statistics.median(dev)
         packed_gb = len(group) * out_features * in_features / 2 / 1e9
+        if config is None:  # the refresh's own launch: W Aᵀ and the norm epilogue (nf4_row_norms_or_none)
+            b = torch.stack([item[2].detach() for item in group])
+            w2, s = qdora._stack_constants(group, device)
+            fused, _ = timed(lambda: nf4_matmul.nf4_row_norms_or_none(weights, a, b, w2, s, dtype), args, device)
+            emit({"kind": "kernel_fused", "shape": [out_features, in_features], "layers": len(group), **stats(fused),
+                  "packed_GB_per_s": round(packed_gb / (statistics.median(fused) / 1e3), 3)})
         gemm_dtype = torch.float32 if dtype == torch.float32 else torch.float16
         emit({"kind": "sweep" if config else "kernel", "shape": [out_features, in_features], "layers": len(group),
               "config": list(config) if config else chosen(out_features, gemm_dtype), **stats(dev),
@@ -172,7 +179,7 @@ def time_kernel(items: list, args, device: torch.device, dtype: torch.dtype, emi
 
 def accuracy(items: list, left: dict[str, torch.Tensor], emit) -> None:
     """Each path's norms against float64 for the first layer's projections (max relative error)."""
-    offset, errors = 0, {"old": 0.0, "new": 0.0}
+    offset, errors = 0, {path: 0.0 for path in left}
     for dora, a, b, s, base in items[:7]:
         w = base.weight
         ref = qdora.linear_norm_reference(nf4.dequantize(w.data, w.quant_state, torch.float32), a, b, s)
@@ -181,8 +188,9 @@ def accuracy(items: list, left: dict[str, torch.Tensor], emit) -> None:
             err = ((norms[offset:offset + n].double() - ref).abs() / ref).max().item()
             errors[path] = max(errors[path], err)
         offset += n
-    between = ((left["new"].double() - left["old"].double()).abs() / left["old"].double()).max().item()
-    emit({"kind": "accuracy", "max_rel_err_vs_float64_layer0": errors, "max_rel_diff_new_vs_old": between})
+    between = {path: ((left[path].double() - left["old"].double()).abs() / left["old"].double()).max().item()
+               for path in left if path != "old"}
+    emit({"kind": "accuracy", "max_rel_err_vs_float64_layer0": errors, "max_rel_diff_vs_old": between})
 
 
 def sass_report(args, emit) -> None:
@@ -199,16 +207,17 @@ def sass_report(args, emit) -> None:
 
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     kernel = nf4_matmul._kernel(False)
-    constexprs = ["K", "BLOCKSIZE", "BLOCKSIZE2", "NESTED", "BLOCK_M", "CHUNK", "R_PAD"]
+    constexprs = ["K", "BLOCKSIZE", "BLOCKSIZE2", "NESTED", "BLOCK_M", "CHUNK", "R_PAD", "FUSED"]
     gemm = "fp32" if args.dtype == "float32" else "fp16"
     chosen = nf4_matmul.launch_config(4096, getattr(torch, "float32" if gemm == "fp32" else "float16"))
     configs = [tuple(chosen[k] for k in ("BLOCK_M", "num_warps", "num_stages"))] + [c for c in SWEEP if args.sweep]
     for in_features in sorted({i for _, _, i in projections(args.shape)}):
-        for block_m, warps, stages in dict.fromkeys(configs):
+        for (block_m, warps, stages), fused in [(c, f) for c in dict.fromkeys(configs) for f in (False, True)]:
             signature = {"table_ptr": "*i64", "a_ptr": f"*{gemm}", "code_ptr": f"*{gemm}", "out_ptr": "*fp32",
+                         "b_ptr": "*bf16", "aat_ptr": "*fp32", "w2_ptr": "*fp32", "s_ptr": "*fp32", "size_ptr": "*fp32",
                          "N": "i32", "R": "i32", **{k: "constexpr" for k in constexprs}}
-            values = dict(zip(constexprs, (in_features, 64, 256, True, block_m, 64, 64)))
-            source = ASTSource(kernel, signature, values, {(i,): [["tt.divisibility", 16]] for i in range(6)})
+            values = dict(zip(constexprs, (in_features, 64, 256, True, block_m, 64, 64, fused)))
+            source = ASTSource(kernel, signature, values, {(i,): [["tt.divisibility", 16]] for i in range(9)})
             compiled = triton.compile(source, target=GPUTarget("cuda", args.arch, 32),
                                       options={"num_warps": warps, "num_stages": stages})
             with tempfile.TemporaryDirectory() as tmp:
@@ -224,7 +233,7 @@ def sass_report(args, emit) -> None:
                     if j and int(j.group(1), 16) < at]
             start, end = max(back, key=lambda edge: edge[1] - edge[0])  # the longest loop: over in_features
             loop = sum(start <= at <= end for at, _ in lines)
-            emit({"kind": "sass", "arch": arch, "gemm": gemm, "in_features": in_features,
+            emit({"kind": "sass", "arch": arch, "gemm": gemm, "in_features": in_features, "fused_norms": fused,
                   "config": [block_m, warps, stages], "registers": int(re.search(r"Used (\d+) registers", ptxas)[1]),
                   "spill_bytes": int(re.search(r"(\d+) bytes spill stores", ptxas)[1]),
                   "shared_bytes": compiled.metadata.shared, "loop_instructions": loop,

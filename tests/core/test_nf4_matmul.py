@@ -100,6 +100,26 @@ def test_stacked_launch_matches_each_weight():
         assert _relative_error(got[i], _mirrored(weight, a[i].mT)) < TOL
 
 
+@pytest.mark.parametrize("r", [8, 20], ids=["r8", "r20_padded"])
+def test_fused_row_norms_match_float64(r):
+    """The kernel's norm epilogue: ``n2 = ‖W_i‖² + 2s·B_i(W Aᵀ)_i + s²·B_i A Aᵀ B_iᵀ`` and its scale
+    for a stack of three weights (70 rows: a partial tile; r = 20: padded to 32 columns), B in bf16
+    as TRL keeps it, against the same sum in float64 from the dequantised weights."""
+    weights = [_nf4_weight(70, 192, nested=True, seed=s) for s in range(3)]
+    torch.manual_seed(3)
+    a = torch.randn(3, r, 192) / 192 ** 0.5
+    b = (torch.randn(3, 70, r) * 0.05).to(torch.bfloat16)
+    dense = [nf4.dequantize(w.data, w.quant_state, torch.float32).double() for w in weights]
+    w2 = torch.stack([(d * d).sum(1) for d in dense]).float()
+    s = torch.tensor([0.5, 2.0, 7.0])
+    n2, size = nf4_matmul.nf4_row_norms_or_none(weights, a, b, w2, s, torch.float32)
+    for i, d in enumerate(dense):
+        direct = ((d + s[i].double() * (b[i].double() @ a[i].double())) ** 2).sum(1)
+        quad = ((b[i].double() @ a[i].double()) ** 2).sum(1)
+        torch.testing.assert_close(n2[i].double(), direct, rtol=1e-5, atol=0)
+        torch.testing.assert_close(size[i].double(), w2[i].double() + s[i].double() ** 2 * quad, rtol=1e-5, atol=0)
+
+
 def test_says_why_it_cannot_take_a_weight():
     fp4 = _nf4_weight(16, 128, nested=False, quant_type="fp4")
     assert "nf4" in nf4_matmul.why_not([fp4], CPU)
@@ -186,15 +206,15 @@ def test_refresh_with_the_kernel_gives_the_same_norms(monkeypatch):
     """The optimizer step's batched refresh through the kernel (interpreted) equals today's
     dequantise-and-multiply path and the float64 norm of each layer; the kernel really ran."""
     launches = []
-    launch = nf4_matmul.nf4_times_stacked_or_none
+    launch = nf4_matmul.nf4_row_norms_or_none
 
-    def counted(weights, a, dtype):
-        out = launch(weights, a, dtype)
+    def counted(weights, *args):
+        out = launch(weights, *args)
         if out is not None:
             launches.append(len(weights))
         return out
 
-    monkeypatch.setattr(nf4_matmul, "nf4_times_stacked_or_none", counted)
+    monkeypatch.setattr(nf4_matmul, "nf4_row_norms_or_none", counted)
     with_kernel, refs = _refreshed_norms(True, monkeypatch)
     assert sorted(launches)[-2:] == [3, 3]  # the step's refresh: one launch per stack of 3 same-shaped projections
     launches.clear()
@@ -212,14 +232,14 @@ def test_refresh_with_the_kernel_gives_the_same_norms(monkeypatch):
 def test_refresh_recomputes_rows_the_kernel_left_non_finite(monkeypatch):
     """A row of W·Aᵀ that came back infinite (as fp16 products would overflow for A beyond 65504)
     is recomputed from the dequantised weights: every norm stays finite and right."""
-    launch = nf4_matmul.nf4_times_stacked_or_none
+    launch = nf4_matmul.nf4_row_norms_or_none
 
-    def overflowed(weights, a, dtype):
-        out = launch(weights, a, dtype)
-        out[:, 3] = float("inf")
-        return out
+    def overflowed(*args):
+        n2, size = launch(*args)
+        n2[:, 3] = float("inf")
+        return n2, size
 
-    monkeypatch.setattr(nf4_matmul, "nf4_times_stacked_or_none", overflowed)
+    monkeypatch.setattr(nf4_matmul, "nf4_row_norms_or_none", overflowed)
     norms, refs = _refreshed_norms(True, monkeypatch)
     for got, ref in zip(norms, refs):
         assert torch.isfinite(got).all()

@@ -56,6 +56,12 @@ USE_NF4_KERNEL = True
 """W Aᵀ straight from the packed NF4 codes where :mod:`nf4_matmul` takes the weights (CUDA and
 Triton); False keeps the dequantise-and-multiply path everywhere (the benchmark's baseline)."""
 
+FUSE_NORMS = True
+"""With the NF4 kernel: take the norms from its epilogue (:func:`nf4_matmul.nf4_row_norms_or_none`)
+rather than W Aᵀ (L, out, r) in fp32 and torch's elementwise sums over it. The epilogue costs
+registers (193 a thread against 128 for sm_90, ``bench/norm_refresh.py --sass``): one 8-warp program
+per SM instead of two; ``bench/norm_refresh.py`` times both."""
+
 _optimizer_steps = 0
 _hook_handle = None
 _registry: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -77,12 +83,14 @@ def optimizer_steps() -> int:
 @torch.no_grad()
 def refresh_after_step(optimizer) -> int:
     """Recompute the norm of every fast-DoRA layer whose A or B ``optimizer`` holds, right after its
-    step, batched: projections of one shape are stacked, so a stack's W Aᵀ is one NF4 kernel
+    step, batched: projections of one shape are stacked, so a stack's norms are one NF4 kernel
     launch on CUDA (elsewhere one dequantisation and GEMM per projection), and one host sync (the
     cancellation check) serves the whole model, instead of ~20 small kernels and a sync per
-    projection (336 projections and ~170 ms per step on the 12B shape). Layers this misses (a
-    copy, a reload) still refresh lazily in their next forward.
-    Returns the number refreshed."""
+    projection (336 projections and ~170 ms per step on the 12B shape). Every stack's GPU work is
+    queued before the per-layer bookkeeping runs, and nothing in between waits for the GPU (a stack's
+    ‖W_i‖² and scalings stay on the device, :func:`_stack_constants`), so the host's Python overlaps
+    the kernels instead of adding to them. Layers this misses (a copy, a reload) still refresh lazily
+    in their next forward. Returns the number refreshed."""
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     todo = [(dora, *refs) for dora, refs in list(_registry.items()) if id(refs[0]) in held or id(refs[1]) in held]
     groups: dict[tuple, list] = {}
@@ -92,16 +100,15 @@ def refresh_after_step(optimizer) -> int:
         if len(groups.setdefault(key, [[]])[-1]) * b.numel() >= STACK_ELEMENTS:
             groups[key].append([])
         groups[key][-1].append(item)
-    groups = {(key, i): group for key, chunks in groups.items() for i, group in enumerate(chunks)}
+    stacks = [(group, key[-1]) for key, chunks in groups.items() for group in chunks]
+    queued = [(group, *_stacked_norms(group, dtype)) for group, dtype in stacks]  # GPU work, no sync
     flagged = []
-    for ((*_, dtype), _), group in groups.items():
-        n2, bad = _stacked_norms(group, dtype)
+    for group, n2, bad in queued:
         flagged.append(bad.any(1))
-        for (dora, a, b, s, base), norm in zip(group, n2.clamp_min(0.0).sqrt()):
+        for (dora, a, b, s, base), norm in zip(group, n2.clamp_min_(0.0).sqrt_().unbind(0)):
             dora._cached_norm, dora._cache_key = norm, _cache_key(a, b, s)
     if flagged:  # one host sync; rare: a row nearly cancelled by its adapter, recomputed from its weights
-        for (dora, a, b, s, base), any_bad in zip([i for g in groups.values() for i in g],
-                                                   torch.cat(flagged).tolist()):
+        for (dora, a, b, s, base), any_bad in zip([i for g, _, _ in queued for i in g], torch.cat(flagged).tolist()):
             if any_bad:
                 dora._cached_norm = dora._factored_norm(a, b, s, base)
     return len(todo)
@@ -110,19 +117,39 @@ def refresh_after_step(optimizer) -> int:
 def _stacked_norms(group: list, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Factored squared norms ‖W_i + s·B_iA‖² of same-shaped projections ``(dora, A, B, s, base)``,
     (L, out) fp32, and the rows flagged for cancellation (see the module docstring) or not finite,
-    (L, out): those are recomputed from their dequantised rows."""
-    a = torch.stack([item[1] for item in group]).float()  # (L, r, in)
-    b = torch.stack([item[2] for item in group]).float()  # (L, out, r)
-    s = torch.tensor([item[3] for item in group], device=a.device).view(-1, 1)
-    for dora, *_, base in group:
-        if dora._w2.device != a.device:
-            dora.prepare(base)
-    w2 = torch.stack([item[0]._w2 for item in group])
-    wa = _weight_times_a([item[4] for item in group], a, b.shape[1], dtype)  # (L, out, r)
-    quad = ((b @ (a @ a.mT)) * b).sum(-1)  # B_i (A Aᵀ) B_iᵀ
-    n2 = w2 + 2.0 * s * (b * wa.float()).sum(-1) + s * s * quad
+    (L, out): those are recomputed from their dequantised rows. Queues GPU work only (no host sync)."""
+    a = torch.stack([item[1] for item in group])  # (L, r, in)
+    b = torch.stack([item[2] for item in group])  # (L, out, r)
+    w2, s = _stack_constants(group, a.device)
+    fused = nf4_matmul.nf4_row_norms_or_none([item[4].weight for item in group], a, b, w2, s, dtype) \
+        if USE_NF4_KERNEL and FUSE_NORMS else None
+    if fused is not None:
+        n2, size = fused
+    else:
+        a, b, s = a.float(), b.float(), s.view(-1, 1)
+        wa = _weight_times_a([item[4] for item in group], a, b.shape[1], dtype)  # (L, out, r)
+        quad = ((b @ (a @ a.mT)) * b).sum(-1)  # B_i (A Aᵀ) B_iᵀ
+        size = w2 + s * s * quad
+        n2 = size + 2.0 * s * (b * wa.float()).sum(-1)
     # a non-finite sum (the NF4 kernel's fp16 products overflowing, say) is recomputed like a cancelled row
-    return n2, (n2 < CANCELLATION_RATIO * (w2 + s * s * quad)) | ~torch.isfinite(n2)
+    return n2, (n2 < CANCELLATION_RATIO * size) | ~torch.isfinite(n2)
+
+
+def _stack_constants(group: list, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(‖W_i‖² stacked (L, out), scalings (L,)) of a stack, fp32 on ``device``, kept on its first layer
+    while the stack's layers, their ‖W_i‖² tensors and scalings are the same: made every step, the
+    scalings' host-to-device copy would wait for the GPU once per stack."""
+    for dora, *_, base in group:
+        if dora._w2.device != device:
+            dora.prepare(base)
+    key = (device, tuple((id(item[0]), id(item[0]._w2), item[3]) for item in group))
+    kept = group[0][0].__dict__.setdefault("_stack_constants", {})  # by stack size: a layer heads its
+    cached = kept.get(len(group))                                   # stack and its own lazy refresh
+    if cached is None or cached[0] != key:
+        w2s = [item[0]._w2 for item in group]
+        scalings = torch.tensor([item[3] for item in group], dtype=torch.float32).to(device)
+        cached = kept[len(group)] = (key, torch.stack(w2s), scalings, w2s)  # w2s held: ids not reused
+    return cached[1], cached[2]
 
 
 def _weight_times_a(bases: list, a: torch.Tensor, out_features: int, dtype: torch.dtype) -> torch.Tensor:
