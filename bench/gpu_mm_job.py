@@ -218,7 +218,7 @@ def run(args: argparse.Namespace) -> None:
     }
     if result is not None:
         report.update(attempts=result.attempts, loss=[h["loss"] for h in result.loss_history],
-                      timings=result.timings, report={k: result.report.get(k) for k in ("held_out", "models")})
+                      timings=result.timings, report={k: result.report.get(k) for k in ("held_out", "models", "merged_weights")})
     Path(args.out).write_text(json.dumps(report, indent=1, default=str))
     print(json.dumps({k: report[k] for k in ("device", "layers", "cap_gib", "wall_s", "error", "peak_rss_gib",
                                              "peak_anon_gib", "export_peak_rss_gib", "export_peak_anon_gib",

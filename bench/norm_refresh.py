@@ -159,22 +159,21 @@ def time_kernel(items: list, args, device: torch.device, dtype: torch.dtype, emi
         chosen = nf4_matmul.launch_config
         if config is not None:
             nf4_matmul.launch_config = lambda n, gemm_dtype: dict(zip(("BLOCK_M", "num_warps", "num_stages"), config))
+        b = torch.stack([item[2].detach() for item in group])
+        w2, s = qdora._stack_constants(group, device)
         try:
             dev, _ = timed(lambda: nf4_matmul.nf4_times_stacked(weights, a, dtype), args, device)
+            # the refresh's own launch: W Aᵀ and the norm epilogue (nf4_row_norms_or_none)
+            fused, _ = timed(lambda: nf4_matmul.nf4_row_norms_or_none(weights, a, b, w2, s, dtype), args, device)
         finally:
             nf4_matmul.launch_config = chosen
-        median = statistics.median(dev)
         packed_gb = len(group) * out_features * in_features / 2 / 1e9
-        if config is None:  # the refresh's own launch: W Aᵀ and the norm epilogue (nf4_row_norms_or_none)
-            b = torch.stack([item[2].detach() for item in group])
-            w2, s = qdora._stack_constants(group, device)
-            fused, _ = timed(lambda: nf4_matmul.nf4_row_norms_or_none(weights, a, b, w2, s, dtype), args, device)
-            emit({"kind": "kernel_fused", "shape": [out_features, in_features], "layers": len(group), **stats(fused),
-                  "packed_GB_per_s": round(packed_gb / (statistics.median(fused) / 1e3), 3)})
         gemm_dtype = torch.float32 if dtype == torch.float32 else torch.float16
-        emit({"kind": "sweep" if config else "kernel", "shape": [out_features, in_features], "layers": len(group),
-              "config": list(config) if config else chosen(out_features, gemm_dtype), **stats(dev),
-              "packed_GB_per_s": round(packed_gb / (median / 1e3), 3)})
+        for kind, times in (("kernel", dev), ("kernel_fused", fused)):
+            emit({"kind": ("sweep" if config else "kernel") + kind.removeprefix("kernel"),
+                  "shape": [out_features, in_features], "layers": len(group),
+                  "config": list(config) if config else chosen(out_features, gemm_dtype), **stats(times),
+                  "packed_GB_per_s": round(packed_gb / (statistics.median(times) / 1e3), 3)})
 
 
 def accuracy(items: list, left: dict[str, torch.Tensor], emit) -> None:

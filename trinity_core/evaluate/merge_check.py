@@ -13,6 +13,19 @@ compared with the tensor the trained model in memory (the 4-bit base + adapter, 
 * any other 4-bit module: ``dequant(W_nf4)``; everything else (embedding, norms, vision tower,
   projector) the loaded tensor.
 
+Two things the trained model holds that the merged checkpoint rightly does not:
+
+* a tensor the adapter does not touch, rounded to 16 bits when training loaded the base (Unsloth's T4
+  path loads in fp16, or in bf16 where the card has it, whatever the checkpoint stores): the merged
+  checkpoint keeps the base's own values. Such a tensor matches when the stored one, rounded to
+  bf16 or fp16, equals the model's exactly; the report counts them per dtype (``rounded_at_load``).
+  A bf16 checkpoint (the published ones) loaded in fp16 is exact but for fp16's subnormals, which
+  ``ATOL`` covers; the fp32 tiny stand-in shows it.
+* TF32: Unsloth (and many training scripts) allow TF32 for fp32 matmuls, which rounds the inputs to
+  10 mantissa bits. ``s·B@A`` is computed here with fp32 matmul precision "highest" (the merge
+  runs on the CPU, in IEEE fp32); under TF32 the 12B stand-in's check once reported all 168 adapted
+  tensors off by up to 4.3e-4 (bench/results/2026-11-28-h200-gpu_mm_job-5-in8g.log).
+
 None of it comes from :mod:`trinity_core.export.merge`'s reading of the adapter file or of the base's
 shards, so a wrong scaling, a missed or misnamed module, a truncated or swapped tensor shows up as a
 mismatch. A tensor matches when ``|merged − expected| <= ATOL + rtol·|expected|`` element-wise, rtol
@@ -54,10 +67,17 @@ def delta_weight(module: Any, adapter: str) -> Any:
     computed in fp32. Not ``get_delta_weight``: that rounds the product to the adapter's dtype, and TRL
     keeps a QLoRA adapter's A and B in bf16 (``SFTTrainer`` casts them), so it would be a bf16 rounding
     away from the fp32 merge even when the merge is exact."""
+    import torch
     from peft.utils import transpose
 
     a, b = module.lora_A[adapter].weight.float(), module.lora_B[adapter].weight.float()
-    return transpose(b @ a, module.fan_in_fan_out) * module.scaling[adapter]
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # no TF32 (see the module docstring)
+    try:
+        product = b @ a
+    finally:
+        torch.set_float32_matmul_precision(before)
+    return transpose(product, module.fan_in_fan_out) * module.scaling[adapter]
 
 
 def expected_weight(module: Any, adapter: str) -> Any:
@@ -92,12 +112,27 @@ def compare(expected: Any, stored: Any) -> tuple[float, int]:
     return worst, bad
 
 
+def rounded_at_load(expected: Any, stored: Any) -> str | None:
+    """The 16-bit dtype that turns ``stored`` exactly into ``expected`` (a tensor training loaded in
+    lower precision than the checkpoint stores), or None."""
+    import torch
+
+    if not stored.is_floating_point() or stored.dtype.itemsize <= 2:
+        return None
+    for dtype in (torch.bfloat16, torch.float16):
+        rounded = stored.to(expected.device).to(dtype).to(expected.dtype)
+        if torch.equal(rounded, expected):
+            return str(dtype).removeprefix("torch.")
+    return None
+
+
 def check_merged_weights(trained_model: Any, merged_dir: Any) -> dict[str, Any]:
     """Compare every tensor of ``merged_dir`` with ``trained_model`` (a ``PeftModel``); see the module doc.
 
-    Returns ``{"ok", "tensors", "adapted", "dequantized", "max_abs_diff", "mismatches": [...],
-    "missing_adapted": [...], "seconds"}``; ``ok`` is true when every tensor matches and every
-    adapted module of the model was found in the checkpoint."""
+    Returns ``{"ok", "tensors", "adapted", "dequantized", "rounded_at_load": {dtype: n}, "max_abs_diff",
+    "mismatches": [...], "missing_adapted": [...], "seconds"}``; ``ok`` is true when every tensor
+    matches and every adapted module of the model was found in the checkpoint. ``max_abs_diff`` leaves
+    out the tensors that match as rounded at load."""
     import torch
 
     t0 = time.monotonic()
@@ -108,6 +143,7 @@ def check_merged_weights(trained_model: Any, merged_dir: Any) -> dict[str, Any]:
     adapted = {name for name, m in modules.items() if _adapted(m, adapter)}
     seen: set[str] = set()
     counts = {"tensors": 0, "adapted": 0, "dequantized": 0}
+    rounded: dict[str, int] = {}
     worst, mismatches = 0.0, []
     with torch.no_grad():
         for shard in shard_files(merged_dir):
@@ -118,6 +154,7 @@ def check_merged_weights(trained_model: Any, merged_dir: Any) -> dict[str, Any]:
                     if module is None:
                         mismatches.append({"tensor": key, "reason": "not in the trained model"})
                         continue
+                    as_loaded = False  # a tensor the model holds as loaded (not merged, not 4-bit)
                     if owner in adapted and attr == "weight":
                         expected = expected_weight(module, adapter)
                         seen.add(owner)
@@ -127,7 +164,8 @@ def check_merged_weights(trained_model: Any, merged_dir: Any) -> dict[str, Any]:
                         if tensor is None:
                             mismatches.append({"tensor": key, "reason": "not in the trained model"})
                             continue
-                        counts["dequantized"] += getattr(tensor, "quant_state", None) is not None
+                        as_loaded = getattr(tensor, "quant_state", None) is None
+                        counts["dequantized"] += not as_loaded
                         expected = _dense(tensor)
                     stored = reader.get(key)
                     counts["tensors"] += 1
@@ -136,11 +174,14 @@ def check_merged_weights(trained_model: Any, merged_dir: Any) -> dict[str, Any]:
                                                                     f"model has {tuple(expected.shape)}"})
                         continue
                     diff, bad = compare(expected, stored)
+                    if bad and as_loaded and (dtype := rounded_at_load(expected, stored)):
+                        rounded[dtype] = rounded.get(dtype, 0) + 1
+                        continue
                     worst = max(worst, diff)
                     if bad:
                         mismatches.append({"tensor": key, "max_abs_diff": diff, "bad_elements": bad})
                     del expected, stored
     missing = sorted(adapted - seen)
-    return {"ok": not mismatches and not missing, **counts, "max_abs_diff": worst,
+    return {"ok": not mismatches and not missing, **counts, "rounded_at_load": rounded, "max_abs_diff": worst,
             "mismatches": mismatches[:MAX_LISTED], "mismatched_tensors": len(mismatches),
             "missing_adapted": missing[:MAX_LISTED], "seconds": round(time.monotonic() - t0, 2)}

@@ -222,6 +222,48 @@ def nf4_roundtrip(weight, quant: Quant):
     return nf4.dequantize(packed, state, quant.dequant())
 
 
+def quantized_in(model, base: str | Path, revision: str | None = None) -> str | None:
+    """The dtype bitsandbytes quantised a 16-bit base's weights in when ``model`` (the trained model,
+    PEFT-wrapped or not) was loaded, found by quantising one of its 4-bit layers' checkpoint weight
+    again in each candidate dtype and comparing codes and dequantised values: the load dtype is not
+    always the one asked for (Unsloth loads Gemma-3 in bf16 on a card that has it when fp16 is asked,
+    the T4 path emulated on an H200, and then relabels the layers' quant state fp16). None for a
+    pre-quantised base (nothing is quantised at load), a model without 4-bit layers, or when no
+    candidate reproduces the layer (the merge then keeps the spec's dtype, and the merged-weights
+    check reports the difference)."""
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    from trinity_core import nf4
+
+    src = model_dir(base, revision)
+    if json.loads((src / "config.json").read_text()).get("quantization_config"):
+        return None
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    found = next(((name.removesuffix(".base_layer"), m.weight) for name, m in inner.named_modules()
+                  if getattr(getattr(m, "weight", None), "quant_state", None) is not None), None)
+    if found is None:
+        return None
+    name, weight = found
+    state = weight.quant_state
+    rename = checkpoint_renamer(inner)
+    for shard in shard_files(src):
+        with SafetensorsReader(shard) as reader:
+            key = next((k for k in reader.keys() if rename(k) == name + ".weight"), None)
+            if key is None:
+                continue
+            original = reader.get(key).to(weight.device)
+            want = nf4.dequantize(weight.data, state)
+            for dtype in dict.fromkeys((state.dtype, torch.bfloat16, torch.float16, torch.float32)):
+                packed, again = bnbf.quantize_4bit(original.to(dtype).contiguous(), blocksize=state.blocksize,
+                                                   compress_statistics=state.nested, quant_type=state.quant_type)
+                if torch.equal(packed.view(torch.uint8).reshape(-1), weight.data.view(torch.uint8).reshape(-1)) \
+                        and torch.equal(nf4.dequantize(packed, again, state.dtype), want):
+                    return str(dtype).removeprefix("torch.")
+            return None
+    return None
+
+
 def dequantize_prequantized(packed, stats: dict[str, Any], quant: Quant | None = None):
     """Dequantise a packed ``Params4bit`` tensor from its serialized quant-state tensors, in the dtype
     the trained model dequantised in (``quant.dequant_dtype``; default: the one serialized)."""

@@ -106,7 +106,8 @@ def refresh_after_step(optimizer) -> int:
     for group, n2, bad in queued:
         flagged.append(bad.any(1))
         for (dora, a, b, s, base), norm in zip(group, n2.clamp_min_(0.0).sqrt_().unbind(0)):
-            dora._cached_norm, dora._cache_key = norm, _cache_key(a, b, s)
+            # not nn.Module.__setattr__ (~4 µs, 2 × 336 a step): plain attributes, as it would set them
+            dora.__dict__.update(_cached_norm=norm, _cache_key=_cache_key(a, b, s))
     if flagged:  # one host sync; rare: a row nearly cancelled by its adapter, recomputed from its weights
         for (dora, a, b, s, base), any_bad in zip([i for g, _, _ in queued for i in g], torch.cat(flagged).tolist()):
             if any_bad:

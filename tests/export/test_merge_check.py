@@ -1,0 +1,93 @@
+"""The merged-weights check's two allowances (``merge_check`` docstring) and the merge's load-dtype
+detection (``merge.quantized_in``), on the export fixtures' tiny fp32 Gemma-3.
+
+What the GPU runs found (bench/results/2026-11-28-h200-merge_diag-1.jsonl): under Unsloth's T4 path
+the trained model holds the fp32 stand-in's untouched tensors rounded to 16 bits, and a 16-bit base
+was quantised in bf16 although fp16 was asked for, its layers then relabelled fp16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trinity_core.evaluate.merge_check import check_merged_weights, rounded_at_load
+
+
+def test_a_tensor_rounded_at_load_matches_and_is_counted(trained_model, exported, workdir):
+    """The embedding (random fp32 values, not 16-bit ones) rounded to fp16 as a T4 load would: counted,
+    not a mismatch; moved by 1e-3 instead: a mismatch."""
+    weight = trained_model.get_base_model().model.embed_tokens.weight
+    kept = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.add_(1e-3)
+            moved = check_merged_weights(trained_model, workdir / "merged")
+            assert not moved["ok"] and moved["mismatched_tensors"] == 1 and moved["rounded_at_load"] == {}
+            weight.copy_(kept.to(torch.float16).float())
+            assert not torch.equal(weight, kept)
+        result = check_merged_weights(trained_model, workdir / "merged")
+    finally:
+        with torch.no_grad():
+            weight.copy_(kept)
+    assert result["ok"], result
+    assert result["rounded_at_load"] == {"float16": 1}
+
+
+def test_rounding_is_only_accepted_exactly_and_from_wider_storage():
+    stored = torch.randn(64) * 0.1
+    assert rounded_at_load(stored.to(torch.bfloat16).float(), stored) == "bfloat16"
+    assert rounded_at_load(stored.to(torch.float16).float(), stored) == "float16"
+    assert rounded_at_load(stored.to(torch.float16).float() + 1e-7, stored) is None
+    assert rounded_at_load(stored.to(torch.float16).float(), stored.to(torch.float16)) is None  # no wider original
+
+
+def test_the_check_computes_the_delta_in_ieee_fp32_whatever_the_global_setting(trained_model):
+    """Unsloth allows TF32; the check sets "highest" around its own product and restores the caller's."""
+    from trinity_core.evaluate.merge_check import delta_weight
+
+    module = trained_model.get_base_model().model.layers[0].self_attn.q_proj
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        seen = []
+        original = torch.Tensor.__matmul__
+
+        def spy(a, b):
+            seen.append(torch.get_float32_matmul_precision())
+            return original(a, b)
+
+        torch.Tensor.__matmul__ = spy
+        try:
+            delta_weight(module, trained_model.active_adapter)
+        finally:
+            torch.Tensor.__matmul__ = original
+        assert seen == ["highest"] and torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.parametrize("load_dtype", ["float32", "bfloat16"])
+def test_quantized_in_finds_the_dtype_the_load_quantised_in(sharded_base, load_dtype):
+    """Loaded in bf16 and relabelled fp16 (what Unsloth did on the H200), the fp32 base is found to
+    have been quantised in bf16; loaded in fp32, in fp32."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from trinity_core.export.merge import quantized_in
+
+    dtype = getattr(torch, load_dtype)
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(sharded_base, quantization_config=bnb, dtype=dtype)
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None:
+            state.dtype = torch.float16
+    assert quantized_in(model, sharded_base) == load_dtype
+
+
+def test_quantized_in_is_none_for_a_prequantized_base(tmp_path):
+    from trinity_core.export.merge import quantized_in
+    from trinity_core.fixtures.tiny_multimodal import build_multimodal_model
+
+    base = build_multimodal_model(tmp_path / "base", quantized=True)
+    assert quantized_in(torch.nn.Linear(2, 2), base) is None  # decided from the config: nothing loaded
