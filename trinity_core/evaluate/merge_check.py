@@ -21,10 +21,11 @@ Two things the trained model holds that the merged checkpoint rightly does not:
   bf16 or fp16, equals the model's exactly; the report counts them per dtype (``rounded_at_load``).
   A bf16 checkpoint (the published ones) loaded in fp16 is exact but for fp16's subnormals, which
   ``ATOL`` covers; the fp32 tiny stand-in shows it.
-* TF32: Unsloth (and many training scripts) allow TF32 for fp32 matmuls, which rounds the inputs to
-  10 mantissa bits. ``s·B@A`` is computed here with fp32 matmul precision "highest" (the merge
-  runs on the CPU, in IEEE fp32); under TF32 the 12B stand-in's check once reported all 168 adapted
-  tensors off by up to 4.3e-4 (bench/results/2026-11-28-h200-gpu_mm_job-5-in8g.log).
+* TF32: training stacks allow TF32 for fp32 matmuls on the GPU (transformers' ``tf32``, Unsloth),
+  which rounds the inputs to 10 mantissa bits. ``s·B@A`` is computed here in float64 (the merge runs
+  on the CPU, in IEEE fp32); computed in fp32 on the GPU, the 12B stand-in's check reported all 168
+  adapted tensors off by up to 4.3e-4 (bench/results/2026-11-28-h200-gpu_mm_job-5-in8g.log), and
+  with TF32 turned off around the product every one matched (…-gpu_mm_job-6.log).
 
 None of it comes from :mod:`trinity_core.export.merge`'s reading of the adapter file or of the base's
 shards, so a wrong scaling, a missed or misnamed module, a truncated or swapped tensor shows up as a
@@ -64,19 +65,19 @@ def _adapted(module: Any, adapter: str) -> bool:
 
 def delta_weight(module: Any, adapter: str) -> Any:
     """PEFT's ``s·B@A`` of a LoRA layer (its ``scaling``, rsLoRA's included, and ``fan_in_fan_out``),
-    computed in fp32. Not ``get_delta_weight``: that rounds the product to the adapter's dtype, and TRL
-    keeps a QLoRA adapter's A and B in bf16 (``SFTTrainer`` casts them), so it would be a bf16 rounding
-    away from the fp32 merge even when the merge is exact."""
+    fp32. Not ``get_delta_weight``: that rounds the product to the adapter's dtype, and TRL keeps a
+    QLoRA adapter's A and B in bf16 (``SFTTrainer`` casts them), so it would be a bf16 rounding away
+    from the fp32 merge even when the merge is exact. The product is taken in float64, a block of
+    rows at a time, and rounded to fp32: no global matmul setting (TF32, see the module docstring)
+    can touch it."""
     import torch
     from peft.utils import transpose
 
-    a, b = module.lora_A[adapter].weight.float(), module.lora_B[adapter].weight.float()
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")  # no TF32 (see the module docstring)
-    try:
-        product = b @ a
-    finally:
-        torch.set_float32_matmul_precision(before)
+    a, b = module.lora_A[adapter].weight.double(), module.lora_B[adapter].weight
+    product = torch.empty((b.shape[0], a.shape[1]), dtype=torch.float32, device=a.device)
+    step = max(1, BLOCK_ELEMENTS // max(1, a.shape[1]))
+    for i in range(0, b.shape[0], step):
+        product[i:i + step] = b[i:i + step].double() @ a
     return transpose(product, module.fan_in_fan_out) * module.scaling[adapter]
 
 
