@@ -45,7 +45,7 @@ SHAPES = {
     "12b": dict(hidden=3840, q=4096, kv=2048, inter=15360),  # Gemma-3 12B text model
     "tiny": dict(hidden=256, q=256, kv=128, inter=512),  # trinity_core.tiny's Gemma-3
 }
-SWEEP = [  # (BLOCK_M, num_warps, num_stages); the kernel's fixed choice for 16-bit GEMMs is (128, 8, 3)
+SWEEP = [  # (BLOCK_M, num_warps, num_stages); the kernel's fixed choice for 16-bit GEMMs is (128, 4, 3)
     (128, 8, 3), (128, 8, 2), (128, 8, 4), (64, 4, 3), (64, 4, 2), (128, 4, 3), (256, 8, 3), (64, 8, 3),
 ]
 
