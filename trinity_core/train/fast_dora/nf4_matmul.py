@@ -32,10 +32,11 @@ weight per thread at r = 64; not timed against cuBLAS yet).
 
 Why a gather from registers: a per-weight load from a 16-entry table in memory costs two 64-bit
 address instructions per weight, and Triton's software pipeliner turns a 4-byte one into an
-asynchronous copy through shared memory. Compiled for sm_90 the main loop takes ~9 instructions
-per weight per thread (``python bench/norm_refresh.py --sass``; a first version that loaded the
-values from memory and scaled each weight before the dot took ~21, counted the same way). Not yet
-timed on a GPU: ``bench/norm_refresh.py`` does.
+asynchronous copy through shared memory. Compiled for sm_90 the main loop takes ~8.6 instructions
+per weight per thread at the chosen tiles (``python bench/norm_refresh.py --sass``; a first version
+that loaded the values from memory and scaled each weight before the dot took ~21, counted the same
+way). On an H200 that reads the packed codes at 0.4–0.7 TB/s, an eighth of the card's bandwidth: the
+lookup, not memory, bounds it (``bench/norm_refresh.py``; docs/BENCHMARKS.md, "Fast DoRA").
 
 It runs on CUDA GPUs of compute capability ≥ 8.0, and on CPU tensors under Triton's interpreter
 (``TRITON_INTERPRET=1``, for the tests). :func:`why_not` names what it does not take (no Triton,
@@ -402,7 +403,8 @@ def _nf4_times_kernel(table_ptr, a_ptr, code_ptr, out_ptr, b_ptr, aat_ptr, w2_pt
                     other=0.0).to(tl.float32)
         aat = tl.load(aat_ptr + layer.to(tl.int64) * R * R + cols[:, None] * R + cols[None, :],
                       mask=col_ok[:, None] & col_ok[None, :], other=0.0)
-        # tl.reduce with the sum's combine function, not tl.sum: that is a jit function (see tl.full above)
+        # tl.reduce with the sum's combine function, not tl.sum: that is a jit function (see tl.full above);
+        # tf32x3: three TF32 products, ~fp32 accuracy on the tensor cores (an IEEE fp32 dot spilled registers)
         quad = tl.reduce(tl.dot(b, aat, input_precision="tf32x3") * b, 1, tl.standard._sum_combine)  # B_i AAᵀ B_iᵀ
         s = tl.load(s_ptr + layer)
         w2 = tl.load(w2_ptr + layer.to(tl.int64) * N + rows, mask=row_ok, other=0.0)
