@@ -128,3 +128,26 @@ def test_refresh_with_the_kernel_matches_the_dequantising_path(monkeypatch):
         err_old = ((old.double() - ref).abs() / ref).max().item()
         assert err_new < 1e-4, f"kernel path {err_new:.2e} (old path {err_old:.2e})"
         assert err_new <= err_old * 1.5 + 1e-6, f"kernel path {err_new:.2e} vs old path {err_old:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("out_features,in_features", SHAPES_12B, ids=[f"{o}x{i}" for o, i in SHAPES_12B])
+def test_fused_row_norms_at_12b_shapes(out_features, in_features, dtype):
+    """The norm epilogue compiled (its B·AAᵀ a tf32x3 dot) for a stack of two weights at each 12B shape,
+    B in bf16 and r 64 as trained: the squared norms against float64 from bitsandbytes' fp32
+    dequantisation, within the 16-bit GEMM's 1e-3 of W Aᵀ (the cross term) for bf16, 1e-4 for fp32."""
+    weights = [_weight(out_features, in_features, nested=True, seed=s) for s in range(2)]
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    a = torch.randn(2, 64, in_features, device="cuda", generator=gen) / in_features ** 0.5
+    b = (0.02 * torch.randn(2, out_features, 64, device="cuda", generator=gen)).to(torch.bfloat16)
+    dense = [nf4.dequantize(w.data, w.quant_state, torch.float32).double() for w in weights]
+    w2 = torch.stack([(d * d).sum(1) for d in dense]).float()
+    s = torch.tensor([32 / 8, 0.5], device="cuda")
+    n2, size = nf4_matmul.nf4_row_norms_or_none(weights, a, b, w2, s, dtype)
+    tol = 1e-3 if dtype != torch.float32 else 1e-4
+    for i, d in enumerate(dense):
+        delta = b[i].double() @ a[i].double()
+        direct = ((d + s[i].double() * delta) ** 2).sum(1)
+        assert ((n2[i].double() - direct).abs() / direct).max().item() < tol
+        want_size = w2[i].double() + s[i].double() ** 2 * (delta * delta).sum(1)
+        assert ((size[i].double() - want_size).abs() / want_size).max().item() < 1e-4
