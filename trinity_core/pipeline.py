@@ -25,7 +25,7 @@ from trinity_core.errors import JobCancelled
 from trinity_core.evaluate.run import evaluate_job
 from trinity_core.events import Emitter, OnEvent
 from trinity_core.export import resources
-from trinity_core.export.run import export_all
+from trinity_core.export.run import export_all, quantization_as_trained
 from trinity_core.options import RunOptions
 from trinity_core.spec import JobSpec
 from trinity_core.tracking import Tracker
@@ -142,17 +142,8 @@ def run_job(
             raise JobCancelled(f"stopped at step {outcome.global_step}; checkpoint kept", details=result.to_dict())
 
         t0 = time.monotonic()
-        from trinity_core.export.merge import quantized_in  # imports torch: not before the backend chose
-        from trinity_core.nf4 import dequant_dtype_of
-
-        # the merge re-quantises a 16-bit base as the load did, which is not always in the dtype asked for
-        quant_dtype = quantized_in(model, ran.model.name_or_path, ran.model.revision) \
-            if ran.export.merge and ran.model.load_in_4bit and ran.export.merge_into == "dequantized" else None
-        if quant_dtype is not None and quant_dtype != backend.info().get("compute_dtype"):
-            emit(f"bitsandbytes quantised the base in {quant_dtype} (asked: {backend.info().get('compute_dtype')}); "
-                 "the merge does the same", quantized_in=quant_dtype)
-        result.export = export_all(ran, workdir, emit=emit, compute_dtype=quant_dtype,
-                                   dequant_dtype=dequant_dtype_of(model))
+        result.export = export_all(ran, workdir, emit=emit,
+                                   **quantization_as_trained(ran, model, backend.info().get("compute_dtype"), emit))
         timings["export_s"] = round(time.monotonic() - t0, 2)
         if spec.export.evaluate:
             emit.status("evaluating", stage="evaluate")

@@ -74,9 +74,21 @@ def test_quantized_in_finds_the_dtype_the_load_quantised_in(sharded_base, load_d
     assert quantized_in(model, sharded_base) == load_dtype
 
 
-def test_quantized_in_is_none_for_a_prequantized_base(tmp_path):
-    from trinity_core.export.merge import quantized_in
+def test_quantized_in_is_none_for_a_prequantized_base(tmp_path, sharded_base, monkeypatch):
+    """Decided from the base's config, before any shard is read (a 4-bit model is at hand)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    import trinity_core.export.merge as merge
     from trinity_core.fixtures.tiny_multimodal import build_multimodal_model
 
     base = build_multimodal_model(tmp_path / "base", quantized=True)
-    assert quantized_in(torch.nn.Linear(2, 2), base) is None  # decided from the config: nothing loaded
+    model = AutoModelForCausalLM.from_pretrained(sharded_base, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32), dtype=torch.float32)
+
+    def no_shards(src):
+        raise AssertionError(f"read the shards of {src}")
+
+    monkeypatch.setattr(merge, "shard_files", no_shards)
+    assert merge.quantized_in(model, base) is None
+    with pytest.raises(AssertionError, match="read the shards"):
+        merge.quantized_in(model, sharded_base)  # a 16-bit base: its shards are read

@@ -25,7 +25,8 @@ Two things the trained model holds that the merged checkpoint rightly does not:
   which rounds the inputs to 10 mantissa bits. ``s·B@A`` is computed here in float64 (the merge runs
   on the CPU, in IEEE fp32); computed in fp32 on the GPU, the 12B stand-in's check reported all 168
   adapted tensors off by up to 4.3e-4 (bench/results/2026-11-28-h200-gpu_mm_job-5-in8g.log), and
-  with TF32 turned off around the product every one matched (…-gpu_mm_job-6.log).
+  with TF32 turned off around the product every one matched
+  (bench/results/2026-11-28-h200-gpu_mm_job-6.log).
 
 None of it comes from :mod:`trinity_core.export.merge`'s reading of the adapter file or of the base's
 shards, so a wrong scaling, a missed or misnamed module, a truncated or swapped tensor shows up as a

@@ -40,6 +40,23 @@ def quant_of(spec: JobSpec, compute_dtype: str | None = None, dequant_dtype: str
                  dequant_dtype=dequant_dtype)
 
 
+def quantization_as_trained(spec: JobSpec, model: Any, asked: str | None, emit: Callable[..., Any]) -> dict[str, Any]:
+    """``export_all``'s ``compute_dtype`` and ``dequant_dtype``, read off the trained ``model``: the dtype
+    bitsandbytes really quantised a 16-bit base in (``merge.quantized_in``; not always ``asked``, the
+    backend's compute dtype: Unsloth on an H200 quantised in bf16 when fp16 was asked) and the one its
+    4-bit layers dequantise in (``nf4.dequant_dtype_of``). Imports torch: call after the backend loaded."""
+    from trinity_core.export.merge import quantized_in
+    from trinity_core.nf4 import dequant_dtype_of
+
+    quantized = None
+    if spec.export.merge and spec.model.load_in_4bit and spec.export.merge_into == "dequantized":
+        quantized = quantized_in(model, spec.model.name_or_path, spec.model.revision)
+    if quantized is not None and quantized != asked:
+        emit(f"bitsandbytes quantised the base in {quantized} (asked: {asked}); the merge does the same",
+             quantized_in=quantized)
+    return {"compute_dtype": quantized, "dequant_dtype": dequant_dtype_of(model)}
+
+
 def export_all(
     spec: JobSpec,
     workdir: str | Path,

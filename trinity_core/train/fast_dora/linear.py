@@ -8,8 +8,8 @@ gradient-checkpoint recompute and for every gradient-accumulation micro-batch. W
 
 - ``‖W_i‖²`` is computed once, when the layer is patched;
 - ``W Aᵀ`` (out × r) is one pass over W: on CUDA a Triton kernel reads the packed NF4 codes
-  directly (:mod:`~trinity_core.train.fast_dora.nf4_matmul`), elsewhere W is dequantised a block
-  of rows at a time and multiplied;
+  directly (:mod:`~trinity_core.train.fast_dora.nf4_matmul`) and, with :data:`FUSE_NORMS`, sums the
+  three terms in its epilogue; elsewhere W is dequantised a block of rows at a time and multiplied;
 - ``A Aᵀ`` is r × r.
 
 The norm is detached (the DoRA paper, section 4.3, and PEFT treat it as a constant in backward),
