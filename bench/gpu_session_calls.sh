@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One device call of this session's plan (2026-11-28, late): the GPU tests named by the open issues,
+# then the norm refresh at 48 layers with the tile/lookup sweep. Carry .whl/site (../shared/gpu/wheels.sh)
+# and .gpu-extra/site.tar.gz (bench/gpu_extra.sh; run_job's report needs its text metrics):
+#   bash bench/gpu_session_calls.sh tests     # multimodal Unsloth test (background) + NF4 kernel tests
+#   bash bench/gpu_session_calls.sh refresh   # bench/norm_refresh.py --layers 48 --reuse-layer --sweep
+set -uo pipefail
+cd "$(dirname "$0")/.."
+[ -d .gpu-extra/site ] || tar xzf .gpu-extra/site.tar.gz -C .gpu-extra
+export PYTHONPATH=$PWD/.whl/site:$PWD/.gpu-extra/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 \
+  TOKENIZERS_PARALLELISM=false UNSLOTH_COMPILE_DISABLE=1
+OUT=${OUT:-bench/results/gpu-out}
+mkdir -p "$OUT"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; hostname; git rev-parse HEAD 2>/dev/null; } > "$OUT/card.txt" 2>&1
+case ${1:-} in
+  tests)
+    python -m pytest -m gpu -q -rf --tb=short -p no:cacheprovider tests/gpu/test_unsloth_multimodal.py \
+      > "$OUT/pytest-multimodal.txt" 2>&1 &
+    mm=$!
+    python -m pytest -m gpu -q -rf --tb=short -p no:cacheprovider tests/gpu/test_nf4_matmul_cuda.py \
+      > "$OUT/pytest-nf4.txt" 2>&1
+    tail -4 "$OUT/pytest-nf4.txt"
+    wait $mm; tail -6 "$OUT/pytest-multimodal.txt" ;;
+  refresh)
+    python bench/norm_refresh.py --layers 48 --reuse-layer --sweep --out "$OUT/norm_refresh.jsonl" \
+      > "$OUT/norm_refresh.log" 2>&1
+    grep -v '"sweep' "$OUT/norm_refresh.jsonl" | tail -20 ;;
+  *) echo "usage: $0 tests|refresh"; exit 2 ;;
+esac
