@@ -195,3 +195,28 @@ def test_prequantized_weight_is_dequantized_in_the_trained_models_dtype():
     assert quant.dequant_dtype == "float16"
     assert dequantize_prequantized(packed, stats, quant).dtype == torch.float16
     assert dequantize_prequantized(packed, stats).dtype == torch.bfloat16  # no trained model: the file's
+
+
+@pytest.mark.parametrize("precision", ["highest", "medium"])
+def test_the_merge_delta_is_the_float64_product_rounded_once(precision):
+    """Whatever fp32 matmul precision the process set (Unsloth lowers it; oneDNN then multiplies in
+    bf16 on a CPU with AMX, as on the H200 host), the merge's ``B @ A`` is the float64 product rounded
+    once, the same bits the merged-weights check computes; a plain fp32 matmul is not."""
+    from trinity_core.export.merge import Delta, exact_product
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, 512, generator=gen), torch.randn(300, 64, generator=gen) * 0.01
+    weight, magnitude = torch.randn(300, 512, generator=gen) * 0.02, torch.rand(300, generator=gen) + 0.5
+    want = (b.double() @ a.double()).float()
+    assert not torch.equal(b @ a, want)  # the test can tell the two apart
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        assert torch.equal(exact_product(b, a), want)
+        w = weight + want * 0.5
+        expected = (magnitude / torch.linalg.norm(w, dim=1)).view(-1, 1) * w
+        assert torch.equal(Delta(a, b, 0.5, magnitude).apply(weight), expected)
+        assert torch.equal(Delta(a.bfloat16(), b.bfloat16(), 0.5).apply(weight),
+                           weight + (b.bfloat16().double() @ a.bfloat16().double()).float() * 0.5)
+    finally:
+        torch.set_float32_matmul_precision(before)

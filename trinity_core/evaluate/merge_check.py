@@ -21,12 +21,14 @@ Two things the trained model holds that the merged checkpoint rightly does not:
   bf16 or fp16, equals the model's exactly; the report counts them per dtype (``rounded_at_load``).
   A bf16 checkpoint (the published ones) loaded in fp16 is exact but for fp16's subnormals, which
   ``ATOL`` covers; the fp32 tiny stand-in shows it.
-* TF32: training stacks allow TF32 for fp32 matmuls on the GPU (transformers' ``tf32``, Unsloth),
-  which rounds the inputs to 10 mantissa bits. ``s·B@A`` is computed here in float64 (the merge runs
-  on the CPU, in IEEE fp32); computed in fp32 on the GPU, the 12B stand-in's check reported all 168
-  adapted tensors off by up to 4.3e-4 (bench/results/2026-11-28-h200-gpu_mm_job-5-in8g.log), and
-  with TF32 turned off around the product every one matched
-  (bench/results/2026-11-28-h200-gpu_mm_job-6.log).
+* TF32: training stacks lower fp32 matmul precision (transformers' ``tf32``, Unsloth), which rounds
+  the inputs to 10 mantissa bits on the GPU, and through oneDNN on a CPU that has the instructions.
+  Both sides take ``s·B@A`` in float64, rounded to fp32 once
+  (:func:`trinity_core.export.merge.exact_product`). With an fp32 product on the GPU the 12B stand-in's
+  check reported all 168 adapted tensors off by up to 4.3e-4
+  (bench/results/2026-11-28-h200-gpu_mm_job-5-in8g.log); with the merge's fp32 product on the H200
+  host's CPU after an Unsloth job, the tiny stand-in's merged tensors were off by up to 3.9e-4 while
+  every input (base, A, B, magnitude, scaling) was equal (bench/results/2026-11-28-h200-merge_diag-2.jsonl).
 
 None of it comes from :mod:`trinity_core.export.merge`'s reading of the adapter file or of the base's
 shards, so a wrong scaling, a missed or misnamed module, a truncated or swapped tensor shows up as a
@@ -43,7 +45,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from trinity_core.export.merge import checkpoint_renamer, shard_files
+from trinity_core.export.merge import checkpoint_renamer, exact_product, shard_files
 from trinity_core.export.shards import SafetensorsReader
 
 ATOL = 1e-6
@@ -68,17 +70,12 @@ def delta_weight(module: Any, adapter: str) -> Any:
     """PEFT's ``s·B@A`` of a LoRA layer (its ``scaling``, rsLoRA's included, and ``fan_in_fan_out``),
     fp32. Not ``get_delta_weight``: that rounds the product to the adapter's dtype, and TRL keeps a
     QLoRA adapter's A and B in bf16 (``SFTTrainer`` casts them), so it would be a bf16 rounding away
-    from the fp32 merge even when the merge is exact. The product is taken in float64, a block of
-    rows at a time, and rounded to fp32: no global matmul setting (TF32, see the module docstring)
-    can touch it."""
-    import torch
+    from the fp32 merge even when the merge is exact. The product is the merge's own
+    (:func:`trinity_core.export.merge.exact_product`: float64, rounded to fp32 once), so no global
+    matmul setting (TF32, see the module docstring) can touch it."""
     from peft.utils import transpose
 
-    a, b = module.lora_A[adapter].weight.double(), module.lora_B[adapter].weight
-    product = torch.empty((b.shape[0], a.shape[1]), dtype=torch.float32, device=a.device)
-    step = max(1, BLOCK_ELEMENTS // max(1, a.shape[1]))
-    for i in range(0, b.shape[0], step):
-        product[i:i + step] = b[i:i + step].double() @ a
+    product = exact_product(module.lora_B[adapter].weight, module.lora_A[adapter].weight)
     return transpose(product, module.fan_in_fan_out) * module.scaling[adapter]
 
 

@@ -22,6 +22,11 @@ For every adapted module (fp32 math, cast to the output dtype at the end)::
     LoRA:  W' = W + delta
     DoRA:  W' = m / ||W + delta||_row * (W + delta)    (norm over in_features, one per output row)
 
+``B @ A`` is taken in float64 and rounded to fp32 once (:func:`exact_product`): a plain fp32 matmul
+follows ``torch.set_float32_matmul_precision``, which training stacks lower, and that reaches the
+CPU too (oneDNN then multiplies in TF32 or bf16 where the CPU has it: on the H200 host the merge's
+products were off by up to 3.9e-4 after an Unsloth job, bench/results/2026-11-28-h200-merge_diag-2.jsonl).
+
 which is what PEFT's ``DoraLinearVariant.merge_safe`` computes. Each input shard becomes one
 output shard, streamed tensor by tensor (:mod:`trinity_core.export.shards`): peak memory is the adapter
 plus one weight and its fp32 temporaries, whatever the shard size (``bench/merge_rss.py``).
@@ -74,6 +79,25 @@ class Quant:
         return getattr(torch, self.dequant_dtype or self.dtype)
 
 
+PRODUCT_BLOCK_ELEMENTS = 1 << 24
+"""float64 elements of one row block of :func:`exact_product` (128 MiB)."""
+
+
+def exact_product(b, a):
+    """``b @ a`` (out × r times r × in) as fp32, computed in float64 a block of rows at a time and
+    rounded once: the same bits whatever matmul precision the process set (TF32, bf16) and on any
+    device, so the merge and the merged-weights check (:mod:`trinity_core.evaluate.merge_check`)
+    agree to the last bit on their deltas."""
+    import torch
+
+    a = a.double()
+    product = torch.empty((b.shape[0], a.shape[1]), dtype=torch.float32, device=b.device)
+    step = max(1, PRODUCT_BLOCK_ELEMENTS // max(1, a.shape[1]))
+    for i in range(0, b.shape[0], step):
+        product[i:i + step] = b[i:i + step].double() @ a
+    return product
+
+
 @dataclass
 class Delta:
     """One adapted module: ``W' = f(W, scaling * B @ A, magnitude)``."""
@@ -87,7 +111,7 @@ class Delta:
         import torch
 
         w = weight.float()
-        delta = (self.B.float() @ self.A.float()) * self.scaling
+        delta = exact_product(self.B, self.A.to(self.B.device)) * self.scaling
         if delta.shape != w.shape:
             raise ExportError(f"adapter delta {tuple(delta.shape)} does not fit weight {tuple(w.shape)}")
         w = w + delta
