@@ -34,11 +34,17 @@ def dequantize_flat(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, 
     """Dequantise the packed stream ``packed`` (2 values a byte, row-major) into ``shape``.
 
     ``absmax`` holds one scale per ``blocksize`` values of that stream, the first for its first value.
+    On CPU a 16-bit result is the fp32 one rounded once, as the CUDA kernel rounds: bitsandbytes' CPU
+    kernel for fp16/bf16 may compute in 16 bits (on the H200 host, an AVX-512 FP16 CPU, the merge's fp16
+    weights came out up to an fp16 ulp away from the GPU's, bench/results/2026-11-28-h200-merge_diag-2.jsonl).
     """
     numel = math.prod(shape)
+    wanted = dtype
+    if packed.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
     out = torch.ops.bitsandbytes.dequantize_4bit.default(
         packed.view(torch.uint8).reshape(-1, 1), absmax, blocksize, quant_type, [numel], dtype)
-    return out.reshape(*shape)
+    return out.reshape(*shape).to(wanted)
 
 
 def dequantize(packed: torch.Tensor, state: Any, dtype: torch.dtype | None = None) -> torch.Tensor:

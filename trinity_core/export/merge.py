@@ -72,6 +72,20 @@ class Quant:
     # dtype the trained model dequantised in (its layers' quant_state.dtype at the end of training):
     # Unsloth on a T4 loads in fp16 and then switches Gemma-3 to fp32, so the two differ. None: ``dtype``.
     dequant_dtype: str | None = None
+    # where the trained model's 4-bit layers were quantised and dequantised ("cuda", "cuda:0", "cpu"):
+    # the merge redoes its 4-bit arithmetic there when it can, since bitsandbytes' CPU kernels do not
+    # round as its CUDA ones do (an AVX-512 host dequantised fp16 up to an fp16 ulp away, and
+    # re-quantised a bf16 weight to other values: bench/results/2026-11-28-h200-gpu-multimodal-unsloth-7.txt).
+    # None: the tensors' own device (CPU).
+    device: str | None = None
+
+    def on(self):
+        """The torch device of the merge's 4-bit arithmetic: ``device`` if this process has it, else CPU."""
+        import torch
+
+        if self.device and self.device.startswith("cuda") and torch.cuda.is_available():
+            return torch.device(self.device)
+        return torch.device("cpu")
 
     def dequant(self):
         import torch
@@ -240,10 +254,10 @@ def nf4_roundtrip(weight, quant: Quant):
 
     from trinity_core import nf4  # dequantises flat: bitsandbytes' CPU kernel misreads some widths
 
-    w = weight.to(getattr(torch, quant.dtype)).contiguous()
+    w = weight.to(quant.on()).to(getattr(torch, quant.dtype)).contiguous()
     packed, state = bnbf.quantize_4bit(w, blocksize=quant.blocksize, compress_statistics=quant.double_quant,
                                        quant_type=quant.quant_type)
-    return nf4.dequantize(packed, state, quant.dequant())
+    return nf4.dequantize(packed, state, quant.dequant()).to(weight.device)
 
 
 def quantized_in(model, base: str | Path, revision: str | None = None) -> str | None:
@@ -295,9 +309,10 @@ def dequantize_prequantized(packed, stats: dict[str, Any], quant: Quant | None =
 
     from trinity_core import nf4
 
-    state = bnbf.QuantState.from_dict({f"weight.{k}": v for k, v in stats.items()}, device=packed.device)
+    where = quant.on() if quant is not None else packed.device
+    state = bnbf.QuantState.from_dict({f"weight.{k}": v.to(where) for k, v in stats.items()}, device=where)
     dtype = quant.dequant() if quant is not None and quant.dequant_dtype else None
-    return nf4.dequantize(packed, state, dtype)
+    return nf4.dequantize(packed.to(where), state, dtype).to(packed.device)
 
 
 # --------------------------------------------------------------------------- output

@@ -21,12 +21,14 @@ from trinity_core.export.merge import Quant, merge_adapter
 from trinity_core.spec import JobSpec
 
 
-def quant_of(spec: JobSpec, compute_dtype: str | None = None, dequant_dtype: str | None = None) -> Quant | None:
+def quant_of(spec: JobSpec, compute_dtype: str | None = None, dequant_dtype: str | None = None,
+             quant_device: str | None = None) -> Quant | None:
     """How bitsandbytes quantised the base during training (None: it was not quantised).
 
     bitsandbytes quantises weights in the dtype the model is loaded in, which the backends set to
     the compute dtype (float32 on CPU, bfloat16 on most GPUs). ``dequant_dtype``: the dtype the
-    trained model dequantised in, when it differs (``nf4.dequant_dtype_of(model)``)."""
+    trained model dequantised in, when it differs (``nf4.dequant_dtype_of(model)``); ``quant_device``:
+    where its 4-bit layers live (the merge redoes the 4-bit arithmetic there, ``Quant.device``)."""
     if not spec.model.load_in_4bit:
         return None
     if compute_dtype is None:
@@ -37,11 +39,11 @@ def quant_of(spec: JobSpec, compute_dtype: str | None = None, dequant_dtype: str
     # dequantised in the dtype its file serialised (merge.dequantize_prequantized), not the one the
     # trained model used (bf16 in the file, fp16 under Unsloth's T4 path)
     return Quant(quant_type=spec.model.quant_type, double_quant=spec.model.double_quant, dtype=compute_dtype,
-                 dequant_dtype=dequant_dtype)
+                 dequant_dtype=dequant_dtype, device=quant_device)
 
 
 def quantization_as_trained(spec: JobSpec, model: Any, asked: str | None, emit: Callable[..., Any]) -> dict[str, Any]:
-    """``export_all``'s ``compute_dtype`` and ``dequant_dtype``, read off the trained ``model``: the dtype
+    """``export_all``'s ``compute_dtype``, ``dequant_dtype`` and ``quant_device``, read off the trained ``model``: the dtype
     bitsandbytes really quantised a 16-bit base in (``merge.quantized_in``; not always ``asked``, the
     backend's compute dtype: Unsloth on an H200 quantised in bf16 when fp16 was asked) and the one its
     4-bit layers dequantise in (``nf4.dequant_dtype_of``). Imports torch: call after the backend loaded."""
@@ -54,7 +56,8 @@ def quantization_as_trained(spec: JobSpec, model: Any, asked: str | None, emit: 
     if quantized is not None and quantized != asked:
         emit(f"bitsandbytes quantised the base in {quantized} (asked: {asked}); the merge does the same",
              quantized_in=quantized)
-    return {"compute_dtype": quantized, "dequant_dtype": dequant_dtype_of(model)}
+    device = next((str(p.device) for p in model.parameters() if getattr(p, "quant_state", None) is not None), None)
+    return {"compute_dtype": quantized, "dequant_dtype": dequant_dtype_of(model), "quant_device": device}
 
 
 def export_all(
@@ -65,12 +68,14 @@ def export_all(
     base_model: str | None = None,
     compute_dtype: str | None = None,
     dequant_dtype: str | None = None,
+    quant_device: str | None = None,
 ) -> dict[str, Any]:
     """Merge ``workdir/adapter`` into the base, convert and quantise to GGUF, write the Modelfile.
 
     ``base_model``: the checkpoint training loaded (default ``spec.model.name_or_path``);
     ``compute_dtype``: the dtype training loaded it in (default: the backends' choice);
-    ``dequant_dtype``: the dtype the trained model's 4-bit layers dequantise in, when known.
+    ``dequant_dtype``: the dtype the trained model's 4-bit layers dequantise in, when known;
+    ``quant_device``: the device they live on (the merge's 4-bit arithmetic runs there when it can).
     Returns ``{"merge": {...}, "gguf": {type: relative path}, "mmproj": relative path or None,
     "modelfile": path, "timings": {...}}``.
     Raises ``ExportError`` / ``ArtifactError``; nothing half-written is left under a final name.
@@ -86,7 +91,7 @@ def export_all(
     result["merge"] = merge_adapter(
         workdir / "adapter", workdir / "merged",
         base_model=base_model or spec.model.name_or_path, revision=spec.model.revision,
-        merge_into=ex.merge_into, original_model=ex.original_model, quant=quant_of(spec, compute_dtype, dequant_dtype), emit=emit,
+        merge_into=ex.merge_into, original_model=ex.original_model, quant=quant_of(spec, compute_dtype, dequant_dtype, quant_device), emit=emit,
     )
     result["timings"]["merge_s"] = round(time.monotonic() - t0, 2)
 
