@@ -34,9 +34,9 @@ def dequantize_flat(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, 
     """Dequantise the packed stream ``packed`` (2 values a byte, row-major) into ``shape``.
 
     ``absmax`` holds one scale per ``blocksize`` values of that stream, the first for its first value.
-    On CPU a 16-bit result is the fp32 one rounded once, as the CUDA kernel rounds: bitsandbytes' CPU
-    kernel for fp16/bf16 may compute in 16 bits (on the H200 host, an AVX-512 FP16 CPU, the merge's fp16
-    weights came out up to an fp16 ulp away from the GPU's, bench/results/2026-11-28-h200-merge_diag-2.jsonl).
+    On CPU a 16-bit result is the fp32 one rounded once, as the CUDA kernel rounds (the product in fp32,
+    then one conversion), whatever bitsandbytes' CPU kernel for fp16/bf16 does on a given CPU (see
+    ``trinity_core.export.merge.Quant.device`` for the merge that differed on the H200 host).
     """
     numel = math.prod(shape)
     wanted = dtype

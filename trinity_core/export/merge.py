@@ -73,10 +73,13 @@ class Quant:
     # Unsloth on a T4 loads in fp16 and then switches Gemma-3 to fp32, so the two differ. None: ``dtype``.
     dequant_dtype: str | None = None
     # where the trained model's 4-bit layers were quantised and dequantised ("cuda", "cuda:0", "cpu"):
-    # the merge redoes its 4-bit arithmetic there when it can, since bitsandbytes' CPU kernels do not
-    # round as its CUDA ones do (an AVX-512 host dequantised fp16 up to an fp16 ulp away, and
-    # re-quantised a bf16 weight to other values: bench/results/2026-11-28-h200-gpu-multimodal-unsloth-7.txt).
-    # None: the tensors' own device (CPU).
+    # the merge redoes its 4-bit arithmetic there when it can: bitsandbytes' CPU kernels need not round
+    # as its CUDA ones. After an Unsloth job on the H200 every input of the merge equalled the model's
+    # (bench/results/2026-11-28-h200-merge_diag-2.jsonl), yet the merged tensors done on the host's CPU
+    # (AVX-512 FP16, AMX) were up to 3e-5 (pre-quantised, fp16 dequantisation) and 3.9e-4 (16-bit base,
+    # bf16 re-quantisation) away: ...-gpu-multimodal-unsloth-7.txt; done on the GPU, with the CPU's
+    # 16-bit dequantisation also rounded once from fp32 (nf4.dequantize_flat), both variants match
+    # (...-unsloth-8.txt; which CPU kernel differed was not isolated). None: the tensors' own device.
     device: str | None = None
 
     def on(self):
