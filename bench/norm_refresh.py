@@ -45,11 +45,9 @@ SHAPES = {
     "12b": dict(hidden=3840, q=4096, kv=2048, inter=15360),  # Gemma-3 12B text model
     "tiny": dict(hidden=256, q=256, kv=128, inter=512),  # trinity_core.tiny's Gemma-3
 }
-SWEEP = [  # (BLOCK_M, num_warps, num_stages[, PAIRS]); the kernel's fixed choice for 16-bit GEMMs is (128, 4, 3)
+SWEEP = [  # (BLOCK_M, num_warps, num_stages); the kernel's fixed choice for 16-bit GEMMs is (128, 4, 3)
     (128, 8, 3), (128, 8, 2), (128, 8, 4), (64, 4, 3), (64, 4, 2), (128, 4, 3), (256, 8, 3), (64, 8, 3),
-    (128, 4, 3, True), (128, 8, 3, True), (64, 4, 3, True), (256, 8, 3, True),  # PAIRS: nf4_matmul.pair_table
 ]
-CONFIG_KEYS = ("BLOCK_M", "num_warps", "num_stages", "PAIRS")
 
 
 def projections(shape: str) -> list[tuple[str, int, int]]:
@@ -160,7 +158,7 @@ def time_kernel(items: list, args, device: torch.device, dtype: torch.dtype, emi
         a = torch.stack([item[1].detach() for item in group]).float()
         chosen = nf4_matmul.launch_config
         if config is not None:
-            nf4_matmul.launch_config = lambda n, gemm_dtype: dict(zip(CONFIG_KEYS, config))
+            nf4_matmul.launch_config = lambda n, gemm_dtype: dict(zip(("BLOCK_M", "num_warps", "num_stages"), config))
         b = torch.stack([item[2].detach() for item in group])
         w2, s = qdora._stack_constants(group, device)
         try:
@@ -208,18 +206,16 @@ def sass_report(args, emit) -> None:
 
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     kernel = nf4_matmul._kernel(False)
-    constexprs = ["K", "BLOCKSIZE", "BLOCKSIZE2", "NESTED", "BLOCK_M", "CHUNK", "R_PAD", "FUSED", "PAIRS"]
+    constexprs = ["K", "BLOCKSIZE", "BLOCKSIZE2", "NESTED", "BLOCK_M", "CHUNK", "R_PAD", "FUSED"]
     gemm = "fp32" if args.dtype == "float32" else "fp16"
     chosen = nf4_matmul.launch_config(4096, getattr(torch, "float32" if gemm == "fp32" else "float16"))
-    configs = [tuple(chosen[k] for k in CONFIG_KEYS if k in chosen)] + [c for c in SWEEP if args.sweep]
+    configs = [tuple(chosen[k] for k in ("BLOCK_M", "num_warps", "num_stages"))] + [c for c in SWEEP if args.sweep]
     for in_features in sorted({i for _, _, i in projections(args.shape)}):
-        for config, fused in [(c, f) for c in dict.fromkeys(configs) for f in (False, True)]:
-            block_m, warps, stages = config[:3]
-            pairs = len(config) > 3 and config[3] and gemm == "fp16"
-            signature = {"table_ptr": "*i64", "a_ptr": f"*{gemm}", "code_ptr": "*i32" if pairs else f"*{gemm}",
-                         "out_ptr": "*fp32", "b_ptr": "*bf16", "aat_ptr": "*fp32", "w2_ptr": "*fp32", "s_ptr": "*fp32",
-                         "size_ptr": "*fp32", "N": "i32", "R": "i32", **{k: "constexpr" for k in constexprs}}
-            values = dict(zip(constexprs, (in_features, 64, 256, True, block_m, 64, 64, fused, pairs)))
+        for (block_m, warps, stages), fused in [(c, f) for c in dict.fromkeys(configs) for f in (False, True)]:
+            signature = {"table_ptr": "*i64", "a_ptr": f"*{gemm}", "code_ptr": f"*{gemm}", "out_ptr": "*fp32",
+                         "b_ptr": "*bf16", "aat_ptr": "*fp32", "w2_ptr": "*fp32", "s_ptr": "*fp32", "size_ptr": "*fp32",
+                         "N": "i32", "R": "i32", **{k: "constexpr" for k in constexprs}}
+            values = dict(zip(constexprs, (in_features, 64, 256, True, block_m, 64, 64, fused)))
             source = ASTSource(kernel, signature, values, {(i,): [["tt.divisibility", 16]] for i in range(9)})
             compiled = triton.compile(source, target=GPUTarget("cuda", args.arch, 32),
                                       options={"num_warps": warps, "num_stages": stages})
@@ -237,7 +233,7 @@ def sass_report(args, emit) -> None:
             start, end = max(back, key=lambda edge: edge[1] - edge[0])  # the longest loop: over in_features
             loop = sum(start <= at <= end for at, _ in lines)
             emit({"kind": "sass", "arch": arch, "gemm": gemm, "in_features": in_features, "fused_norms": fused,
-                  "config": list(config), "registers": int(re.search(r"Used (\d+) registers", ptxas)[1]),
+                  "config": [block_m, warps, stages], "registers": int(re.search(r"Used (\d+) registers", ptxas)[1]),
                   "spill_bytes": int(re.search(r"(\d+) bytes spill stores", ptxas)[1]),
                   "shared_bytes": compiled.metadata.shared, "loop_instructions": loop,
                   "per_weight_per_thread": round(loop / (block_m * 64 / (warps * 32)), 1)})

@@ -39,16 +39,6 @@ def _interpreter(monkeypatch):
     nf4.read_rows_flat_on_cpu()
 
 
-@pytest.fixture(params=["gather", "pairs"])
-def lookup(request, monkeypatch):
-    """Both NF4 lookups of the kernel: the register gather (default) and the 256-entry pair table
-    (``PAIRS``, a 16-bit GEMM only; an fp32 GEMM keeps the gather)."""
-    if request.param == "pairs":
-        chosen = nf4_matmul.launch_config
-        monkeypatch.setattr(nf4_matmul, "launch_config", lambda n, gemm_dtype: {**chosen(n, gemm_dtype), "PAIRS": True})
-    return request.param
-
-
 def _nf4_weight(out_features: int, in_features: int, *, nested: bool, seed: int = 0, quant_type: str = "nf4"):
     """A bitsandbytes Params4bit quantised on CPU from a random weight."""
     import bitsandbytes as bnb
@@ -78,7 +68,7 @@ SHAPES = [(70, 192), (130, 96), (33, 384), (20, 512), (9, 160), (1030, 64)]
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("nested", [True, False], ids=["double_quant", "absmax"])
 @pytest.mark.parametrize("out_features,in_features", SHAPES, ids=[f"{o}x{i}" for o, i in SHAPES])
-def test_matches_dequantize_then_multiply(out_features, in_features, nested, dtype, lookup):
+def test_matches_dequantize_then_multiply(out_features, in_features, nested, dtype):
     weight = _nf4_weight(out_features, in_features, nested=nested, seed=out_features + in_features)
     assert nf4_matmul.why_not([weight], CPU) is None
     a_t = torch.randn(in_features, 24).to(dtype)  # r = 24: not a power of two, columns masked

@@ -28,16 +28,6 @@ CUDA = torch.device("cuda")
 SHAPES_12B = [(4096, 3840), (2048, 3840), (3840, 4096), (15360, 3840), (3840, 15360)]
 
 
-@pytest.fixture(params=["gather", "pairs"])
-def lookup(request, monkeypatch):
-    """Both NF4 lookups of the kernel: the register gather (default) and the 256-entry pair table
-    (``PAIRS``, a 16-bit GEMM only; an fp32 GEMM keeps the gather)."""
-    if request.param == "pairs":
-        chosen = nf4_matmul.launch_config
-        monkeypatch.setattr(nf4_matmul, "launch_config", lambda n, gemm_dtype: {**chosen(n, gemm_dtype), "PAIRS": True})
-    return request.param
-
-
 def _weight(out_features: int, in_features: int, *, nested: bool, dtype=torch.bfloat16, seed: int = 0):
     """A Params4bit quantised on CUDA by bitsandbytes from a random weight (as Unsloth's checkpoints)."""
     import bitsandbytes as bnb
@@ -61,7 +51,7 @@ def _relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("out_features,in_features", SHAPES_12B, ids=[f"{o}x{i}" for o, i in SHAPES_12B])
-def test_matches_dequantize_then_multiply_at_12b_shapes(out_features, in_features, dtype, lookup):
+def test_matches_dequantize_then_multiply_at_12b_shapes(out_features, in_features, dtype):
     weight = _weight(out_features, in_features, nested=True, dtype=dtype, seed=out_features + in_features)
     assert nf4_matmul.why_not([weight], CUDA) is None
     gen = torch.Generator(device="cuda").manual_seed(1)
@@ -142,7 +132,7 @@ def test_refresh_with_the_kernel_matches_the_dequantising_path(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("out_features,in_features", SHAPES_12B, ids=[f"{o}x{i}" for o, i in SHAPES_12B])
-def test_fused_row_norms_at_12b_shapes(out_features, in_features, dtype, lookup):
+def test_fused_row_norms_at_12b_shapes(out_features, in_features, dtype):
     """The norm epilogue compiled (its B·AAᵀ a tf32x3 dot) for a stack of two weights at each 12B shape,
     B in bf16 and r 64 as trained: the squared norms against float64 from bitsandbytes' fp32
     dequantisation, within the 16-bit GEMM's 1e-3 of W Aᵀ (the cross term) for bf16, 1e-4 for fp32."""

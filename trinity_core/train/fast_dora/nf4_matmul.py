@@ -36,7 +36,10 @@ asynchronous copy through shared memory. Compiled for sm_90 the main loop takes 
 per weight per thread at the chosen tiles (``python bench/norm_refresh.py --sass``; a first version
 that loaded the values from memory and scaled each weight before the dot took ~21, counted the same
 way). On an H200 that reads the packed codes at 0.4–0.7 TB/s, an eighth of the card's bandwidth: the
-lookup, not memory, bounds it (``bench/norm_refresh.py``; docs/BENCHMARKS.md, "Fast DoRA").
+lookup, not memory, bounds it (``bench/norm_refresh.py``; docs/BENCHMARKS.md, "Fast DoRA"). A lookup
+with one load per packed byte from a 256-entry table of fp16 pairs (commit bf1315e, since removed)
+took fewer instructions (7.4 a weight a thread) and ran slower: 10.4 ms against 8.8 ms for the 48
+layers' kernels at the same tiles (bench/results/2026-11-28-h200-norm_refresh-4.jsonl).
 
 It runs on CUDA GPUs of compute capability ≥ 8.0, and on CPU tensors under Triton's interpreter
 (``TRITON_INTERPRET=1``, for the tests). :func:`why_not` names what it does not take (no Triton,
@@ -296,19 +299,17 @@ def _launch_or_none(weights: Sequence[Any], a: torch.Tensor, dtype: torch.dtype)
     # A's even and odd columns, each transposed: (L, 2, in/2, r), so a chunk's two halves are plain tiles
     a_split = torch.empty((count, 2, in_features // 2, r), device=a.device, dtype=gemm_dtype)
     a_split.copy_(a.view(count, r, in_features // 2, 2).permute(0, 3, 2, 1))
-    config = dict(launch_config(out_features, gemm_dtype))
-    pairs = config.pop("PAIRS", False) and gemm_dtype == torch.float16
-    lookup = pair_table(a.device) if pairs else code_table(a.device, gemm_dtype)
+    config = launch_config(out_features, gemm_dtype)
     grid = (-(-out_features // config["BLOCK_M"]), count)
     table = _table_of(tuple(found.addresses for found in checked), a.device)
 
     def launch(out: torch.Tensor, fused: tuple | None) -> None:
         b, aat, w2, scaling, size = fused if fused is not None else (out,) * 5  # unused unless FUSED
         _kernel(interpreting())[grid](
-            table, a_split, lookup, out, b, aat, w2, scaling, size, out_features, r,
+            table, a_split, code_table(a.device, gemm_dtype), out, b, aat, w2, scaling, size, out_features, r,
             K=in_features, BLOCKSIZE=state.blocksize, BLOCKSIZE2=state.state2.blocksize if state.nested else 1,
             NESTED=state.nested, CHUNK=chunk_elements(state), R_PAD=max(16, 1 << (r - 1).bit_length()),
-            FUSED=fused is not None, PAIRS=pairs, **config)
+            FUSED=fused is not None, **config)
 
     return launch
 
@@ -343,16 +344,6 @@ def code_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 
 
 @functools.cache
-def pair_table(device: torch.device) -> torch.Tensor:
-    """256 int32, one per packed byte: the fp16 NF4 value of its high nibble (the even column) in
-    the low 16 bits and of its low nibble (the odd column) in the high 16 bits; the kernel's PAIRS
-    lookup reads one per byte instead of gathering each nibble from registers."""
-    values = code_table(device, torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
-    byte = torch.arange(256, device=device)
-    return (values[byte >> 4] | (values[byte & 15] << 16)).to(torch.int32).contiguous()
-
-
-@functools.cache
 def _kernel(interpret: bool):
     """The Triton kernel, compiled or interpreted on CPU tensors: ``interpret`` is part of the
     cache key because ``triton.jit`` picks the interpreter when it wraps the function."""
@@ -361,8 +352,7 @@ def _kernel(interpret: bool):
 
 def _nf4_times_kernel(table_ptr, a_ptr, code_ptr, out_ptr, b_ptr, aat_ptr, w2_ptr, s_ptr, size_ptr, N, R,
                       K: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                      BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, R_PAD: tl.constexpr, FUSED: tl.constexpr,
-                      PAIRS: tl.constexpr = False):
+                      BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, R_PAD: tl.constexpr, FUSED: tl.constexpr):
     """out[l] (N × R, fp32) = W_l · A_lᵀ for program (row tile, l). ``table_ptr``: (L, 5) addresses
     (see TABLE_COLUMNS); ``a_ptr``: (L, 2, K/2, R), A's even then odd columns, transposed, in the
     GEMM dtype; ``code_ptr``: the 16 NF4 values in that dtype. K is a compile-time constant (one
@@ -389,8 +379,7 @@ def _nf4_times_kernel(table_ptr, a_ptr, code_ptr, out_ptr, b_ptr, aat_ptr, w2_pt
     half = tl.arange(0, CHUNK // 2)
     a_even = a_ptr + layer.to(tl.int64) * K * R + cols[None, :]
     a_odd = a_even + (K // 2) * R
-    if not PAIRS:
-        codes = tl.broadcast_to(tl.load(code_ptr + tl.arange(0, 16))[None, :], (BLOCK_M, 16))
+    codes = tl.broadcast_to(tl.load(code_ptr + tl.arange(0, 16))[None, :], (BLOCK_M, 16))
     # tl.zeros is itself a jit function: the interpreter runs those only when TRITON_INTERPRET was
     # set before triton was imported; tl.full is a builtin
     acc = tl.full((BLOCK_M, R_PAD), 0.0, tl.float32)
@@ -408,15 +397,8 @@ def _nf4_times_kernel(table_ptr, a_ptr, code_ptr, out_ptr, b_ptr, aat_ptr, w2_pt
         a_rows = (k // 2 + half).to(tl.int64)[:, None] * R
         even = tl.load(a_even + a_rows, mask=col_ok[None, :], other=0.0)
         odd = tl.load(a_odd + a_rows, mask=col_ok[None, :], other=0.0)
-        if PAIRS:  # one load per byte from the 256-entry table of fp16 pairs (pair_table)
-            pair = tl.load(code_ptr + byte)
-            high = (pair & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
-            low = ((pair >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
-        else:
-            high = tl.gather(codes, byte >> 4, 1)
-            low = tl.gather(codes, byte & 15, 1)
-        part = tl.dot(high, even, input_precision="ieee")
-        part = tl.dot(low, odd, part, input_precision="ieee")
+        part = tl.dot(tl.gather(codes, byte >> 4, 1), even, input_precision="ieee")
+        part = tl.dot(tl.gather(codes, byte & 15, 1), odd, part, input_precision="ieee")
         acc += part * scale[:, None]
     if FUSED:
         tile_ok = row_ok[:, None] & col_ok[None, :]
