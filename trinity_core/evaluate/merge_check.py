@@ -13,7 +13,7 @@ compared with the tensor the trained model in memory (the 4-bit base + adapter, 
 * any other 4-bit module: ``dequant(W_nf4)``; everything else (embedding, norms, vision tower,
   projector) the loaded tensor.
 
-Two things the trained model holds that the merged checkpoint rightly does not:
+Three differences that are not merge errors, two of them handled here and one in the merge:
 
 * a tensor the adapter does not touch, rounded to 16 bits when training loaded the base (Unsloth's T4
   path loads in fp16, or in bf16 where the card has it, whatever the checkpoint stores): the merged
@@ -26,9 +26,11 @@ Two things the trained model holds that the merged checkpoint rightly does not:
   Both sides take ``s·B@A`` in float64, rounded to fp32 once
   (:func:`trinity_core.export.merge.exact_product`). With an fp32 product on the GPU the 12B stand-in's
   check reported all 168 adapted tensors off by up to 4.3e-4
-  (bench/results/2026-11-28-h200-gpu_mm_job-5-in8g.log); with the merge's fp32 product on the H200
-  host's CPU after an Unsloth job, the tiny stand-in's merged tensors were off by up to 3.9e-4 while
-  every input (base, A, B, magnitude, scaling) was equal (bench/results/2026-11-28-h200-merge_diag-2.jsonl).
+  (bench/results/2026-11-28-h200-gpu_mm_job-5-in8g.log).
+* The merge's 4-bit arithmetic on another device than training's: on the H200 host's CPU the tiny
+  stand-in's merged tensors were up to 3.9e-4 off while every input (base, A, B, magnitude, scaling)
+  was equal (bench/results/2026-11-28-h200-merge_diag-2.jsonl); the merge now does it on the trained
+  model's device (``trinity_core.export.merge.Quant.device``).
 
 None of it comes from :mod:`trinity_core.export.merge`'s reading of the adapter file or of the base's
 shards, so a wrong scaling, a missed or misnamed module, a truncated or swapped tensor shows up as a

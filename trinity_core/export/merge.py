@@ -24,8 +24,8 @@ For every adapted module (fp32 math, cast to the output dtype at the end)::
 
 ``B @ A`` is taken in float64 and rounded to fp32 once (:func:`exact_product`): a plain fp32 matmul
 follows ``torch.set_float32_matmul_precision``, which training stacks lower, and that reaches the
-CPU too (oneDNN then multiplies in TF32 or bf16 where the CPU has it: on the H200 host the merge's
-products were off by up to 3.9e-4 after an Unsloth job, bench/results/2026-11-28-h200-merge_diag-2.jsonl).
+CPU too (PyTorch then lets oneDNN multiply in TF32 or bf16 where the CPU has the instructions). The
+4-bit arithmetic runs where training's did (``Quant.device``).
 
 which is what PEFT's ``DoraLinearVariant.merge_safe`` computes. Each input shard becomes one
 output shard, streamed tensor by tensor (:mod:`trinity_core.export.shards`): peak memory is the adapter
