@@ -220,3 +220,16 @@ def test_the_merge_delta_is_the_float64_product_rounded_once(precision):
                            weight + (b.bfloat16().double() @ a.bfloat16().double()).float() * 0.5)
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def test_the_merge_does_its_4bit_arithmetic_on_the_trained_models_device_when_it_has_it():
+    """``Quant.device`` names where training quantised (the H200 host's CPU kernels rounded otherwise);
+    a process without that device (an export resumed on a CPU box) falls back to the CPU, and the result
+    comes back on the input's device either way."""
+    from trinity_core.export.merge import Quant
+
+    assert Quant(device="cuda:0").on() == torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    assert Quant(device=None).on() == Quant(device="cpu").on() == torch.device("cpu")
+    weight = torch.randn(64, 128) * 0.02
+    out = nf4_roundtrip(weight, Quant(dtype="float32", device="cuda"))
+    assert out.device == weight.device and torch.equal(out, nf4_roundtrip(weight, Quant(dtype="float32")))
