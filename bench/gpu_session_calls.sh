@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call of this session's plan (2026-11-28, late): the GPU tests named by the open issues,
-# then the norm refresh at 48 layers with the tile/lookup sweep. Carry .whl/site (../shared/gpu/wheels.sh)
+# then the norm refresh at 48 layers with the tile sweep. Carry .whl/site (../shared/gpu/wheels.sh)
 # and .gpu-extra/site.tar.gz (bench/gpu_extra.sh; run_job's report needs its text metrics):
 #   bash bench/gpu_session_calls.sh tests     # multimodal Unsloth test (background) + NF4 kernel tests
 #   bash bench/gpu_session_calls.sh refresh   # bench/norm_refresh.py --layers 48 --reuse-layer --sweep
@@ -11,7 +11,8 @@ export PYTHONPATH=$PWD/.whl/site:$PWD/.gpu-extra/site:$PWD HF_HUB_OFFLINE=1 PYTH
   TOKENIZERS_PARALLELISM=false UNSLOTH_COMPILE_DISABLE=1
 OUT=${OUT:-bench/results/gpu-out}
 mkdir -p "$OUT"
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; hostname; git rev-parse HEAD 2>/dev/null; } > "$OUT/card.txt" 2>&1
+# no git HEAD here: the device's copy of the tree carries a stale .git (seen: cb5ee82 for a tree at 73f2df5)
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; hostname; } > "$OUT/card.txt" 2>&1
 case ${1:-} in
   tests)
     python -m pytest -m gpu -q -rf --tb=short -p no:cacheprovider tests/gpu/test_unsloth_multimodal.py \

@@ -59,9 +59,8 @@ Triton); False keeps the dequantise-and-multiply path everywhere (the benchmark'
 FUSE_NORMS = True
 """With the NF4 kernel: take the norms from its epilogue (:func:`nf4_matmul.nf4_row_norms_or_none`)
 rather than W Aᵀ (L, out, r) in fp32 and torch's elementwise sums over it. H200, 48 layers, the
-kernel's earlier 128-row × 8-warp tiles: 15.9 ms per refresh fused, 16.8 ms not, 57.8 ms for the
-dequantising path (bench/results/2026-11-28-h200-norm_refresh-3.jsonl); ``bench/norm_refresh.py``
-times all three."""
+kernel's current tiles: 13.2 ms per refresh fused, 15.5 ms not, 53.4 ms for the dequantising path
+(bench/results/2026-11-28-h200-norm_refresh-4.jsonl); ``bench/norm_refresh.py`` times all three."""
 
 _optimizer_steps = 0
 _hook_handle = None
