@@ -63,7 +63,7 @@ def test_a_16bit_base_quantised_in_bf16_merges_and_checks_exactly(tmp_path, monk
     result, events = _run(tmp_path, monkeypatch)
     merge = result.export["merge"]
     assert merge["quant"]["dtype"] == "bfloat16" and merge["quant"]["dequant_dtype"] == "float32"
-    assert merge["quant"]["device"] == "cpu"  # where the trained model's 4-bit layers were: the merge's 4-bit arithmetic
+    assert merge["quant"]["device"] == "cpu"  # the trained model's 4-bit layers: where the merge quantises
     assert any(e.data.get("quantized_in") == "bfloat16" for e in events)
     checked = result.report["merged_weights"]
     assert checked["ok"], {k: checked.get(k) for k in ("mismatches", "missing_adapted", "rounded_at_load")}

@@ -43,10 +43,11 @@ def quant_of(spec: JobSpec, compute_dtype: str | None = None, dequant_dtype: str
 
 
 def quantization_as_trained(spec: JobSpec, model: Any, asked: str | None, emit: Callable[..., Any]) -> dict[str, Any]:
-    """``export_all``'s ``compute_dtype``, ``dequant_dtype`` and ``quant_device``, read off the trained ``model``: the dtype
-    bitsandbytes really quantised a 16-bit base in (``merge.quantized_in``; not always ``asked``, the
-    backend's compute dtype: Unsloth on an H200 quantised in bf16 when fp16 was asked) and the one its
-    4-bit layers dequantise in (``nf4.dequant_dtype_of``). Imports torch: call after the backend loaded."""
+    """``export_all``'s ``compute_dtype``, ``dequant_dtype`` and ``quant_device``, read off the trained
+    ``model``: the dtype bitsandbytes really quantised a 16-bit base in (``merge.quantized_in``; not
+    always ``asked``, the backend's compute dtype: Unsloth on an H200 quantised in bf16 when fp16 was
+    asked), the one its 4-bit layers dequantise in (``nf4.dequant_dtype_of``) and the device they live
+    on. Imports torch: call after the backend loaded."""
     from trinity_core.export.merge import quantized_in
     from trinity_core.nf4 import dequant_dtype_of
 
@@ -91,7 +92,8 @@ def export_all(
     result["merge"] = merge_adapter(
         workdir / "adapter", workdir / "merged",
         base_model=base_model or spec.model.name_or_path, revision=spec.model.revision,
-        merge_into=ex.merge_into, original_model=ex.original_model, quant=quant_of(spec, compute_dtype, dequant_dtype, quant_device), emit=emit,
+        merge_into=ex.merge_into, original_model=ex.original_model,
+        quant=quant_of(spec, compute_dtype, dequant_dtype, quant_device), emit=emit,
     )
     result["timings"]["merge_s"] = round(time.monotonic() - t0, 2)
 

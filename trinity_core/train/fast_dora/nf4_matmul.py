@@ -38,7 +38,8 @@ that loaded the values from memory and scaled each weight before the dot took ~2
 way). On an H200 that reads the packed codes at 0.4–0.7 TB/s, an eighth of the card's bandwidth: the
 lookup, not memory, bounds it (``bench/norm_refresh.py``; docs/BENCHMARKS.md, "Fast DoRA"). A lookup
 with one load per packed byte from a 256-entry table of fp16 pairs (commit bf1315e, since removed)
-took fewer instructions (7.4 a weight a thread, bench/results/2026-11-28-cpu-norm_refresh-sass-pairs.jsonl) and ran slower: 10.4 ms against 8.8 ms for the 48
+took fewer instructions (7.4 a weight a thread,
+bench/results/2026-11-28-cpu-norm_refresh-sass-pairs.jsonl) and ran slower: 10.4 ms against 8.8 ms for the 48
 layers' kernels at the same tiles (bench/results/2026-11-28-h200-norm_refresh-4.jsonl).
 
 It runs on CUDA GPUs of compute capability ≥ 8.0, and on CPU tensors under Triton's interpreter
