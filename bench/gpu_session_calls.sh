@@ -4,9 +4,10 @@
 # and .gpu-extra/site.tar.gz (bench/gpu_extra.sh; run_job's report needs its text metrics):
 #   bash bench/gpu_session_calls.sh tests     # multimodal Unsloth test (background) + NF4 kernel tests
 #   bash bench/gpu_session_calls.sh refresh   # bench/norm_refresh.py --layers 48 --reuse-layer --sweep
+#   bash bench/gpu_session_calls.sh kernel    # NF4 kernel tests, then the refresh (needs .whl/site only)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ -d .gpu-extra/site ] || tar xzf .gpu-extra/site.tar.gz -C .gpu-extra
+[ -d .gpu-extra/site ] || [ ! -f .gpu-extra/site.tar.gz ] || tar xzf .gpu-extra/site.tar.gz -C .gpu-extra
 export PYTHONPATH=$PWD/.whl/site:$PWD/.gpu-extra/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 \
   TOKENIZERS_PARALLELISM=false UNSLOTH_COMPILE_DISABLE=1
 OUT=${OUT:-bench/results/gpu-out}
@@ -22,9 +23,14 @@ case ${1:-} in
       > "$OUT/pytest-nf4.txt" 2>&1
     tail -4 "$OUT/pytest-nf4.txt"
     wait $mm; tail -6 "$OUT/pytest-multimodal.txt" ;;
+  kernel)
+    python -m pytest -m gpu -q -rf --tb=short -p no:cacheprovider tests/gpu/test_nf4_matmul_cuda.py \
+      > "$OUT/pytest-nf4.txt" 2>&1
+    tail -4 "$OUT/pytest-nf4.txt"
+    "$0" refresh ;;
   refresh)
     python bench/norm_refresh.py --layers 48 --reuse-layer --sweep --out "$OUT/norm_refresh.jsonl" \
       > "$OUT/norm_refresh.log" 2>&1
     grep -v '"sweep' "$OUT/norm_refresh.jsonl" | tail -20 ;;
-  *) echo "usage: $0 tests|refresh"; exit 2 ;;
+  *) echo "usage: $0 tests|kernel|refresh"; exit 2 ;;
 esac

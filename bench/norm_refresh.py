@@ -3,6 +3,7 @@
     PYTHONPATH=$PWD/.whl/site:$PWD python bench/norm_refresh.py --layers 48 --out $OUT/norm_refresh.jsonl
     TRITON_INTERPRET=1 python bench/norm_refresh.py --layers 1 --shape tiny   # CPU: runs end to end
     python bench/norm_refresh.py --sass --sweep                                 # CPU: sm_90 build statistics
+    python bench/norm_refresh.py --layers 48 --reuse-layer --profile            # + device time by kernel
 
 Builds ``--layers`` layers of the 7 LoRA projections (12B Gemma-3 shapes: q 4096×3840, k/v
 2048×3840, o 3840×4096, gate/up 15360×3840, down 3840×15360), each a random weight quantised by
@@ -147,6 +148,25 @@ def time_refresh(items: list, args, device: torch.device, emit) -> dict[str, tor
     return left
 
 
+def profile_refresh(items: list, args, emit) -> None:
+    """Where the fused refresh's device time goes: torch.profiler over ``args.iters`` refreshes, one
+    ``profile`` record per kernel or op name with its device time per refresh, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    optimizer = torch.optim.SGD([p for item in items for p in item[1:3]], lr=0.0)
+    for _ in range(args.warmup):
+        qdora.refresh_after_step(optimizer)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.iters):
+            qdora.refresh_after_step(optimizer)
+        torch.cuda.synchronize()
+    rows = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.device_time_total > 0]
+    for e in sorted(rows, key=lambda e: -e.device_time_total)[:15]:
+        emit({"kind": "profile", "name": e.key[:120], "calls_per_refresh": e.count / args.iters,
+              "device_ms_per_refresh": round(e.device_time_total / 1e3 / args.iters, 3)})
+
+
 def time_kernel(items: list, args, device: torch.device, dtype: torch.dtype, emit, config=None) -> None:
     """The kernel alone: one launch per projection shape over all layers (``config``: a SWEEP entry
     in place of :func:`nf4_matmul.launch_config`)."""
@@ -206,17 +226,17 @@ def sass_report(args, emit) -> None:
 
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     kernel = nf4_matmul._kernel(False)
-    constexprs = ["K", "BLOCKSIZE", "BLOCKSIZE2", "NESTED", "BLOCK_M", "CHUNK", "R_PAD", "FUSED"]
+    constexprs = ["K", "BLOCKSIZE", "BLOCKSIZE2", "NESTED", "BLOCK_M", "CHUNK", "R_PAD", "FUSED", "PRMT"]
     gemm = "fp32" if args.dtype == "float32" else "fp16"
     chosen = nf4_matmul.launch_config(4096, getattr(torch, "float32" if gemm == "fp32" else "float16"))
     configs = [tuple(chosen[k] for k in ("BLOCK_M", "num_warps", "num_stages"))] + [c for c in SWEEP if args.sweep]
     for in_features in sorted({i for _, _, i in projections(args.shape)}):
         for (block_m, warps, stages), fused in [(c, f) for c in dict.fromkeys(configs) for f in (False, True)]:
-            signature = {"table_ptr": "*i64", "a_ptr": f"*{gemm}", "code_ptr": f"*{gemm}", "out_ptr": "*fp32",
-                         "b_ptr": "*bf16", "aat_ptr": "*fp32", "w2_ptr": "*fp32", "s_ptr": "*fp32", "size_ptr": "*fp32",
+            signature = {"table_ptr": "*i64", "a_ptr": f"*{gemm}", "code_ptr": "*i32" if gemm == "fp16" else "*fp32",
+                         "out_ptr": "*fp32", "b_ptr": "*bf16", "s_ptr": "*fp32", "size_ptr": "*fp32",
                          "N": "i32", "R": "i32", **{k: "constexpr" for k in constexprs}}
-            values = dict(zip(constexprs, (in_features, 64, 256, True, block_m, 64, 64, fused)))
-            source = ASTSource(kernel, signature, values, {(i,): [["tt.divisibility", 16]] for i in range(9)})
+            values = dict(zip(constexprs, (in_features, 64, 256, True, block_m, 64, 64, fused, gemm == "fp16")))
+            source = ASTSource(kernel, signature, values, {(i,): [["tt.divisibility", 16]] for i in range(7)})
             compiled = triton.compile(source, target=GPUTarget("cuda", args.arch, 32),
                                       options={"num_warps": warps, "num_stages": stages})
             with tempfile.TemporaryDirectory() as tmp:
@@ -252,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reuse-layer", action="store_true", help="quantise one layer, share it across layers")
     parser.add_argument("--sweep", action="store_true", help="also time a few kernel tile configurations")
+    parser.add_argument("--profile", action="store_true", help="also profile the fused refresh's kernels")
     parser.add_argument("--sass", action="store_true",
                         help="no GPU needed: compile the kernel for --arch and count its main loop's instructions")
     parser.add_argument("--arch", type=int, default=90, help="compute capability for --sass (90: H100/H200)")
@@ -286,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
           "kernel_takes_them": nf4_matmul.why_not([items[0][4].weight], device) or "yes"})
     left = time_refresh(items, args, device, emit)
     accuracy(items, left, emit)
+    if args.profile and device.type == "cuda":
+        profile_refresh(items, args, emit)
     time_kernel(items, args, device, dtype, emit)
     if args.sweep:
         for config in SWEEP:

@@ -73,6 +73,37 @@ MAX_R = 128
 uses 64; its OOM ladder goes down to 32)."""
 
 
+NF4_PRMT_ASM = """{
+.reg .b32 sel, pick, sel1, pick1, lo0, hi0, lo1, hi1, x, y;
+and.b32 sel, $4, 0x77777777;
+shr.b32 pick, $4, 1;
+and.b32 pick, pick, 0x44444444;
+or.b32 pick, pick, 0x32103210;
+shr.b32 sel1, sel, 16;
+shr.b32 pick1, pick, 16;
+prmt.b32 x, $7, $11, sel; prmt.b32 y, $15, $19, sel; prmt.b32 lo0, x, y, pick;
+prmt.b32 x, $23, $27, sel; prmt.b32 y, $31, $35, sel; prmt.b32 hi0, x, y, pick;
+prmt.b32 x, $7, $11, sel1; prmt.b32 y, $15, $19, sel1; prmt.b32 lo1, x, y, pick1;
+prmt.b32 x, $23, $27, sel1; prmt.b32 y, $31, $35, sel1; prmt.b32 hi1, x, y, pick1;
+prmt.b32 $0, lo0, hi0, 0x7351; prmt.b32 $1, lo1, hi1, 0x7351;
+prmt.b32 $2, lo0, hi0, 0x6240; prmt.b32 $3, lo1, hi1, 0x6240;
+mul.rn.f16x2 $0, $0, $5; mul.rn.f16x2 $1, $1, $6;
+mul.rn.f16x2 $2, $2, $5; mul.rn.f16x2 $3, $3, $6;
+}"""
+"""PTX for 4 packed bytes (8 NF4 codes) at a time: their fp16 weights, high nibbles ($0, $1) and low
+nibbles ($2, $3), each times its row's scale ($5 for bytes 0–1, $6 for bytes 2–3: in the tensor-core
+operand layout a thread's 4 elements span 2 rows). A 16-entry lookup is ``prmt`` (byte permute, 8
+bytes × 4 selectors a instruction) into entries 0–7 and 8–15 of a byte table ($7…$35: the low bytes
+of the 16 fp16 values, then the high bytes, :func:`byte_tables`; every fourth operand, as Triton
+passes a 32-bit scalar once per packed element), then a ``prmt`` that picks between the two by each
+code's bit 3 (llama.cpp's ``get_int_from_table_16`` does the same for int8 tables), then one that
+joins low and high bytes into fp16 pairs: ~2.5 ALU instructions a weight and no shuffles, where
+``tl.gather`` from registers lowers to one warp shuffle per weight."""
+NF4_PRMT_CONSTRAINTS = "=r,=r,=r,=r,r,r,r" + ",r" * 32
+if tl is not None:  # a Triton kernel reads module globals only as constexprs
+    NF4_PRMT_ASM, NF4_PRMT_CONSTRAINTS = tl.constexpr(NF4_PRMT_ASM), tl.constexpr(NF4_PRMT_CONSTRAINTS)
+
+
 class UnsupportedNf4Weight(ValueError):
     """The kernel cannot take this weight or input; the message says why (the caller's fallback is
     dequantise-then-multiply, ``trinity_core.nf4.row_blocks``)."""
@@ -277,10 +308,19 @@ def nf4_row_norms_or_none(weights: Sequence[Any], a: torch.Tensor, b: torch.Tens
                                    f"fit {count} weights of {out_features} rows and r = {a.shape[1]}")
     a32 = a.float()
     aat = torch.bmm(a32, a32.mT).contiguous()  # (L, r, r) fp32
-    n2 = torch.empty((count, out_features), device=a.device, dtype=torch.float32)
-    size = torch.empty_like(n2)
-    launch(n2, fused=(b.contiguous(), aat, w2.float().contiguous(), scaling.float().contiguous(), size))
+    b, scaling = b.contiguous(), scaling.float().contiguous()
+    size = torch.empty((count, out_features), device=a.device, dtype=torch.float32)
+    _size_kernel_jit(interpreting())[(-(-out_features // 64), count)](
+        b, aat, w2.float().contiguous(), scaling, size, out_features, a.shape[1], BLOCK_M=64, R_PAD=_r_pad(a.shape[1]),
+        num_warps=4)
+    n2 = torch.empty_like(size)
+    launch(n2, fused=(b, scaling, size))
     return n2, size
+
+
+def _r_pad(r: int) -> int:
+    """The kernel's column count for rank r: a power of two ≥ 16 (a tensor-core dot's smallest N)."""
+    return max(16, 1 << (r - 1).bit_length())
 
 
 def _launch_or_none(weights: Sequence[Any], a: torch.Tensor, dtype: torch.dtype):
@@ -297,20 +337,25 @@ def _launch_or_none(weights: Sequence[Any], a: torch.Tensor, dtype: torch.dtype)
         raise UnsupportedNf4Weight(f"a has shape {tuple(a.shape)}; expected ({len(weights)}, r, {in_features})")
     count, r = a.shape[0], a.shape[1]
     gemm_dtype = torch.float32 if dtype == torch.float32 else torch.float16
-    # A's even and odd columns, each transposed: (L, 2, in/2, r), so a chunk's two halves are plain tiles
-    a_split = torch.empty((count, 2, in_features // 2, r), device=a.device, dtype=gemm_dtype)
-    a_split.copy_(a.view(count, r, in_features // 2, 2).permute(0, 3, 2, 1))
+    r_pad = _r_pad(r)
+    # A's even and odd columns, each transposed and zero-padded to r_pad: (L, 2, in/2, r_pad), so a
+    # chunk's two halves are plain tiles, loaded without a mask
+    a_split = (torch.empty if r_pad == r else torch.zeros)((count, 2, in_features // 2, r_pad), device=a.device,
+                                                          dtype=gemm_dtype)
+    a_split[..., :r].copy_(a.view(count, r, in_features // 2, 2).permute(0, 3, 2, 1))
+    prmt = gemm_dtype == torch.float16 and a.device.type == "cuda"  # the interpreter runs no PTX
+    codes = byte_tables(a.device) if prmt else code_table(a.device, gemm_dtype)
     config = launch_config(out_features, gemm_dtype)
     grid = (-(-out_features // config["BLOCK_M"]), count)
     table = _table_of(tuple(found.addresses for found in checked), a.device)
 
     def launch(out: torch.Tensor, fused: tuple | None) -> None:
-        b, aat, w2, scaling, size = fused if fused is not None else (out,) * 5  # unused unless FUSED
+        b, scaling, size = fused if fused is not None else (out,) * 3  # unused unless FUSED
         _kernel(interpreting())[grid](
-            table, a_split, code_table(a.device, gemm_dtype), out, b, aat, w2, scaling, size, out_features, r,
+            table, a_split, codes, out, b, scaling, size, out_features, r,
             K=in_features, BLOCKSIZE=state.blocksize, BLOCKSIZE2=state.state2.blocksize if state.nested else 1,
-            NESTED=state.nested, CHUNK=chunk_elements(state), R_PAD=max(16, 1 << (r - 1).bit_length()),
-            FUSED=fused is not None, **config)
+            NESTED=state.nested, CHUNK=chunk_elements(state), R_PAD=r_pad, FUSED=fused is not None, PRMT=prmt,
+            **config)
 
     return launch
 
@@ -345,22 +390,34 @@ def code_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 
 
 @functools.cache
+def byte_tables(device: torch.device) -> torch.Tensor:
+    """The 16 NF4 values in fp16 (:func:`code_table`) as the PRMT lookup's 8 int32 registers: 4 holding
+    the values' low bytes (entry j in byte j % 4 of register j // 4), then 4 their high bytes."""
+    bits = code_table(torch.device("cpu"), torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
+    words = [sum(int(half[j]) << (8 * (j % 4)) for j in range(4 * i, 4 * i + 4))
+             for half in (bits & 0xFF, bits >> 8) for i in range(4)]
+    return torch.tensor(words, dtype=torch.int64).to(torch.int32).to(device)  # bit patterns, wrapped
+
+
+@functools.cache
 def _kernel(interpret: bool):
     """The Triton kernel, compiled or interpreted on CPU tensors: ``interpret`` is part of the
     cache key because ``triton.jit`` picks the interpreter when it wraps the function."""
     return triton.jit(_nf4_times_kernel)
 
 
-def _nf4_times_kernel(table_ptr, a_ptr, code_ptr, out_ptr, b_ptr, aat_ptr, w2_ptr, s_ptr, size_ptr, N, R,
+def _nf4_times_kernel(table_ptr, a_ptr, code_ptr, out_ptr, b_ptr, s_ptr, size_ptr, N, R,
                       K: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                      BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, R_PAD: tl.constexpr, FUSED: tl.constexpr):
+                      BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, R_PAD: tl.constexpr, FUSED: tl.constexpr,
+                      PRMT: tl.constexpr):
     """out[l] (N × R, fp32) = W_l · A_lᵀ for program (row tile, l). ``table_ptr``: (L, 5) addresses
-    (see TABLE_COLUMNS); ``a_ptr``: (L, 2, K/2, R), A's even then odd columns, transposed, in the
-    GEMM dtype; ``code_ptr``: the 16 NF4 values in that dtype. K is a compile-time constant (one
-    compile per width; Triton 3.6's interpreter also cannot loop to a runtime bound under numpy 2).
-    FUSED: instead, out[l] (N, fp32) = w2 + 2s·Σ_r B⊙(W Aᵀ) + s²·Σ_r (B·AAᵀ)⊙B and size[l] = w2 +
-    s²·Σ_r (B·AAᵀ)⊙B, from ``b_ptr`` (L, N, R, any float), ``aat_ptr`` (L, R, R) fp32, ``w2_ptr`` (L, N)
-    fp32 and ``s_ptr`` (L,) fp32 (:func:`nf4_row_norms_or_none`)."""
+    (see TABLE_COLUMNS); ``a_ptr``: (L, 2, K/2, R_PAD), A's even then odd columns, transposed, zero-padded
+    to R_PAD columns, in the GEMM dtype; ``code_ptr``: the 16 NF4 values in that dtype, or with PRMT
+    (compiled 16-bit GEMMs) the 8 int32 byte tables of :func:`byte_tables`. K is a compile-time constant
+    (one compile per width; Triton 3.6's interpreter also cannot loop to a runtime bound under numpy 2).
+    FUSED: instead, out[l] (N, fp32) = size[l] + 2s·Σ_r B⊙(W Aᵀ), from ``b_ptr`` (L, N, R, any float),
+    ``s_ptr`` (L,) fp32 and ``size_ptr`` (L, N) fp32, which :func:`_size_kernel` filled
+    (:func:`nf4_row_norms_or_none`)."""
     layer = tl.program_id(1)
     entry = table_ptr + layer * 5
     packed = tl.multiple_of(tl.load(entry).to(tl.pointer_type(tl.uint8)), 16)
@@ -378,9 +435,14 @@ def _nf4_times_kernel(table_ptr, a_ptr, code_ptr, out_ptr, b_ptr, aat_ptr, w2_pt
     cols = tl.arange(0, R_PAD)
     col_ok = cols < R
     half = tl.arange(0, CHUNK // 2)
-    a_even = a_ptr + layer.to(tl.int64) * K * R + cols[None, :]
-    a_odd = a_even + (K // 2) * R
-    codes = tl.broadcast_to(tl.load(code_ptr + tl.arange(0, 16))[None, :], (BLOCK_M, 16))
+    a_even = a_ptr + layer.to(tl.int64) * K * R_PAD + cols[None, :]
+    a_odd = a_even + (K // 2) * R_PAD
+    if PRMT:  # the byte tables (byte_tables()): loaded once, held in 8 registers by the inline assembly
+        lut = code_ptr.to(tl.pointer_type(tl.int32))
+        l0, l1, l2, l3 = tl.load(lut), tl.load(lut + 1), tl.load(lut + 2), tl.load(lut + 3)
+        h0, h1, h2, h3 = tl.load(lut + 4), tl.load(lut + 5), tl.load(lut + 6), tl.load(lut + 7)
+    else:
+        codes = tl.broadcast_to(tl.load(code_ptr + tl.arange(0, 16))[None, :], (BLOCK_M, 16))
     # tl.zeros is itself a jit function: the interpreter runs those only when TRITON_INTERPRET was
     # set before triton was imported; tl.full is a builtin
     acc = tl.full((BLOCK_M, R_PAD), 0.0, tl.float32)
@@ -394,32 +456,61 @@ def _nf4_times_kernel(table_ptr, a_ptr, code_ptr, out_ptr, b_ptr, aat_ptr, w2_pt
         else:
             scale = tl.load(absmax + block, mask=row_ok, other=0.0)
         byte_at = tl.multiple_of(first // 2, CHUNK // 2)
-        byte = tl.load(packed + byte_at[:, None] + half[None, :], mask=row_ok[:, None], other=0).to(tl.int32)
-        a_rows = (k // 2 + half).to(tl.int64)[:, None] * R
-        even = tl.load(a_even + a_rows, mask=col_ok[None, :], other=0.0)
-        odd = tl.load(a_odd + a_rows, mask=col_ok[None, :], other=0.0)
-        part = tl.dot(tl.gather(codes, byte >> 4, 1), even, input_precision="ieee")
-        part = tl.dot(tl.gather(codes, byte & 15, 1), odd, part, input_precision="ieee")
-        acc += part * scale[:, None]
-    if FUSED:
+        byte = tl.load(packed + byte_at[:, None] + half[None, :], mask=row_ok[:, None], other=0)
+        a_rows = (k // 2 + half).to(tl.int64)[:, None] * R_PAD  # A is padded to R_PAD columns: no mask
+        even = tl.load(a_even + a_rows)
+        odd = tl.load(a_odd + a_rows)
+        if PRMT:
+            w_even, w_odd = tl.inline_asm_elementwise(
+                NF4_PRMT_ASM, NF4_PRMT_CONSTRAINTS,
+                [byte, scale.to(tl.float16)[:, None], l0, l1, l2, l3, h0, h1, h2, h3],
+                dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+        else:
+            w_scale = scale.to(codes.dtype)[:, None]
+            w_even = tl.gather(codes, (byte >> 4).to(tl.int32), 1) * w_scale
+            w_odd = tl.gather(codes, (byte & 15).to(tl.int32), 1) * w_scale
+        acc = tl.dot(w_even, even, acc, input_precision="ieee")
+        acc = tl.dot(w_odd, odd, acc, input_precision="ieee")
+    if FUSED:  # size_ptr holds ‖W_i‖² + s²·B_i AAᵀ B_iᵀ (_size_kernel): only B·(W Aᵀ) is left
         tile_ok = row_ok[:, None] & col_ok[None, :]
         b = tl.load(b_ptr + layer.to(tl.int64) * N * R + rows[:, None] * R + cols[None, :], mask=tile_ok,
                     other=0.0).to(tl.float32)
-        aat = tl.load(aat_ptr + layer.to(tl.int64) * R * R + cols[:, None] * R + cols[None, :],
-                      mask=col_ok[:, None] & col_ok[None, :], other=0.0)
-        # tl.reduce with the sum's combine function, not tl.sum: that is a jit function (see tl.full above);
-        # tf32x3: three TF32 products, ~fp32 accuracy on the tensor cores (an IEEE fp32 dot spilled registers)
-        quad = tl.reduce(tl.dot(b, aat, input_precision="tf32x3") * b, 1, tl.standard._sum_combine)  # B_i AAᵀ B_iᵀ
-        s = tl.load(s_ptr + layer)
-        w2 = tl.load(w2_ptr + layer.to(tl.int64) * N + rows, mask=row_ok, other=0.0)
-        size = w2 + s * s * quad
         at = layer.to(tl.int64) * N + rows
-        tl.store(out_ptr + at, size + 2.0 * s * tl.reduce(b * acc, 1, tl.standard._sum_combine), mask=row_ok)
-        tl.store(size_ptr + at, size, mask=row_ok)
+        size = tl.load(size_ptr + at, mask=row_ok, other=0.0)
+        cross = tl.reduce(b * acc, 1, tl.standard._sum_combine)
+        tl.store(out_ptr + at, size + 2.0 * tl.load(s_ptr + layer) * cross, mask=row_ok)
     else:
         out = out_ptr + layer.to(tl.int64) * N * R + rows[:, None] * R + cols[None, :]
         tl.store(out, acc, mask=row_ok[:, None] & col_ok[None, :])
 
+
+
+@functools.cache
+def _size_kernel_jit(interpret: bool):
+    """:func:`_size_kernel`, compiled or interpreted (see :func:`_kernel`)."""
+    return triton.jit(_size_kernel)
+
+
+def _size_kernel(b_ptr, aat_ptr, w2_ptr, s_ptr, size_ptr, N, R, BLOCK_M: tl.constexpr, R_PAD: tl.constexpr):
+    """size[l] (N, fp32) = w2[l] + s²·Σ_r (B·AAᵀ)⊙B for program (row tile, l): the part of the squared
+    norm that does not need W. Its own launch: inside the NF4 kernel's epilogue its 64 × 64 dot held
+    registers through the main loop (255 a thread and spills, against 168 without it; sm_90, 2026-11-29)."""
+    layer = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    rows = tl.where(row_ok, rows, 0).to(tl.int64)
+    cols = tl.arange(0, R_PAD)
+    col_ok = cols < R
+    b = tl.load(b_ptr + layer.to(tl.int64) * N * R + rows[:, None] * R + cols[None, :],
+                mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    aat = tl.load(aat_ptr + layer.to(tl.int64) * R * R + cols[:, None] * R + cols[None, :],
+                  mask=col_ok[:, None] & col_ok[None, :], other=0.0)
+    # tl.reduce with the sum's combine function, not tl.sum: that is a jit function (see _nf4_times_kernel);
+    # tf32x3: three TF32 products, ~fp32 accuracy on the tensor cores (an IEEE fp32 dot spilled registers)
+    quad = tl.reduce(tl.dot(b, aat, input_precision="tf32x3") * b, 1, tl.standard._sum_combine)  # B_i AAᵀ B_iᵀ
+    s = tl.load(s_ptr + layer)
+    at = layer.to(tl.int64) * N + rows
+    tl.store(size_ptr + at, tl.load(w2_ptr + at, mask=row_ok, other=0.0) + s * s * quad, mask=row_ok)
 
 __all__ = ["MAX_R", "UnsupportedNf4Weight", "chunk_elements", "code_table", "interpreting", "launch_config", "nf4_times",
            "nf4_row_norms_or_none", "nf4_times_stacked", "nf4_times_stacked_or_none", "why_not"]
