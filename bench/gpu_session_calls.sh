@@ -3,7 +3,7 @@
 # then the norm refresh at 48 layers with the tile sweep. Carry .whl/site (../shared/gpu/wheels.sh)
 # and .gpu-extra/site.tar.gz (bench/gpu_extra.sh; run_job's report needs its text metrics):
 #   bash bench/gpu_session_calls.sh tests     # multimodal Unsloth test (background) + NF4 kernel tests
-#   bash bench/gpu_session_calls.sh refresh   # bench/norm_refresh.py --layers 48 --reuse-layer --sweep
+#   bash bench/gpu_session_calls.sh refresh   # bench/norm_refresh.py --layers 48 --reuse-layer --sweep --profile
 #   bash bench/gpu_session_calls.sh kernel    # NF4 kernel tests, then the refresh (needs .whl/site only)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +29,7 @@ case ${1:-} in
     tail -4 "$OUT/pytest-nf4.txt"
     "$0" refresh ;;
   refresh)
-    python bench/norm_refresh.py --layers 48 --reuse-layer --sweep --out "$OUT/norm_refresh.jsonl" \
+    python bench/norm_refresh.py --layers 48 --reuse-layer --sweep --profile --out "$OUT/norm_refresh.jsonl" \
       > "$OUT/norm_refresh.log" 2>&1
     grep -v '"sweep' "$OUT/norm_refresh.jsonl" | tail -20 ;;
   *) echo "usage: $0 tests|kernel|refresh"; exit 2 ;;

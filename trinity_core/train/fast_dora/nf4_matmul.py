@@ -277,9 +277,10 @@ def nf4_times_stacked(weights: Sequence[Any], a: torch.Tensor, dtype: torch.dtyp
 
 def nf4_times_stacked_or_none(weights: Sequence[Any], a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     """:func:`nf4_times_stacked`, or None where the kernel cannot take the weights (one check pass)."""
-    launch = _launch_or_none(weights, a, dtype)
-    if launch is None:
+    prepared = _launch_or_none(weights, a, dtype)
+    if prepared is None:
         return None
+    launch = prepared[0]
     count, out_features, r = a.shape[0], weights[0].quant_state.shape[0], a.shape[1]
     out = torch.empty((count, out_features, r), device=a.device, dtype=torch.float32)
     launch(out, fused=None)
@@ -299,15 +300,14 @@ def nf4_row_norms_or_none(weights: Sequence[Any], a: torch.Tensor, b: torch.Tens
     :func:`nf4_times_stacked`. None where the kernel cannot take the weights (the caller then
     multiplies dequantised rows). The epilogue saves the (L, out, r) fp32 W Aᵀ round trip through
     memory and ~6 elementwise passes over it (~1.3 GB per refresh at 48 layers of the 12B shape)."""
-    launch = _launch_or_none(weights, a, dtype)
-    if launch is None:
+    prepared = _launch_or_none(weights, a, dtype, with_aat=True)
+    if prepared is None:
         return None
+    launch, aat = prepared
     count, out_features = a.shape[0], weights[0].quant_state.shape[0]
     if b.shape != (count, out_features, a.shape[1]) or w2.shape != (count, out_features) or scaling.shape != (count,):
         raise UnsupportedNf4Weight(f"b {tuple(b.shape)}, w2 {tuple(w2.shape)}, scaling {tuple(scaling.shape)} do not "
                                    f"fit {count} weights of {out_features} rows and r = {a.shape[1]}")
-    a32 = a.float()
-    aat = torch.bmm(a32, a32.mT).contiguous()  # (L, r, r) fp32
     b, scaling = b.contiguous(), scaling.float().contiguous()
     size = torch.empty((count, out_features), device=a.device, dtype=torch.float32)
     _size_kernel_jit(interpreting())[(-(-out_features // 64), count)](
@@ -323,9 +323,10 @@ def _r_pad(r: int) -> int:
     return max(16, 1 << (r - 1).bit_length())
 
 
-def _launch_or_none(weights: Sequence[Any], a: torch.Tensor, dtype: torch.dtype):
-    """The checks and A's layout for one launch over ``weights``; a function ``launch(out, fused)``
-    that runs the kernel, or None where the kernel cannot take the weights."""
+def _launch_or_none(weights: Sequence[Any], a: torch.Tensor, dtype: torch.dtype, with_aat: bool = False):
+    """The checks and A's layout for one launch over ``weights``: ``(launch, aat)``, a function
+    ``launch(out, fused)`` that runs the kernel and, with ``with_aat``, A·Aᵀ (L, r_pad, r_pad) fp32 zero-padded;
+    or None where the kernel cannot take the weights."""
     reason, checked = _check(weights, a.device)
     if reason is not None or a.shape[1] > MAX_R:
         return None
@@ -338,11 +339,7 @@ def _launch_or_none(weights: Sequence[Any], a: torch.Tensor, dtype: torch.dtype)
     count, r = a.shape[0], a.shape[1]
     gemm_dtype = torch.float32 if dtype == torch.float32 else torch.float16
     r_pad = _r_pad(r)
-    # A's even and odd columns, each transposed and zero-padded to r_pad: (L, 2, in/2, r_pad), so a
-    # chunk's two halves are plain tiles, loaded without a mask
-    a_split = (torch.empty if r_pad == r else torch.zeros)((count, 2, in_features // 2, r_pad), device=a.device,
-                                                          dtype=gemm_dtype)
-    a_split[..., :r].copy_(a.view(count, r, in_features // 2, 2).permute(0, 3, 2, 1))
+    a_split, aat = _prepared(a, gemm_dtype, r_pad, with_aat)
     prmt = gemm_dtype == torch.float16 and a.device.type == "cuda"  # the interpreter runs no PTX
     codes = byte_tables(a.device) if prmt else code_table(a.device, gemm_dtype)
     config = launch_config(out_features, gemm_dtype)
@@ -357,7 +354,24 @@ def _launch_or_none(weights: Sequence[Any], a: torch.Tensor, dtype: torch.dtype)
             NESTED=state.nested, CHUNK=chunk_elements(state), R_PAD=r_pad, FUSED=fused is not None, PRMT=prmt,
             **config)
 
-    return launch
+    return launch, aat
+
+
+def _prepared(a: torch.Tensor, gemm_dtype: torch.dtype, r_pad: int, with_aat: bool):
+    """One pass over A (L, r, in), any float dtype (:func:`_a_kernel`): its even and odd columns, each
+    transposed and zero-padded to r_pad, (L, 2, in/2, r_pad) in ``gemm_dtype``, so the NF4 kernel loads a
+    chunk's two halves as plain tiles without a mask; and with ``with_aat`` A·Aᵀ, (L, r_pad, r_pad) fp32,
+    summed over chunks of A's width. Done in torch (a permuting copy, a bf16 → fp32 copy and a batched
+    fp32 GEMM that cuBLAS runs on FMA units in 32 × 32 tiles) these took 2.2 of the refresh's 9.9 ms at 48
+    layers of the 12B shape (bench/results/2026-11-28-h200-norm_refresh-6-profile.jsonl)."""
+    count, r, in_features = a.shape
+    width = next(c for c in (128, 64, 32) if in_features % c == 0)  # in_features is a multiple of 32
+    a_split = torch.empty((count, 2, in_features // 2, r_pad), device=a.device, dtype=gemm_dtype)
+    parts = torch.empty((count, in_features // width, r_pad, r_pad) if with_aat else (1,), device=a.device,
+                        dtype=torch.float32)
+    _a_kernel_jit(interpreting())[(in_features // width, count)](
+        a.contiguous(), a_split, parts, r, K=in_features, WIDTH=width, R_PAD=r_pad, AAT=with_aat, num_warps=4)
+    return a_split, parts.sum(1) if with_aat else None
 
 
 def launch_config(out_features: int, gemm_dtype: torch.dtype) -> dict:
@@ -492,9 +506,10 @@ def _size_kernel_jit(interpret: bool):
 
 
 def _size_kernel(b_ptr, aat_ptr, w2_ptr, s_ptr, size_ptr, N, R, BLOCK_M: tl.constexpr, R_PAD: tl.constexpr):
-    """size[l] (N, fp32) = w2[l] + s²·Σ_r (B·AAᵀ)⊙B for program (row tile, l): the part of the squared
+    """size[l] (N, fp32) = w2[l] + s²·Σ_r (B·AAᵀ)⊙B for program (row tile, l), AAᵀ (L, R_PAD, R_PAD)
+    zero-padded (:func:`_a_kernel`): the part of the squared
     norm that does not need W. Its own launch: inside the NF4 kernel's epilogue its 64 × 64 dot held
-    registers through the main loop (255 a thread and spills, against 168 without it; sm_90, 2026-11-29)."""
+    registers through the main loop (255 a thread and spills, against 168 without it; sm_90, 2026-11-28)."""
     layer = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
@@ -503,14 +518,42 @@ def _size_kernel(b_ptr, aat_ptr, w2_ptr, s_ptr, size_ptr, N, R, BLOCK_M: tl.cons
     col_ok = cols < R
     b = tl.load(b_ptr + layer.to(tl.int64) * N * R + rows[:, None] * R + cols[None, :],
                 mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-    aat = tl.load(aat_ptr + layer.to(tl.int64) * R * R + cols[:, None] * R + cols[None, :],
-                  mask=col_ok[:, None] & col_ok[None, :], other=0.0)
+    aat = tl.load(aat_ptr + layer.to(tl.int64) * R_PAD * R_PAD + cols[:, None] * R_PAD + cols[None, :])  # padded
     # tl.reduce with the sum's combine function, not tl.sum: that is a jit function (see _nf4_times_kernel);
     # tf32x3: three TF32 products, ~fp32 accuracy on the tensor cores (an IEEE fp32 dot spilled registers)
     quad = tl.reduce(tl.dot(b, aat, input_precision="tf32x3") * b, 1, tl.standard._sum_combine)  # B_i AAᵀ B_iᵀ
     s = tl.load(s_ptr + layer)
     at = layer.to(tl.int64) * N + rows
     tl.store(size_ptr + at, tl.load(w2_ptr + at, mask=row_ok, other=0.0) + s * s * quad, mask=row_ok)
+
+
+@functools.cache
+def _a_kernel_jit(interpret: bool):
+    """:func:`_a_kernel`, compiled or interpreted (see :func:`_kernel`)."""
+    return triton.jit(_a_kernel)
+
+
+def _a_kernel(a_ptr, split_ptr, part_ptr, R, K: tl.constexpr, WIDTH: tl.constexpr, R_PAD: tl.constexpr,
+              AAT: tl.constexpr):
+    """Program (chunk j, layer l) takes A[l][:, j·WIDTH : (j+1)·WIDTH] (R × WIDTH, any float dtype) and
+    writes its even and odd columns transposed into split[l, 0] and split[l, 1] (each K/2 × R_PAD, in
+    split's dtype, rows ≥ R zero); with AAT also the chunk's A·Aᵀ (R_PAD × R_PAD fp32, tf32x3: ~fp32
+    accuracy) into part[l, j], which the caller sums over j (:func:`_prepared`)."""
+    chunk = tl.program_id(0)
+    layer = tl.program_id(1).to(tl.int64)
+    rows = tl.arange(0, R_PAD)
+    cols = chunk * WIDTH + tl.arange(0, WIDTH)
+    a = tl.load(a_ptr + layer * R * K + rows[:, None] * K + cols[None, :], mask=(rows < R)[:, None],
+                other=0.0).to(tl.float32)
+    if AAT:
+        part = tl.dot(a, tl.trans(a), input_precision="tf32x3")
+        at = part_ptr + (layer * (K // WIDTH) + chunk) * R_PAD * R_PAD
+        tl.store(at + rows[:, None] * R_PAD + rows[None, :], part)
+    even, odd = tl.split(tl.reshape(a, (R_PAD, WIDTH // 2, 2)))
+    half = chunk * (WIDTH // 2) + tl.arange(0, WIDTH // 2)
+    dst = split_ptr + layer * K * R_PAD + half[None, :] * R_PAD + rows[:, None]
+    tl.store(dst, even.to(split_ptr.dtype.element_ty))
+    tl.store(dst + (K // 2) * R_PAD, odd.to(split_ptr.dtype.element_ty))
 
 __all__ = ["MAX_R", "UnsupportedNf4Weight", "chunk_elements", "code_table", "interpreting", "launch_config", "nf4_times",
            "nf4_row_norms_or_none", "nf4_times_stacked", "nf4_times_stacked_or_none", "why_not"]
