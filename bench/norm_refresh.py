@@ -12,8 +12,9 @@ checkpoints), with rank-``--r`` A and B, wrapped in fast DoRA's real layer objec
 times ``linear.refresh_after_step`` itself (what the optimizer's post-step hook runs): median of
 ``--iters`` calls after ``--warmup``, by CUDA events and by host wall clock (each call ends in the
 refresh's own host sync). ``old`` is the dequantise-and-mm path (``USE_NF4_KERNEL = False``),
-``new`` the kernel with the norm sums in torch (``FUSE_NORMS = False``), ``fused`` the kernel with its
-norm epilogue (the default). Also printed: the kernel alone per projection shape (one launch over all layers,
+``new`` the kernel with the norm sums in torch (``FUSE_NORMS = False``), ``fused_eager`` the kernel with
+its norm epilogue launched from Python each time (``USE_CUDA_GRAPH = False``), ``fused`` the same
+replayed as a CUDA graph (the default). Also printed: the kernel alone per projection shape (one launch over all layers,
 effective bandwidth of the packed codes), and how far each path's norms are from float64.
 
 One JSON object per line on stdout (and ``--out``): ``kind`` = setup / refresh / kernel / accuracy /
@@ -137,14 +138,15 @@ def time_refresh(items: list, args, device: torch.device, emit) -> dict[str, tor
     """Times both paths of the real refresh; the norms each path left."""
     optimizer = torch.optim.SGD([p for item in items for p in item[1:3]], lr=0.0)
     left = {}
-    for path, use_kernel, fuse in (("old", False, False), ("new", True, False), ("fused", True, True)):
-        qdora.USE_NF4_KERNEL, qdora.FUSE_NORMS = use_kernel, fuse
+    for path, use_kernel, fuse, graph in (("old", False, False, False), ("new", True, False, False),
+                                          ("fused_eager", True, True, False), ("fused", True, True, True)):
+        qdora.USE_NF4_KERNEL, qdora.FUSE_NORMS, qdora.USE_CUDA_GRAPH = use_kernel, fuse, graph
         refreshed = qdora.refresh_after_step(optimizer)
         dev, host = timed(lambda: qdora.refresh_after_step(optimizer), args, device)
         left[path] = norms_of(items).clone()
         emit({"kind": "refresh", "path": path, "projections": refreshed, "iters": args.iters,
               "device": stats(dev), "host": stats(host)})
-    qdora.USE_NF4_KERNEL = qdora.FUSE_NORMS = True
+    qdora.USE_NF4_KERNEL = qdora.FUSE_NORMS = qdora.USE_CUDA_GRAPH = True
     return left
 
 
@@ -154,6 +156,7 @@ def profile_refresh(items: list, args, emit) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     optimizer = torch.optim.SGD([p for item in items for p in item[1:3]], lr=0.0)
+    qdora.USE_CUDA_GRAPH = False  # each kernel by name, not one graph launch
     for _ in range(args.warmup):
         qdora.refresh_after_step(optimizer)
     torch.cuda.synchronize()
@@ -161,6 +164,7 @@ def profile_refresh(items: list, args, emit) -> None:
         for _ in range(args.iters):
             qdora.refresh_after_step(optimizer)
         torch.cuda.synchronize()
+    qdora.USE_CUDA_GRAPH = True
     rows = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.device_time_total > 0]
     for e in sorted(rows, key=lambda e: -e.device_time_total)[:15]:
         emit({"kind": "profile", "name": e.key[:120], "calls_per_refresh": e.count / args.iters,

@@ -95,26 +95,65 @@ def test_stacked_launch_over_distinct_weights():
         assert err < 1e-4, f"layer {i}: {err:.2e}"
 
 
-def test_refresh_with_the_kernel_matches_the_dequantising_path(monkeypatch):
-    """The batched refresh over 3 same-shaped bf16 projections: both paths' norms against float64
-    norms of bitsandbytes' fp32 weights; the kernel path (fp16 NF4 values, fp32 W·Aᵀ) at least as
-    close as the old one (bf16 weights, W·Aᵀ rounded to bf16)."""
+def _fast_dora_items(count: int, out_features: int = 4096, in_features: int = 3840) -> list:
+    """``count`` fast-DoRA layers over NF4 weights, as the refresh sees them: (dora, A, B, s, base)."""
     import types
 
     from peft.tuners.lora.dora import DoraLinearLayer
 
     torch.manual_seed(0)
     items = []
-    for seed in range(3):
-        weight = _weight(4096, 3840, nested=True, seed=seed)
+    for seed in range(count):
+        weight = _weight(out_features, in_features, nested=True, seed=seed)
         base = types.SimpleNamespace(weight=weight, bias=None)
-        a = torch.nn.Parameter(torch.randn(64, 3840, device="cuda") / 3840 ** 0.5)
-        b = torch.nn.Parameter(torch.randn(4096, 64, device="cuda") * 0.01)
+        a = torch.nn.Parameter(torch.randn(64, in_features, device="cuda") / in_features ** 0.5)
+        b = torch.nn.Parameter(torch.randn(out_features, 64, device="cuda") * 0.01)
         dora = DoraLinearLayer(fan_in_fan_out=False)
         dora.__class__ = qdora.FastDoraLinearLayer
         dora.prepare(base)
         dora.weight_norm(a, b, 4.0, base)
         items.append((dora, a, b, 4.0, base))
+    return items
+
+
+def test_refresh_replays_a_cuda_graph_with_the_eager_norms(monkeypatch):
+    """Five refreshes of the same projections (two shapes: two stacks), A and B changed in place before
+    each as an optimizer step does: the first runs eagerly, the second is captured, the rest replay the
+    graph; each time the cached norms equal the eager refresh's for the same A and B, bit for bit. A
+    new storage for one A (a reload) makes the next refresh eager again, with that A's norm."""
+    items = _fast_dora_items(2) + _fast_dora_items(2, 2048, 3840)
+    optimizer = torch.optim.SGD([p for item in items for p in item[1:3]], lr=0.0)
+    monkeypatch.setattr(qdora, "_replay", None)
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    for step in range(5):
+        with torch.no_grad():
+            for _, a, b, _, _ in items:
+                a.add_(0.01 * torch.randn(a.shape, device="cuda", generator=gen))
+                b.add_(0.001 * torch.randn(b.shape, device="cuda", generator=gen))
+        monkeypatch.setattr(qdora, "USE_CUDA_GRAPH", False)
+        qdora.refresh_after_step(optimizer)
+        eager = [item[0]._cached_norm.clone() for item in items]
+        monkeypatch.setattr(qdora, "USE_CUDA_GRAPH", True)
+        assert qdora.refresh_after_step(optimizer) == 4
+        for i, item in enumerate(items):
+            assert torch.equal(item[0]._cached_norm, eager[i]), f"step {step}, layer {i}"
+        assert (qdora._replay.graph is None) == (step == 0), f"step {step}: graph {qdora._replay.graph}"
+    captured = qdora._replay
+    dora, a = items[0][:2]
+    with torch.no_grad():
+        a.data = a.data.clone() * 0.5  # new storage
+    qdora.refresh_after_step(optimizer)
+    assert qdora._replay is not captured and qdora._replay.graph is None
+    w = nf4.dequantize(items[0][4].weight.data, items[0][4].weight.quant_state, torch.float32)
+    ref = qdora.linear_norm_reference(w, a, items[0][2], 4.0)
+    assert ((dora._cached_norm.double() - ref).abs() / ref).max().item() < 1e-4
+
+
+def test_refresh_with_the_kernel_matches_the_dequantising_path(monkeypatch):
+    """The batched refresh over 3 same-shaped bf16 projections: both paths' norms against float64
+    norms of bitsandbytes' fp32 weights; the kernel path (fp16 NF4 values, fp32 W·Aᵀ) at least as
+    close as the old one (bf16 weights, W·Aᵀ rounded to bf16)."""
+    items = _fast_dora_items(3)
     optimizer = torch.optim.SGD([p for item in items for p in item[1:3]], lr=0.0)
     norms = {}
     for use_kernel in (False, True):

@@ -35,6 +35,7 @@ one :class:`DoraOutput` autograd node). Parameter names, the adapter file, mergi
 from __future__ import annotations
 
 import functools
+import warnings
 import weakref
 from collections.abc import Iterator
 
@@ -61,6 +62,12 @@ FUSE_NORMS = True
 rather than W Aᵀ (L, out, r) in fp32 and torch's elementwise sums over it. H200, 48 layers, the
 kernel's current tiles: 13.2 ms per refresh fused, 15.5 ms not, 53.4 ms for the dequantising path
 (bench/results/2026-11-28-h200-norm_refresh-4.jsonl); ``bench/norm_refresh.py`` times all three."""
+
+USE_CUDA_GRAPH = True
+"""Replay the refresh's GPU work as one CUDA graph where every stack takes the NF4 kernel
+(:func:`_queued`). Eager, the refresh queues ~60 launches from Python (Triton's launcher, torch's
+ops, the stacks' checks): on an H200 its 6.6 ms of kernels took 9.7–11.1 ms per refresh, depending on
+the host's speed (bench/results/2026-11-28-h200-norm_refresh-{5,7}.jsonl)."""
 
 _optimizer_steps = 0
 _hook_handle = None
@@ -101,18 +108,88 @@ def refresh_after_step(optimizer) -> int:
             groups[key].append([])
         groups[key][-1].append(item)
     stacks = [(group, key[-1]) for key, chunks in groups.items() for group in chunks]
-    queued = [(group, *_stacked_norms(group, dtype)) for group, dtype in stacks]  # GPU work, no sync
-    flagged = []
-    for group, n2, bad in queued:
-        flagged.append(bad.any(1))
-        for (dora, a, b, s, base), norm in zip(group, n2.clamp_min_(0.0).sqrt_().unbind(0)):
+    norms, flagged = _queued(stacks)  # GPU work, no sync
+    for (group, _), stack_norms in zip(stacks, norms):
+        for (dora, a, b, s, base), norm in zip(group, stack_norms.unbind(0)):
             # not nn.Module.__setattr__ (~4 µs, 2 × 336 a step): plain attributes, as it would set them
             dora.__dict__.update(_cached_norm=norm, _cache_key=_cache_key(a, b, s))
-    if flagged:  # one host sync; rare: a row nearly cancelled by its adapter, recomputed from its weights
-        for (dora, a, b, s, base), any_bad in zip([i for g, _, _ in queued for i in g], torch.cat(flagged).tolist()):
+    if stacks:  # one host sync; rare: a row nearly cancelled by its adapter, recomputed from its weights
+        for (dora, a, b, s, base), any_bad in zip([i for g, _ in stacks for i in g], flagged.tolist()):
             if any_bad:
                 dora._cached_norm = dora._factored_norm(a, b, s, base)
     return len(todo)
+
+
+class _Replay:
+    """The refresh's GPU work captured as one CUDA graph, for the stacks whose ``key`` it holds."""
+
+    __slots__ = ("key", "graph", "outputs")
+
+    def __init__(self, key: tuple):
+        self.key, self.graph, self.outputs = key, None, None
+
+
+_replay: _Replay | None = None
+
+
+def _queued(stacks: list) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Every stack's norms (L, out) and one flag a projection, (Σ L,) bool, set where a row must be
+    recomputed (see :func:`_stacked_norms`): queued GPU work, no host sync.
+
+    On CUDA with the NF4 kernel taking every stack, the second refresh in a row of the same layers is
+    captured as a CUDA graph and later ones replay it (:data:`USE_CUDA_GRAPH`): the graph reads A, B,
+    the packed weights and their constants where they are, and writes the same output tensors each
+    time, so a layer's cached norm is a view that the next replay overwrites (after its optimizer step,
+    when that norm is stale anyway). The first refresh of a set runs eagerly: it compiles the kernels
+    and fills the caches that capture must not touch (stack constants, address tables)."""
+    global _replay
+    if not stacks or not _graphable(stacks):
+        return _run(stacks)
+    key = _graph_key(stacks)
+    if _replay is None or _replay.key != key:
+        _replay = _Replay(key)
+        return _run(stacks)
+    if _replay.graph is None:
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                outputs = _run(stacks)
+        except RuntimeError as error:  # capture is an optimisation: stay eager for this set
+            _replay.graph = False
+            warnings.warn(f"fast DoRA: the norm refresh runs without a CUDA graph: {error}", stacklevel=3)
+            return _run(stacks)
+        _replay.graph, _replay.outputs = graph, outputs
+    if _replay.graph is False:
+        return _run(stacks)
+    _replay.graph.replay()
+    return _replay.outputs
+
+
+def _run(stacks: list) -> tuple[list[torch.Tensor], torch.Tensor]:
+    queued = [_stacked_norms(group, dtype) for group, dtype in stacks]
+    if not queued:
+        return [], torch.zeros(0, dtype=torch.bool)
+    return [n2.clamp_min_(0.0).sqrt_() for n2, _ in queued], torch.cat([bad.any(1) for _, bad in queued])
+
+
+def _graphable(stacks: list) -> bool:
+    """Whether every stack's work is the NF4 kernel's on one CUDA device (no host syncs, no
+    dequantisation loop): what a CUDA graph can hold."""
+    device = stacks[0][0][0][1].device
+    if not (USE_CUDA_GRAPH and USE_NF4_KERNEL and FUSE_NORMS and device.type == "cuda"):
+        return False
+    return not torch.cuda.is_current_stream_capturing() and all(
+        item[1].device == device and nf4_matmul.why_not([item[4].weight for item in group], device) is None
+        for group, _ in stacks for item in group[:1])
+
+
+def _graph_key(stacks: list) -> tuple:
+    """What a captured refresh depends on: each stack's layers, A's and B's storage and dtype, the
+    scalings, the packed weights' storage and each layer's ‖W_i‖² tensor."""
+    with torch._C.DisableTorchFunctionSubclass():  # Params4bit.data_ptr() is ~2 µs through it
+        return tuple((dtype, tuple((id(dora), a.data_ptr(), a.dtype, b.data_ptr(), b.dtype, s, base.weight.data_ptr(),
+                                    id(dora._w2)) for dora, a, b, s, base in group))
+                     for group, dtype in stacks)
 
 
 def _stacked_norms(group: list, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
