@@ -120,10 +120,14 @@ def test_refresh_replays_a_cuda_graph_with_the_eager_norms(monkeypatch):
     """Five refreshes of the same projections (two shapes: two stacks), A and B changed in place before
     each as an optimizer step does: the first runs eagerly, the second is captured, the rest replay the
     graph; each time the cached norms equal the eager refresh's for the same A and B, bit for bit. A
-    new storage for one A (a reload) makes the next refresh eager again, with that A's norm."""
+    new storage for one A (a reload) makes the next refresh eager again, with that A's norm; the graph
+    goes with its optimizer."""
+    import gc
+
+    gc.collect()
+    others = len(qdora._replays)
     items = _fast_dora_items(2) + _fast_dora_items(2, 2048, 3840)
     optimizer = torch.optim.SGD([p for item in items for p in item[1:3]], lr=0.0)
-    monkeypatch.setattr(qdora, "_replay", None)
     gen = torch.Generator(device="cuda").manual_seed(3)
     for step in range(5):
         with torch.no_grad():
@@ -137,16 +141,20 @@ def test_refresh_replays_a_cuda_graph_with_the_eager_norms(monkeypatch):
         assert qdora.refresh_after_step(optimizer) == 4
         for i, item in enumerate(items):
             assert torch.equal(item[0]._cached_norm, eager[i]), f"step {step}, layer {i}"
-        assert (qdora._replay.graph is None) == (step == 0), f"step {step}: graph {qdora._replay.graph}"
-    captured = qdora._replay
+        replay = qdora._replays[optimizer]
+        assert (replay.graph is None) == (step == 0), f"step {step}: graph {replay.graph}"
+    captured = replay
     dora, a = items[0][:2]
     with torch.no_grad():
         a.data = a.data.clone() * 0.5  # new storage
     qdora.refresh_after_step(optimizer)
-    assert qdora._replay is not captured and qdora._replay.graph is None
+    assert qdora._replays[optimizer] is not captured and qdora._replays[optimizer].graph is None
     w = nf4.dequantize(items[0][4].weight.data, items[0][4].weight.quant_state, torch.float32)
     ref = qdora.linear_norm_reference(w, a, items[0][2], 4.0)
     assert ((dora._cached_norm.double() - ref).abs() / ref).max().item() < 1e-4
+    optimizer = captured = replay = None
+    gc.collect()
+    assert len(qdora._replays) == others
 
 
 def test_refresh_with_the_kernel_matches_the_dequantising_path(monkeypatch):

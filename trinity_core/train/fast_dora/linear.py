@@ -97,18 +97,19 @@ def refresh_after_step(optimizer) -> int:
     queued before the per-layer bookkeeping runs, and nothing in between waits for the GPU (a stack's
     ‖W_i‖² and scalings stay on the device, :func:`_stack_constants`), so the host's Python overlaps
     the kernels instead of adding to them. Layers this misses (a copy, a reload) still refresh lazily
-    in their next forward. Returns the number refreshed."""
+    in their next forward. On CUDA the second refresh of the same layers is captured as a CUDA graph
+    and later ones replay it after one check of the layers' addresses (:func:`_queued`). Returns the
+    number refreshed."""
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     todo = [(dora, *refs) for dora, refs in list(_registry.items()) if id(refs[0]) in held or id(refs[1]) in held]
-    groups: dict[tuple, list] = {}
-    for item in todo:
-        dora, a, b, s, base = item
-        key = (a.shape, b.shape, a.device, _gemm_dtype(base, a.device))
-        if len(groups.setdefault(key, [[]])[-1]) * b.numel() >= STACK_ELEMENTS:
-            groups[key].append([])
-        groups[key][-1].append(item)
-    stacks = [(group, key[-1]) for key, chunks in groups.items() for group in chunks]
-    norms, flagged = _queued(stacks)  # GPU work, no sync
+    key = _graph_key(todo) if _graph_wanted(todo) else None
+    replay = _replays.get(optimizer) if key is not None else None
+    if replay is not None and replay.key == key and replay.graph:
+        replay.graph.replay()  # the same layers at the same addresses: nothing else to check or build
+        stacks, (norms, flagged) = replay.stacks, replay.outputs
+    else:
+        stacks = _stacks(todo)
+        norms, flagged = _queued(stacks, key, optimizer)  # GPU work, no sync
     for (group, _), stack_norms in zip(stacks, norms):
         for (dora, a, b, s, base), norm in zip(group, stack_norms.unbind(0)):
             # not nn.Module.__setattr__ (~4 µs, 2 × 336 a step): plain attributes, as it would set them
@@ -120,49 +121,65 @@ def refresh_after_step(optimizer) -> int:
     return len(todo)
 
 
+def _stacks(todo: list) -> list[tuple[list, torch.dtype]]:
+    """``todo``'s layers grouped by shape, device and GEMM dtype, at most :data:`STACK_ELEMENTS` of B
+    a group: ``[(items, gemm dtype)]``."""
+    groups: dict[tuple, list] = {}
+    for item in todo:
+        dora, a, b, s, base = item
+        key = (a.shape, b.shape, a.device, a.dtype, b.dtype, _gemm_dtype(base, a.device))
+        if len(groups.setdefault(key, [[]])[-1]) * b.numel() >= STACK_ELEMENTS:
+            groups[key].append([])
+        groups[key][-1].append(item)
+    return [(group, key[-1]) for key, chunks in groups.items() for group in chunks]
+
+
 class _Replay:
-    """The refresh's GPU work captured as one CUDA graph, for the stacks whose ``key`` it holds."""
+    """The refresh's GPU work captured as one CUDA graph (None until captured, False where capture
+    failed), for the layers whose ``key`` it holds (:func:`_graph_key`): their stacks and the graph's
+    output tensors."""
 
-    __slots__ = ("key", "graph", "outputs")
+    __slots__ = ("key", "graph", "stacks", "outputs")
 
-    def __init__(self, key: tuple):
-        self.key, self.graph, self.outputs = key, None, None
-
-
-_replay: _Replay | None = None
+    def __init__(self, key: tuple, stacks: list):
+        self.key, self.graph, self.stacks, self.outputs = key, None, stacks, None
 
 
-def _queued(stacks: list) -> tuple[list[torch.Tensor], torch.Tensor]:
+_replays: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Optimizer → its captured refresh. Keyed weakly: when a training attempt ends (the OOM ladder's
+next rung, say) its optimizer goes, and with it the graph, its memory pool and the layers it holds."""
+
+
+def _queued(stacks: list, key: tuple | None, optimizer) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Every stack's norms (L, out) and one flag a projection, (Σ L,) bool, set where a row must be
     recomputed (see :func:`_stacked_norms`): queued GPU work, no host sync.
 
-    On CUDA with the NF4 kernel taking every stack, the second refresh in a row of the same layers is
-    captured as a CUDA graph and later ones replay it (:data:`USE_CUDA_GRAPH`): the graph reads A, B,
-    the packed weights and their constants where they are, and writes the same output tensors each
-    time, so a layer's cached norm is a view that the next replay overwrites (after its optimizer step,
-    when that norm is stale anyway). The first refresh of a set runs eagerly: it compiles the kernels
-    and fills the caches that capture must not touch (stack constants, address tables)."""
-    global _replay
-    if not stacks or not _graphable(stacks):
+    With a ``key`` (:func:`_graph_wanted`) and the NF4 kernel taking every stack, the second refresh
+    in a row of the same layers is captured as a CUDA graph, which later refreshes replay
+    (:data:`USE_CUDA_GRAPH`, :func:`refresh_after_step`): the graph reads A, B, the packed weights and
+    their constants where they are and writes the same output tensors each time, so a layer's cached
+    norm is a view that the next replay overwrites (after its optimizer step, when that norm is stale
+    anyway). The first refresh of a set runs eagerly: it compiles the kernels and fills the caches
+    that capture must not touch (stack constants, address tables)."""
+    if key is None or not stacks or not _graphable(stacks):
         return _run(stacks)
-    key = _graph_key(stacks)
-    if _replay is None or _replay.key != key:
-        _replay = _Replay(key)
+    replay = _replays.get(optimizer)
+    if replay is None or replay.key != key:
+        _replays[optimizer] = _Replay(key, stacks)
         return _run(stacks)
-    if _replay.graph is None:
+    if replay.graph is None:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 outputs = _run(stacks)
         except RuntimeError as error:  # capture is an optimisation: stay eager for this set
-            _replay.graph = False
+            replay.graph = False
             warnings.warn(f"fast DoRA: the norm refresh runs without a CUDA graph: {error}", stacklevel=3)
             return _run(stacks)
-        _replay.graph, _replay.outputs = graph, outputs
-    if _replay.graph is False:
-        return _run(stacks)
-    _replay.graph.replay()
-    return _replay.outputs
+        replay.graph, replay.stacks, replay.outputs = graph, stacks, outputs
+        graph.replay()
+        return outputs
+    return _run(stacks)  # capture failed for this set
 
 
 def _run(stacks: list) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -172,24 +189,26 @@ def _run(stacks: list) -> tuple[list[torch.Tensor], torch.Tensor]:
     return [n2.clamp_min_(0.0).sqrt_() for n2, _ in queued], torch.cat([bad.any(1) for _, bad in queued])
 
 
+def _graph_wanted(todo: list) -> bool:
+    return bool(todo) and USE_CUDA_GRAPH and USE_NF4_KERNEL and FUSE_NORMS and todo[0][1].device.type == "cuda"
+
+
 def _graphable(stacks: list) -> bool:
     """Whether every stack's work is the NF4 kernel's on one CUDA device (no host syncs, no
     dequantisation loop): what a CUDA graph can hold."""
     device = stacks[0][0][0][1].device
-    if not (USE_CUDA_GRAPH and USE_NF4_KERNEL and FUSE_NORMS and device.type == "cuda"):
-        return False
     return not torch.cuda.is_current_stream_capturing() and all(
         item[1].device == device and nf4_matmul.why_not([item[4].weight for item in group], device) is None
         for group, _ in stacks for item in group[:1])
 
 
-def _graph_key(stacks: list) -> tuple:
-    """What a captured refresh depends on: each stack's layers, A's and B's storage and dtype, the
-    scalings, the packed weights' storage and each layer's ‖W_i‖² tensor."""
+def _graph_key(todo: list) -> tuple:
+    """What a captured refresh depends on, one pass over the layers: each layer, its A's and B's
+    storage and dtype, its scaling, its packed weight's storage and its ‖W_i‖² tensor (~0.5 µs a
+    layer: the check before a replay, which waits for nothing else)."""
     with torch._C.DisableTorchFunctionSubclass():  # Params4bit.data_ptr() is ~2 µs through it
-        return tuple((dtype, tuple((id(dora), a.data_ptr(), a.dtype, b.data_ptr(), b.dtype, s, base.weight.data_ptr(),
-                                    id(dora._w2)) for dora, a, b, s, base in group))
-                     for group, dtype in stacks)
+        return tuple((id(dora), a.data_ptr(), a.dtype, b.data_ptr(), b.dtype, s, base.weight.data_ptr(), id(dora._w2))
+                     for dora, a, b, s, base in todo)
 
 
 def _stacked_norms(group: list, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
