@@ -230,7 +230,7 @@ def sass_report(args, emit) -> None:
 
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     kernel = nf4_matmul._kernel(False)
-    constexprs = ["K", "BLOCKSIZE", "BLOCKSIZE2", "NESTED", "BLOCK_M", "CHUNK", "R_PAD", "FUSED", "PRMT"]
+    constexprs = ["K", "BLOCKSIZE", "BLOCKSIZE2", "NESTED", "BLOCK_M", "CHUNK", "R_PAD", "FUSED", "PTX", "PRMT"]
     gemm = "fp32" if args.dtype == "float32" else "fp16"
     chosen = nf4_matmul.launch_config(4096, getattr(torch, "float32" if gemm == "fp32" else "float16"))
     configs = [tuple(chosen[k] for k in ("BLOCK_M", "num_warps", "num_stages"))] + [c for c in SWEEP if args.sweep]
@@ -239,7 +239,7 @@ def sass_report(args, emit) -> None:
             signature = {"table_ptr": "*i64", "a_ptr": f"*{gemm}", "code_ptr": "*i32" if gemm == "fp16" else "*fp32",
                          "out_ptr": "*fp32", "b_ptr": "*bf16", "s_ptr": "*fp32", "size_ptr": "*fp32",
                          "N": "i32", "R": "i32", **{k: "constexpr" for k in constexprs}}
-            values = dict(zip(constexprs, (in_features, 64, 256, True, block_m, 64, 64, fused, gemm == "fp16")))
+            values = dict(zip(constexprs, (in_features, 64, 256, True, block_m, 64, 64, fused, True, gemm == "fp16")))
             source = ASTSource(kernel, signature, values, {(i,): [["tt.divisibility", 16]] for i in range(7)})
             compiled = triton.compile(source, target=GPUTarget("cuda", args.arch, 32),
                                       options={"num_warps": warps, "num_stages": stages})

@@ -4,7 +4,7 @@ Why: once per optimizer step the refresh needs ``W Aᵀ`` (out × r) for every p
 (:func:`trinity_core.train.fast_dora.linear.refresh_after_step`). Dequantising each W to 16 bits
 first and then multiplying writes and reads 2 bytes per weight on top of the ½ byte of packed codes
 (~48 GB per step at 48 layers of the 12B shape, 47–61 ms on an H100/H200). This kernel reads the
-packed codes once and never materialises W: ~5.4 GB, one launch per stack of same-shaped
+packed codes once and never writes W to memory: ~5.4 GB, one launch per stack of same-shaped
 projections.
 
 Layout (bitsandbytes 0.50, ``Params4bit``): the data is one flat row-major stream of out·in
@@ -15,32 +15,33 @@ Unsloth's pre-quantised checkpoints use) the absmax are uint8 codes:
 
 The kernel: one program per (BLOCK_M rows, projection) walks ``in`` in chunks of CHUNK elements,
 CHUNK dividing both ``in`` and the blocksize, so each row's chunk lies in one quantisation block
-and has one scale. The chunk's codes are looked up (``tl.gather`` from the 16 NF4 values held in
-registers), the high (even-column) and low (odd-column) nibbles multiplied against A's even and
-odd columns (``tl.dot``, fp32 accumulation), and the chunk's (BLOCK_M × r) partial product scaled
-by each row's absmax into the accumulator: W is never formed, even in registers. The packed
-stream, absmax and nested state of each projection come from a small table of addresses, so one
-launch serves a whole stack.
+and has one scale. Each weight is its NF4 value times its row's scale, formed in registers: the high
+(even-column) and low (odd-column) nibbles separately, then multiplied against A's even and odd
+columns (``tl.dot``, fp32 accumulation, into one accumulator across chunks). The packed stream,
+absmax and nested state of each projection come from a small table of addresses, so one launch
+serves a whole stack. A is read once beforehand (:func:`_a_kernel`) into that split layout, in the
+GEMM dtype, with A·Aᵀ for the norm; the norm's W-free part is its own small kernel
+(:func:`_size_kernel`).
 
-Precision: a 16-bit GEMM runs in fp16 on the tensor cores, whatever 16-bit type W and A have: the
-NF4 values in fp16 are within 2⁻¹² of bitsandbytes' fp32 table (in bf16, 2⁻⁹), bf16 A converts to
+Precision: a 16-bit GEMM runs in fp16 on the tensor cores, whatever 16-bit type W and A have: each
+weight is the fp16 NF4 value times the block's scale rounded to fp16, the product rounded once
+(``mul.rn.f16x2``); the result is W dequantised to fp16 within ~1.5 fp16 ulps, closer to bitsandbytes'
+fp32 weights than dequantising to bf16 and multiplying (the old path, and PEFT's). bf16 A converts to
 fp16 exactly (LoRA A is ≪ fp16's 65504 limit; a non-finite result is caught by the refresh, which
-then recomputes those rows from dequantised weights), and products accumulate in fp32. So the
-result is closer to W·Aᵀ than dequantising W to bf16 and multiplying. An fp32 GEMM (a model that
-computes in fp32) uses the fp32 table and IEEE fp32 products, on FMA units (~82 instructions per
-weight per thread at r = 64; not timed against cuBLAS yet).
+then recomputes those rows from dequantised weights), and products accumulate in fp32. An fp32 GEMM
+(a model that computes in fp32) uses the fp32 table and IEEE fp32 products, on FMA units (not timed
+against cuBLAS). The nested scale is bitsandbytes' to the bit (its product unfused).
 
-Why a gather from registers: a per-weight load from a 16-entry table in memory costs two 64-bit
-address instructions per weight, and Triton's software pipeliner turns a 4-byte one into an
-asynchronous copy through shared memory. Compiled for sm_90 the main loop takes ~8.6 instructions
-per weight per thread at the chosen tiles (``python bench/norm_refresh.py --sass``; a first version
-that loaded the values from memory and scaled each weight before the dot took ~21, counted the same
-way). On an H200 that reads the packed codes at 0.4–0.7 TB/s, an eighth of the card's bandwidth: the
-lookup, not memory, bounds it (``bench/norm_refresh.py``; docs/BENCHMARKS.md, "Fast DoRA"). A lookup
-with one load per packed byte from a 256-entry table of fp16 pairs (commit bf1315e, since removed)
-took fewer instructions (7.4 a weight a thread,
-bench/results/2026-11-28-cpu-norm_refresh-sass-pairs.jsonl) and ran slower: 10.4 ms against 8.8 ms for the 48
-layers' kernels at the same tiles (bench/results/2026-11-28-h200-norm_refresh-4.jsonl).
+The lookup, compiled (PRMT): ``prmt`` byte permutes from the 16 values' bytes held in 8 registers
+(:data:`NF4_PRMT_ASM`), ~2.5 ALU instructions a weight. The first version gathered from the 16
+values in registers (``tl.gather``), which Triton lowers to one warp shuffle a weight (1/4 of the ALU
+rate on sm_90) and ran at 8.6 instructions a weight a thread with 255 registers; with ``prmt``, the
+scale applied to the weights (one accumulator, not a per-chunk partial product) and A padded so its
+tiles load without a mask: 5.5 instructions and 168 registers (``python bench/norm_refresh.py
+--sass``, sm_90a). On an H200 the 48 layers' kernels went from 8.5 to 5.7 ms
+(bench/results/2026-11-28-h200-norm_refresh-{4,5}.jsonl). A lookup with one load per packed byte from a
+256-entry table of fp16 pairs (commit bf1315e, since removed) had been slower than the gather: 10.4
+against 8.8 ms. Under Triton's interpreter (CPU tests) the gather runs, with the same arithmetic.
 
 It runs on CUDA GPUs of compute capability ≥ 8.0, and on CPU tensors under Triton's interpreter
 (``TRITON_INTERPRET=1``, for the tests). :func:`why_not` names what it does not take (no Triton,
@@ -340,7 +341,8 @@ def _launch_or_none(weights: Sequence[Any], a: torch.Tensor, dtype: torch.dtype,
     gemm_dtype = torch.float32 if dtype == torch.float32 else torch.float16
     r_pad = _r_pad(r)
     a_split, aat = _prepared(a, gemm_dtype, r_pad, with_aat)
-    prmt = gemm_dtype == torch.float16 and a.device.type == "cuda"  # the interpreter runs no PTX
+    ptx = a.device.type == "cuda"  # compiled, not interpreted
+    prmt = ptx and gemm_dtype == torch.float16
     codes = byte_tables(a.device) if prmt else code_table(a.device, gemm_dtype)
     config = launch_config(out_features, gemm_dtype)
     grid = (-(-out_features // config["BLOCK_M"]), count)
@@ -351,7 +353,7 @@ def _launch_or_none(weights: Sequence[Any], a: torch.Tensor, dtype: torch.dtype,
         _kernel(interpreting())[grid](
             table, a_split, codes, out, b, scaling, size, out_features, r,
             K=in_features, BLOCKSIZE=state.blocksize, BLOCKSIZE2=state.state2.blocksize if state.nested else 1,
-            NESTED=state.nested, CHUNK=chunk_elements(state), R_PAD=r_pad, FUSED=fused is not None, PRMT=prmt,
+            NESTED=state.nested, CHUNK=chunk_elements(state), R_PAD=r_pad, FUSED=fused is not None, PTX=ptx, PRMT=prmt,
             **config)
 
     return launch, aat
@@ -423,12 +425,15 @@ def _kernel(interpret: bool):
 def _nf4_times_kernel(table_ptr, a_ptr, code_ptr, out_ptr, b_ptr, s_ptr, size_ptr, N, R,
                       K: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
                       BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, R_PAD: tl.constexpr, FUSED: tl.constexpr,
-                      PRMT: tl.constexpr):
+                      PTX: tl.constexpr, PRMT: tl.constexpr):
     """out[l] (N × R, fp32) = W_l · A_lᵀ for program (row tile, l). ``table_ptr``: (L, 5) addresses
     (see TABLE_COLUMNS); ``a_ptr``: (L, 2, K/2, R_PAD), A's even then odd columns, transposed, zero-padded
     to R_PAD columns, in the GEMM dtype; ``code_ptr``: the 16 NF4 values in that dtype, or with PRMT
     (compiled 16-bit GEMMs) the 8 int32 byte tables of :func:`byte_tables`. K is a compile-time constant
     (one compile per width; Triton 3.6's interpreter also cannot loop to a runtime bound under numpy 2).
+    PTX: compiled for CUDA, so inline PTX may be used (the interpreter runs none): the lookup with PRMT, and
+    the nested scale's product unfused, so each block's scale is bitsandbytes' to the bit (a fused
+    multiply-add can differ by an ulp, which the scale's fp16 rounding can turn into 2⁻¹¹).
     FUSED: instead, out[l] (N, fp32) = size[l] + 2s·Σ_r B⊙(W Aᵀ), from ``b_ptr`` (L, N, R, any float),
     ``s_ptr`` (L,) fp32 and ``size_ptr`` (L, N) fp32, which :func:`_size_kernel` filled
     (:func:`nf4_row_norms_or_none`)."""
@@ -463,9 +468,14 @@ def _nf4_times_kernel(table_ptr, a_ptr, code_ptr, out_ptr, b_ptr, s_ptr, size_pt
     for k in range(0, K, CHUNK):
         first = rows * K + k  # flat index of each row's chunk: it lies in one quantisation block
         block = first // BLOCKSIZE
-        if NESTED:  # as bitsandbytes: code2[q] · absmax2, then + offset
+        if NESTED:  # as bitsandbytes: code2[q] · absmax2 rounded, then + offset
             q = tl.load(absmax_q + block, mask=row_ok, other=0).to(tl.int32)
-            scale = tl.load(code2 + q) * tl.load(absmax2 + block // BLOCKSIZE2, mask=row_ok, other=0.0)
+            code, absmax_2 = tl.load(code2 + q), tl.load(absmax2 + block // BLOCKSIZE2, mask=row_ok, other=0.0)
+            if PTX:  # mul.rn is never fused into an FMA with the add (the interpreter's numpy never fuses)
+                scale = tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [code, absmax_2],
+                                                  dtype=tl.float32, is_pure=True, pack=1)
+            else:
+                scale = code * absmax_2
             scale = scale + offset
         else:
             scale = tl.load(absmax + block, mask=row_ok, other=0.0)
