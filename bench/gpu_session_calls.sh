@@ -5,6 +5,8 @@
 #   bash bench/gpu_session_calls.sh tests     # multimodal Unsloth test (background) + NF4 kernel tests
 #   bash bench/gpu_session_calls.sh refresh   # bench/norm_refresh.py --layers 48 --reuse-layer --sweep --profile
 #   bash bench/gpu_session_calls.sh kernel    # NF4 kernel tests, then the refresh (needs .whl/site only)
+#   bash bench/gpu_session_calls.sh pair      # the refresh, then LoRA vs fast DoRA at 4 and 48 layers
+#                                             # (bench/run_gpu.sh grown_bf16): one machine of two
 set -uo pipefail
 cd "$(dirname "$0")/.."
 [ -d .gpu-extra/site ] || [ ! -f .gpu-extra/site.tar.gz ] || tar xzf .gpu-extra/site.tar.gz -C .gpu-extra
@@ -13,7 +15,9 @@ export PYTHONPATH=$PWD/.whl/site:$PWD/.gpu-extra/site:$PWD HF_HUB_OFFLINE=1 PYTH
 OUT=${OUT:-bench/results/gpu-out}
 mkdir -p "$OUT"
 # no git HEAD here: the device's copy of the tree carries a stale .git (seen: cb5ee82 for a tree at 73f2df5)
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; hostname; } > "$OUT/card.txt" 2>&1
+# which machine: every host so far was named `vm`; the GPU's UUID, serial and bus, the boot id and CPU tell them apart
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,uuid,serial,pci.bus_id --format=csv,noheader; hostname
+  cat /etc/machine-id /proc/sys/kernel/random/boot_id; grep -m1 "model name" /proc/cpuinfo; nproc; } > "$OUT/card.txt" 2>&1
 case ${1:-} in
   tests)
     python -m pytest -m gpu -q -rf --tb=short -p no:cacheprovider tests/gpu/test_unsloth_multimodal.py \
@@ -28,9 +32,15 @@ case ${1:-} in
       > "$OUT/pytest-nf4.txt" 2>&1
     tail -4 "$OUT/pytest-nf4.txt"
     "$0" refresh ;;
+  pair)
+    python bench/norm_refresh.py --layers 48 --reuse-layer --iters 20 --out "$OUT/norm_refresh.jsonl" \
+      > "$OUT/norm_refresh.log" 2>&1
+    grep '"refresh"' "$OUT/norm_refresh.jsonl" | cut -c1-160
+    bash bench/run_gpu.sh grown_bf16 > "$OUT/grown_bf16.log" 2>&1
+    tail -3 "$OUT/grown_bf16.log"; cut -c1-200 "$OUT/unsloth48.jsonl" ;;
   refresh)
     python bench/norm_refresh.py --layers 48 --reuse-layer --sweep --profile --out "$OUT/norm_refresh.jsonl" \
       > "$OUT/norm_refresh.log" 2>&1
     grep -v '"sweep' "$OUT/norm_refresh.jsonl" | tail -20 ;;
-  *) echo "usage: $0 tests|kernel|refresh"; exit 2 ;;
+  *) echo "usage: $0 tests|kernel|pair|refresh"; exit 2 ;;
 esac
