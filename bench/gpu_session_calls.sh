@@ -17,7 +17,8 @@ mkdir -p "$OUT"
 # no git HEAD here: the device's copy of the tree carries a stale .git (seen: cb5ee82 for a tree at 73f2df5)
 # which machine: every host so far was named `vm`; the GPU's UUID, serial and bus, the boot id and CPU tell them apart
 { nvidia-smi --query-gpu=name,memory.total,driver_version,uuid,serial,pci.bus_id --format=csv,noheader; hostname
-  cat /etc/machine-id /proc/sys/kernel/random/boot_id; grep -m1 "model name" /proc/cpuinfo; nproc; } > "$OUT/card.txt" 2>&1
+  cat /etc/machine-id /proc/sys/kernel/random/boot_id; grep -m1 "model name" /proc/cpuinfo; nproc; } > "$OUT/machine.txt" 2>&1
+cp "$OUT/machine.txt" "$OUT/card.txt"  # bench/run_gpu.sh rewrites card.txt
 case ${1:-} in
   tests)
     python -m pytest -m gpu -q -rf --tb=short -p no:cacheprovider tests/gpu/test_unsloth_multimodal.py \
