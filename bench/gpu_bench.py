@@ -384,6 +384,7 @@ def fit(rows: list[dict], to_depth: int = 48) -> list[dict]:
 
 def print_table(paths: list[str]) -> None:
     rows = [json.loads(line) for p in paths if Path(p).exists() for line in Path(p).read_text().splitlines()]
+    rows = [r for r in rows if "backend" in r]  # $OUT may hold other benchmarks' JSON lines
     print(f"{'backend':8} {'variant':20} {'L':>3} {'status':8} {'step_s':>7} {'tok/s':>8} {'alloc':>7} {'resv':>7} "
           f"{'weights':>7}")
     for r in rows:
