@@ -59,15 +59,17 @@ Triton); False keeps the dequantise-and-multiply path everywhere (the benchmark'
 
 FUSE_NORMS = True
 """With the NF4 kernel: take the norms from its epilogue (:func:`nf4_matmul.nf4_row_norms_or_none`)
-rather than W Aᵀ (L, out, r) in fp32 and torch's elementwise sums over it. H200, 48 layers, the
-kernel's current tiles: 13.2 ms per refresh fused, 15.5 ms not, 53.4 ms for the dequantising path
-(bench/results/2026-11-28-h200-norm_refresh-4.jsonl); ``bench/norm_refresh.py`` times all three."""
+rather than W Aᵀ (L, out, r) in fp32 and torch's elementwise sums over it. H200, 48 layers: 8.2 ms per
+refresh fused (eager), 12.5 ms not, 48.6 ms for the dequantising path
+(bench/results/2026-11-28-h200-norm_refresh-10.jsonl); ``bench/norm_refresh.py`` times them all."""
 
 USE_CUDA_GRAPH = True
 """Replay the refresh's GPU work as one CUDA graph where every stack takes the NF4 kernel
 (:func:`_queued`). Eager, the refresh queues ~60 launches from Python (Triton's launcher, torch's
-ops, the stacks' checks): on an H200 its 6.6 ms of kernels took 9.7–11.1 ms per refresh, depending on
-the host's speed (bench/results/2026-11-28-h200-norm_refresh-{5,7}.jsonl)."""
+ops, the stacks' grouping and checks) and is host-bound: at 48 layers of the 12B shape on H200s,
+8.2–11.1 ms per refresh eagerly, 7.4–8.3 ms replayed, over five calls on hosts of different speeds
+(docs/BENCHMARKS.md, "Goal 2 met"). The graph's memory pool stays reserved while training runs
+(~0.47 GiB at that size)."""
 
 _optimizer_steps = 0
 _hook_handle = None

@@ -378,11 +378,12 @@ def _prepared(a: torch.Tensor, gemm_dtype: torch.dtype, r_pad: int, with_aat: bo
 
 def launch_config(out_features: int, gemm_dtype: torch.dtype) -> dict:
     """Tile sizes by shape and GEMM dtype, fixed. 16-bit GEMMs of ≥ 1024 rows: 128 rows × 4 warps, 3
-    stages, the fastest of ``bench/norm_refresh.py --sweep``'s 8 configurations for every 12B
-    projection shape, with and without the norm epilogue (H200, 2026-11-28,
-    bench/results/2026-11-28-h200-norm_refresh-3.jsonl: 48 layers' kernels 8.2 ms against 8.7 ms for
-    the earlier 128 × 8 warps, fused 10.4 against 12.4 ms). Smaller widths keep 64 rows × 4 warps (not
-    swept); the fp32 FMA dot needs ~190 registers a thread, hence 64 rows × 4 warps."""
+    stages. With the prmt lookup, ``bench/norm_refresh.py --sweep``'s 8 configurations put it and 64 rows ×
+    4 warps × 3 stages within noise of each other for the 48 layers' fused kernels, summed over the 5
+    12B shapes (H200: 6.63 / 6.61 ms in run 7, 6.75 / 6.84 ms in run 10,
+    bench/results/2026-11-28-h200-norm_refresh-{7,10}.jsonl; the others up to 3× slower). Smaller
+    widths keep 64 rows × 4 warps (not swept); the fp32 FMA dot needs ~190 registers a thread, hence 64
+    rows × 4 warps."""
     if gemm_dtype == torch.float32:
         return {"BLOCK_M": 64, "num_warps": 4, "num_stages": 2}
     if out_features >= 1024:
