@@ -65,8 +65,8 @@ refresh fused (eager), 12.5 ms not, 48.6 ms for the dequantising path
 
 USE_CUDA_GRAPH = True
 """Replay the refresh's GPU work as one CUDA graph where every stack takes the NF4 kernel
-(:func:`_queued`). Eager, the refresh queues ~60 launches from Python (Triton's launcher, torch's
-ops, the stacks' grouping and checks) and is host-bound: at 48 layers of the 12B shape on H200s,
+(:func:`_queued`). Eager, the refresh launches about a dozen kernels a stack from Python (10 stacks at
+48 layers of the 12B shape), after grouping and checking the layers, and is host-bound: at 48 layers of the 12B shape on H200s,
 8.2–11.1 ms per refresh eagerly, 7.4–8.3 ms replayed, over five calls on hosts of different speeds
 (docs/BENCHMARKS.md, "Goal 2 met"). The graph's memory pool stays reserved while training runs
 (~0.47 GiB at that size)."""
@@ -206,8 +206,8 @@ def _graphable(stacks: list) -> bool:
 
 def _graph_key(todo: list) -> tuple:
     """What a captured refresh depends on, one pass over the layers: each layer, its A's and B's
-    storage and dtype, its scaling, its packed weight's storage and its ‖W_i‖² tensor (~0.5 µs a
-    layer: the check before a replay, which waits for nothing else)."""
+    storage and dtype, its scaling, its packed weight's storage and its ‖W_i‖² tensor: all a replay
+    checks before it is launched."""
     with torch._C.DisableTorchFunctionSubclass():  # Params4bit.data_ptr() is ~2 µs through it
         return tuple((id(dora), a.data_ptr(), a.dtype, b.data_ptr(), b.dtype, s, base.weight.data_ptr(), id(dora._w2))
                      for dora, a, b, s, base in todo)

@@ -291,7 +291,8 @@ def nf4_times_stacked_or_none(weights: Sequence[Any], a: torch.Tensor, dtype: to
 def nf4_row_norms_or_none(weights: Sequence[Any], a: torch.Tensor, b: torch.Tensor, w2: torch.Tensor,
                           scaling: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Fast DoRA's factored squared row norms of ``W_l + s_l·B_l A_l`` for same-shaped NF4 weights, in
-    one launch, W Aᵀ never leaving the kernel: ``(n2, size)``, each (L, out) fp32, with
+    three launches (A's pass, the W-free term, the NF4 kernel with the cross term in its epilogue), W Aᵀ
+    never leaving the kernel: ``(n2, size)``, each (L, out) fp32, with
 
         n2   = ‖W_i‖² + 2s·B_i·(W Aᵀ)_i + s²·B_i (A Aᵀ) B_iᵀ      (the squared norm)
         size = ‖W_i‖² + s²·B_i (A Aᵀ) B_iᵀ                       (its scale, for the cancellation check)
@@ -301,14 +302,16 @@ def nf4_row_norms_or_none(weights: Sequence[Any], a: torch.Tensor, b: torch.Tens
     :func:`nf4_times_stacked`. None where the kernel cannot take the weights (the caller then
     multiplies dequantised rows). The epilogue saves the (L, out, r) fp32 W Aᵀ round trip through
     memory and ~6 elementwise passes over it (~1.3 GB per refresh at 48 layers of the 12B shape)."""
+    state = getattr(weights[0], "quant_state", None) if weights else None
+    count, out_features = a.shape[0], state.shape[0] if state is not None else None
+    if state is not None and (b.shape != (count, out_features, a.shape[1]) or w2.shape != (count, out_features)
+                              or scaling.shape != (count,)):
+        raise UnsupportedNf4Weight(f"b {tuple(b.shape)}, w2 {tuple(w2.shape)}, scaling {tuple(scaling.shape)} do not "
+                                   f"fit {count} weights of {out_features} rows and r = {a.shape[1]}")
     prepared = _launch_or_none(weights, a, dtype, with_aat=True)
     if prepared is None:
         return None
     launch, aat = prepared
-    count, out_features = a.shape[0], weights[0].quant_state.shape[0]
-    if b.shape != (count, out_features, a.shape[1]) or w2.shape != (count, out_features) or scaling.shape != (count,):
-        raise UnsupportedNf4Weight(f"b {tuple(b.shape)}, w2 {tuple(w2.shape)}, scaling {tuple(scaling.shape)} do not "
-                                   f"fit {count} weights of {out_features} rows and r = {a.shape[1]}")
     b, scaling = b.contiguous(), scaling.float().contiguous()
     size = torch.empty((count, out_features), device=a.device, dtype=torch.float32)
     _size_kernel_jit(interpreting())[(-(-out_features // 64), count)](
