@@ -102,7 +102,8 @@ def test_stacked_launch_matches_each_weight():
 
 @pytest.mark.parametrize("r", [8, 20], ids=["r8", "r20_padded"])
 def test_fused_row_norms_match_float64(r):
-    """The kernel's norm epilogue: ``n2 = ‖W_i‖² + 2s·B_i(W Aᵀ)_i + s²·B_i A Aᵀ B_iᵀ`` and its scale
+    """The fused norms (A's pass, the W-free kernel, the NF4 kernel's epilogue):
+    ``n2 = ‖W_i‖² + 2s·B_i(W Aᵀ)_i + s²·B_i A Aᵀ B_iᵀ`` and its scale
     for a stack of three weights (70 rows: a partial tile; r = 20: padded to 32 columns), B in bf16
     as TRL keeps it, against the same sum in float64 from the dequantised weights."""
     weights = [_nf4_weight(70, 192, nested=True, seed=s) for s in range(3)]

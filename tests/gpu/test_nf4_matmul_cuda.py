@@ -183,7 +183,8 @@ def test_refresh_with_the_kernel_matches_the_dequantising_path(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("out_features,in_features", SHAPES_12B, ids=[f"{o}x{i}" for o, i in SHAPES_12B])
 def test_fused_row_norms_at_12b_shapes(out_features, in_features, dtype):
-    """The norm epilogue compiled (its B·AAᵀ a tf32x3 dot) for a stack of two weights at each 12B shape,
+    """The fused norms compiled (B·AAᵀ·Bᵀ a tf32x3 dot in its own kernel, A·Aᵀ in A's pass, the cross
+    term in the NF4 kernel's epilogue) for a stack of two weights at each 12B shape,
     B in bf16 and r 64 as trained: the squared norms against float64 from bitsandbytes' fp32
     dequantisation, within the 16-bit GEMM's 1e-3 of W Aᵀ (the cross term) for bf16, 1e-4 for fp32."""
     weights = [_weight(out_features, in_features, nested=True, seed=s) for s in range(2)]

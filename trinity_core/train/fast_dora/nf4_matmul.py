@@ -37,8 +37,8 @@ The lookup, compiled (PRMT): ``prmt`` byte permutes from the 16 values' bytes he
 values in registers (``tl.gather``), which Triton lowers to one warp shuffle a weight (1/4 of the ALU
 rate on sm_90) and ran at 8.6 instructions a weight a thread with 255 registers; with ``prmt``, the
 scale applied to the weights (one accumulator, not a per-chunk partial product) and A padded so its
-tiles load without a mask: 5.5 instructions and 168 registers (``python bench/norm_refresh.py
---sass``, sm_90a). On an H200 the 48 layers' kernels went from 8.5 to 5.7 ms
+tiles load without a mask: 5.6 instructions and 168 registers (``python bench/norm_refresh.py
+--sass``, sm_90a, bench/results/2026-11-29-cpu-norm_refresh-sass-prmt.jsonl). On an H200 the 48 layers' kernels went from 8.5 to 5.7 ms
 (bench/results/2026-11-28-h200-norm_refresh-{4,5}.jsonl). A lookup with one load per packed byte from a
 256-entry table of fp16 pairs (commit bf1315e, since removed) had been slower than the gather: 10.4
 against 8.8 ms. Under Triton's interpreter (CPU tests) the gather runs, with the same arithmetic.
