@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One device call of this session's plan (2026-11-28, late): the GPU tests named by the open issues,
-# then the norm refresh at 48 layers with the tile sweep. Carry .whl/site (../shared/gpu/wheels.sh)
-# and .gpu-extra/site.tar.gz (bench/gpu_extra.sh; run_job's report needs its text metrics):
+# One device call: GPU tests of the open issues, the norm refresh at 48 layers, or the two-machine pair.
+# Carry .whl/site (../shared/gpu/wheels.sh) and, for `tests`, .gpu-extra/site.tar.gz (bench/gpu_extra.sh;
+# run_job's report needs its text metrics):
 #   bash bench/gpu_session_calls.sh tests     # multimodal Unsloth test (background) + NF4 kernel tests
 #   bash bench/gpu_session_calls.sh refresh   # bench/norm_refresh.py --layers 48 --reuse-layer --sweep --profile
 #   bash bench/gpu_session_calls.sh kernel    # NF4 kernel tests, then the refresh (needs .whl/site only)
