@@ -66,9 +66,9 @@ refresh fused (eager), 12.5 ms not, 48.6 ms for the dequantising path
 USE_CUDA_GRAPH = True
 """Replay the refresh's GPU work as one CUDA graph where every stack takes the NF4 kernel
 (:func:`_queued`). Eager, the refresh launches about a dozen kernels a stack from Python (10 stacks at
-48 layers of the 12B shape), after grouping and checking the layers, and is host-bound: at 48 layers of the 12B shape on H200s,
-8.2–11.1 ms per refresh eagerly, 7.4–8.3 ms replayed, over five calls on hosts of different speeds
-(docs/BENCHMARKS.md, "Goal 2 met"). The graph's memory pool stays reserved while training runs
+48 layers of the 12B shape), after grouping and checking the layers, and is host-bound: on H200s of
+different host speeds, 8.2–11.1 ms per refresh eagerly, 7.4–8.3 ms replayed (docs/BENCHMARKS.md,
+"Goal 2 met"). The graph's memory pool stays reserved while training runs
 (~0.47 GiB at that size)."""
 
 _optimizer_steps = 0

@@ -33,15 +33,16 @@ then recomputes those rows from dequantised weights), and products accumulate in
 against cuBLAS). The nested scale is bitsandbytes' to the bit (its product unfused).
 
 The lookup, compiled (PRMT): ``prmt`` byte permutes from the 16 values' bytes held in 8 registers
-(:data:`NF4_PRMT_ASM`), ~2.5 ALU instructions a weight. The first version gathered from the 16
-values in registers (``tl.gather``), which Triton lowers to one warp shuffle a weight (1/4 of the ALU
-rate on sm_90) and ran at 8.6 instructions a weight a thread with 255 registers; with ``prmt``, the
-scale applied to the weights (one accumulator, not a per-chunk partial product) and A padded so its
-tiles load without a mask: 5.6 instructions and 168 registers (``python bench/norm_refresh.py
---sass``, sm_90a, bench/results/2026-11-29-cpu-norm_refresh-sass-prmt.jsonl). On an H200 the 48 layers' kernels went from 8.5 to 5.7 ms
-(bench/results/2026-11-28-h200-norm_refresh-{4,5}.jsonl). A lookup with one load per packed byte from a
-256-entry table of fp16 pairs (commit bf1315e, since removed) had been slower than the gather: 10.4
-against 8.8 ms. Under Triton's interpreter (CPU tests) the gather runs, with the same arithmetic.
+(:data:`NF4_PRMT_ASM`: 26 instructions for 8 weights, their scaling included). The first version
+gathered from the 16 values in registers (``tl.gather``), which Triton lowers to one warp shuffle a
+weight, and ran at 8.6 instructions a weight a thread with 255 registers
+(bench/results/2026-11-28-cpu-norm_refresh-sass.jsonl); with ``prmt``, the scale applied to the
+weights (one accumulator, not a per-chunk partial product) and A padded so its tiles load without a
+mask: 5.6 instructions and 168 registers (``python bench/norm_refresh.py --sass``, sm_90a,
+bench/results/2026-11-29-cpu-norm_refresh-sass-prmt.jsonl). On an H200 the 48 layers' kernels went
+from 8.5 to 5.7 ms (bench/results/2026-11-28-h200-norm_refresh-{4,5}.jsonl). A lookup with one load
+per packed byte from a 256-entry table of fp16 pairs (commit bf1315e, since removed) had been slower
+than the gather: 10.4 against 8.8 ms. Under Triton's interpreter (CPU tests) the gather runs, with the same arithmetic.
 
 It runs on CUDA GPUs of compute capability ≥ 8.0, and on CPU tensors under Triton's interpreter
 (``TRITON_INTERPRET=1``, for the tests). :func:`why_not` names what it does not take (no Triton,
@@ -98,7 +99,7 @@ bytes × 4 selectors a instruction) into entries 0–7 and 8–15 of a byte tabl
 of the 16 fp16 values, then the high bytes, :func:`byte_tables`; every fourth operand, as Triton
 passes a 32-bit scalar once per packed element), then a ``prmt`` that picks between the two by each
 code's bit 3 (llama.cpp's ``get_int_from_table_16`` does the same for int8 tables), then one that
-joins low and high bytes into fp16 pairs: ~2.5 ALU instructions a weight and no shuffles, where
+joins low and high bytes into fp16 pairs: 26 ALU instructions for 8 weights and no shuffles, where
 ``tl.gather`` from registers lowers to one warp shuffle per weight."""
 NF4_PRMT_CONSTRAINTS = "=r,=r,=r,=r,r,r,r" + ",r" * 32
 if tl is not None:  # a Triton kernel reads module globals only as constexprs
@@ -512,7 +513,6 @@ def _nf4_times_kernel(table_ptr, a_ptr, code_ptr, out_ptr, b_ptr, s_ptr, size_pt
         tl.store(out, acc, mask=row_ok[:, None] & col_ok[None, :])
 
 
-
 @functools.cache
 def _size_kernel_jit(interpret: bool):
     """:func:`_size_kernel`, compiled or interpreted (see :func:`_kernel`)."""
@@ -521,9 +521,11 @@ def _size_kernel_jit(interpret: bool):
 
 def _size_kernel(b_ptr, aat_ptr, w2_ptr, s_ptr, size_ptr, N, R, BLOCK_M: tl.constexpr, R_PAD: tl.constexpr):
     """size[l] (N, fp32) = w2[l] + s²·Σ_r (B·AAᵀ)⊙B for program (row tile, l), AAᵀ (L, R_PAD, R_PAD)
-    zero-padded (:func:`_a_kernel`): the part of the squared
-    norm that does not need W. Its own launch: inside the NF4 kernel's epilogue its 64 × 64 dot held
-    registers through the main loop (255 a thread and spills, against 168 without it; sm_90, 2026-11-28)."""
+    zero-padded (:func:`_a_kernel`): the part of the squared norm that does not need W. Its own launch:
+    in the NF4 kernel's epilogue its 64 × 64 dot raised the whole kernel's registers (the gather kernel
+    with that epilogue: 255 a thread and 196 bytes of spill,
+    bench/results/2026-11-28-cpu-norm_refresh-sass.jsonl; the prmt kernel with only the cross term in
+    its epilogue: 168, bench/results/2026-11-29-cpu-norm_refresh-sass-prmt.jsonl)."""
     layer = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
