@@ -57,6 +57,13 @@ def variants(backend: str) -> list[dict]:
                      v("t4_dora_peft_acc4", "peft", t4=True, accum=4)] + rungs
 
 
+T4_KERNEL = False
+"""T4 rows run the norm refresh without the NF4 kernel, as a T4 does (compute capability 7.5 < 8.0);
+``--t4-kernel`` keeps it (and its CUDA graph) on, the emulation of the runs before 2026-11-29."""
+LEAN_NORMS = True
+"""Patch Gemma-3's norms as the Unsloth backend does (trinity_core.train.lean_norm: float32 mode only);
+``--stock-norms`` leaves Unsloth's."""
+
 SELECT: tuple[set[str] | None, str] = (None, "")
 """(variants to run, or None for all; prefix for their names), from the command line."""
 
@@ -122,6 +129,7 @@ def measure(model, v: dict, vocab: int, warmup: int = 2, timed: int = 4) -> dict
     model.train()
     total = (warmup + timed) * v["accum"]
     snap_dir = os.environ.get("TRINITY_BENCH_MEMSNAP")  # what is alive at the peak of the last optimizer step
+    probe = dtype_probe(model) if snap_dir else None
     for i in range(total):
         torch.cuda.synchronize()
         if snap_dir and i == total - v["accum"]:
@@ -135,6 +143,8 @@ def measure(model, v: dict, vocab: int, warmup: int = 2, timed: int = 4) -> dict
             loss = model(input_ids=ids, labels=ids).loss
         (loss / v["accum"]).backward()
         if (i + 1) % v["accum"] == 0:
+            if probe is not None:
+                probe.grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
             opt.step()
             opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
@@ -142,6 +152,7 @@ def measure(model, v: dict, vocab: int, warmup: int = 2, timed: int = 4) -> dict
         losses.append(float(loss))
     if snap_dir:
         rec.__exit__(None, None, None)  # (its timed micro-batches ran with the recorder on)
+        probe.write(Path(snap_dir) / f"probe-{v['name']}-L{v.get('depth', '?')}.txt", params, opt)
     timed_times = times[warmup * v["accum"]:]
     # accum > 1: the median of each position within the optimizer step (the last one includes the
     # step and fast DoRA's refresh), averaged: robust to a one-off stall, fair to the step's cost
@@ -154,6 +165,52 @@ def measure(model, v: dict, vocab: int, warmup: int = 2, timed: int = 4) -> dict
     if v["dora"] == "fast":
         row["norm_refresh_ms"] = round(time_norm_refresh(opt) * 1e3, 2)
     return row
+
+
+class dtype_probe:
+    """What a memory figure is made of (benchmark aid, with ``TRINITY_BENCH_MEMSNAP``): the dtype and
+    shape of every tensor entering and leaving each module of the first decoder layer on the first
+    forward, and the bytes of parameters (by dtype and trainability), gradients and optimizer state."""
+
+    def __init__(self, model):
+        import torch
+
+        self.seen: dict[str, str] = {}
+        self.grads = 0
+        layer = next(m for n, m in model.named_modules() if n.endswith("layers.0"))
+        self.hooks = [m.register_forward_hook(self._hook(n)) for n, m in layer.named_modules()]
+        self.model, self.torch = model, torch
+
+    def _hook(self, name):
+        def describe(x):
+            t = self.torch
+            if isinstance(x, t.Tensor):
+                return f"{str(x.dtype).removeprefix('torch.')}{list(x.shape)}"
+            if isinstance(x, (tuple, list)):
+                return "(" + ", ".join(describe(y) for y in x[:3]) + ")"
+            return type(x).__name__
+
+        def hook(module, args, out):
+            if name not in self.seen:
+                self.seen[name] = f"{type(module).__name__}: in {describe(args)} -> out {describe(out)}"
+        return hook
+
+    def write(self, path: Path, params, opt) -> None:
+        for h in self.hooks:
+            h.remove()
+        by: dict[tuple, int] = {}
+        for p in self.model.parameters():
+            key = (str(p.dtype), p.requires_grad, p.device.type)
+            by[key] = by.get(key, 0) + p.numel() * p.element_size()
+        grads = self.grads
+        state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+                    if isinstance(v, self.torch.Tensor) and v.is_cuda)
+        lines = [f"params {k}: {b / 2**30:.3f} GiB" for k, b in sorted(by.items(), key=lambda kv: -kv[1])]
+        lines += [f"grads (before the last optimizer step): {grads / 2**30:.3f} GiB", f"optimizer state: {state / 2**30:.3f} GiB",
+                  f"allocated now: {self.torch.cuda.memory_allocated() / 2**30:.3f} GiB", ""]
+        lines += [f"{n or '(layer)'}: {d}" for n, d in self.seen.items()]
+        path.write_text("\n".join(lines) + "\n")
+        print("\n".join(lines[:8]), flush=True)
 
 
 def fused_mlps(model) -> int:
@@ -262,6 +319,8 @@ def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_
     import torch
 
     from trinity_core.train.fast_dora import enable_fast_dora
+    from trinity_core.train.fast_dora import linear as qdora
+    from trinity_core.train.lean_norm import patch_gemma3_norms
 
     todo = [dict(v, depth=d) for v in selected("unsloth") for d in depths]
     if grow_to:
@@ -288,6 +347,8 @@ def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_
                 use_gradient_checkpointing="unsloth", random_state=0, max_seq_length=v2["seq"])
             v2["fast_dora_layers"] = enable_fast_dora(model) if v2["dora"] == "fast" else 0
             v2["fused_mlps"] = fused_mlps(model)
+            v2["lean_norms"] = patch_gemma3_norms(model) if LEAN_NORMS else 0  # as the Unsloth backend does
+            v2["nf4_kernel"] = qdora.USE_NF4_KERNEL = not v2["t4"] or T4_KERNEL
             v2["param_dtype"] = str(next(p for p in model.parameters() if p.is_floating_point()).dtype)
             v2["attn"] = getattr(model.config, "_attn_implementation", "?")
             v2["force_fp32"] = os.environ.get("UNSLOTH_FORCE_FLOAT32")
@@ -414,6 +475,8 @@ def main(argv: list[str]) -> None:
     r.add_argument("--only", nargs="+", default=None, help="measure only these variants")
     r.add_argument("--tag", default="", help="prefix for variant names (e.g. 'compiled_' for a run "
                    "without UNSLOTH_COMPILE_DISABLE)")
+    r.add_argument("--t4-kernel", action="store_true", help="T4 rows keep the NF4 refresh kernel (see T4_KERNEL)")
+    r.add_argument("--stock-norms", action="store_true", help="leave Unsloth's Gemma-3 norms (see LEAN_NORMS)")
     pr = sub.add_parser("profile")
     pr.add_argument("root", type=Path)
     pr.add_argument("out", type=Path)
@@ -426,8 +489,9 @@ def main(argv: list[str]) -> None:
         build(a.root, a.depths)
     elif a.cmd == "run":
         deadline = time.time() + a.deadline
-        global SELECT
+        global SELECT, T4_KERNEL, LEAN_NORMS
         SELECT = (set(a.only) if a.only else None, a.tag)
+        T4_KERNEL, LEAN_NORMS = a.t4_kernel, not a.stock_norms
         with open(a.out, "a") as out:
             if a.backend == "peft":
                 run_peft(a.root, a.depths, out, deadline, a.grow_to)

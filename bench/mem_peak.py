@@ -27,7 +27,7 @@ def _where(frames: list[dict], depth: int = 4) -> str:
     return " <- ".join(f"{Path(f['filename']).name}:{f['line']}:{f['name']}" for f in own[:depth]) or "?"
 
 
-def peak_report(snapshot: dict, base_bytes: int, label: str, top: int = 25) -> str:
+def peak_report(snapshot: dict, base_bytes: int, label: str, top: int = 40) -> str:
     trace = snapshot["device_traces"][0]
     live: dict[int, tuple[int, list]] = {}
     cur = peak = 0
@@ -46,15 +46,20 @@ def peak_report(snapshot: dict, base_bytes: int, label: str, top: int = 25) -> s
             live[e["addr"]] = (e["size"], e.get("frames", []))
         elif e["action"] == "free_completed":
             live.pop(e["addr"], None)
-    groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    groups: dict[str, list] = defaultdict(lambda: [0, 0, []])
     for size, frames in live.values():
         g = groups[_where(frames)]
         g[0] += size
         g[1] += 1
+        g[2].append(size)
     lines = [f"[mem_peak] {label}: peak {(base_bytes + peak) / GIB:.3f} GiB = allocated before the step "
              f"{base_bytes / GIB:.3f} + {peak / GIB:.3f} in the step (event {peak_at} of {len(trace)})"]
-    for where, (size, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]:
-        lines.append(f"  {size / GIB:8.3f} GiB  {n:5d} blocks  {where}")
+    for where, (size, n, sizes) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]:
+        mib = ", ".join(f"{s / 2**20:.1f}" for s in sorted(sizes, reverse=True)[:8]) + (", …" if n > 8 else "")
+        lines.append(f"  {size / GIB:8.3f} GiB  {n:5d} blocks  {where}  [MiB: {mib}]")
+    if 0 <= peak_at < len(trace):
+        lines.append(f"  the allocation that set the peak: {trace[peak_at]['size'] / 2**20:.1f} MiB at "
+                     f"{_where(trace[peak_at].get('frames', []), 8)}")
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ from trinity_core import nf4
 from trinity_core.train.fast_dora import linear as qdora
 from trinity_core.train.fast_dora import enable_fast_dora
 from trinity_core.train.fast_dora.linear import FastDoraLinearLayer, linear_norm_reference
-from trinity_core.train.fast_dora.mlp import _plain_fast_dora
+from trinity_core.train.fast_dora.linear import plain_fast_dora
 
 RTOL = 2e-5
 TINY_RTOL = 1e-4
@@ -315,9 +315,9 @@ def test_tiny_model_forward_backward_and_adapter_format(tiny_spec, tmp_path):
     fast = copy.deepcopy(ref)
     assert enable_fast_dora(fast) == 42
     mlps = [m for m in fast.modules() if type(m).__name__ == "Gemma3MLP"]
-    assert mlps and all("forward" in m.__dict__ and _plain_fast_dora(m.gate_proj) and _plain_fast_dora(m.up_proj)
+    assert mlps and all("forward" in m.__dict__ and plain_fast_dora(m.gate_proj) and plain_fast_dora(m.up_proj)
                         for m in mlps), "every MLP takes the fused gated path"
-    assert not any(_plain_fast_dora(m.gate_proj) for m in ref.modules() if type(m).__name__ == "Gemma3MLP")
+    assert not any(plain_fast_dora(m.gate_proj) for m in ref.modules() if type(m).__name__ == "Gemma3MLP")
     ref.train(), fast.train()
     opt_ref = torch.optim.SGD(_trainable(ref).values(), lr=0.5)
     opt_fast = torch.optim.SGD(_trainable(fast).values(), lr=0.5)
@@ -434,3 +434,89 @@ def test_scale_and_reduce_cpu_path():
     dz, dyz = qdora.scale_and_reduce(dy, z, g)
     torch.testing.assert_close(dz, dy * g)
     torch.testing.assert_close(dyz, (dy.double() * z.double()).sum(0).float())
+
+
+def test_cast_linear_gradients_are_exact_in_float64(monkeypatch):
+    """:class:`CastLinear` (x saved in its own dtype, cast again in backward) against autograd's numerical
+    Jacobian, and its value against ``F.linear`` on the cast input."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(3, 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(qdora.CastLinear.apply, (x, w))
+    monkeypatch.setattr(qdora, "CHUNK_ELEMENTS", 7 * 3)  # A's gradient from blocks of 3 rows: same Jacobian
+    assert torch.autograd.gradcheck(qdora.CastLinear.apply, (x, w))
+    x16 = torch.randn(2, 5, 7, generator=gen).to(torch.bfloat16)
+    torch.testing.assert_close(qdora.CastLinear.apply(x16, w.float()), nn.functional.linear(x16.float(), w.float()),
+                               rtol=0, atol=0)
+
+
+def _bf16_model(kind: str):
+    """A bf16 model with fp32 DoRA adapters (PEFT's default upcast), fast DoRA on: two projections
+    (``block``) or a Gemma-3 gated MLP (gate and up share their input)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Gemma3TextConfig
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3MLP
+
+    torch.manual_seed(0)
+    if kind == "block":
+        module, targets, d_in = Block(64, 96, 32, False), ["up", "down"], 64
+    else:
+        config = Gemma3TextConfig(hidden_size=64, intermediate_size=96, hidden_activation="gelu_pytorch_tanh")
+        module, targets, d_in = Gemma3MLP(config), ["gate_proj", "up_proj", "down_proj"], 64
+    model = get_peft_model(module.to(torch.bfloat16), LoraConfig(r=8, lora_alpha=16, use_rslora=True, use_dora=True,
+                                                                 target_modules=targets))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    assert enable_fast_dora(model) == len(targets)
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
+    return model, d_in
+
+
+class _AutogradCast:
+    """``CastLinear`` as autograd would do it, ``F.linear(x.to(W.dtype), W)``: the fp32 cast kept for backward."""
+
+    @staticmethod
+    def apply(x, weight):
+        return nn.functional.linear(x.to(weight.dtype), weight)
+
+
+@pytest.mark.parametrize("kind", ["block", "gemma3_mlp"])
+def test_cast_adapter_inputs_are_saved_in_their_own_dtype(kind, monkeypatch):
+    """Outside autocast with a 16-bit base and fp32 adapters (Unsloth's T4 path feeds fp16 inputs to
+    fp32 adapters), fast DoRA's layers keep no fp32 copy of an adapted projection's input for backward,
+    with the same output and gradients as with the cast through autograd (which keeps one copy per
+    projection) and, for plain projections, as the class's own forward (PEFT's ``lora_A(x.to(fp32))``)."""
+    model, d_in = _bf16_model(kind)
+    x = torch.randn(4, 5, d_in, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    patched = [m for m in model.modules() if "forward" in m.__dict__]
+    assert len(patched) == (2 if kind == "block" else 4)  # the projections (and the MLP)
+
+    def run(mode: str):
+        saved = []
+        forwards = {m: m.__dict__.pop("forward") for m in patched if mode == "class_forward"}
+        with monkeypatch.context() as mp:
+            if mode == "autograd_cast":
+                mp.setattr(qdora, "CastLinear", _AutogradCast)
+            xg = x.clone().requires_grad_()
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+                y = model(xg)
+            y.float().square().sum().backward()
+        for m, forward in forwards.items():
+            m.forward = forward
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        fp32_inputs = [tuple(t.shape) for t in saved if t.dtype == torch.float32 and t.dim() >= 2
+                       and t.reshape(-1, t.shape[-1]).shape[0] == 20 and t.shape[-1] in (64, 96)]
+        return y, xg.grad, grads, fp32_inputs
+
+    y, dx, grads, fp32_inputs = run("fast")
+    assert fp32_inputs == []
+    for mode in ["autograd_cast"] + (["class_forward"] if kind == "block" else []):
+        y_ref, dx_ref, grads_ref, fp32_ref = run(mode)
+        assert len(fp32_ref) == (2 if kind == "block" else 3), f"{mode} keeps the fp32 casts: {fp32_ref}"
+        torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+        torch.testing.assert_close(dx, dx_ref, rtol=1e-6, atol=0)
+        for name, g in grads.items():
+            _assert_close(g, grads_ref[name], f"{mode}: grad {name}", rtol=1e-6)

@@ -52,13 +52,15 @@ def test_fused_output_grads_match_autograd_in_bf16():
         assert err < 2e-2, f"{name}: {err:.2e}"
 
 
+@pytest.mark.parametrize("consume", [False, True], ids=["copy", "in_place"])
 @pytest.mark.parametrize("kind", ["gelu_tanh", "silu"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("shape", [(1, 4096, 15360), (3, 37, 130)], ids=str)
-def test_gated_dora_act_matches_autograd(kind, dtype, shape):
+def test_gated_dora_act_matches_autograd(kind, dtype, shape, consume):
     """The Triton gated activation (gains inside) against the same formula through autograd in
     float64: h, de, du within 16-bit rounding of the result; the gain gradients (fp32 sums over
-    tokens, in another order) within 1e-4 of their scale."""
+    tokens, in another order) within 1e-4 of their scale. ``consume``: de and du are written over
+    e and u (their storage is returned), and a second backward raises."""
     from trinity_core.train.fast_dora.mlp import GatedDoraAct, _kernels
 
     assert _kernels() is not None
@@ -68,9 +70,16 @@ def test_gated_dora_act_matches_autograd(kind, dtype, shape):
     g_e = (1 + 0.1 * torch.randn(shape[-1], device="cuda", generator=gen)).requires_grad_()
     g_u = (1 + 0.1 * torch.randn(shape[-1], device="cuda", generator=gen)).requires_grad_()
     dh = torch.randn(shape, device="cuda", generator=gen).to(dtype)
-    h = GatedDoraAct.apply(e, u, g_e, g_u, kind)
-    grads = torch.autograd.grad(h, (e, u, g_e, g_u), dh)
     leaves = [v.detach().double().requires_grad_() for v in (e, u, g_e, g_u)]
+    e_in, u_in = e.detach().clone(), u.detach().clone()  # non-leaf inputs, as pre_gain's outputs are
+    e_in.requires_grad_(), u_in.requires_grad_()
+    e_op, u_op = e_in * 1, u_in * 1
+    h = GatedDoraAct.apply(e_op, u_op, g_e, g_u, kind, consume)
+    grads = torch.autograd.grad(h, (e_op, u_op, g_e, g_u), dh, retain_graph=True)
+    assert (grads[0].data_ptr() == e_op.data_ptr() and grads[1].data_ptr() == u_op.data_ptr()) == consume
+    if consume:
+        with pytest.raises(RuntimeError, match="cannot run twice"):
+            torch.autograd.grad(h, (e_op,), dh)
     act = torch.nn.functional.silu if kind == "silu" else (
         lambda a: torch.nn.functional.gelu(a, approximate="tanh"))
     h_ref = act(leaves[0] * leaves[2]) * (leaves[1] * leaves[3])

@@ -66,8 +66,10 @@ class UnslothBackend:
         )
         check_language_only(model)
         from trinity_core.train.fast_dora import enable_fast_dora
+        from trinity_core.train.lean_norm import patch_gemma3_norms
 
         fast_dora_layers = enable_fast_dora(model) if spec.lora.use_dora and self.options.fast_dora else 0
+        lean_norms = patch_gemma3_norms(model)  # Unsloth's float32 mode (the T4 path) only
         compiled = os.environ.get(COMPILE_ENV, "0") not in ("1", "true", "True")
         self._info = {
             "backend": self.name,
@@ -76,6 +78,7 @@ class UnslothBackend:
             "unsloth_compile": compiled,
             "unsloth_compile_reason": _compile_reason(spec.lora.use_dora, compiled),
             "fast_dora_layers": fast_dora_layers,
+            "lean_norms": lean_norms,
         }
         return model, tokenizer
 

@@ -35,6 +35,7 @@ one :class:`DoraOutput` autograd node). Parameter names, the adapter file, mergi
 from __future__ import annotations
 
 import functools
+import types
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -343,14 +344,94 @@ class FastDoraLinearVariant(DoraLinearVariant):
         if not isinstance(dora, FastDoraLinearLayer) or (
                 module.training and not isinstance(module.lora_dropout[active_adapter], torch.nn.Identity)):
             return DoraLinearVariant.forward(module, active_adapter, x, result, **kwargs)
-        lora_A, lora_B = module.lora_A[active_adapter], module.lora_B[active_adapter]
-        scaling = module.scaling[active_adapter]
-        base_layer = module.get_base_layer()
-        norm = dora.weight_norm(lora_A.weight, lora_B.weight, scaling, base_layer)
-        bias = base_layer.bias
-        base = result if bias is None else result - bias
-        out, _ = DoraOutput.apply(base, lora_A(x), lora_B.weight, dora.weight, norm, float(scaling))
-        return out if bias is None else out + bias
+        return dora_output(module, active_adapter, module.lora_A[active_adapter](x), result)
+
+
+def dora_output(module: torch.nn.Module, name: str, xa: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """``g ⊙ (result + s·xa·Bᵀ)`` (+ bias) of a fast-DoRA layer, given its base output ``result`` and
+    ``xa`` = A(x): one :class:`DoraOutput` node."""
+    dora, lora_B = module.lora_magnitude_vector[name], module.lora_B[name]
+    scaling = module.scaling[name]
+    base_layer = module.get_base_layer()
+    norm = dora.weight_norm(module.lora_A[name].weight, lora_B.weight, scaling, base_layer)
+    bias = base_layer.bias
+    base = result if bias is None else result - bias
+    out, _ = DoraOutput.apply(base, xa, lora_B.weight, dora.weight, norm, float(scaling))
+    return out if bias is None else out + bias
+
+
+def plain_fast_dora(module: torch.nn.Module) -> bool:
+    """True when ``module`` is a LoRA layer whose output is exactly ``g ⊙ (Wx + s·B(Ax))``: one active
+    fast-DoRA adapter, not merged, no dropout while training, no bias."""
+    if getattr(module, "disable_adapters", True) or getattr(module, "merged", True):
+        return False
+    names = module.active_adapters
+    if len(names) != 1 or names[0] not in module.lora_magnitude_vector:
+        return False
+    name = names[0]
+    return (isinstance(module.lora_magnitude_vector[name], FastDoraLinearLayer)
+            and isinstance(module.lora_variant.get(name), FastDoraLinearVariant)
+            and (not module.training or isinstance(module.lora_dropout[name], torch.nn.Identity))
+            and module.get_base_layer().bias is None)
+
+
+def adapter_input(module: torch.nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """``A(x)`` as PEFT computes it (outside autocast x is first cast to A's dtype), without keeping
+    that cast copy for backward: where a cast happens, :class:`CastLinear` saves x as it came."""
+    lora_A = module.lora_A[name]
+    weight = lora_A.weight
+    if (torch.is_autocast_enabled(x.device.type) or x.dtype == weight.dtype or lora_A.bias is not None
+            or not getattr(module, "cast_input_dtype_enabled", True)):
+        return lora_A(x if torch.is_autocast_enabled(x.device.type) else module._cast_input_dtype(x, weight.dtype))
+    return CastLinear.apply(x, weight)
+
+
+class CastLinear(torch.autograd.Function):
+    """``x.to(W.dtype) @ Wᵀ`` that saves ``x`` as it came, not its cast.
+
+    Unsloth's fp16 path for Gemma-3 (the T4 path: activations between layers in fp32, projection
+    inputs in fp16) trains fp32 adapters without autocast, so ``lora_A(x.to(fp32))`` keeps an fp32
+    copy of every adapted projection's input for A's gradient: twice the fp16 input, and one copy per
+    projection even where q, k and v (or gate and up) share that input. Here the fp16 input is saved
+    once and the cast is made again in backward, :data:`CHUNK_ELEMENTS` at a time (down_proj's input at
+    the 12B shape is 240 MiB in fp32), and x's gradient is computed in A's dtype a block of rows at a
+    time and stored in x's. Same values forward; A's gradient sums its blocks of rows in turn (one
+    GEMM, so the same values, where x has at most that many elements)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return torch.nn.functional.linear(x.to(weight.dtype), weight)
+
+    @staticmethod
+    def backward(ctx, dxa):
+        x, weight = ctx.saved_tensors
+        dxa2, x2 = dxa.reshape(-1, dxa.shape[-1]), x.reshape(-1, x.shape[-1])
+        rows = max(1, CHUNK_ELEMENTS // x2.shape[1])
+        dx = dw = None
+        if ctx.needs_input_grad[0]:  # dxa·A in A's dtype, a block of rows at a time, stored in x's
+            dx = torch.empty_like(x2)
+            for start in range(0, x2.shape[0], rows):
+                dx[start:start + rows] = dxa2[start:start + rows].mm(weight)
+            dx = dx.view(x.shape)
+        if ctx.needs_input_grad[1]:  # Σ_t dxaᵀ·x, the cast made a block of rows at a time
+            dw = dxa2[:rows].t().mm(x2[:rows].to(weight.dtype))
+            for start in range(rows, x2.shape[0], rows):
+                dw.addmm_(dxa2[start:start + rows].t(), x2[start:start + rows].to(weight.dtype))
+        return dx, dw
+
+
+def fast_dora_forward(self: torch.nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A fast-DoRA LoRA layer's ``forward`` (installed per instance by :func:`patch_linear_layers`):
+    the class's own forward (PEFT's, or Unsloth's replacement of it), except outside autocast when x
+    must be cast to the adapter's dtype, where :func:`adapter_input` keeps no cast copy. The base
+    output is not cloned: :class:`DoraOutput` writes into it in place (as Unsloth's forward allows)."""
+    if (args or kwargs or torch.is_autocast_enabled(x.device.type) or not plain_fast_dora(self)
+            or x.dtype == self.lora_A[self.active_adapters[0]].weight.dtype):
+        return type(self).forward(self, x, *args, **kwargs)
+    name = self.active_adapters[0]
+    result = self.get_base_layer()(x)
+    return dora_output(self, name, adapter_input(self, name, x), result)
 
 
 class DoraOutput(torch.autograd.Function):
@@ -503,6 +584,8 @@ def patch_linear_layers(model: torch.nn.Module) -> int:
                 dora.__class__ = FastDoraLinearLayer
                 dora.prepare(module.get_base_layer())
                 module.lora_variant[name] = FastDoraLinearVariant()
+                if "forward" not in module.__dict__:
+                    module.forward = types.MethodType(fast_dora_forward, module)
                 patched += 1
     if patched and _hook_handle is None:
         from torch.optim.optimizer import register_optimizer_step_post_hook

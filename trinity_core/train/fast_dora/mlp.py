@@ -28,7 +28,7 @@ import types
 import torch
 from torch import nn
 
-from trinity_core.train.fast_dora.linear import FastDoraLinearLayer, FastDoraLinearVariant, LoraSum
+from trinity_core.train.fast_dora.linear import LoraSum, adapter_input, plain_fast_dora
 
 GATED_MLP_CLASSES = frozenset({"GemmaMLP", "Gemma2MLP", "Gemma3MLP", "LlamaMLP", "MistralMLP", "Qwen2MLP",
                                "Qwen3MLP"})
@@ -53,24 +53,10 @@ def patch_gated_mlps(model: nn.Module) -> int:
 def gated_dora_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``down(act(gate(x)) ⊙ up(x))`` with gate's and up's DoRA gains applied inside the activation."""
     gate, up = self.gate_proj, self.up_proj
-    if not (_plain_fast_dora(gate) and _plain_fast_dora(up)):
+    if not (plain_fast_dora(gate) and plain_fast_dora(up)):
         return type(self).forward(self, x)
     e, u = pre_gain(gate, x), pre_gain(up, x)
     return self.down_proj(gated_act(e, u, gain(gate), gain(up), self.act_fn))
-
-
-def _plain_fast_dora(module: nn.Module) -> bool:
-    """True when ``module`` is a LoRA layer whose output is exactly ``g ⊙ (Wx + s·B(Ax))``."""
-    if getattr(module, "disable_adapters", True) or getattr(module, "merged", True):
-        return False
-    names = module.active_adapters
-    if len(names) != 1 or names[0] not in module.lora_magnitude_vector:
-        return False
-    name = names[0]
-    return (isinstance(module.lora_magnitude_vector[name], FastDoraLinearLayer)
-            and isinstance(module.lora_variant.get(name), FastDoraLinearVariant)
-            and (not module.training or isinstance(module.lora_dropout[name], nn.Identity))
-            and module.get_base_layer().bias is None)
 
 
 def pre_gain(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -78,10 +64,8 @@ def pre_gain(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     name = module.active_adapters[0]
     x2 = x.reshape(-1, x.shape[-1])  # a 2-D base output is a fresh tensor (a 3-D one is a view of
     result = module.get_base_layer()(x2)  # one), so the LoRA GEMM can accumulate into it in place
-    lora_A, lora_B = module.lora_A[name], module.lora_B[name]
-    if not torch.is_autocast_enabled(x.device.type):
-        x2 = module._cast_input_dtype(x2, lora_A.weight.dtype)
-    z = LoraSum.apply(result, lora_A(x2), lora_B.weight, float(module.scaling[name]))
+    z = LoraSum.apply(result, adapter_input(module, name, x2), module.lora_B[name].weight,
+                      float(module.scaling[name]))
     return z.view(*x.shape[:-1], z.shape[-1])
 
 
@@ -99,19 +83,24 @@ def gated_act(e: torch.Tensor, u: torch.Tensor, g_e: torch.Tensor, g_u: torch.Te
     """``act(g_e ⊙ e) ⊙ (g_u ⊙ u)`` in e's dtype: one Triton pass each way on CUDA, autograd elsewhere."""
     kind = _ACTIVATIONS.get(type(act_fn).__name__)
     if e.is_cuda and kind is not None and e.shape == u.shape and _kernels() is not None:
-        return GatedDoraAct.apply(e, u, g_e, g_u, kind)
+        return GatedDoraAct.apply(e, u, g_e, g_u, kind, True)  # e, u: pre_gain's fresh outputs
     return act_fn(e * g_e.to(e.dtype)) * (u * g_u.to(u.dtype))
 
 
 class GatedDoraAct(torch.autograd.Function):
     """``h = act(g_e ⊙ e) ⊙ (g_u ⊙ u)`` for (…, N) ``e``, ``u`` and fp32 (N,) gains, on CUDA.
 
-    Saves e and u only (the stock MLP saves e, act(e) and u). Backward, with a = g_e⊙e:
+    Saves e and u only (the stock MLP saves e, act(e) and u). With ``consume`` (e and u fresh
+    tensors that nothing else reads, as in :func:`gated_dora_forward`) backward writes ``de`` and ``du``
+    over them (each element is read before it is written, by the same program): the (tokens × N)
+    gradients take no new memory, at the point of the layer's backward where the most is alive (on
+    the 12B shape 2 × 120 MiB in fp16). That node's backward runs once: a second one
+    (``retain_graph``) raises. Backward, with a = g_e⊙e:
     ``de = dh ⊙ g_u u ⊙ act'(a) ⊙ g_e``, ``du = dh ⊙ act(a) ⊙ g_u``, ``dg_e = Σ_t dh ⊙ g_u u ⊙ act'(a) ⊙ e``,
     ``dg_u = Σ_t dh ⊙ act(a) ⊙ u``, all in fp32 registers, the sums in fp32."""
 
     @staticmethod
-    def forward(ctx, e, u, g_e, g_u, kind):
+    def forward(ctx, e, u, g_e, g_u, kind, consume=False):
         shape, n = e.shape, e.shape[-1]
         e2, u2 = e.reshape(-1, n).contiguous(), u.reshape(-1, n).contiguous()
         g_e, g_u = g_e.detach().float().contiguous(), g_u.detach().float().contiguous()
@@ -120,22 +109,26 @@ class GatedDoraAct(torch.autograd.Function):
         grid = (_cdiv(e2.shape[0], _BLOCK_T), _cdiv(n, _BLOCK_N))
         fwd[grid](e2, u2, g_e, g_u, h, e2.shape[0], n, GELU=kind == "gelu_tanh", BLOCK_T=_BLOCK_T, BLOCK_N=_BLOCK_N)
         ctx.save_for_backward(e2, u2, g_e, g_u)
-        ctx.kind, ctx.shape = kind, shape
+        ctx.kind, ctx.shape, ctx.consume, ctx.consumed = kind, shape, consume, False
         return h.view(shape)
 
     @staticmethod
     def backward(ctx, dh):
+        if ctx.consumed:
+            raise RuntimeError("GatedDoraAct: backward already ran and overwrote its saved activations "
+                               "with their gradients; it cannot run twice (retain_graph)")
+        ctx.consumed = ctx.consume
         e2, u2, g_e, g_u = ctx.saved_tensors
         t, n = e2.shape
         dh2 = dh.reshape(-1, n).contiguous()
-        de, du = torch.empty_like(e2), torch.empty_like(u2)
+        de, du = (e2, u2) if ctx.consume else (torch.empty_like(e2), torch.empty_like(u2))
         blocks = _cdiv(t, _ROWS)
         parts = torch.empty((2, blocks, n), device=e2.device, dtype=torch.float32)
         _, bwd = _kernels()
         bwd[(blocks, _cdiv(n, _BLOCK_N))](dh2, e2, u2, g_e, g_u, de, du, parts[0], parts[1], t, n,
                                           GELU=ctx.kind == "gelu_tanh", ROWS=_ROWS, BLOCK_T=_BLOCK_T, BLOCK_N=_BLOCK_N)
         d_ge, d_gu = parts.sum(1)
-        return de.view(ctx.shape), du.view(ctx.shape), d_ge, d_gu, None
+        return de.view(ctx.shape), du.view(ctx.shape), d_ge, d_gu, None, None
 
 
 _ROWS, _BLOCK_T, _BLOCK_N = 256, 32, 128
