@@ -195,6 +195,30 @@ class dtype_probe:
                 self.seen[name] = f"{type(module).__name__}: in {describe(args)} -> out {describe(out)}"
         return hook
 
+    def _other_tensors(self) -> list[str]:
+        """CUDA storages alive now that no parameter owns, grouped by dtype and shape (gc walk)."""
+        t = self.torch
+        owned = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        seen, groups = set(), {}
+        for obj in gc.get_objects():
+            try:
+                if not isinstance(obj, t.Tensor) or not obj.is_cuda or isinstance(obj, t.nn.Parameter):
+                    continue
+                ptr = obj.untyped_storage().data_ptr()
+            except Exception:  # noqa: BLE001 (fake/meta tensors, freed storages)
+                continue
+            if ptr in owned or ptr in seen:
+                continue
+            seen.add(ptr)
+            key = f"{str(obj.dtype).removeprefix('torch.')}{list(obj.shape)}"
+            g = groups.setdefault(key, [0, 0])
+            g[0] += obj.untyped_storage().nbytes()
+            g[1] += 1
+        total = sum(g[0] for g in groups.values())
+        top = sorted(groups.items(), key=lambda kv: -kv[1][0])[:20]
+        return [f"other CUDA storages (gc walk): {total / 2**30:.3f} GiB in {len(seen)}"] + [
+            f"  {b / 2**20:9.1f} MiB  {n:5d} x {k}" for k, (b, n) in top]
+
     def write(self, path: Path, params, opt) -> None:
         for h in self.hooks:
             h.remove()
@@ -208,6 +232,7 @@ class dtype_probe:
         lines = [f"params {k}: {b / 2**30:.3f} GiB" for k, b in sorted(by.items(), key=lambda kv: -kv[1])]
         lines += [f"grads (before the last optimizer step): {grads / 2**30:.3f} GiB", f"optimizer state: {state / 2**30:.3f} GiB",
                   f"allocated now: {self.torch.cuda.memory_allocated() / 2**30:.3f} GiB", ""]
+        lines += self._other_tensors() + [""]
         lines += [f"{n or '(layer)'}: {d}" for n, d in self.seen.items()]
         path.write_text("\n".join(lines) + "\n")
         print("\n".join(lines[:8]), flush=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from trinity_core.train import lean_norm
 from trinity_core.train.lean_norm import FP16_MAX, Float32RMSNorm, patch_gemma3_norms
 
 
@@ -27,9 +28,11 @@ def _inputs(dtype, overflow=False):
     return x, weight
 
 
+@pytest.mark.parametrize("chunk", [1 << 22, 48 * 3], ids=["one_block", "blocks_of_3_rows"])
 @pytest.mark.parametrize("overflow", [False, True], ids=["in_range", "clamped"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_same_values_as_unsloth_and_autograds_gradients(dtype, overflow):
+def test_same_values_as_unsloth_and_autograds_gradients(dtype, overflow, chunk, monkeypatch):
+    monkeypatch.setattr(lean_norm, "CHUNK_ELEMENTS", chunk)
     x, weight = _inputs(dtype, overflow)
     dout = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(torch.float16)
     xa, wa = x.clone().requires_grad_(), weight.clone().requires_grad_()

@@ -10,7 +10,9 @@ the clamp: one or two (tokens × hidden) fp32 tensors a norm, four norms a decod
 the layer's checkpointed backward starts (0.29 GiB at the 12B shape and seq 4096, H200 trace in
 docs/BENCHMARKS.md, "T4 headroom"). :class:`Float32RMSNorm` computes the same forward (the same
 operations in the same order, so the same values) and saves x as it came plus one fp32 scale per row;
-its backward recomputes the normalised rows, in three (tokens × hidden) fp32 buffers at most.
+its backward recomputes the normalised rows a block of rows at a time (:data:`CHUNK_ELEMENTS`): at the
+start of a layer's backward, where the layer's saved activations are all alive, it adds its gradient
+and ~50 MiB rather than three (tokens × hidden) fp32 buffers.
 
 :func:`patch_gemma3_norms` installs it per module, only where Unsloth's float32 mode is on (Unsloth
 decides that at import, from the GPU); elsewhere the norms are left as they are.
@@ -25,6 +27,8 @@ import torch
 from torch import nn
 
 FP16_MAX = float(torch.finfo(torch.float16).max)
+CHUNK_ELEMENTS = 1 << 22
+"""Backward works on blocks of rows of at most this many elements (16 MiB in fp32)."""
 
 
 class Float32RMSNorm(torch.autograd.Function):
@@ -45,20 +49,25 @@ class Float32RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         x, weight, rstd = ctx.saved_tensors
+        n = x.shape[-1]
+        x2, dout2, rstd2 = x.reshape(-1, n), dout.reshape(-1, n), rstd.reshape(-1, 1)
         w1 = 1.0 + weight.to(torch.float32)
-        h = x.to(torch.float32)
-        h = h.mul_(rstd) if h.data_ptr() != x.data_ptr() else h * rstd  # never write into x
-        g = dout.to(torch.float32)
-        if g.data_ptr() == dout.data_ptr():
-            g = g.clone()
-        t = torch.mul(h, w1)  # the clamp's input again: its gradient is 0 where it clamped
-        g.masked_fill_(t.abs_() > FP16_MAX, 0.0)
-        dw = (g * h).sum(tuple(range(g.dim() - 1))).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        gh = torch.mul(g, w1, out=t)
-        del g
-        mean = (gh.unsqueeze(-2) @ h.unsqueeze(-1)).squeeze(-1).div_(h.shape[-1])  # Σ gh·h a row, no temporary
-        dx = gh.sub_(h.mul_(mean)).mul_(rstd)
-        return dx.to(x.dtype), dw, None
+        dx = torch.empty_like(x2)
+        dw = torch.zeros(n, dtype=torch.float32, device=x.device) if ctx.needs_input_grad[1] else None
+        rows = max(1, CHUNK_ELEMENTS // n)
+        for start in range(0, x2.shape[0], rows):  # three (rows × n) fp32 buffers at a time
+            block = slice(start, start + rows)
+            h = x2[block].to(torch.float32, copy=True).mul_(rstd2[block])
+            g = dout2[block].to(torch.float32, copy=True)
+            t = torch.mul(h, w1)  # the clamp's input again: its gradient is 0 where it clamped
+            g.masked_fill_(t.abs_() > FP16_MAX, 0.0)
+            if dw is not None:
+                dw += (g * h).sum(0)
+            gh = torch.mul(g, w1, out=t)
+            del g
+            mean = (gh.unsqueeze(-2) @ h.unsqueeze(-1)).squeeze(-1).div_(n)  # Σ gh·h a row, no temporary
+            dx[block] = gh.sub_(h.mul_(mean)).mul_(rstd2[block])
+        return dx.view(x.shape), (dw.to(weight.dtype) if dw is not None else None), None
 
 
 def float32_mode() -> bool:
