@@ -53,8 +53,9 @@ def variants(backend: str) -> list[dict]:
              v("t4_dora_fast_s2048_r32_acc4", "fast", seq=2048, r=32, t4=True, accum=4),
              v("t4_lora_s2048_r32_acc4", seq=2048, r=32, t4=True, accum=4),
              v("t4_lora_s2048_r32_qv_acc4", seq=2048, r=32, targets=QV, t4=True, accum=4)]
+    above = [v("t4_dora_fast_s8192_acc4", "fast", seq=8192, t4=True, accum=4)]  # a rung above the recipe (#20)
     return common + [v("t4_lora_acc4", t4=True, accum=4), v("t4_dora_fast_acc4", "fast", t4=True, accum=4),
-                     v("t4_dora_peft_acc4", "peft", t4=True, accum=4)] + rungs
+                     v("t4_dora_peft_acc4", "peft", t4=True, accum=4)] + rungs + above
 
 
 T4_KERNEL = False
@@ -76,7 +77,7 @@ def selected(backend: str) -> list[dict]:
 GROWN = {"peft": ["lora_acc4", "dora_fast_acc4"],
          "unsloth": ["lora_acc4", "dora_fast_acc4", "dora_peft_acc4", "t4_dora_fast_acc4", "t4_lora_acc4",
                      "t4_dora_peft_acc4", "t4_dora_fast_s2048_acc4", "t4_dora_fast_s2048_r32_acc4",
-                     "t4_lora_s2048_r32_acc4", "t4_lora_s2048_r32_qv_acc4"]}
+                     "t4_lora_s2048_r32_acc4", "t4_lora_s2048_r32_qv_acc4", "t4_dora_fast_s8192_acc4"]}
 """Variants also measured at ``--grow-to`` layers (the built model's layers repeated)."""
 
 
@@ -270,6 +271,11 @@ def repeat_layers(model, depth: int) -> None:
     """Grow a loaded model to ``depth`` decoder layers by deep-copying its layers (4-bit included)."""
     layers = model.model.layers
     grown = [layers[i] if i < len(layers) else copy.deepcopy(layers[i % len(layers)]) for i in range(depth)]
+    for layer in grown[len(layers):]:
+        for m in layer.modules():  # Params4bit.__deepcopy__ copies its quant_state outside deepcopy's memo, so
+            state = getattr(getattr(m, "weight", None), "quant_state", None)  # the module's own reference
+            if state is not None and getattr(m, "quant_state", None) is not None:  # got a second copy
+                m.quant_state = state  # (its absmax: 0.14 GiB at 48 layers of the 12B shape, until 2026-11-29)
     for i, layer in enumerate(grown):
         layer.self_attn.layer_idx = i
     model.model.layers = type(layers)(grown)

@@ -73,6 +73,26 @@ def row_blocks(packed: torch.Tensor, state: Any, rows_per_block: int, dtype: tor
                                      block, state.quant_type, (stop - start, in_features), dtype)
 
 
+def column_blocks(packed: torch.Tensor, state: Any, columns_per_block: int, dtype: torch.dtype):
+    """Yield ``(first_column, stop_column, columns)``: the weight's columns ``[first, stop)`` (all rows),
+    at most ``columns_per_block`` at a time (rounded down to whole quantisation blocks), each element
+    equal to the whole weight's. Needs rows made of whole blocks (``in_features`` a multiple of the
+    blocksize); otherwise yields the whole weight once."""
+    out_features, in_features = state.shape
+    block = state.blocksize
+    if in_features % block:
+        yield 0, in_features, dequantize(packed, state, dtype)
+        return
+    absmax = absmax_of(state).view(out_features, in_features // block)
+    stream = packed.view(torch.uint8).reshape(out_features, in_features // 2)
+    step = max(block, columns_per_block // block * block)
+    for start in range(0, in_features, step):
+        stop = min(start + step, in_features)
+        yield start, stop, dequantize_flat(stream[:, start // 2:stop // 2].contiguous(),
+                                           absmax[:, start // block:stop // block].contiguous().view(-1),
+                                           block, state.quant_type, (out_features, stop - start), dtype)
+
+
 @functools.cache
 def cpu_kernel_reads_rows_flat(width: int, blocksize: int = 64) -> bool:
     """Whether bitsandbytes' CPU kernel dequantises a 2-D weight of this width correctly.

@@ -28,7 +28,7 @@ import types
 import torch
 from torch import nn
 
-from trinity_core.train.fast_dora.linear import LoraSum, adapter_input, plain_fast_dora
+from trinity_core.train.fast_dora.linear import LoraSum, base_and_adapter_input, plain_fast_dora
 
 GATED_MLP_CLASSES = frozenset({"GemmaMLP", "Gemma2MLP", "Gemma3MLP", "LlamaMLP", "MistralMLP", "Qwen2MLP",
                                "Qwen3MLP"})
@@ -63,9 +63,8 @@ def pre_gain(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``z = Wx + s·B(Ax)``: the DoRA layer's output before its magnitude gain (PEFT's input casts)."""
     name = module.active_adapters[0]
     x2 = x.reshape(-1, x.shape[-1])  # a 2-D base output is a fresh tensor (a 3-D one is a view of
-    result = module.get_base_layer()(x2)  # one), so the LoRA GEMM can accumulate into it in place
-    z = LoraSum.apply(result, adapter_input(module, name, x2), module.lora_B[name].weight,
-                      float(module.scaling[name]))
+    result, xa = base_and_adapter_input(module, name, x2)  # one), so the LoRA GEMM can accumulate into it
+    z = LoraSum.apply(result, xa, module.lora_B[name].weight, float(module.scaling[name]))
     return z.view(*x.shape[:-1], z.shape[-1])
 
 
