@@ -456,8 +456,9 @@ class FrozenBaseAndA(torch.autograd.Function):
     whole dequantised W nor the two (tokens × in) gradients that autograd sums (the base's and the
     adapter's) are held at once. Per element it is the same arithmetic as bitsandbytes' backward
     (``d_base @ dequantise(W).to(dtype)``) plus autograd's sum of the adapter's part rounded to x's
-    dtype. On down_proj of the 12B shape under Unsloth's T4 path that is 120 MiB held instead of
-    ~350 MiB, at the point of the layer's backward where most is alive."""
+    dtype. On down_proj of the 12B shape under Unsloth's T4 path: x's gradient (120 MiB) and ~40 MiB of
+    blocks, where the two nodes held both gradients and the whole dequantised W (352 MiB; x, saved for
+    A's gradient, is alive during this backward, 120 MiB, which the two nodes had freed by then)."""
 
     @staticmethod
     def forward(ctx, x, weight, base):
@@ -476,7 +477,7 @@ class FrozenBaseAndA(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = torch.empty_like(x2)
             d_base2 = d_base.reshape(-1, d_base.shape[-1]) if d_base is not None else None
-            for start, stop, w in _column_blocks(ctx.base, x.dtype):
+            for start, stop, w in _column_blocks(ctx.base, x.dtype, x2.shape[0]):
                 part = d_base2.mm(w) if d_base2 is not None else torch.zeros_like(dx[:, start:stop])
                 if dxa2 is not None:
                     part += dxa2.mm(weight[:, start:stop]).to(part.dtype)
@@ -490,12 +491,13 @@ class FrozenBaseAndA(torch.autograd.Function):
         return dx, dw, None
 
 
-def _column_blocks(base: torch.nn.Module, dtype: torch.dtype) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """``(first, stop, W[:, first:stop])`` of a :func:`_frozen_linear` base in ``dtype``, about
-    :data:`CHUNK_ELEMENTS` elements a block."""
+def _column_blocks(base: torch.nn.Module, dtype: torch.dtype, tokens: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``(first, stop, W[:, first:stop])`` of a :func:`_frozen_linear` base in ``dtype``, blocks narrow
+    enough that neither W's block nor the (tokens × block) fp32 product of the caller exceeds a
+    quarter of :data:`CHUNK_ELEMENTS` (16 MiB): down_proj's input gradient at the 12B shape in 15 blocks."""
     weight = base.weight
     out_features = weight.shape[0] if type(base) is torch.nn.Linear else weight.quant_state.shape[0]
-    step = max(1, CHUNK_ELEMENTS // out_features)
+    step = max(1, CHUNK_ELEMENTS // (4 * max(out_features, tokens)))
     if type(base) is torch.nn.Linear:
         for start in range(0, weight.shape[1], step):
             yield start, min(start + step, weight.shape[1]), weight[:, start:start + step]
