@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from trinity_core import nf4
+from trinity_core.train.fast_dora import cast_input
 from trinity_core.train.fast_dora import linear as qdora
 from trinity_core.train.fast_dora import enable_fast_dora
 from trinity_core.train.fast_dora.linear import FastDoraLinearLayer, linear_norm_reference
@@ -442,11 +443,11 @@ def test_cast_linear_gradients_are_exact_in_float64(monkeypatch):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 7, dtype=torch.float64, generator=gen, requires_grad=True)
     w = torch.randn(3, 7, dtype=torch.float64, generator=gen, requires_grad=True)
-    assert torch.autograd.gradcheck(qdora.CastLinear.apply, (x, w))
-    monkeypatch.setattr(qdora, "CHUNK_ELEMENTS", 7 * 3)  # A's gradient from blocks of 3 rows: same Jacobian
-    assert torch.autograd.gradcheck(qdora.CastLinear.apply, (x, w))
+    assert torch.autograd.gradcheck(cast_input.CastLinear.apply, (x, w))
+    monkeypatch.setattr(cast_input, "CHUNK_ELEMENTS", 7 * 3)  # A's gradient from blocks of 3 rows: same Jacobian
+    assert torch.autograd.gradcheck(cast_input.CastLinear.apply, (x, w))
     x16 = torch.randn(2, 5, 7, generator=gen).to(torch.bfloat16)
-    torch.testing.assert_close(qdora.CastLinear.apply(x16, w.float()), nn.functional.linear(x16.float(), w.float()),
+    torch.testing.assert_close(cast_input.CastLinear.apply(x16, w.float()), nn.functional.linear(x16.float(), w.float()),
                                rtol=0, atol=0)
 
 
@@ -502,7 +503,7 @@ def test_cast_adapter_inputs_are_saved_in_their_own_dtype(kind, chunk, monkeypat
     ``chunk``: the input gradient from blocks of W's columns (3 rows of 64 values a block)."""
     from trinity_core.train.fast_dora import mlp
 
-    monkeypatch.setattr(qdora, "CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(cast_input, "CHUNK_ELEMENTS", chunk)
     model, d_in = _bf16_model(kind)
     x = torch.randn(4, 5, d_in, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     patched = [m for m in model.modules() if "forward" in m.__dict__]

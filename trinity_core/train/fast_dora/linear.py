@@ -46,6 +46,7 @@ from peft.tuners.lora.variants import DoraLinearVariant
 
 import trinity_core.train.fast_dora.nf4_matmul as nf4_matmul  # a module reference: tests patch its functions
 from trinity_core import nf4
+from trinity_core.train.fast_dora.cast_input import base_and_adapter_input
 
 CANCELLATION_RATIO = 0.05
 """Rows with ‖W_i + s·B_iA‖² < this × (‖W_i‖² + s²·B_iAAᵀB_iᵀ) are recomputed directly."""
@@ -375,142 +376,12 @@ def plain_fast_dora(module: torch.nn.Module) -> bool:
             and module.get_base_layer().bias is None)
 
 
-def adapter_input(module: torch.nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
-    """``A(x)`` as PEFT computes it (outside autocast x is first cast to A's dtype), without keeping
-    that cast copy for backward: where a cast happens, :class:`CastLinear` saves x as it came."""
-    lora_A = module.lora_A[name]
-    weight = lora_A.weight
-    if (torch.is_autocast_enabled(x.device.type) or x.dtype == weight.dtype or lora_A.bias is not None
-            or not getattr(module, "cast_input_dtype_enabled", True)):
-        return lora_A(x if torch.is_autocast_enabled(x.device.type) else module._cast_input_dtype(x, weight.dtype))
-    return CastLinear.apply(x, weight)
-
-
-class CastLinear(torch.autograd.Function):
-    """``x.to(W.dtype) @ Wᵀ`` that saves ``x`` as it came, not its cast.
-
-    Unsloth's fp16 path for Gemma-3 (the T4 path: activations between layers in fp32, projection
-    inputs in fp16) trains fp32 adapters without autocast, so ``lora_A(x.to(fp32))`` keeps an fp32
-    copy of every adapted projection's input for A's gradient: twice the fp16 input, and one copy per
-    projection even where q, k and v (or gate and up) share that input. Here the fp16 input is saved
-    once and the cast is made again in backward, :data:`CHUNK_ELEMENTS` at a time (down_proj's input at
-    the 12B shape is 240 MiB in fp32), and x's gradient is computed in A's dtype a block of rows at a
-    time and stored in x's. Same values forward; A's gradient sums its blocks of rows in turn (one
-    GEMM, so the same values, where x has at most that many elements)."""
-
-    @staticmethod
-    def forward(ctx, x, weight):
-        ctx.save_for_backward(x, weight)
-        return torch.nn.functional.linear(x.to(weight.dtype), weight)
-
-    @staticmethod
-    def backward(ctx, dxa):
-        x, weight = ctx.saved_tensors
-        dxa2, x2 = dxa.reshape(-1, dxa.shape[-1]), x.reshape(-1, x.shape[-1])
-        rows = max(1, CHUNK_ELEMENTS // x2.shape[1])
-        dx = dw = None
-        if ctx.needs_input_grad[0]:  # dxa·A in A's dtype, a block of rows at a time, stored in x's
-            dx = torch.empty_like(x2)
-            for start in range(0, x2.shape[0], rows):
-                dx[start:start + rows] = dxa2[start:start + rows].mm(weight)
-            dx = dx.view(x.shape)
-        if ctx.needs_input_grad[1]:  # Σ_t dxaᵀ·x, the cast made a block of rows at a time
-            dw = dxa2[:rows].t().mm(x2[:rows].to(weight.dtype))
-            for start in range(rows, x2.shape[0], rows):
-                dw.addmm_(dxa2[start:start + rows].t(), x2[start:start + rows].to(weight.dtype))
-        return dx, dw
-
-
-def base_and_adapter_input(module: torch.nn.Module, name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(W x, A(x))`` of a plain fast-DoRA layer: one :class:`FrozenBaseAndA` node where x is cast for
-    the adapter (outside autocast, another dtype than A's) and the base is a frozen bias-free linear
-    computing in x's dtype; else the base layer's own forward and :func:`adapter_input`."""
-    base, weight = module.get_base_layer(), module.lora_A[name].weight
-    cast = not torch.is_autocast_enabled(x.device.type) and x.dtype != weight.dtype
-    if cast and module.lora_A[name].bias is None and getattr(module, "cast_input_dtype_enabled", True) \
-            and _frozen_linear(base, x.dtype):
-        return FrozenBaseAndA.apply(x, weight, base)
-    return base(x), adapter_input(module, name, x)
-
-
-def _frozen_linear(base: torch.nn.Module, dtype: torch.dtype) -> bool:
-    """Whether ``base`` computes ``x Wᵀ`` in ``dtype`` with W frozen and no bias: an ``nn.Linear`` or a
-    bitsandbytes ``Linear4bit`` (not repacked for CPU inference) of that compute dtype."""
-    weight = getattr(base, "weight", None)
-    if weight is None or weight.requires_grad or getattr(base, "bias", None) is not None:
-        return False
-    if type(base) is torch.nn.Linear:
-        return weight.dtype == dtype
-    state = getattr(weight, "quant_state", None)
-    return (type(base).__name__ == "Linear4bit" and weight.__class__.__name__ == "Params4bit" and state is not None
-            and not getattr(state, "packing_format_for_cpu", False) and getattr(base, "compute_dtype", None) in (None, dtype)
-            and state.dtype == dtype)
-
-
-class FrozenBaseAndA(torch.autograd.Function):
-    """``(W x, x.to(A.dtype) Aᵀ)`` for a frozen base W (no bias) and the adapter's A, one node, saving x
-    as it came (as :class:`CastLinear` does).
-
-    Backward writes x's gradient once: ``dx = d_base·W + (d_xa·A → x's dtype)``, a block of W's columns
-    at a time (``nf4.column_blocks``: each block's elements equal the whole weight's), so neither the
-    whole dequantised W nor the two (tokens × in) gradients that autograd sums (the base's and the
-    adapter's) are held at once. Per element it is the same arithmetic as bitsandbytes' backward
-    (``d_base @ dequantise(W).to(dtype)``) plus autograd's sum of the adapter's part rounded to x's
-    dtype. On down_proj of the 12B shape under Unsloth's T4 path: x's gradient (120 MiB) and ~40 MiB of
-    blocks, where the two nodes held both gradients and the whole dequantised W (352 MiB; x, saved for
-    A's gradient, is alive during this backward, 120 MiB, which the two nodes had freed by then)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, base):
-        result = base(x)
-        xa = torch.nn.functional.linear(x.to(weight.dtype), weight)
-        ctx.save_for_backward(x, weight)
-        ctx.base = base
-        return result, xa
-
-    @staticmethod
-    def backward(ctx, d_base, d_xa):
-        x, weight = ctx.saved_tensors
-        x2 = x.reshape(-1, x.shape[-1])
-        dxa2 = d_xa.reshape(-1, d_xa.shape[-1]) if d_xa is not None else None
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.empty_like(x2)
-            d_base2 = d_base.reshape(-1, d_base.shape[-1]) if d_base is not None else None
-            for start, stop, w in _column_blocks(ctx.base, x.dtype, x2.shape[0]):
-                part = d_base2.mm(w) if d_base2 is not None else torch.zeros_like(dx[:, start:stop])
-                if dxa2 is not None:
-                    part += dxa2.mm(weight[:, start:stop]).to(part.dtype)
-                dx[:, start:stop] = part
-            dx = dx.view(x.shape)
-        if ctx.needs_input_grad[1] and dxa2 is not None:  # Σ_t dxaᵀ·x, the cast made a block of rows at a time
-            rows = max(1, CHUNK_ELEMENTS // x2.shape[1])
-            dw = dxa2[:rows].t().mm(x2[:rows].to(weight.dtype))
-            for start in range(rows, x2.shape[0], rows):
-                dw.addmm_(dxa2[start:start + rows].t(), x2[start:start + rows].to(weight.dtype))
-        return dx, dw, None
-
-
-def _column_blocks(base: torch.nn.Module, dtype: torch.dtype, tokens: int) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """``(first, stop, W[:, first:stop])`` of a :func:`_frozen_linear` base in ``dtype``, blocks narrow
-    enough that neither W's block nor the (tokens × block) fp32 product of the caller exceeds a
-    quarter of :data:`CHUNK_ELEMENTS` (16 MiB): down_proj's input gradient at the 12B shape in 15 blocks."""
-    weight = base.weight
-    out_features = weight.shape[0] if type(base) is torch.nn.Linear else weight.quant_state.shape[0]
-    step = max(1, CHUNK_ELEMENTS // (4 * max(out_features, tokens)))
-    if type(base) is torch.nn.Linear:
-        for start in range(0, weight.shape[1], step):
-            yield start, min(start + step, weight.shape[1]), weight[:, start:start + step]
-        return
-    for start, stop, w in nf4.column_blocks(weight.data, weight.quant_state, step, weight.quant_state.dtype):
-        yield start, stop, w.to(dtype)
-
-
 def fast_dora_forward(self: torch.nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """A fast-DoRA LoRA layer's ``forward`` (installed per instance by :func:`patch_linear_layers`):
     the class's own forward (PEFT's, or Unsloth's replacement of it), except outside autocast when x
-    must be cast to the adapter's dtype, where :func:`adapter_input` keeps no cast copy. The base
-    output is not cloned: :class:`DoraOutput` writes into it in place (as Unsloth's forward allows)."""
+    must be cast to the adapter's dtype, where :func:`~trinity_core.train.fast_dora.cast_input.base_and_adapter_input`
+    keeps no cast copy. The base output is not cloned: :class:`DoraOutput` writes into it in place (as
+    Unsloth's forward allows)."""
     if (args or kwargs or torch.is_autocast_enabled(x.device.type) or not plain_fast_dora(self)
             or x.dtype == self.lora_A[self.active_adapters[0]].weight.dtype):
         return type(self).forward(self, x, *args, **kwargs)

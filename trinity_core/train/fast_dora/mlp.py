@@ -28,7 +28,8 @@ import types
 import torch
 from torch import nn
 
-from trinity_core.train.fast_dora.linear import LoraSum, base_and_adapter_input, plain_fast_dora
+from trinity_core.train.fast_dora.cast_input import base_and_adapter_input
+from trinity_core.train.fast_dora.linear import LoraSum, plain_fast_dora
 
 GATED_MLP_CLASSES = frozenset({"GemmaMLP", "Gemma2MLP", "Gemma3MLP", "LlamaMLP", "MistralMLP", "Qwen2MLP",
                                "Qwen3MLP"})
