@@ -47,6 +47,9 @@ PEFT_DORA_TRANSIENT = (4.0, 9.5)  # × (out·in·2 bytes, batch·seq·out·4 byt
 FAST_DORA_TRANSIENT = -1.0  # × batch·seq·out·act bytes of the widest projection: since v3 the fused
 # gated activation keeps one (tokens × intermediate) tensor fewer than the stock MLP (H100, 12B shape,
 # vs LoRA: +0.01/+0.05 GiB bf16 at 4/48 layers, −0.20/−0.16 on the fp32 T4 path; v2 needed +3.0 × 2 bytes)
+# The T4 path's fast-DoRA rows predate 2026-11-29 (fast_dora/cast_input.py, lean_norm.py, the in-place gated
+# activation): at 48 layers it now peaks at 11.33 GiB against the 12.20 fitted, so the estimate reads ~0.9 GiB
+# high there, on the safe side; not refitted (docs/BENCHMARKS.md, "T4 headroom, 2026-11-29").
 ALLOCATOR_MARGIN = (0.5, 0.05)  # fits when estimate + max(0.5 GiB, 5%) <= budget
 
 
