@@ -11,8 +11,9 @@ A step is one micro-batch of ``batch × seq`` random tokens (labels = inputs) + 
 ``max_memory_allocated``), under bf16 autocast, gradient checkpointing on. ``accum`` > 1 steps the
 optimizer every ``accum`` micro-batches (fast DoRA refreshes its norm once per optimizer step).
 Time: median of the timed micro-batches after warm-up, each synchronised. T4 emulation: the
-per-process memory cap is set to 15.1 GiB, fp16 is requested (Gemma-3 then runs in fp32) and
-attention is eager. Plain ``peft`` loads the 4-bit base once per depth and swaps adapters.
+per-process memory cap is set to 15.1 GiB, fp16 is requested (Gemma-3 then runs in fp32), attention
+is eager and the norm refresh runs without the NF4 kernel (``T4_KERNEL``). Plain ``peft`` loads the
+4-bit base once per depth and swaps adapters.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def measure(model, v: dict, vocab: int, warmup: int = 2, timed: int = 4) -> dict
     model.train()
     total = (warmup + timed) * v["accum"]
     snap_dir = os.environ.get("TRINITY_BENCH_MEMSNAP")  # what is alive at the peak of the last optimizer step
-    probe = dtype_probe(model) if snap_dir else None
+    probe = MemoryProbe(model) if snap_dir else None
     for i in range(total):
         torch.cuda.synchronize()
         if snap_dir and i == total - v["accum"]:
@@ -168,7 +169,7 @@ def measure(model, v: dict, vocab: int, warmup: int = 2, timed: int = 4) -> dict
     return row
 
 
-class dtype_probe:
+class MemoryProbe:
     """What a memory figure is made of (benchmark aid, with ``TRINITY_BENCH_MEMSNAP``): the dtype and
     shape of every tensor entering and leaving each module of the first decoder layer on the first
     forward, and the bytes of parameters (by dtype and trainability), gradients and optimizer state."""
@@ -197,7 +198,8 @@ class dtype_probe:
         return hook
 
     def _other_tensors(self) -> list[str]:
-        """CUDA storages alive now that no parameter owns, grouped by dtype and shape (gc walk)."""
+        """CUDA storages alive now that no parameter owns (the optimizer's state among them), grouped by
+        dtype and shape (gc walk)."""
         t = self.torch
         owned = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
         seen, groups = set(), {}
@@ -217,7 +219,8 @@ class dtype_probe:
             g[1] += 1
         total = sum(g[0] for g in groups.values())
         top = sorted(groups.items(), key=lambda kv: -kv[1][0])[:20]
-        return [f"other CUDA storages (gc walk): {total / 2**30:.3f} GiB in {len(seen)}"] + [
+        head = f"other CUDA storages, optimizer state included (gc walk): {total / 2**30:.3f} GiB in {len(seen)}"
+        return [head] + [
             f"  {b / 2**20:9.1f} MiB  {n:5d} x {k}" for k, (b, n) in top]
 
     def write(self, path: Path, params, opt) -> None:
@@ -227,11 +230,11 @@ class dtype_probe:
         for p in self.model.parameters():
             key = (str(p.dtype), p.requires_grad, p.device.type)
             by[key] = by.get(key, 0) + p.numel() * p.element_size()
-        grads = self.grads
         state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
                     if isinstance(v, self.torch.Tensor) and v.is_cuda)
         lines = [f"params {k}: {b / 2**30:.3f} GiB" for k, b in sorted(by.items(), key=lambda kv: -kv[1])]
-        lines += [f"grads (before the last optimizer step): {grads / 2**30:.3f} GiB", f"optimizer state: {state / 2**30:.3f} GiB",
+        lines += [f"grads (before the last optimizer step): {self.grads / 2**30:.3f} GiB",
+                  f"optimizer state: {state / 2**30:.3f} GiB",
                   f"allocated now: {self.torch.cuda.memory_allocated() / 2**30:.3f} GiB", ""]
         lines += self._other_tensors() + [""]
         lines += [f"{n or '(layer)'}: {d}" for n, d in self.seen.items()]

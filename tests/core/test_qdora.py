@@ -268,6 +268,33 @@ def test_rows_are_dequantised_in_blocks_exactly(monkeypatch, in_features, out_fe
     assert torch.equal(nf4.dequantize(layer.weight.data, state, torch.float32), expected)
 
 
+@pytest.mark.parametrize("double_quant", [False, True], ids=["absmax", "double_quant"])
+@pytest.mark.parametrize("in_features,out_features", [(96, 12), (192, 9), (320, 11), (3840, 64)],
+                         ids=["96to12", "192to9", "320to11", "3840to64"])
+def test_columns_are_dequantised_in_blocks_exactly(in_features, out_features, double_quant):
+    """``nf4.column_blocks`` (the cast path's input gradient, fast_dora/cast_input.py): blocks of whole
+    quantisation blocks of every row, each element equal to the whole weight's; a width that is not a
+    multiple of the 64-value block comes whole, once."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(in_features + out_features)
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.float32,
+                              compress_statistics=double_quant, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(out_features, in_features) * 0.05, requires_grad=False,
+                                     compress_statistics=double_quant, quant_type="nf4")
+    layer = layer.to("cpu")
+    state = layer.weight.quant_state
+    whole = nf4.dequantize(layer.weight.data, state, torch.float32)
+    pieces = list(nf4.column_blocks(layer.weight.data, state, 130, torch.float32))
+    if in_features % 64:
+        assert [(start, stop) for start, stop, _ in pieces] == [(0, in_features)]
+    else:
+        assert len(pieces) == in_features // 128 + (in_features % 128 > 0)
+        assert all(stop - start == 128 for start, stop, _ in pieces[:-1])
+    assert [start for start, _, _ in pieces] == [stop for _, stop, _ in [(0, 0, None)] + pieces[:-1]]
+    assert torch.equal(torch.cat([columns for _, _, columns in pieces], 1), whole)
+
+
 @pytest.mark.parametrize("four_bit", [False, True], ids=["linear", "nf4"])
 def test_near_cancellation_stays_accurate(four_bit):
     """Rows where s·B_iA ≈ -W_i: the expanded sum would lose them to rounding; they are recomputed."""
@@ -447,8 +474,8 @@ def test_cast_linear_gradients_are_exact_in_float64(monkeypatch):
     monkeypatch.setattr(cast_input, "CHUNK_ELEMENTS", 7 * 3)  # A's gradient from blocks of 3 rows: same Jacobian
     assert torch.autograd.gradcheck(cast_input.CastLinear.apply, (x, w))
     x16 = torch.randn(2, 5, 7, generator=gen).to(torch.bfloat16)
-    torch.testing.assert_close(cast_input.CastLinear.apply(x16, w.float()), nn.functional.linear(x16.float(), w.float()),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(cast_input.CastLinear.apply(x16, w.float()),
+                               nn.functional.linear(x16.float(), w.float()), rtol=0, atol=0)
 
 
 def _bf16_model(kind: str):

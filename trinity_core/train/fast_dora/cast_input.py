@@ -31,11 +31,17 @@ def adapter_input(module: torch.nn.Module, name: str, x: torch.Tensor) -> torch.
     """``A(x)`` as PEFT computes it (outside autocast x is first cast to A's dtype), without keeping
     that cast copy for backward: where a cast happens, :class:`CastLinear` saves x as it came."""
     lora_A = module.lora_A[name]
-    weight = lora_A.weight
-    if (torch.is_autocast_enabled(x.device.type) or x.dtype == weight.dtype or lora_A.bias is not None
-            or not getattr(module, "cast_input_dtype_enabled", True)):
-        return lora_A(x if torch.is_autocast_enabled(x.device.type) else module._cast_input_dtype(x, weight.dtype))
-    return CastLinear.apply(x, weight)
+    if _casts(module, name, x):
+        return CastLinear.apply(x, lora_A.weight)
+    return lora_A(x if torch.is_autocast_enabled(x.device.type) else module._cast_input_dtype(x, lora_A.weight.dtype))
+
+
+def _casts(module: torch.nn.Module, name: str, x: torch.Tensor) -> bool:
+    """Whether PEFT would cast x for the adapter here (outside autocast, x's dtype not A's, casting on) and
+    A is a bias-free linear that :class:`CastLinear` can stand in for."""
+    lora_A = module.lora_A[name]
+    return (not torch.is_autocast_enabled(x.device.type) and x.dtype != lora_A.weight.dtype
+            and lora_A.bias is None and getattr(module, "cast_input_dtype_enabled", True))
 
 
 class CastLinear(torch.autograd.Function):
@@ -70,11 +76,9 @@ def base_and_adapter_input(module: torch.nn.Module, name: str, x: torch.Tensor) 
     """``(W x, A(x))`` of a plain fast-DoRA layer: one :class:`FrozenBaseAndA` node where x is cast for
     the adapter (outside autocast, another dtype than A's) and the base is a frozen bias-free linear
     computing in x's dtype; else the base layer's own forward and :func:`adapter_input`."""
-    base, weight = module.get_base_layer(), module.lora_A[name].weight
-    cast = not torch.is_autocast_enabled(x.device.type) and x.dtype != weight.dtype
-    if cast and module.lora_A[name].bias is None and getattr(module, "cast_input_dtype_enabled", True) \
-            and _frozen_linear(base, x.dtype):
-        return FrozenBaseAndA.apply(x, weight, base)
+    base = module.get_base_layer()
+    if _casts(module, name, x) and _frozen_linear(base, x.dtype):
+        return FrozenBaseAndA.apply(x, module.lora_A[name].weight, base)
     return base(x), adapter_input(module, name, x)
 
 
@@ -88,8 +92,8 @@ def _frozen_linear(base: torch.nn.Module, dtype: torch.dtype) -> bool:
         return weight.dtype == dtype
     state = getattr(weight, "quant_state", None)
     return (type(base).__name__ == "Linear4bit" and weight.__class__.__name__ == "Params4bit" and state is not None
-            and not getattr(state, "packing_format_for_cpu", False) and getattr(base, "compute_dtype", None) in (None, dtype)
-            and state.dtype == dtype)
+            and not getattr(state, "packing_format_for_cpu", False)
+            and getattr(base, "compute_dtype", None) in (None, dtype) and state.dtype == dtype)
 
 
 class FrozenBaseAndA(torch.autograd.Function):
