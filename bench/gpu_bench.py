@@ -65,6 +65,9 @@ T4_KERNEL = False
 LEAN_NORMS = True
 """Patch Gemma-3's norms as the Unsloth backend does (trinity_core.train.lean_norm: float32 mode only);
 ``--stock-norms`` leaves Unsloth's."""
+LEAN_ATTENTION = True
+"""Patch Gemma-3's attention as the Unsloth backend does (trinity_core.train.lean_attention: float32 mode
+only); ``--stock-attention`` leaves Unsloth's."""
 
 SELECT: tuple[set[str] | None, str] = (None, "")
 """(variants to run, or None for all; prefix for their names), from the command line."""
@@ -354,6 +357,7 @@ def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_
 
     from trinity_core.train.fast_dora import enable_fast_dora
     from trinity_core.train.fast_dora import linear as qdora
+    from trinity_core.train.backends.unsloth import patch_lean_attention
     from trinity_core.train.lean_norm import patch_gemma3_norms
 
     todo = [dict(v, depth=d) for v in selected("unsloth") for d in depths]
@@ -382,6 +386,7 @@ def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_
             v2["fast_dora_layers"] = enable_fast_dora(model) if v2["dora"] == "fast" else 0
             v2["fused_mlps"] = fused_mlps(model)
             v2["lean_norms"] = patch_gemma3_norms(model) if LEAN_NORMS else 0  # as the Unsloth backend does
+            v2["lean_attention"] = patch_lean_attention(model) if LEAN_ATTENTION else 0
             v2["nf4_kernel"] = qdora.USE_NF4_KERNEL = not v2["t4"] or T4_KERNEL
             v2["param_dtype"] = str(next(p for p in model.parameters() if p.is_floating_point()).dtype)
             v2["attn"] = getattr(model.config, "_attn_implementation", "?")
@@ -511,6 +516,8 @@ def main(argv: list[str]) -> None:
                    "without UNSLOTH_COMPILE_DISABLE)")
     r.add_argument("--t4-kernel", action="store_true", help="T4 rows keep the NF4 refresh kernel (see T4_KERNEL)")
     r.add_argument("--stock-norms", action="store_true", help="leave Unsloth's Gemma-3 norms (see LEAN_NORMS)")
+    r.add_argument("--stock-attention", action="store_true",
+                   help="leave Unsloth's Gemma-3 attention (see LEAN_ATTENTION)")
     pr = sub.add_parser("profile")
     pr.add_argument("root", type=Path)
     pr.add_argument("out", type=Path)
@@ -523,9 +530,9 @@ def main(argv: list[str]) -> None:
         build(a.root, a.depths)
     elif a.cmd == "run":
         deadline = time.time() + a.deadline
-        global SELECT, T4_KERNEL, LEAN_NORMS
+        global SELECT, T4_KERNEL, LEAN_NORMS, LEAN_ATTENTION
         SELECT = (set(a.only) if a.only else None, a.tag)
-        T4_KERNEL, LEAN_NORMS = a.t4_kernel, not a.stock_norms
+        T4_KERNEL, LEAN_NORMS, LEAN_ATTENTION = a.t4_kernel, not a.stock_norms, not a.stock_attention
         with open(a.out, "a") as out:
             if a.backend == "peft":
                 run_peft(a.root, a.depths, out, deadline, a.grow_to)

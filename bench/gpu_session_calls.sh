@@ -5,6 +5,7 @@
 #   bash bench/gpu_session_calls.sh tests     # multimodal Unsloth test (background) + NF4 kernel tests
 #   bash bench/gpu_session_calls.sh refresh   # bench/norm_refresh.py --layers 48 --reuse-layer --sweep --profile
 #   bash bench/gpu_session_calls.sh kernel    # NF4 kernel tests, then the refresh (needs .whl/site only)
+#   bash bench/gpu_session_calls.sh t4mem     # T4 path, lean vs Unsloth's attention, 4 and 48 layers (#20 goal 3)
 #   bash bench/gpu_session_calls.sh pair      # the refresh, then LoRA vs fast DoRA at 4 and 48 layers
 #                                             # (bench/run_gpu.sh grown_bf16): one machine of two
 set -uo pipefail
@@ -43,5 +44,13 @@ case ${1:-} in
     python bench/norm_refresh.py --layers 48 --reuse-layer --sweep --profile --out "$OUT/norm_refresh.jsonl" \
       > "$OUT/norm_refresh.log" 2>&1
     grep -v '"sweep' "$OUT/norm_refresh.jsonl" | tail -20 ;;
-  *) echo "usage: $0 tests|kernel|pair|refresh"; exit 2 ;;
+  t4mem)  # the T4 path at 4 and 48 layers: the lean attention (allocator trace), then Unsloth's, one process each
+    python bench/gpu_bench.py build /tmp/m12b 4 > "$OUT/build.log" 2>&1 || tail -5 "$OUT/build.log"
+    run() { python bench/gpu_bench.py run unsloth /tmp/m12b "$OUT/t4mem.jsonl" --depths 4 --grow-to 48 \
+              --only t4_dora_fast_acc4 --deadline 500 "$@"; }
+    TRINITY_BENCH_MEMSNAP=$OUT run > "$OUT/t4mem_lean.log" 2>&1
+    run --stock-attention --tag stock_attention_ > "$OUT/t4mem_stock.log" 2>&1
+    rm -f "$OUT/card.txt" "$OUT/build.log"  # at most 8 files come back
+    cut -c1-900 "$OUT/t4mem.jsonl"; tail -3 "$OUT/t4mem_stock.log" ;;
+  *) echo "usage: $0 tests|kernel|pair|refresh|t4mem"; exit 2 ;;
 esac

@@ -564,3 +564,36 @@ def test_cast_adapter_inputs_are_saved_in_their_own_dtype(kind, chunk, monkeypat
         torch.testing.assert_close(dx, dx_ref, rtol=0, atol=0)
         for name, g in grads.items():
             _assert_close(g, grads_ref[name], f"{mode}: grad {name}", rtol=1e-6)
+
+
+def test_a_consumable_input_gets_its_gradient_written_over_it():
+    """:func:`cast_input.consumable` (the gated MLP's activation, read by down_proj only): the cast-path
+    node takes A's gradient first, then writes x's gradient over x, with the same values as without the
+    mark; a second backward through it raises rather than read a gradient as an activation."""
+    gen = torch.Generator().manual_seed(0)
+    base = nn.Linear(64, 32, bias=False).to(torch.bfloat16).requires_grad_(False)
+    a = torch.randn(8, 64, generator=gen, requires_grad=True)
+    x = torch.randn(20, 64, generator=gen).to(torch.bfloat16)
+    d_base, d_xa = torch.randn(20, 32, generator=gen).to(torch.bfloat16), torch.randn(20, 8, generator=gen)
+
+    def run(consume: bool, retain: bool = False):
+        xg = x.clone().requires_grad_()
+        h = xg * 1  # a fresh tensor, as the activation is
+        if consume:
+            cast_input.consumable(h)
+        h.retain_grad()
+        node_out = cast_input.FrozenBaseAndA.apply(h, a, base, consume)
+        torch.autograd.backward(node_out, (d_base, d_xa), retain_graph=retain)
+        grads = (h.grad.clone(), a.grad.clone())
+        a.grad = None
+        return h, grads
+
+    h_kept, (dx_kept, da_kept) = run(False)
+    h_used, (dx_used, da_used) = run(True)
+    assert torch.equal(h_kept, x) and not torch.equal(h_used, x), "the mark lets backward reuse x's memory"
+    assert torch.equal(h_used, dx_used) and torch.equal(dx_used, dx_kept) and torch.equal(da_used, da_kept)
+    xg = x.clone().requires_grad_()
+    outs = cast_input.FrozenBaseAndA.apply(cast_input.consumable(xg * 1), a, base, True)
+    torch.autograd.backward(outs, (d_base, d_xa), retain_graph=True)
+    with pytest.raises(RuntimeError, match="cannot run twice"):
+        torch.autograd.backward(outs, (d_base, d_xa))

@@ -69,7 +69,8 @@ class UnslothBackend:
         from trinity_core.train.lean_norm import patch_gemma3_norms
 
         fast_dora_layers = enable_fast_dora(model) if spec.lora.use_dora and self.options.fast_dora else 0
-        lean_norms = patch_gemma3_norms(model)  # Unsloth's float32 mode (the T4 path) only
+        lean_norms = patch_gemma3_norms(model)  # Unsloth's float32 mode (the T4 path) only, as is the next
+        lean_attention = patch_lean_attention(model)
         compiled = os.environ.get(COMPILE_ENV, "0") not in ("1", "true", "True")
         self._info = {
             "backend": self.name,
@@ -79,11 +80,33 @@ class UnslothBackend:
             "unsloth_compile_reason": _compile_reason(spec.lora.use_dora, compiled),
             "fast_dora_layers": fast_dora_layers,
             "lean_norms": lean_norms,
+            "lean_attention": lean_attention,
         }
         return model, tokenizer
 
     def info(self) -> dict[str, Any]:
         return dict(self._info)
+
+
+def patch_lean_attention(model) -> int:
+    """``trinity_core.train.lean_attention`` on ``model`` with Unsloth's own SDPA dispatch (k and v
+    repeated for the efficient kernel where it takes no grouped heads) and mask builder, so the
+    recomputed core picks the kernels Unsloth's forward picks. 0 outside Unsloth's float32 mode, and
+    where those helpers moved (a newer unsloth_zoo): then Unsloth's attention runs as it is."""
+    import torch
+
+    from trinity_core.train.lean_attention import patch_gemma3_attention
+    from trinity_core.train.lean_norm import float32_mode
+
+    if not float32_mode():
+        return 0
+    try:
+        from unsloth_zoo.temporary_patches.gemma import _prepare_gemma3_sdpa_attention_mask
+        from unsloth_zoo.temporary_patches.sdpa_gqa import make_gqa_sdpa
+    except ImportError:
+        return 0
+    sdpa = make_gqa_sdpa(torch.compiler.disable(torch.nn.functional.scaled_dot_product_attention, recursive=True))
+    return patch_gemma3_attention(model, sdpa, _prepare_gemma3_sdpa_attention_mask)
 
 
 def _compile_reason(dora: bool, compiled: bool) -> str:

@@ -28,7 +28,7 @@ import types
 import torch
 from torch import nn
 
-from trinity_core.train.fast_dora.cast_input import base_and_adapter_input
+from trinity_core.train.fast_dora.cast_input import base_and_adapter_input, consumable
 from trinity_core.train.fast_dora.linear import LoraSum, plain_fast_dora
 
 GATED_MLP_CLASSES = frozenset({"GemmaMLP", "Gemma2MLP", "Gemma3MLP", "LlamaMLP", "MistralMLP", "Qwen2MLP",
@@ -57,7 +57,7 @@ def gated_dora_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not (plain_fast_dora(gate) and plain_fast_dora(up)):
         return type(self).forward(self, x)
     e, u = pre_gain(gate, x), pre_gain(up, x)
-    return self.down_proj(gated_act(e, u, gain(gate), gain(up), self.act_fn))
+    return self.down_proj(consumable(gated_act(e, u, gain(gate), gain(up), self.act_fn)))  # read by down_proj only
 
 
 def pre_gain(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
