@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -101,8 +101,18 @@ def attention_core(q16, k16, v16, cos, sin, q_weight, k_weight, mask, shape: Cor
     return out.transpose(1, 2).contiguous().reshape(bsz, q_len, -1).to(torch.float16)
 
 
+HEAD_GROUPS = 4
+"""Backward recomputes the core for this many groups of key/value heads in turn, each with its query
+heads. Every operation of the core is per head (the norms over a head's dimension, RoPE, SDPA), so the
+values are the same as in one pass, and the recompute's fp32 intermediates and SDPA's gradients
+(~0.78 GiB a layer at the 12B shape and seq 4096, where the T4 path's attention backward peaked in one
+pass: docs/BENCHMARKS.md, "T4 headroom") are alive for one group at a time."""
+
+
 class RecomputedCore(torch.autograd.Function):
-    """:func:`attention_core` that saves its inputs only and runs again, with grad, in backward."""
+    """:func:`attention_core` that saves its inputs only and runs again, with grad, in backward: a
+    :data:`HEAD_GROUPS` th of the heads at a time. The q/k norm weights' gradients (frozen under LoRA)
+    are summed over the groups, so they differ from one pass in rounding."""
 
     @staticmethod
     def forward(ctx, q16, k16, v16, cos, sin, q_weight, k_weight, mask, shape):
@@ -112,14 +122,45 @@ class RecomputedCore(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        saved = ctx.saved_tensors
-        inputs = [t.detach().requires_grad_(need) if t is not None else None
-                  for t, need in zip(saved, ctx.needs_input_grad)]
-        with torch.enable_grad():
-            out = attention_core(*inputs, ctx.shape)
-        wanted = [t for t in inputs if t is not None and t.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, dout) if wanted else ())
-        return (*(next(grads) if t is not None and t.requires_grad else None for t in inputs), None)
+        q16, k16, v16, cos, sin, q_weight, k_weight, mask = ctx.saved_tensors
+        shape, need = ctx.shape, ctx.needs_input_grad
+        wanted = (need[0], need[1], need[2], need[5], need[6])  # q16, k16, v16, q_weight, k_weight
+        grads = [torch.empty_like(t) if n else None for t, n in zip((q16, k16, v16), wanted)]
+        grads += [torch.zeros_like(w) if n else None for w, n in zip((q_weight, k_weight), wanted[3:])]
+        group, dim = shape.heads // shape.kv_heads, shape.head_dim
+        for first, stop in _head_groups(shape.kv_heads):
+            q_cols, kv_cols = slice(first * group * dim, stop * group * dim), slice(first * dim, stop * dim)
+            leaves = [q16.detach()[..., q_cols], k16.detach()[..., kv_cols], v16.detach()[..., kv_cols],
+                      q_weight.detach(), k_weight.detach()]
+            for leaf, n in zip(leaves, wanted):
+                leaf.requires_grad_(n)
+            part = replace(shape, heads=(stop - first) * group, kv_heads=stop - first)
+            with torch.enable_grad():
+                out = attention_core(*leaves[:3], cos, sin, *leaves[3:], _mask_heads(mask, first * group,
+                                                                                     stop * group), part)
+            todo = [i for i, n in enumerate(wanted) if n]
+            if not todo:
+                break
+            for i, grad in zip(todo, torch.autograd.grad(out, [leaves[i] for i in todo], dout[..., q_cols])):
+                if i < 3:
+                    grads[i][..., q_cols if i == 0 else kv_cols] = grad
+                else:
+                    grads[i] += grad
+        dq, dk, dv, dqw, dkw = grads
+        return dq, dk, dv, None, None, dqw, dkw, None, None
+
+
+def _head_groups(kv_heads: int) -> list[tuple[int, int]]:
+    """``[(first, stop)]`` key/value heads of each of at most :data:`HEAD_GROUPS` groups."""
+    size = -(-kv_heads // max(1, min(HEAD_GROUPS, kv_heads)))
+    return [(first, min(first + size, kv_heads)) for first in range(0, kv_heads, size)]
+
+
+def _mask_heads(mask, first: int, stop: int):
+    """The mask for query heads [first, stop): a mask with one entry for all heads (the usual one) as it is."""
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[1] > 1:
+        return mask[:, first:stop]
+    return mask
 
 
 def lean_forward(self: nn.Module, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
