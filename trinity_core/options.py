@@ -16,6 +16,10 @@ class RunOptions:
     fast_dora: bool = True
     """Trinity's fast DoRA (``train/fast_dora``); False runs PEFT's own DoRA (benchmarks). The
     memory estimate follows the choice."""
+    lean_attention: bool = True
+    """Under Unsloth's float32 mode (the T4 path) recompute Gemma-3's attention core in backward
+    (``train/lean_attention``): 0.38 GiB lower peak at the 12B shape and seq 4096, for ~14% of the step's
+    speed on the H200 emulation (docs/BENCHMARKS.md, "T4 headroom"). False keeps Unsloth's attention."""
     unsloth_compile: bool | None = None
     """Unsloth's torch.compile mode; None: on for LoRA, off with DoRA (it stalls or crashes there)."""
     debug_memory: bool = False

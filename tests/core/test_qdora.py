@@ -597,3 +597,15 @@ def test_a_consumable_input_gets_its_gradient_written_over_it():
     torch.autograd.backward(outs, (d_base, d_xa), retain_graph=True)
     with pytest.raises(RuntimeError, match="cannot run twice"):
         torch.autograd.backward(outs, (d_base, d_xa))
+
+
+def test_cast_linear_in_row_blocks_gives_the_same_values(monkeypatch):
+    """The adapter-input cast of the forward, a block of rows at a time (down_proj's whole fp32 cast
+    set the T4 path's peak), against the cast and one GEMM."""
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 7, 64, generator=gen).to(torch.bfloat16), torch.randn(8, 64, generator=gen)
+    want = nn.functional.linear(x.float(), w)
+    monkeypatch.setattr(cast_input, "CHUNK_ELEMENTS", 64 * 4)  # 4 rows a block: 6 blocks, the last of 1 row
+    got = cast_input.cast_linear(x, w)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

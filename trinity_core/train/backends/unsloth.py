@@ -70,7 +70,7 @@ class UnslothBackend:
 
         fast_dora_layers = enable_fast_dora(model) if spec.lora.use_dora and self.options.fast_dora else 0
         lean_norms = patch_gemma3_norms(model)  # Unsloth's float32 mode (the T4 path) only, as is the next
-        lean_attention = patch_lean_attention(model)
+        lean_attention = patch_lean_attention(model) if self.options.lean_attention else 0
         compiled = os.environ.get(COMPILE_ENV, "0") not in ("1", "true", "True")
         self._info = {
             "backend": self.name,

@@ -23,7 +23,7 @@ import torch
 from trinity_core import nf4
 
 CHUNK_ELEMENTS = 1 << 24
-"""Casts and products in backward are made a block of at most ~16M elements (64 MB in fp32) at a time
+"""Casts (forward and backward) and products in backward are made a block of at most ~16M elements (64 MB in fp32) at a time
 (:func:`_column_blocks` takes a quarter of that)."""
 
 
@@ -54,7 +54,7 @@ class CastLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight):
         ctx.save_for_backward(x, weight)
-        return torch.nn.functional.linear(x.to(weight.dtype), weight)
+        return cast_linear(x, weight)
 
     @staticmethod
     def backward(ctx, dxa):
@@ -128,7 +128,7 @@ class FrozenBaseAndA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, base, consume=False):
         result = base(x)
-        xa = torch.nn.functional.linear(x.to(weight.dtype), weight)
+        xa = cast_linear(x, weight)
         ctx.save_for_backward(x, weight)
         ctx.base, ctx.consume, ctx.consumed = base, consume and x.is_contiguous(), False
         return result, xa
@@ -155,6 +155,22 @@ class FrozenBaseAndA(torch.autograd.Function):
                 dx[:, start:stop] = part
             dx = dx.view(x.shape)
         return dx, dw, None, None
+
+
+def cast_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x.to(W.dtype) @ Wᵀ`` with x cast :data:`CHUNK_ELEMENTS` at a time: the whole cast of down_proj's
+    input at the 12B shape is 240 MiB in fp32, and under Unsloth's T4 path it was the transient that set the
+    peak of the layer's recompute (docs/BENCHMARKS.md, "T4 headroom"). One GEMM where x has at most that
+    many elements; otherwise a GEMM a block of rows (the rows' values from the same products, maybe
+    summed in another order by the GEMM library)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    rows = max(1, CHUNK_ELEMENTS // x2.shape[1])
+    if x2.shape[0] <= rows:
+        return torch.nn.functional.linear(x.to(weight.dtype), weight)
+    out = torch.empty((x2.shape[0], weight.shape[0]), dtype=weight.dtype, device=x.device)
+    for start in range(0, x2.shape[0], rows):
+        torch.mm(x2[start:start + rows].to(weight.dtype), weight.t(), out=out[start:start + rows])
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 def _weight_grad(dxa2: torch.Tensor, x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
