@@ -44,15 +44,15 @@ case ${1:-} in
     python bench/norm_refresh.py --layers 48 --reuse-layer --sweep --profile --out "$OUT/norm_refresh.jsonl" \
       > "$OUT/norm_refresh.log" 2>&1
     grep -v '"sweep' "$OUT/norm_refresh.jsonl" | tail -20 ;;
-  t4mem)  # the T4 path at 4 and 48 layers, one process each: the lean attention, Unsloth's, the lean one again under
-          # the allocator trace (TRINITY_BENCH_MEMSNAP slows it); then fast DoRA in bf16 at 4 layers
+  t4mem)  # the T4 path at 4 and 48 layers, one process each: the lean attention under the allocator trace
+          # (TRINITY_BENCH_MEMSNAP: the same peak, ~0.2% slower, seen in call 2), Unsloth's attention, then the
+          # seq 8192 rung with the lean attention
     python bench/gpu_bench.py build /tmp/m12b 4 > "$OUT/t4mem.log" 2>&1 || tail -5 "$OUT/t4mem.log"
-    run() { python bench/gpu_bench.py run unsloth /tmp/m12b "$OUT/t4mem.jsonl" --depths 4 --deadline 500 "$@" \
-              >> "$OUT/t4mem.log" 2>&1; }
-    run --grow-to 48 --only t4_dora_fast_acc4
-    run --grow-to 48 --only t4_dora_fast_acc4 --stock-attention --tag stock_attention_
-    TRINITY_BENCH_MEMSNAP=$OUT run --grow-to 48 --only t4_dora_fast_acc4 --tag memsnap_
-    run --only dora_fast_acc4
+    run() { python bench/gpu_bench.py run unsloth /tmp/m12b "$OUT/t4mem.jsonl" --depths 4 --grow-to 48 \
+              --deadline 500 "$@" >> "$OUT/t4mem.log" 2>&1; }
+    TRINITY_BENCH_MEMSNAP=$OUT run --only t4_dora_fast_acc4
+    run --only t4_dora_fast_acc4 --stock-attention --tag stock_attention_
+    run --only t4_dora_fast_s8192_acc4
     rm -f "$OUT/card.txt"  # at most 8 files come back
     cut -c1-900 "$OUT/t4mem.jsonl"; grep -v '^{' "$OUT/t4mem.log" | grep -i "error\|Traceback" | tail -5 ;;
   *) echo "usage: $0 tests|kernel|pair|refresh|t4mem"; exit 2 ;;
