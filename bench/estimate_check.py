@@ -42,9 +42,12 @@ def raw_rows() -> list[tuple[Path, dict]]:
         if "dora_loss" in path.name:
             continue
         for line in path.read_text().splitlines():
-            if line.strip():
-                out.append((path, json.loads(line)))
+            if line.strip() and KEYS <= (row := json.loads(line)).keys():  # gpu_bench rows, not trace records
+                out.append((path, row))
     return out
+
+
+KEYS = {"backend", "depth", "seq", "r", "targets", "dora", "t4", "accum"}
 
 
 def key_of(path: Path, r: dict) -> tuple:
@@ -116,8 +119,12 @@ def main() -> int:
             why = where[0]
         elif peak is None:
             why = f"no peak ({r['status'][:40]})"
-        elif r["dora"] == "fast" and "-v3" not in path.name:
+        elif r["dora"] == "fast" and "-v3" not in path.name and path.name < "2026-11-29":
             why = "not used: fast DoRA v1/v2 (code since replaced by v3)"
+        elif r["dora"] == "fast" and r["t4"] and "t4attn-3" not in path.name:
+            why = "not used: T4 fast DoRA before the final code of 2026-11-29 (cast path, lean norms, lean attention)"
+        elif r.get("lean_attention") == 0 and r["dora"] == "fast" and r["t4"] and "t4attn-3" in path.name:
+            why = "test_t4_fast_dora_without_the_lean_attention"
         else:
             why = "MISSING from the lists"
             missing += 1

@@ -162,7 +162,8 @@ def skip_by_estimate(attempt: Attempt, rung: Rung, spec: JobSpec, backend: Any, 
     """Pre-flight: record the rung's memory estimate; mark it skipped when it cannot fit the GPU."""
     from trinity_core.train import memory
 
-    checked = memory.preflight(rung.settings.apply(spec), backend.name, fast_dora=options.fast_dora)
+    checked = memory.preflight(rung.settings.apply(spec), backend.name, fast_dora=options.fast_dora,
+                               lean_attention=options.lean_attention)
     if checked is None:  # no CUDA, or a config we cannot read: the OOM ladder alone decides
         return False
     estimate, budget = checked

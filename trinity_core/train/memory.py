@@ -23,7 +23,8 @@ peak ≈ weights + adapter state + saved activations + the largest transient, wh
 
 The constants are fitted on the H100 measurements in docs/BENCHMARKS.md (12B Gemma-3 shape,
 2/4/48 layers, seq 2048/4096, r 32/64, all 7 or q,v, bf16 and the T4 fp32 path) and hold them
-within ±10%; ``tests/core/test_memory.py`` keeps them honest against that table.
+within ±10%; ``tests/core/test_memory.py`` keeps them honest against that table. Unsloth's T4 path with fast
+DoRA has its own constants (``T4_FAST_*``), fitted on H200 rows of 2026-11-29 (4/48 layers, seq 4096/8192).
 """
 
 from __future__ import annotations
@@ -47,9 +48,14 @@ PEFT_DORA_TRANSIENT = (4.0, 9.5)  # × (out·in·2 bytes, batch·seq·out·4 byt
 FAST_DORA_TRANSIENT = -1.0  # × batch·seq·out·act bytes of the widest projection: since v3 the fused
 # gated activation keeps one (tokens × intermediate) tensor fewer than the stock MLP (H100, 12B shape,
 # vs LoRA: +0.01/+0.05 GiB bf16 at 4/48 layers, −0.20/−0.16 on the fp32 T4 path; v2 needed +3.0 × 2 bytes)
-# The T4 path's fast-DoRA rows predate 2026-11-29 (fast_dora/cast_input.py, lean_norm.py, the in-place gated
-# activation): at 48 layers it now peaks at 11.33 GiB against the 12.20 fitted, so the estimate reads ~0.9 GiB
-# high there, on the safe side; not refitted (docs/BENCHMARKS.md, "T4 headroom, 2026-11-29").
+# Unsloth's T4 path (float32 mode) with fast DoRA, refitted 2026-11-29 on the H200 rows of that code
+# (fast_dora/cast_input.py, lean_norm.py, lean_attention.py, the in-place gated activation: 4 and 48 layers,
+# seq 4096 and 8192, docs/BENCHMARKS.md "T4 headroom"): the adapters' fp32 gradients counted on their own,
+# then per layer what the offloaded checkpoints leave on the GPU, and one layer's recompute and backward.
+T4_FAST_SAVED_PER_LAYER = 0.07  # × batch·seq·hidden·2 bytes (Unsloth offloads the rest to the CPU)
+T4_FAST_LAYER_TRANSIENT = 11.4  # × batch·seq·intermediate·2 bytes (its activations are fp16 there)
+T4_STOCK_ATTENTION = 6.0  # × batch·seq·heads·head_dim·4 bytes: Unsloth's fp32 attention intermediates, kept
+# through the layer's MLP backward without RunOptions.lean_attention (measured +0.376 GiB at seq 4096, 4 and 48 layers)
 ALLOCATOR_MARGIN = (0.5, 0.05)  # fits when estimate + max(0.5 GiB, 5%) <= budget
 
 
@@ -119,9 +125,10 @@ def activation_bytes(spec: JobSpec, backend: str, model_type: str, bf16_supporte
 
 
 def estimate(config: Any, spec: JobSpec, backend: str, *, bf16_supported: bool = True,
-             fast_dora: bool = True) -> Estimate:
+             fast_dora: bool = True, lean_attention: bool = True) -> Estimate:
     """Predicted peak ``torch.cuda.max_memory_allocated`` for training ``spec`` (as the ladder
-    rung would run it) on the model ``config`` with ``backend`` ('peft' or 'unsloth')."""
+    rung would run it) on the model ``config`` with ``backend`` ('peft' or 'unsloth'). ``fast_dora``,
+    ``lean_attention``: the run's ``RunOptions``."""
     s = _shapes(config)
     proj = projection_shapes(s)
     targets = [t for t in spec.lora.target_modules if t in proj]
@@ -141,6 +148,17 @@ def estimate(config: Any, spec: JobSpec, backend: str, *, bf16_supported: bool =
     parts["adapter"] = trainable * (4 + optim) / GIB
 
     hidden_state = B * S * H * 2
+    if backend == "unsloth" and act == 4 and dora and fast_dora and spec.model.gradient_checkpointing and targets:
+        parts["gradients"] = trainable * 4 / GIB
+        parts["activations"] = L * T4_FAST_SAVED_PER_LAYER * hidden_state / GIB
+        layer = T4_FAST_LAYER_TRANSIENT * B * S * s["intermediate"] * 2
+        if not lean_attention:
+            layer += T4_STOCK_ATTENTION * B * S * s["heads"] * s["head_dim"] * 4
+        parts["transient"] = layer / GIB
+        return Estimate(sum(parts.values()), parts, {
+            "backend": backend, "activation_bytes": act, "layers": L, "vision_params": vision, "seq": S, "batch": B,
+            "r": spec.lora.r, "dora": dora, "fast_dora": fast_dora, "lean_attention": lean_attention,
+            "targets": targets, "transient": "a layer's recompute and backward (T4 path, fitted 2026-11-29)"})
     if spec.model.gradient_checkpointing:
         saved = SAVED_PER_LAYER.get((backend, act), 1.0)
         if dora and not fast_dora:
@@ -197,14 +215,16 @@ def pick_rung(rungs: list, spec: JobSpec, config: Any, backend: str, budget_gib:
     return len(rungs) - 1
 
 
-def preflight(spec: JobSpec, backend: str, *, fast_dora: bool = True) -> tuple[Estimate, float] | None:
+def preflight(spec: JobSpec, backend: str, *, fast_dora: bool = True,
+              lean_attention: bool = True) -> tuple[Estimate, float] | None:
     """(estimate, budget) for this spec on this GPU, or None where there is nothing to check
-    (no CUDA, or a config we cannot read). ``fast_dora``: the run's ``RunOptions.fast_dora``."""
+    (no CUDA, or a config we cannot read). ``fast_dora``, ``lean_attention``: the run's ``RunOptions``."""
     budget = gpu.budget_gib()
     if budget is None:
         return None
     try:
         config = model_config.load(spec.model.name_or_path, spec.model.revision)
-        return estimate(config, spec, backend, bf16_supported=gpu.bf16_supported(), fast_dora=fast_dora), budget
+        return estimate(config, spec, backend, bf16_supported=gpu.bf16_supported(), fast_dora=fast_dora,
+                        lean_attention=lean_attention), budget
     except (ModelUnavailable, OSError, ValueError, TypeError, KeyError):
         return None
