@@ -6,6 +6,7 @@
 #   bash bench/gpu_session_calls.sh refresh   # bench/norm_refresh.py --layers 48 --reuse-layer --sweep --profile
 #   bash bench/gpu_session_calls.sh kernel    # NF4 kernel tests, then the refresh (needs .whl/site only)
 #   bash bench/gpu_session_calls.sh t4mem     # T4 path, lean vs Unsloth's attention, 4 and 48 layers (#20 goal 3)
+#   bash bench/gpu_session_calls.sh t4tests   # lean attention vs Unsloth's (12B-shaped layers) + fast-DoRA CUDA tests
 #   bash bench/gpu_session_calls.sh pair      # the refresh, then LoRA vs fast DoRA at 4 and 48 layers
 #                                             # (bench/run_gpu.sh grown_bf16): one machine of two
 set -uo pipefail
@@ -55,5 +56,13 @@ case ${1:-} in
     run --only t4_dora_fast_s8192_acc4
     rm -f "$OUT/card.txt"  # at most 8 files come back
     cut -c1-900 "$OUT/t4mem.jsonl"; grep -v '^{' "$OUT/t4mem.log" | grep -i "error\|Traceback" | tail -5 ;;
-  *) echo "usage: $0 tests|kernel|pair|refresh|t4mem"; exit 2 ;;
+  t4tests)  # the lean attention against Unsloth's on 12B-shaped layers, and the fast-DoRA CUDA tests
+    python bench/gpu_bench.py build /tmp/m12b 4 > "$OUT/build.log" 2>&1 || tail -5 "$OUT/build.log"
+    TRINITY_BENCH_MODEL=/tmp/m12b/L4 python -m pytest -m gpu -q -rf -s --tb=short -p no:cacheprovider \
+      tests/gpu/test_lean_attention_cuda.py > "$OUT/pytest-lean-attention.txt" 2>&1
+    python -m pytest -m gpu -q -rf --tb=short -p no:cacheprovider tests/gpu/test_qdora_cuda.py \
+      > "$OUT/pytest-qdora.txt" 2>&1
+    rm -f "$OUT/card.txt"
+    tail -5 "$OUT/pytest-lean-attention.txt" | cut -c1-1500; tail -3 "$OUT/pytest-qdora.txt" ;;
+  *) echo "usage: $0 tests|kernel|pair|refresh|t4mem|t4tests"; exit 2 ;;
 esac
