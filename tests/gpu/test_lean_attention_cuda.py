@@ -30,7 +30,7 @@ import torch
 from unsloth import FastLanguageModel
 
 model, _ = FastLanguageModel.from_pretrained(model_name=sys.argv[1], max_seq_length=256, load_in_4bit=True,
-                                             dtype=torch.float16)
+                                             dtype=torch.float16, attn_implementation="eager")  # as the T4 rows
 model = FastLanguageModel.get_peft_model(
     model, r=8, lora_alpha=16, lora_dropout=0.0, use_rslora=True, use_dora=True, bias="none", random_state=0,
     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],

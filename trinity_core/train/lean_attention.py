@@ -195,9 +195,11 @@ def _lean_applies(module: nn.Module, hidden_states, position_embeddings, attenti
         return False
     if not (isinstance(position_embeddings, tuple) and len(position_embeddings) == 2):
         return False
-    if attention_mask is not None and attention_mask.dim() == 2 and module._lean_mask is sdpa_mask:
-        return False
     if getattr(module.config, "_attn_implementation", "sdpa") == "flex_attention":
+        return False
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):  # a flex BlockMask, say
+        return False
+    if attention_mask is not None and attention_mask.dim() == 2 and module._lean_mask is sdpa_mask:
         return False
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
         weight = getattr(getattr(module, name), "weight", None)
