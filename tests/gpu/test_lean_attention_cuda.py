@@ -56,17 +56,20 @@ def step():
     return out.loss.item(), {n: p.grad.detach().float().clone() for n, p in model.named_parameters()
                              if p.grad is not None}
 
+def compare(name, other_loss, other_grads):
+    assert other_grads.keys() == grads.keys()
+    report[name] = {
+        "loss": [loss, other_loss], "grads": len(grads),
+        "max_rel": max(((other_grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-30)).item()
+                       for n, g in grads.items()),
+        "identical": sum(torch.equal(other_grads[n], g) for n, g in grads.items())}
+
 loss, grads = step()
+compare("stock_again", *step())  # the same step twice: what the kernels' own run-to-run noise is
 report["lean_attention"] = patch_lean_attention(model)
 for groups in (1, 2):
     lean_attention.HEAD_GROUPS = groups
-    lean_loss, lean_grads = step()
-    assert lean_grads.keys() == grads.keys()
-    report[f"groups_{groups}"] = {
-        "loss": [loss, lean_loss], "grads": len(grads),
-        "max_rel": max(((lean_grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-30)).item()
-                       for n, g in grads.items()),
-        "identical": sum(torch.equal(lean_grads[n], g) for n, g in grads.items())}
+    compare(f"groups_{groups}", *step())
 print("REPORT " + json.dumps(report))
 """
 
@@ -83,7 +86,12 @@ def test_same_loss_and_gradients_as_unsloths_attention(request):
     print(report)
     layers = json.loads((Path(model_dir) / "config.json").read_text()).get("num_hidden_layers")
     assert report["float32_mode"] == "1" and report["fast_dora"] == 7 * layers and report["lean_attention"] == layers
-    one = report["groups_1"]  # the same operations as Unsloth's forward: bit for bit
-    assert one["loss"][0] == one["loss"][1] and one["identical"] == one["grads"] >= 3 * 7 * layers, one
-    two = report["groups_2"]  # per head the same operations; SDPA's backward may sum in another order
-    assert two["loss"][0] == two["loss"][1] and two["max_rel"] < 1e-2, two
+    # The forward is the same operations as Unsloth's: the same loss, bit for bit. Backward is not bitwise
+    # reproducible even for Unsloth's own attention run twice (seen 2026-11-29 on an H200: up to ~1e-3 of a
+    # gradient's scale, some atomics-summing kernel of the step), so the gradients are held to that noise.
+    noise = report["stock_again"]
+    assert noise["loss"][0] == noise["loss"][1] and noise["grads"] >= 3 * 7 * layers, noise
+    for groups in ("groups_1", "groups_2"):  # one pass; a group of heads at a time (another summing order)
+        got = report[groups]
+        assert got["loss"][0] == got["loss"][1] and got["grads"] == noise["grads"], got
+        assert got["max_rel"] <= max(5e-3, 5 * noise["max_rel"]), (groups, got, noise)
