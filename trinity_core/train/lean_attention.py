@@ -25,7 +25,6 @@ Unsloth); the defaults here are plain-torch equivalents, for the tests.
 
 from __future__ import annotations
 
-import types
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -33,7 +32,7 @@ import torch
 from torch import nn
 from transformers.models.gemma3.modeling_gemma3 import apply_rotary_pos_emb
 
-from trinity_core.train.lean_norm import FP16_MAX, float32_mode
+from trinity_core.train.lean_norm import FP16_MAX, patch_in_float32_mode
 
 Sdpa = Callable[..., torch.Tensor]
 """``sdpa(q, k, v, mask, dropout_p, is_causal, scale, groups)``, as unsloth_zoo's ``gqa_sdpa``."""
@@ -211,15 +210,7 @@ def _lean_applies(module: nn.Module, hidden_states, position_embeddings, attenti
 def patch_gemma3_attention(model: nn.Module, sdpa: Sdpa = gqa_sdpa, mask: MaskBuilder = sdpa_mask) -> int:
     """Give every ``Gemma3Attention`` of ``model`` the lean forward, in Unsloth's float32 mode only.
     Returns how many (0 outside that mode)."""
-    if not float32_mode():
-        return 0
-    patched = 0
-    for module in model.modules():
-        if type(module).__name__ == "Gemma3Attention" and "forward" not in module.__dict__:
-            module._lean_sdpa, module._lean_mask = sdpa, mask
-            module.forward = types.MethodType(lean_forward, module)
-            patched += 1
-    return patched
+    return patch_in_float32_mode(model, "Gemma3Attention", lean_forward, _lean_sdpa=sdpa, _lean_mask=mask)
 
 
 __all__ = ["CoreShape", "RecomputedCore", "attention_core", "gqa_sdpa", "patch_gemma3_attention", "sdpa_mask"]

@@ -84,14 +84,22 @@ def lean_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def patch_gemma3_norms(model: nn.Module) -> int:
     """Give every ``Gemma3RMSNorm`` of ``model`` the lean forward, in Unsloth's float32 mode only.
     Returns how many (0 outside that mode)."""
+    return patch_in_float32_mode(model, "Gemma3RMSNorm", lean_forward)
+
+
+def patch_in_float32_mode(model: nn.Module, class_name: str, forward, **attributes) -> int:
+    """In Unsloth's float32 mode only: give every module of ``model`` whose class is named ``class_name`` and
+    that has no forward of its own yet ``forward`` (per instance) and ``attributes``. Returns how many."""
     if not float32_mode():
         return 0
     patched = 0
     for module in model.modules():
-        if type(module).__name__ == "Gemma3RMSNorm" and "forward" not in module.__dict__:
-            module.forward = types.MethodType(lean_forward, module)
+        if type(module).__name__ == class_name and "forward" not in module.__dict__:
+            for name, value in attributes.items():
+                setattr(module, name, value)
+            module.forward = types.MethodType(forward, module)
             patched += 1
     return patched
 
 
-__all__ = ["Float32RMSNorm", "float32_mode", "patch_gemma3_norms"]
+__all__ = ["Float32RMSNorm", "float32_mode", "patch_gemma3_norms", "patch_in_float32_mode"]
