@@ -13,9 +13,11 @@ from the layer's checkpointed recompute through its MLP backward, where the T4 p
 
 :class:`RecomputedCore` runs the core without grad and saves only its inputs (the fp16 projection
 outputs: 64 MiB at that shape, and the shared cos/sin, norm weights and mask); its backward runs the
-core again with grad and back-propagates through it. The same operations in the same order, so the same
-values forward and the same gradients; the price is one more forward of the core (SDPA in fp32) a
-layer per micro-batch.
+core again with grad and back-propagates through it, a group of heads at a time. The same operations in
+the same order: the same values forward (bit for bit; on CPU the gradients too), and on CUDA gradients
+within the run-to-run noise of Unsloth's own step (``tests/gpu/test_lean_attention_cuda.py``). The price
+is one more forward of the core (SDPA in fp32) a layer per micro-batch: 0.86× the step's speed on the
+H200 T4 emulation, for 0.38 GiB less at its peak (docs/BENCHMARKS.md, "T4 headroom, 2026-11-29 (later)").
 
 :func:`patch_gemma3_attention` installs it per module, only in Unsloth's float32 mode, and only for
 training without a KV cache, dropout or flex attention; everything else runs Unsloth's forward. Unsloth's
