@@ -191,3 +191,18 @@ def test_patch_only_in_unsloths_float32_mode(monkeypatch):
     model = _tiny_model()
     assert patch_gemma3_attention(model) == 0
     assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_the_backend_leaves_unsloths_attention_without_its_helpers(monkeypatch):
+    """The Unsloth backend passes unsloth_zoo's SDPA dispatch and mask builder; where they cannot be imported (a
+    newer unsloth_zoo moved them; here: no unsloth_zoo at all) it patches nothing rather than guess the kernels."""
+    import importlib.util
+
+    from trinity_core.train.backends.unsloth import patch_lean_attention
+
+    if importlib.util.find_spec("unsloth_zoo") is not None:
+        pytest.skip("unsloth_zoo is installed: the GPU test covers the patched path")
+    monkeypatch.setenv("UNSLOTH_FORCE_FLOAT32", "1")
+    model = _tiny_model(1)
+    assert patch_lean_attention(model) == 0
+    assert not any("forward" in m.__dict__ for m in model.modules())
