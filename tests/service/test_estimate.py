@@ -35,11 +35,13 @@ def test_t4_plan_for_the_seed_recipe(client, session, model_12b):
     assert [x["name"] for x in body["rungs"]] == ["recipe", "seq_2048", "r_32", "dora_off", "targets_qv"]
     rungs = body["rungs"]
     for before, after in zip(rungs, rungs[1:]):  # every rung is cheaper than the one before, except
-        if after["name"] == "dora_off":  # turning fast DoRA off: its layer peak is LoRA's (±0.2 GiB)
-            assert abs(after["gib"] - before["gib"]) < 0.25, rungs
+        if after["name"] == "dora_off":  # turning fast DoRA off on the T4 path: plain LoRA keeps PEFT's fp32 casts
+            # of the adapters' inputs, which fast DoRA's cast path does not, and its estimate is the older fit (the
+            # T4 path's fast DoRA was refitted 2026-11-29): more than fast DoRA's rung before it, less than the recipe
+            assert before["gib"] < after["gib"] < rungs[0]["gib"], rungs
         else:
             assert after["gib"] < before["gib"], rungs
-    assert body["start_rung"] == "recipe"  # Unsloth + fast DoRA: the full recipe fits a T4 (12.2 GiB measured)
+    assert body["start_rung"] == "recipe"  # Unsloth + fast DoRA: the full recipe fits a T4 (10.93 GiB measured)
     plain = _estimate(client, session, model_12b, gpu_gib=15.1, backend="peft").json()
     assert plain["rungs"][0]["gib"] > 20  # plain PEFT: fp32 logits over the 262k vocab
     assert plain["start_rung"] == "targets_qv"
