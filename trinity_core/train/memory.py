@@ -24,7 +24,9 @@ peak ≈ weights + adapter state + saved activations + the largest transient, wh
 The constants are fitted on the H100 measurements in docs/BENCHMARKS.md (12B Gemma-3 shape,
 2/4/48 layers, seq 2048/4096, r 32/64, all 7 or q,v, bf16 and the T4 fp32 path) and hold them
 within ±10%; ``tests/core/test_memory.py`` keeps them honest against that table. Unsloth's T4 path with fast
-DoRA has its own constants (``T4_FAST_*``), fitted on H200 rows of 2026-11-29 (4/48 layers, seq 4096/8192).
+DoRA has its own constants (``T4_FAST_*``), fitted on H200 rows of 2026-11-29 (4/48 layers, seq 4096/8192). Plain
+LoRA on that path keeps the older fit (not re-measured), and it keeps PEFT's fp32 casts of the adapters' inputs that
+fast DoRA's cast path avoids: there the ``dora_off`` rung reads above fast DoRA's rung before it.
 """
 
 from __future__ import annotations
