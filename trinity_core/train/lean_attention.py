@@ -128,8 +128,9 @@ class RecomputedCore(torch.autograd.Function):
         wanted = (need[0], need[1], need[2], need[5], need[6])  # q16, k16, v16, q_weight, k_weight
         grads = [torch.empty_like(t) if n else None for t, n in zip((q16, k16, v16), wanted)]
         grads += [torch.zeros_like(w) if n else None for w, n in zip((q_weight, k_weight), wanted[3:])]
+        todo = [i for i, n in enumerate(wanted) if n]
         group, dim = shape.heads // shape.kv_heads, shape.head_dim
-        for first, stop in _head_groups(shape.kv_heads):
+        for first, stop in _head_groups(shape.kv_heads) if todo else []:
             q_cols, kv_cols = slice(first * group * dim, stop * group * dim), slice(first * dim, stop * dim)
             leaves = [q16.detach()[..., q_cols], k16.detach()[..., kv_cols], v16.detach()[..., kv_cols],
                       q_weight.detach(), k_weight.detach()]
@@ -139,9 +140,6 @@ class RecomputedCore(torch.autograd.Function):
             with torch.enable_grad():
                 out = attention_core(*leaves[:3], cos, sin, *leaves[3:], _mask_heads(mask, first * group,
                                                                                      stop * group), part)
-            todo = [i for i, n in enumerate(wanted) if n]
-            if not todo:
-                break
             for i, grad in zip(todo, torch.autograd.grad(out, [leaves[i] for i in todo], dout[..., q_cols])):
                 if i < 3:
                     grads[i][..., q_cols if i == 0 else kv_cols] = grad

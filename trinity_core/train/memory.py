@@ -150,6 +150,8 @@ def estimate(config: Any, spec: JobSpec, backend: str, *, bf16_supported: bool =
     parts["adapter"] = trainable * (4 + optim) / GIB
 
     hidden_state = B * S * H * 2
+    assumptions = {"backend": backend, "activation_bytes": act, "layers": L, "vision_params": vision, "seq": S,
+                   "batch": B, "r": spec.lora.r, "dora": dora, "fast_dora": fast_dora, "targets": targets}
     if backend == "unsloth" and act == 4 and dora and fast_dora and spec.model.gradient_checkpointing and targets:
         parts["gradients"] = trainable * 4 / GIB
         parts["activations"] = L * T4_FAST_SAVED_PER_LAYER * hidden_state / GIB
@@ -157,10 +159,9 @@ def estimate(config: Any, spec: JobSpec, backend: str, *, bf16_supported: bool =
         if not lean_attention:
             layer += T4_STOCK_ATTENTION * B * S * s["heads"] * s["head_dim"] * 4
         parts["transient"] = layer / GIB
-        return Estimate(sum(parts.values()), parts, {
-            "backend": backend, "activation_bytes": act, "layers": L, "vision_params": vision, "seq": S, "batch": B,
-            "r": spec.lora.r, "dora": dora, "fast_dora": fast_dora, "lean_attention": lean_attention,
-            "targets": targets, "transient": "a layer's recompute and backward (T4 path, fitted 2026-11-29)"})
+        return Estimate(sum(parts.values()), parts, assumptions | {
+            "lean_attention": lean_attention,
+            "transient": "a layer's recompute and backward (T4 path, fitted 2026-11-29)"})
     if spec.model.gradient_checkpointing:
         saved = SAVED_PER_LAYER.get((backend, act), 1.0)
         if dora and not fast_dora:
@@ -185,11 +186,8 @@ def estimate(config: Any, spec: JobSpec, backend: str, *, bf16_supported: bool =
         # measured). A layer's backward peak has them either way (T4 path, 48 layers: 13.11 GiB
         # with accumulation 1, 13.14 with 4), and the fitted constants hold them.
         parts["accumulated_grads"] = trainable * 4 / GIB
-    return Estimate(sum(parts.values()), parts, {
-        "backend": backend, "activation_bytes": act, "layers": L, "vision_params": vision, "seq": S, "batch": B, "r": spec.lora.r,
-        "dora": dora, "fast_dora": fast_dora, "targets": targets,
+    return Estimate(sum(parts.values()), parts, assumptions | {
         "transient": "logits and loss" if loss >= layer else "a layer's recompute and backward"})
-
 
 @dataclass
 class RungPlan:

@@ -23,8 +23,8 @@ import torch
 from trinity_core import nf4
 
 CHUNK_ELEMENTS = 1 << 24
-"""Casts (forward and backward) and products in backward are made a block of at most ~16M elements (64 MB in fp32) at a time
-(:func:`_column_blocks` takes a quarter of that)."""
+"""Casts (forward and backward) and products in backward are made a block of at most ~16M elements (64 MB in
+fp32) at a time (:func:`_column_blocks` takes a quarter of that)."""
 
 
 def adapter_input(module: torch.nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
