@@ -69,6 +69,12 @@ LEAN_ATTENTION = True
 """Patch Gemma-3's attention as the Unsloth backend does (trinity_core.train.lean_attention: float32 mode
 only); ``--stock-attention`` leaves Unsloth's."""
 
+COMPILED_KERNELS = True
+"""With Unsloth's compile off (UNSLOTH_COMPILE_DISABLE=1), bf16 rows compile Gemma-3's norms and attention
+prepare as the Unsloth backend does (trinity_core.train.compiled_kernels); ``--eager-kernels`` leaves them eager."""
+PEAK_TFLOPS = 989.4
+"""Dense bf16 peak of an H100 / H200 SXM (NVIDIA's data sheet, without sparsity): the MFU denominator."""
+
 SELECT: tuple[set[str] | None, str] = (None, "")
 """(variants to run, or None for all; prefix for their names), from the command line."""
 
@@ -158,6 +164,24 @@ def measure(model, v: dict, vocab: int, warmup: int = 2, timed: int = 4) -> dict
     if snap_dir:
         rec.__exit__(None, None, None)  # (its timed micro-batches ran with the recorder on)
         probe.write(Path(snap_dir) / f"probe-{v['name']}-L{v.get('depth', '?')}.txt", params, opt)
+    if os.environ.get("TRINITY_BENCH_PROFILE"):  # kernel totals of one more optimizer step
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        cpu = os.environ.get("TRINITY_BENCH_PROFILE_CPU") == "1"  # host side too: where the CPU time goes
+        with torch_profile(activities=[ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if cpu else [])) as prof:
+            for _ in range(v["accum"]):
+                with autocast:
+                    loss = model(input_ids=ids, labels=ids).loss
+                (loss / v["accum"]).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=80, max_name_column_width=120)
+        if cpu:
+            table += "\n\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=60,
+                                                         max_name_column_width=120)
+        (Path(os.environ["TRINITY_BENCH_PROFILE"]) / f"prof-{v['name']}-L{v.get('depth', '?')}.txt").write_text(table)
     timed_times = times[warmup * v["accum"]:]
     # accum > 1: the median of each position within the optimizer step (the last one includes the
     # step and fast DoRA's refresh), averaged: robust to a one-off stall, fair to the step's cost
@@ -357,7 +381,9 @@ def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_
 
     from trinity_core.train.fast_dora import enable_fast_dora
     from trinity_core.train.fast_dora import linear as qdora
-    from trinity_core.train.backends.unsloth import patch_lean_attention
+    from torch._dynamo.utils import counters
+
+    from trinity_core.train.backends.unsloth import compile_gemma3_kernels, patch_lean_attention
     from trinity_core.train.lean_norm import patch_gemma3_norms
 
     todo = [dict(v, depth=d) for v in selected("unsloth") for d in depths]
@@ -387,11 +413,16 @@ def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_
             v2["fused_mlps"] = fused_mlps(model)
             v2["lean_norms"] = patch_gemma3_norms(model) if LEAN_NORMS else 0  # as the Unsloth backend does
             v2["lean_attention"] = patch_lean_attention(model) if LEAN_ATTENTION else 0
+            compile_off = os.environ.get("UNSLOTH_COMPILE_DISABLE") == "1"
+            v2["unsloth_compile"] = not compile_off
+            v2["compiled_kernels"] = compile_gemma3_kernels(model) if COMPILED_KERNELS and compile_off else {}
             v2["nf4_kernel"] = qdora.USE_NF4_KERNEL = not v2["t4"] or T4_KERNEL
             v2["param_dtype"] = str(next(p for p in model.parameters() if p.is_floating_point()).dtype)
             v2["attn"] = getattr(model.config, "_attn_implementation", "?")
             v2["force_fp32"] = os.environ.get("UNSLOTH_FORCE_FLOAT32")
             v2.update(measure(model, v2, model.config.vocab_size, *((1, 3) if v2["depth"] > depths[-1] else (2, 4))))
+            v2.update(model_flops(v2))
+            v2["dynamo_graphs"] = counters["stats"]["unique_graphs"]
             v2["status"] = "ok"
         except torch.OutOfMemoryError as e:
             v2["status"] = f"oom: {str(e).splitlines()[0][:120]}"
@@ -401,6 +432,36 @@ def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_
         emit(out, v2)
         model = None
         cleanup()
+
+
+def model_flops(v: dict) -> dict:
+    """Model FLOPs per token of a row's training step and its MFU against :data:`PEAK_TFLOPS`.
+
+    The 4-bit base is frozen: its projections cost 2 FLOPs a weight forward, 2 in the checkpointed
+    recompute and 2 for the input gradient (no weight gradient): 6; the tied lm_head 4 (no recompute).
+    LoRA's A and B: 2 + 2 + 4 (weight gradients too). Attention (QKᵀ and PV, 4·heads·head_dim a key):
+    forward, recompute and a backward of twice the forward, over the keys a token attends to (causal;
+    Gemma-3's sliding layers, all but every 6th, at most ``sliding_window``). Norms, RoPE, the
+    activation, DoRA's rescale and the loss are not counted."""
+    s, depth, seq, r = SHAPE_12B, v["depth"], v["seq"], v["r"]
+    hidden, inter, head_dim = s["hidden_size"], s["intermediate_size"], s["head_dim"]
+    q_out, kv_out = s["num_attention_heads"] * head_dim, s["num_key_value_heads"] * head_dim
+    shapes = {"q_proj": (hidden, q_out), "k_proj": (hidden, kv_out), "v_proj": (hidden, kv_out),
+              "o_proj": (q_out, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
+              "down_proj": (inter, hidden)}
+    base = sum(i * o for i, o in shapes.values())
+    lora = sum(r * (shapes[t][0] + shapes[t][1]) for t in v["targets"])
+
+    def mean_keys(window):
+        return sum(min(i + 1, window or seq) for i in range(seq)) / seq
+
+    global_layers = depth // 6
+    keys = global_layers * mean_keys(None) + (depth - global_layers) * mean_keys(s["sliding_window"])
+    attention = 4 * 4 * q_out * keys
+    flop = depth * (6 * base + 8 * lora) + 4 * s["vocab_size"] * hidden + attention
+    tflops = v["tok_s"] * flop / 1e12
+    return dict(flop_per_token=round(flop / 1e9, 2), model_tflops=round(tflops, 1),
+                mfu=round(tflops / PEAK_TFLOPS, 3))
 
 
 def profile(model_root: Path, depth: int, out_dir: Path, grow_to: int = 0) -> None:
@@ -518,6 +579,8 @@ def main(argv: list[str]) -> None:
     r.add_argument("--stock-norms", action="store_true", help="leave Unsloth's Gemma-3 norms (see LEAN_NORMS)")
     r.add_argument("--stock-attention", action="store_true",
                    help="leave Unsloth's Gemma-3 attention (see LEAN_ATTENTION)")
+    r.add_argument("--eager-kernels", action="store_true",
+                   help="leave Gemma-3's norms and attention prepare eager (see COMPILED_KERNELS)")
     pr = sub.add_parser("profile")
     pr.add_argument("root", type=Path)
     pr.add_argument("out", type=Path)
@@ -530,9 +593,10 @@ def main(argv: list[str]) -> None:
         build(a.root, a.depths)
     elif a.cmd == "run":
         deadline = time.time() + a.deadline
-        global SELECT, T4_KERNEL, LEAN_NORMS, LEAN_ATTENTION
+        global SELECT, T4_KERNEL, LEAN_NORMS, LEAN_ATTENTION, COMPILED_KERNELS
         SELECT = (set(a.only) if a.only else None, a.tag)
         T4_KERNEL, LEAN_NORMS, LEAN_ATTENTION = a.t4_kernel, not a.stock_norms, not a.stock_attention
+        COMPILED_KERNELS = not a.eager_kernels
         with open(a.out, "a") as out:
             if a.backend == "peft":
                 run_peft(a.root, a.depths, out, deadline, a.grow_to)

@@ -7,6 +7,9 @@
 #   bash bench/gpu_session_calls.sh kernel    # NF4 kernel tests, then the refresh (needs .whl/site only)
 #   bash bench/gpu_session_calls.sh t4mem     # T4 path, lean vs Unsloth's attention, 4 and 48 layers (#20 goal 3)
 #   bash bench/gpu_session_calls.sh t4tests   # lean attention vs Unsloth's (12B-shaped layers) + fast-DoRA CUDA tests
+#   bash bench/gpu_session_calls.sh speed     # #20 goal 1: Unsloth's compiled LoRA; Trinity's compiled kernels
+#                                             # (LoRA, fast DoRA); the same with eager kernels (GROW=48: also 48 layers;
+#                                             # PROFILE=1: kernel totals of one optimizer step a row, SKIP_EAGER=1)
 #   bash bench/gpu_session_calls.sh pair      # the refresh, then LoRA vs fast DoRA at 4 and 48 layers
 #                                             # (bench/run_gpu.sh grown_bf16): one machine of two
 set -uo pipefail
@@ -64,5 +67,19 @@ case ${1:-} in
       > "$OUT/pytest-qdora.txt" 2>&1
     rm -f "$OUT/card.txt"
     tail -5 "$OUT/pytest-lean-attention.txt" | cut -c1-1500; tail -3 "$OUT/pytest-qdora.txt" ;;
-  *) echo "usage: $0 tests|kernel|pair|refresh|t4mem|t4tests"; exit 2 ;;
+  speed)  # one process per mode (Unsloth reads UNSLOTH_COMPILE_DISABLE at import); ONLY= narrows the variants
+    [ -z "${PROFILE:-}" ] || export TRINITY_BENCH_PROFILE=$OUT
+    end=$(( $(date +%s) + ${BUDGET:-540} ))  # rows not started by then are skipped
+    python bench/gpu_bench.py build /tmp/m12b 4 > "$OUT/speed.log" 2>&1 || tail -5 "$OUT/speed.log"
+    run() { python bench/gpu_bench.py run unsloth /tmp/m12b "$OUT/speed.jsonl" --depths 4 \
+              ${GROW:+--grow-to $GROW} --deadline $(( end - $(date +%s) )) "$@" >> "$OUT/speed.log" 2>&1; }
+    UNSLOTH_COMPILE_DISABLE=0 run --only lora_acc4 --tag compiled_
+    run --only ${ONLY:-lora_acc4 dora_fast_acc4} --tag kernels_
+    [ -n "${SKIP_EAGER:-}" ] || run --only ${ONLY:-lora_acc4 dora_fast_acc4} --eager-kernels --tag eager_
+    rm -f "$OUT/card.txt"  # at most 8 files come back: the profiles travel as one archive
+    ! ls "$OUT"/prof-*.txt >/dev/null 2>&1 || { tar czf "$OUT/prof.tar.gz" -C "$OUT" $(cd "$OUT" && ls prof-*.txt) \
+      && rm "$OUT"/prof-*.txt; }
+    python bench/gpu_bench.py table "$OUT/speed.jsonl" > "$OUT/speed-table.txt" 2>&1
+    cut -c1-700 "$OUT/speed.jsonl"; grep -i "error\|Traceback\|recompil" "$OUT/speed.log" | tail -8 ;;
+  *) echo "usage: $0 tests|kernel|pair|refresh|t4mem|t4tests|speed"; exit 2 ;;
 esac

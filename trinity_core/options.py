@@ -20,6 +20,9 @@ class RunOptions:
     """Under Unsloth's float32 mode (the T4 path) recompute Gemma-3's attention core in backward
     (``train/lean_attention``): 0.38 GiB lower peak at the 12B shape and seq 4096, for ~14% of the step's
     speed on the H200 emulation (docs/BENCHMARKS.md, "T4 headroom"). False keeps Unsloth's attention."""
+    compiled_kernels: bool = True
+    """With Unsloth's compile mode off on a bf16 GPU (the DoRA path), compile Gemma-3's norms and the
+    attention's q/k norm + RoPE (``train/compiled_kernels``). False leaves them eager (benchmarks)."""
     unsloth_compile: bool | None = None
     """Unsloth's torch.compile mode; None: on for LoRA, off with DoRA (it stalls or crashes there)."""
     debug_memory: bool = False

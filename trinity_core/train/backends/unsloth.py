@@ -72,6 +72,7 @@ class UnslothBackend:
         lean_norms = patch_gemma3_norms(model)  # Unsloth's float32 mode (the T4 path) only, as is the next
         lean_attention = patch_lean_attention(model) if self.options.lean_attention else 0
         compiled = os.environ.get(COMPILE_ENV, "0") not in ("1", "true", "True")
+        kernels = compile_gemma3_kernels(model) if self.options.compiled_kernels and not compiled else {}
         self._info = {
             "backend": self.name,
             "compute_dtype": str(dtype).removeprefix("torch."),
@@ -81,6 +82,7 @@ class UnslothBackend:
             "fast_dora_layers": fast_dora_layers,
             "lean_norms": lean_norms,
             "lean_attention": lean_attention,
+            "compiled_kernels": kernels,
         }
         return model, tokenizer
 
@@ -107,6 +109,59 @@ def patch_lean_attention(model) -> int:
         return 0
     sdpa = make_gqa_sdpa(torch.compiler.disable(torch.nn.functional.scaled_dot_product_attention, recursive=True))
     return patch_gemma3_attention(model, sdpa, _prepare_gemma3_sdpa_attention_mask)
+
+
+def compile_gemma3_kernels(model) -> dict:
+    """On the bf16 path with Unsloth's compile mode off (DoRA): Gemma-3's norms and the attention's prepare
+    (q/k norm, RoPE) compiled (``trinity_core.train.compiled_kernels``), as that mode compiles them. The norms
+    per module; the prepare inside Unsloth's ``Gemma3Attention.forward``, where it is a closure variable of
+    its bf16 forward (unsloth_zoo's ``patch_Gemma3Attention_generic``): swapped there, for every Gemma-3
+    attention of the process (the same arithmetic as Unsloth's). What was installed; nothing in Unsloth's
+    float32 mode (the T4 path has its own lean norm and attention) or without CUDA."""
+    import torch
+
+    from trinity_core.train import compiled_kernels
+    from trinity_core.train.lean_norm import float32_mode
+
+    if float32_mode() or not torch.cuda.is_available():
+        return {}
+    return {"norms": compiled_kernels.patch_gemma3_norms(model), "attention_prepare": _swap_unsloth_prepare()}
+
+
+def _swap_unsloth_prepare() -> bool:
+    """Replace the ``prepare`` closure variable of Unsloth's Gemma-3 attention forward by
+    :func:`_compiled_prepare`; False where it is not found (another unsloth_zoo: Unsloth's forward then runs
+    as it is)."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3Attention
+
+    from trinity_core.train.compiled_kernels import find_closure_cell
+
+    cell = find_closure_cell(Gemma3Attention.forward, "prepare")
+    if cell is None or not callable(getattr(cell, "cell_contents", None)):
+        return False
+    if cell.cell_contents is not _compiled_prepare:
+        _compiled_prepare.unsloth_prepare = cell.cell_contents  # kept for reference / restoring
+        cell.cell_contents = _compiled_prepare
+    return True
+
+
+def _compiled_prepare(hidden_states, q16, k16, v16, q_shape, kv_shape, position_embeddings, attention_mask,
+                      q_norm, k_norm):
+    """unsloth_zoo's bf16 ``prepare`` (same arguments and results) through the compiled
+    ``compiled_kernels.qkv_heads``: q, k, v to contiguous heads, q and k normed and rotated; cos, sin; the mask
+    in q's dtype unless boolean."""
+    import torch
+
+    from trinity_core.train.compiled_kernels import compiled
+
+    if not (isinstance(position_embeddings, tuple) and len(position_embeddings) == 2):
+        raise ValueError("Position embeddings not provided as (cos, sin) tuple to Gemma3Attention")
+    cos, sin = position_embeddings
+    q, k, v = compiled().qkv_heads(q16, k16, v16, cos, sin, q_norm.weight, k_norm.weight, q_norm.eps, k_norm.eps,
+                                   q_shape[2], kv_shape[2])
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask.to(q.dtype)
+    return q, k, v, cos, sin, attention_mask
 
 
 def _compile_reason(dora: bool, compiled: bool) -> str:
