@@ -72,8 +72,14 @@ only); ``--stock-attention`` leaves Unsloth's."""
 COMPILED_KERNELS = True
 """With Unsloth's compile off (UNSLOTH_COMPILE_DISABLE=1), bf16 rows compile Gemma-3's norms and attention
 prepare as the Unsloth backend does (trinity_core.train.compiled_kernels); ``--eager-kernels`` leaves them eager."""
+COMPILED_LAYERS = False
+"""With COMPILED_KERNELS: also each decoder layer as one compiled region (trinity_core.train.compiled_layers);
+``--compile-layers``."""
 PEAK_TFLOPS = 989.4
 """Dense bf16 peak of an H100 / H200 SXM (NVIDIA's data sheet, without sparsity): the MFU denominator."""
+
+ONLY_GROWN = [False]
+"""``--only-grown`` (run_unsloth): skip the rows at the built depths."""
 
 SELECT: tuple[set[str] | None, str] = (None, "")
 """(variants to run, or None for all; prefix for their names), from the command line."""
@@ -386,7 +392,7 @@ def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_
     from trinity_core.train.backends.unsloth import compile_gemma3_kernels, patch_lean_attention
     from trinity_core.train.lean_norm import patch_gemma3_norms
 
-    todo = [dict(v, depth=d) for v in selected("unsloth") for d in depths]
+    todo = [] if ONLY_GROWN[0] else [dict(v, depth=d) for v in selected("unsloth") for d in depths]
     if grow_to:
         todo += [dict(v, depth=grow_to) for name in GROWN["unsloth"] for v in selected("unsloth")
                  if v["name"].removeprefix(SELECT[1]) == name]
@@ -415,7 +421,8 @@ def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_
             v2["lean_attention"] = patch_lean_attention(model) if LEAN_ATTENTION else 0
             compile_off = os.environ.get("UNSLOTH_COMPILE_DISABLE") == "1"
             v2["unsloth_compile"] = not compile_off
-            v2["compiled_kernels"] = compile_gemma3_kernels(model) if COMPILED_KERNELS and compile_off else {}
+            v2["compiled_kernels"] = (compile_gemma3_kernels(model, layers=COMPILED_LAYERS)
+                                      if COMPILED_KERNELS and compile_off else {})
             v2["nf4_kernel"] = qdora.USE_NF4_KERNEL = not v2["t4"] or T4_KERNEL
             v2["param_dtype"] = str(next(p for p in model.parameters() if p.is_floating_point()).dtype)
             v2["attn"] = getattr(model.config, "_attn_implementation", "?")
@@ -581,6 +588,8 @@ def main(argv: list[str]) -> None:
                    help="leave Unsloth's Gemma-3 attention (see LEAN_ATTENTION)")
     r.add_argument("--eager-kernels", action="store_true",
                    help="leave Gemma-3's norms and attention prepare eager (see COMPILED_KERNELS)")
+    r.add_argument("--compile-layers", action="store_true", help="compile each decoder layer (see COMPILED_LAYERS)")
+    r.add_argument("--only-grown", action="store_true", help="measure only the --grow-to rows")
     pr = sub.add_parser("profile")
     pr.add_argument("root", type=Path)
     pr.add_argument("out", type=Path)
@@ -593,10 +602,11 @@ def main(argv: list[str]) -> None:
         build(a.root, a.depths)
     elif a.cmd == "run":
         deadline = time.time() + a.deadline
-        global SELECT, T4_KERNEL, LEAN_NORMS, LEAN_ATTENTION, COMPILED_KERNELS
+        global SELECT, T4_KERNEL, LEAN_NORMS, LEAN_ATTENTION, COMPILED_KERNELS, COMPILED_LAYERS
         SELECT = (set(a.only) if a.only else None, a.tag)
         T4_KERNEL, LEAN_NORMS, LEAN_ATTENTION = a.t4_kernel, not a.stock_norms, not a.stock_attention
-        COMPILED_KERNELS = not a.eager_kernels
+        COMPILED_KERNELS, COMPILED_LAYERS = not a.eager_kernels, a.compile_layers
+        ONLY_GROWN[0] = a.only_grown
         with open(a.out, "a") as out:
             if a.backend == "peft":
                 run_peft(a.root, a.depths, out, deadline, a.grow_to)

@@ -9,7 +9,8 @@
 #   bash bench/gpu_session_calls.sh t4tests   # lean attention vs Unsloth's (12B-shaped layers) + fast-DoRA CUDA tests
 #   bash bench/gpu_session_calls.sh speed     # #20 goal 1: Unsloth's compiled LoRA; Trinity's compiled kernels
 #                                             # (LoRA, fast DoRA); the same with eager kernels (GROW=48: also 48 layers;
-#                                             # PROFILE=1: kernel totals of one optimizer step a row, SKIP_EAGER=1)
+#                                             # PROFILE=1: kernel totals of one optimizer step a row, SKIP_EAGER=1;
+#                                             # LAYERS=1: decoder layers compiled too; GROWN_ONLY=1: 48 layers only)
 #   bash bench/gpu_session_calls.sh pair      # the refresh, then LoRA vs fast DoRA at 4 and 48 layers
 #                                             # (bench/run_gpu.sh grown_bf16): one machine of two
 set -uo pipefail
@@ -72,9 +73,15 @@ case ${1:-} in
     end=$(( $(date +%s) + ${BUDGET:-540} ))  # rows not started by then are skipped
     python bench/gpu_bench.py build /tmp/m12b 4 > "$OUT/speed.log" 2>&1 || tail -5 "$OUT/speed.log"
     run() { python bench/gpu_bench.py run unsloth /tmp/m12b "$OUT/speed.jsonl" --depths 4 \
-              ${GROW:+--grow-to $GROW} --deadline $(( end - $(date +%s) )) "$@" >> "$OUT/speed.log" 2>&1; }
-    UNSLOTH_COMPILE_DISABLE=0 run --only lora_acc4 --tag compiled_
-    run --only ${ONLY:-lora_acc4 dora_fast_acc4} --tag kernels_
+              ${GROW:+--grow-to $GROW} ${GROWN_ONLY:+--only-grown} --deadline $(( end - $(date +%s) )) "$@" \
+              >> "$OUT/speed.log" 2>&1; }
+    if [ -n "${LAYERS:-}" ]; then  # Trinity's compiled layers first, then the reference
+      run --only ${ONLY:-dora_fast_acc4} --compile-layers --tag layers_
+      UNSLOTH_COMPILE_DISABLE=0 run --only lora_acc4 --tag compiled_
+    else
+      UNSLOTH_COMPILE_DISABLE=0 run --only lora_acc4 --tag compiled_
+      run --only ${ONLY:-lora_acc4 dora_fast_acc4} --tag kernels_
+    fi
     [ -n "${SKIP_EAGER:-}" ] || run --only ${ONLY:-lora_acc4 dora_fast_acc4} --eager-kernels --tag eager_
     rm -f "$OUT/card.txt"  # at most 8 files come back: the profiles travel as one archive
     ! ls "$OUT"/prof-*.txt >/dev/null 2>&1 || { tar czf "$OUT/prof.tar.gz" -C "$OUT" $(cd "$OUT" && ls prof-*.txt) \

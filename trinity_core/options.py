@@ -23,6 +23,9 @@ class RunOptions:
     compiled_kernels: bool = True
     """With Unsloth's compile mode off on a bf16 GPU (the DoRA path), compile Gemma-3's norms and the
     attention's q/k norm + RoPE (``train/compiled_kernels``). False leaves them eager (benchmarks)."""
+    compiled_layers: bool = True
+    """With ``compiled_kernels``: also compile each decoder layer as one region, fast DoRA inside
+    (``train/compiled_layers``): the step is host-bound without it."""
     unsloth_compile: bool | None = None
     """Unsloth's torch.compile mode; None: on for LoRA, off with DoRA (it stalls or crashes there)."""
     debug_memory: bool = False

@@ -72,7 +72,8 @@ class UnslothBackend:
         lean_norms = patch_gemma3_norms(model)  # Unsloth's float32 mode (the T4 path) only, as is the next
         lean_attention = patch_lean_attention(model) if self.options.lean_attention else 0
         compiled = os.environ.get(COMPILE_ENV, "0") not in ("1", "true", "True")
-        kernels = compile_gemma3_kernels(model) if self.options.compiled_kernels and not compiled else {}
+        kernels = (compile_gemma3_kernels(model, layers=self.options.compiled_layers and fast_dora_layers > 0)
+                   if self.options.compiled_kernels and not compiled else {})
         self._info = {
             "backend": self.name,
             "compute_dtype": str(dtype).removeprefix("torch."),
@@ -111,21 +112,24 @@ def patch_lean_attention(model) -> int:
     return patch_gemma3_attention(model, sdpa, _prepare_gemma3_sdpa_attention_mask)
 
 
-def compile_gemma3_kernels(model) -> dict:
+def compile_gemma3_kernels(model, layers: bool = False) -> dict:
     """On the bf16 path with Unsloth's compile mode off (DoRA): Gemma-3's norms and the attention's prepare
     (q/k norm, RoPE) compiled (``trinity_core.train.compiled_kernels``), as that mode compiles them. The norms
     per module; the prepare inside Unsloth's ``Gemma3Attention.forward``, where it is a closure variable of
     its bf16 forward (unsloth_zoo's ``patch_Gemma3Attention_generic``): swapped there, for every Gemma-3
-    attention of the process (the same arithmetic as Unsloth's). What was installed; nothing in Unsloth's
-    float32 mode (the T4 path has its own lean norm and attention) or without CUDA."""
+    attention of the process (the same arithmetic as Unsloth's). ``layers``: also each decoder layer as one
+    compiled region, fast DoRA inside (``trinity_core.train.compiled_layers``). What was installed; nothing in
+    Unsloth's float32 mode (the T4 path has its own lean norm and attention) or without CUDA."""
     import torch
 
     from trinity_core.train import compiled_kernels
+    from trinity_core.train.compiled_layers import compile_decoder_layers
     from trinity_core.train.lean_norm import float32_mode
 
     if float32_mode() or not torch.cuda.is_available():
         return {}
-    return {"norms": compiled_kernels.patch_gemma3_norms(model), "attention_prepare": _swap_unsloth_prepare()}
+    return {"norms": compiled_kernels.patch_gemma3_norms(model), "attention_prepare": _swap_unsloth_prepare(),
+            "decoder_layers": compile_decoder_layers(model) if layers else 0}
 
 
 def _swap_unsloth_prepare() -> bool:

@@ -291,7 +291,12 @@ class FastDoraLinearLayer(DoraLinearLayer):
 
     def weight_norm(self, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                     base_layer: torch.nn.Module) -> torch.Tensor:
-        """‖W_i + s·B_i A‖ for every output row, fp32, detached; cached until A or B change."""
+        """‖W_i + s·B_i A‖ for every output row, fp32, detached; cached until A or B change. Inside a
+        compiled region (``train/compiled_layers``) the cache is read as it is: the key compares storage
+        addresses, which Dynamo cannot trace, and the region's caller has just checked it
+        (:func:`~trinity_core.train.compiled_layers.refresh_norms`)."""
+        if torch.compiler.is_compiling():
+            return self._cached_norm
         key = _cache_key(lora_A, lora_B, scaling)
         if key != self._cache_key:
             self._cached_norm = self._factored_norm(lora_A, lora_B, scaling, base_layer)

@@ -1,0 +1,62 @@
+"""Decoder layers compiled as one region each, fast DoRA inside, for the bf16 path with Unsloth's compile off.
+
+Unsloth's compile mode compiles each transformer block as one region: the Python of transformers' layer,
+PEFT's LoRA forwards and bitsandbytes' 4-bit matmul runs once, at tracing, and the step replays graphs. With
+fast DoRA that compile fails (the norm cache's address check is not traceable), so the Unsloth backend turns
+the mode off, and the step is host-bound: at the 12B shape on an H200 the GPU idles ~30% of the step while
+Python launches kernels (torch.profiler kernel totals against wall time, docs/BENCHMARKS.md, "Goal 1").
+
+:func:`compile_decoder_layers` gives each decoder layer a forward compiled by ``torch.compile`` (dynamic
+shapes, so one graph serves every sequence length of a layer kind) for training calls, and a forward
+pre-hook, :func:`refresh_norms`, that brings its fast-DoRA norm caches up to date eagerly before the region
+runs; inside it ``FastDoraLinearLayer.weight_norm`` reads the cache (a graph input, so a refreshed norm is
+used without recompiling). Evaluation and generation calls run the layer's own forward. Not ``fullgraph``:
+whatever Dynamo cannot trace runs eagerly between graphs rather than failing the job.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+LAYER_CLASSES = ("Gemma3DecoderLayer",)
+"""Decoder layers compiled (by class name): the ones the recipe's model has and the tests exercise."""
+
+
+def refresh_norms(layer: nn.Module, args=None, kwargs=None) -> None:
+    """Forward pre-hook: every fast-DoRA norm cache in ``layer`` checked (and recomputed if A or B changed),
+    eagerly, as the layer's uncompiled forward would on its way."""
+    for module in layer._trinity_lora_modules:
+        name = module.active_adapters[0] if len(module.active_adapters) == 1 else None
+        dora = module.lora_magnitude_vector[name] if name in getattr(module, "lora_magnitude_vector", {}) else None
+        if dora is not None and hasattr(dora, "weight_norm") and hasattr(dora, "_cache_key"):
+            dora.weight_norm(module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name],
+                             module.get_base_layer())
+
+
+def compiled_layer_forward(self: nn.Module, *args, **kwargs):
+    """The layer's forward through its compiled region while training, its own forward otherwise."""
+    if self.training:
+        return self._trinity_compiled_forward(*args, **kwargs)
+    return type(self).forward(self, *args, **kwargs)
+
+
+def compile_decoder_layers(model: nn.Module, backend: str = "inductor") -> int:
+    """Compile every decoder layer of ``model`` (:data:`LAYER_CLASSES`) that has no forward of its own yet, as
+    the module docstring says. Returns how many. ``backend``: "inductor" on a GPU; "aot_eager" in the tests."""
+    compiled = 0
+    for layer in model.modules():
+        if type(layer).__name__ not in LAYER_CLASSES or "forward" in layer.__dict__:
+            continue
+        layer._trinity_lora_modules = [m for m in layer.modules() if hasattr(m, "lora_magnitude_vector")]
+        layer._trinity_compiled_forward = torch.compile(types.MethodType(type(layer).forward, layer),
+                                                        dynamic=True, backend=backend)
+        layer.forward = types.MethodType(compiled_layer_forward, layer)
+        layer.register_forward_pre_hook(refresh_norms, with_kwargs=True)
+        compiled += 1
+    return compiled
+
+
+__all__ = ["LAYER_CLASSES", "compile_decoder_layers", "compiled_layer_forward", "refresh_norms"]
