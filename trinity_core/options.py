@@ -25,8 +25,9 @@ class RunOptions:
     attention's q/k norm + RoPE (``train/compiled_kernels``). False leaves them eager (benchmarks)."""
     compiled_layers: bool = False
     """With ``compiled_kernels`` and fast DoRA: also compile each decoder layer as one region, fast DoRA inside
-    (``train/compiled_layers``). Off: on an H200 it still split into 36 graphs and ran at 3381 tok/s, against
-    3698 for the compiled kernels alone on another H200 (docs/BENCHMARKS.md, "Goal 1"); on CPU it traces whole."""
+    (``train/compiled_layers``). Off: on an H200 it split into 36 graphs and ran at 3381 tok/s, against 3698 for
+    the compiled kernels alone on another H200 (docs/BENCHMARKS.md, "Goal 1"); one cause of the splits is fixed
+    since, not re-measured on a GPU. On CPU it traces whole."""
     unsloth_compile: bool | None = None
     """Unsloth's torch.compile mode; None: on for LoRA, off with DoRA (it stalls or crashes there)."""
     debug_memory: bool = False

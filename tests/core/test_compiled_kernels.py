@@ -141,6 +141,31 @@ def test_the_backends_prepare_is_unsloths_arithmetic(monkeypatch):
         backend._compiled_prepare(None, q, k, v, (1, 6, heads, dim), (1, 6, kv_heads, dim), None, None, q_norm, k_norm)
 
 
+def test_inside_a_compiled_region_the_plain_functions_are_inlined(monkeypatch):
+    """Within another compile (``train/compiled_layers``) the backend's prepare and the patched norm trace as
+    part of it: no call to the cached compiled functions, no graph break."""
+    from torch._dynamo.utils import counters
+
+    from trinity_core.train.backends import unsloth as backend
+
+    q, k, v, cos, sin, q_norm, k_norm, heads, kv_heads = _attention_inputs(6)
+    dim = q_norm.weight.shape[0]
+    norm = Gemma3RMSNorm(heads * dim)
+    patch_gemma3_norms(norm, backend=BACKEND)
+
+    def region(q, k, v):
+        q, k, v, *_ = backend._compiled_prepare(None, norm(q), k, v, (1, 6, heads, dim), (1, 6, kv_heads, dim),
+                                                (cos, sin), None, q_norm, k_norm)
+        return q.sum() + k.sum() + v.sum()
+
+    torch._dynamo.reset()
+    counters.clear()
+    got = torch.compile(region, backend=BACKEND)(q, k, v)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1
+    assert torch.allclose(got, region(q, k, v), rtol=1e-5)
+
+
 def test_find_closure_cell_follows_closures_and_wrappers():
     def make():
         def prepare(x):

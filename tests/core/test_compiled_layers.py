@@ -1,8 +1,9 @@
 """Decoder layers compiled as one region each with fast DoRA inside (trinity_core.train.compiled_layers), on
 the real 4-bit tiny Gemma-3 with gradient checkpointing: traced without a graph break (``aot_eager``: Dynamo's
 trace and AOTAutograd's split, which inductor lowers on a GPU), the same losses and gradients as the eager
-model bit for bit over optimizer steps that refresh the DoRA norms and sequence lengths that change, and the
-layer's own forward outside training."""
+model from the same weights, step after step (optimizer steps and copies make the DoRA norms stale; the
+sequence length changes), to fp32 rounding (the traced norm backward sums its two gradient paths in another
+order; without the compiled norms it was bit for bit), and the layer's own forward outside training."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import copy
 
 import torch
 
+from trinity_core.train.compiled_kernels import patch_gemma3_norms
 from trinity_core.train.compiled_layers import compile_decoder_layers
 from trinity_core.train.fast_dora.linear import FastDoraLinearLayer
 
@@ -32,6 +34,9 @@ def test_compiled_layers_train_as_the_eager_model(tiny_spec):
     fast = copy.deepcopy(eager)
     torch._dynamo.reset()
     counters.clear()
+    # the compiled norms too, as the Unsloth backend installs them: inside a region they must inline (a call to
+    # the cached compiled function broke the graph at every norm, 9 breaks on this model, until 2026-11-29)
+    assert patch_gemma3_norms(fast, backend="aot_eager") == 6 * 4 + 6 * 2 + 1
     layers = [m for m in fast.modules() if type(m).__name__ == "Gemma3DecoderLayer"]
     assert compile_decoder_layers(fast, backend="aot_eager") == len(layers) == 6
     assert compile_decoder_layers(fast, backend="aot_eager") == 0, "already compiled"
@@ -39,23 +44,35 @@ def test_compiled_layers_train_as_the_eager_model(tiny_spec):
     opt_eager, opt_fast = torch.optim.SGD(_trainable(eager), lr=0.5), torch.optim.SGD(_trainable(fast), lr=0.5)
     gen = torch.Generator().manual_seed(0)
     for step, seq in enumerate((16, 17, 23)):
+        with torch.no_grad():  # from the same weights each step (fp32 rounding would otherwise compound at lr 0.5);
+            for a, b in zip(_trainable(eager), _trainable(fast)):  # the in-place copy makes the norms stale too
+                b.copy_(a)
         ids = torch.randint(7, eager.config.vocab_size, (1, seq), generator=gen)
         losses = []
         for model in (eager, fast):
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             losses.append(loss.detach())
-        assert torch.equal(losses[0], losses[1]), f"step {step}: {losses}"
+        assert torch.allclose(losses[0], losses[1], rtol=1e-6, atol=0), f"step {step}: {losses}"
         for a, b in zip(_trainable(eager), _trainable(fast)):
-            assert torch.equal(a.grad, b.grad), f"step {step}"
+            err = ((a.grad - b.grad).abs().max() / a.grad.abs().max().clamp_min(1e-30)).item()
+            assert err < 1e-5, f"step {step}: {err:.2e}"
         opt_eager.step(), opt_fast.step()
         opt_eager.zero_grad(), opt_fast.zero_grad()
     assert not counters["graph_break"], dict(counters["graph_break"])
     graphs = counters["stats"]["unique_graphs"]
     assert 0 < graphs <= 8, graphs  # sliding and global layers, grad on/off: not one graph per layer or length
+    assert all("forward" in n.__dict__ for n in fast.modules() if type(n).__name__ == "Gemma3RMSNorm")
 
     fast.eval(), eager.eval()
     ids = torch.randint(7, eager.config.vocab_size, (1, 9), generator=gen)
+
+    def not_in_eval(*args, **kwargs):
+        raise AssertionError("evaluation must run the layers' own forward")
+
+    for layer in layers:
+        layer._trinity_compiled_forward = not_in_eval
     with torch.no_grad():
+        for a, b in zip(_trainable(eager), _trainable(fast)):
+            b.copy_(a)
         assert torch.equal(fast(input_ids=ids).logits, eager(input_ids=ids).logits)
-    assert counters["stats"]["unique_graphs"] == graphs, "evaluation runs the layers' own forward"

@@ -75,10 +75,22 @@ def compiled(backend: str = "inductor") -> types.SimpleNamespace:
                                  qkv_heads=torch.compile(qkv_heads, **options))
 
 
+PLAIN = types.SimpleNamespace(rms_norm=rms_norm, qkv_heads=qkv_heads)
+"""The reference functions, in :func:`compiled`'s shape (built once: Dynamo cannot trace building it)."""
+
+
+def kernels(backend: str = "inductor") -> types.SimpleNamespace:
+    """:func:`compiled` outside a compiled region; inside one (``train/compiled_layers``) the plain functions,
+    which the region's trace inlines (a call to the cached compiled ones there would break the graph)."""
+    if torch.compiler.is_compiling():
+        return PLAIN
+    return compiled(backend)
+
+
 def compiled_norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``Gemma3RMSNorm.forward`` through the compiled norm (x flattened to 2-D, so one graph serves the
     hidden-size norms whatever the batch shape)."""
-    out = compiled(self._trinity_compile_backend).rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps)
+    out = kernels(self._trinity_compile_backend).rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps)
     return out.view(x.shape)
 
 
@@ -121,4 +133,4 @@ def find_closure_cell(function: Any, name: str, depth: int = 4) -> Any:
     return None
 
 
-__all__ = ["compiled", "find_closure_cell", "patch_gemma3_norms", "qkv_heads", "rms_norm", "rotate_half"]
+__all__ = ["compiled", "find_closure_cell", "kernels", "patch_gemma3_norms", "qkv_heads", "rms_norm", "rotate_half"]

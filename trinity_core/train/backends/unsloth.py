@@ -156,12 +156,12 @@ def _compiled_prepare(hidden_states, q16, k16, v16, q_shape, kv_shape, position_
     in q's dtype unless boolean."""
     import torch
 
-    from trinity_core.train.compiled_kernels import compiled
+    from trinity_core.train.compiled_kernels import kernels
 
     if not (isinstance(position_embeddings, tuple) and len(position_embeddings) == 2):
         raise ValueError("Position embeddings not provided as (cos, sin) tuple to Gemma3Attention")
     cos, sin = position_embeddings
-    q, k, v = compiled().qkv_heads(q16, k16, v16, cos, sin, q_norm.weight, k_norm.weight, q_norm.eps, k_norm.eps,
+    q, k, v = kernels().qkv_heads(q16, k16, v16, cos, sin, q_norm.weight, k_norm.weight, q_norm.eps, k_norm.eps,
                                    q_shape[2], kv_shape[2])
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dtype != torch.bool:
         attention_mask = attention_mask.to(q.dtype)
