@@ -11,7 +11,7 @@ from transformers import Gemma3TextConfig
 from transformers.models.gemma3.modeling_gemma3 import Gemma3ForCausalLM, Gemma3RMSNorm, apply_rotary_pos_emb
 
 from trinity_core.train import compiled_kernels
-from trinity_core.train.compiled_kernels import find_closure_cell, patch_gemma3_norms, qkv_heads, rms_norm
+from trinity_core.train.compiled_kernels import find_closure_cell, install_compiled_norms, qkv_heads, rms_norm
 
 BACKEND = "aot_eager"
 
@@ -100,7 +100,7 @@ def test_compiled_functions_match_the_reference_at_every_length_from_one_graph(d
     compiled_kernels.compiled.cache_clear()
 
 
-def test_patch_gemma3_norms_trains_as_the_stock_model():
+def test_install_compiled_norms_trains_as_the_stock_model():
     config = Gemma3TextConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
                               num_key_value_heads=1, head_dim=16, vocab_size=64)
     torch.manual_seed(0)
@@ -108,8 +108,8 @@ def test_patch_gemma3_norms_trains_as_the_stock_model():
     patched = Gemma3ForCausalLM(config)
     patched.load_state_dict(stock.state_dict())
     norms = [m for m in patched.modules() if isinstance(m, Gemma3RMSNorm)]
-    assert patch_gemma3_norms(patched, backend=BACKEND) == len(norms) == 2 * 4 + 2 * 2 + 1
-    assert patch_gemma3_norms(patched, backend=BACKEND) == 0, "already patched"
+    assert install_compiled_norms(patched, backend=BACKEND) == len(norms) == 2 * 4 + 2 * 2 + 1
+    assert install_compiled_norms(patched, backend=BACKEND) == 0, "already patched"
     ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(3))
     losses = []
     for model in (stock, patched):
@@ -151,7 +151,7 @@ def test_inside_a_compiled_region_the_plain_functions_are_inlined(monkeypatch):
     q, k, v, cos, sin, q_norm, k_norm, heads, kv_heads = _attention_inputs(6)
     dim = q_norm.weight.shape[0]
     norm = Gemma3RMSNorm(heads * dim)
-    patch_gemma3_norms(norm, backend=BACKEND)
+    install_compiled_norms(norm, backend=BACKEND)
 
     def region(q, k, v):
         q, k, v, *_ = backend._compiled_prepare(None, norm(q), k, v, (1, 6, heads, dim), (1, 6, kv_heads, dim),

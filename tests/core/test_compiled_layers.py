@@ -11,7 +11,7 @@ import copy
 
 import torch
 
-from trinity_core.train.compiled_kernels import patch_gemma3_norms
+from trinity_core.train.compiled_kernels import install_compiled_norms
 from trinity_core.train.compiled_layers import compile_decoder_layers
 from trinity_core.train.fast_dora.linear import FastDoraLinearLayer
 
@@ -36,7 +36,7 @@ def test_compiled_layers_train_as_the_eager_model(tiny_spec):
     counters.clear()
     # the compiled norms too, as the Unsloth backend installs them: inside a region they must inline (a call to
     # the cached compiled function broke the graph at every norm, 9 breaks on this model, until 2026-11-29)
-    assert patch_gemma3_norms(fast, backend="aot_eager") == 6 * 4 + 6 * 2 + 1
+    assert install_compiled_norms(fast, backend="aot_eager") == 6 * 4 + 6 * 2 + 1
     layers = [m for m in fast.modules() if type(m).__name__ == "Gemma3DecoderLayer"]
     assert compile_decoder_layers(fast, backend="aot_eager") == len(layers) == 6
     assert compile_decoder_layers(fast, backend="aot_eager") == 0, "already compiled"

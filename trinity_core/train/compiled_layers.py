@@ -51,6 +51,9 @@ def compile_decoder_layers(model: nn.Module, backend: str = "inductor") -> int:
         if type(layer).__name__ not in LAYER_CLASSES or "forward" in layer.__dict__:
             continue
         layer._trinity_lora_modules = [m for m in layer.modules() if hasattr(m, "lora_magnitude_vector")]
+        for module in layer._trinity_lora_modules:
+            for dora in module.lora_magnitude_vector.values():
+                dora.checked_by_region = True  # weight_norm may read its cache as it is inside the region
         layer._trinity_compiled_forward = torch.compile(types.MethodType(type(layer).forward, layer),
                                                         dynamic=True, backend=backend)
         layer.forward = types.MethodType(compiled_layer_forward, layer)

@@ -128,7 +128,7 @@ def compile_gemma3_kernels(model, layers: bool = False) -> dict:
 
     if float32_mode() or not torch.cuda.is_available():
         return {}
-    return {"norms": compiled_kernels.patch_gemma3_norms(model), "attention_prepare": _swap_unsloth_prepare(),
+    return {"norms": compiled_kernels.install_compiled_norms(model), "attention_prepare": _swap_unsloth_prepare(),
             "decoder_layers": compile_decoder_layers(model) if layers else 0}
 
 
@@ -143,9 +143,7 @@ def _swap_unsloth_prepare() -> bool:
     cell = find_closure_cell(Gemma3Attention.forward, "prepare")
     if cell is None or not callable(getattr(cell, "cell_contents", None)):
         return False
-    if cell.cell_contents is not _compiled_prepare:
-        _compiled_prepare.unsloth_prepare = cell.cell_contents  # kept for reference / restoring
-        cell.cell_contents = _compiled_prepare
+    cell.cell_contents = _compiled_prepare
     return True
 
 

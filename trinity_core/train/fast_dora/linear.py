@@ -292,10 +292,12 @@ class FastDoraLinearLayer(DoraLinearLayer):
     def weight_norm(self, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                     base_layer: torch.nn.Module) -> torch.Tensor:
         """‖W_i + s·B_i A‖ for every output row, fp32, detached; cached until A or B change. Inside a
-        compiled region (``train/compiled_layers``) the cache is read as it is: the key compares storage
-        addresses, which Dynamo cannot trace, and the region's caller has just checked it
-        (:func:`~trinity_core.train.compiled_layers.refresh_norms`)."""
-        if torch.compiler.is_compiling():
+        compiled region of ``train/compiled_layers`` the cache is read as it is: the key compares storage
+        addresses, which Dynamo cannot trace, and the region's pre-hook has just checked it
+        (:func:`~trinity_core.train.compiled_layers.refresh_norms`). Any other compile (Unsloth's) checks here
+        and breaks its graph, as before."""
+        checked = getattr(self, "checked_by_region", False) and self._cached_norm is not None
+        if checked and torch.compiler.is_compiling():
             return self._cached_norm
         key = _cache_key(lora_A, lora_B, scaling)
         if key != self._cache_key:
