@@ -78,7 +78,7 @@ COMPILED_LAYERS = False
 PEAK_TFLOPS = 989.4
 """Dense bf16 peak of an H100 / H200 SXM (NVIDIA's data sheet, without sparsity): the MFU denominator."""
 
-ONLY_GROWN = [False]
+ONLY_GROWN = False
 """``--only-grown`` (run_unsloth): skip the rows at the built depths."""
 
 SELECT: tuple[set[str] | None, str] = (None, "")
@@ -392,7 +392,7 @@ def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_
     from trinity_core.train.backends.unsloth import compile_gemma3_kernels, patch_lean_attention
     from trinity_core.train.lean_norm import patch_gemma3_norms
 
-    todo = [] if ONLY_GROWN[0] else [dict(v, depth=d) for v in selected("unsloth") for d in depths]
+    todo = [] if ONLY_GROWN else [dict(v, depth=d) for v in selected("unsloth") for d in depths]
     if grow_to:
         todo += [dict(v, depth=grow_to) for name in GROWN["unsloth"] for v in selected("unsloth")
                  if v["name"].removeprefix(SELECT[1]) == name]
@@ -429,7 +429,7 @@ def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_
             v2["force_fp32"] = os.environ.get("UNSLOTH_FORCE_FLOAT32")
             v2.update(measure(model, v2, model.config.vocab_size, *((1, 3) if v2["depth"] > depths[-1] else (2, 4))))
             v2.update(model_flops(v2))
-            v2["dynamo_graphs"] = counters["stats"]["unique_graphs"]
+            v2["dynamo_graphs"] = counters["stats"]["unique_graphs"]  # both: so far in this process
             v2["graph_breaks"] = {reason.splitlines()[0][:160]: n for reason, n in counters["graph_break"].items()}
             v2["status"] = "ok"
         except torch.OutOfMemoryError as e:
@@ -603,11 +603,11 @@ def main(argv: list[str]) -> None:
         build(a.root, a.depths)
     elif a.cmd == "run":
         deadline = time.time() + a.deadline
-        global SELECT, T4_KERNEL, LEAN_NORMS, LEAN_ATTENTION, COMPILED_KERNELS, COMPILED_LAYERS
+        global SELECT, T4_KERNEL, LEAN_NORMS, LEAN_ATTENTION, COMPILED_KERNELS, COMPILED_LAYERS, ONLY_GROWN
         SELECT = (set(a.only) if a.only else None, a.tag)
         T4_KERNEL, LEAN_NORMS, LEAN_ATTENTION = a.t4_kernel, not a.stock_norms, not a.stock_attention
         COMPILED_KERNELS, COMPILED_LAYERS = not a.eager_kernels, a.compile_layers
-        ONLY_GROWN[0] = a.only_grown
+        ONLY_GROWN = a.only_grown
         with open(a.out, "a") as out:
             if a.backend == "peft":
                 run_peft(a.root, a.depths, out, deadline, a.grow_to)

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from trinity_core.train.lean_norm import install_forward
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Gemma-3's RMSNorm over the last dimension, computed in fp32 and returned in x's dtype (as
@@ -98,13 +100,7 @@ def compiled_norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def install_compiled_norms(model: nn.Module, backend: str = "inductor") -> int:
     """Give every ``Gemma3RMSNorm`` of ``model`` that has no forward of its own yet the compiled norm.
     Returns how many. The caller decides where it applies (the bf16 path with Unsloth's compile off)."""
-    patched = 0
-    for module in model.modules():
-        if type(module).__name__ == "Gemma3RMSNorm" and "forward" not in module.__dict__:
-            module._trinity_compile_backend = backend
-            module.forward = types.MethodType(compiled_norm_forward, module)
-            patched += 1
-    return patched
+    return install_forward(model, "Gemma3RMSNorm", compiled_norm_forward, _trinity_compile_backend=backend)
 
 
 def find_closure_cell(function: Any, name: str, depth: int = 4) -> Any:
@@ -134,4 +130,5 @@ def find_closure_cell(function: Any, name: str, depth: int = 4) -> Any:
     return None
 
 
-__all__ = ["compiled", "find_closure_cell", "kernels", "install_compiled_norms", "qkv_heads", "rms_norm", "rotate_half"]
+__all__ = ["compiled", "find_closure_cell", "install_compiled_norms", "kernels", "qkv_heads", "rms_norm",
+           "rotate_half"]

@@ -21,6 +21,8 @@ import types
 import torch
 from torch import nn
 
+from trinity_core.train.fast_dora.linear import FastDoraLinearLayer
+
 LAYER_CLASSES = ("Gemma3DecoderLayer",)
 """Decoder layers compiled (by class name): the ones the recipe's model has and the tests exercise."""
 
@@ -29,11 +31,11 @@ def refresh_norms(layer: nn.Module, args=None, kwargs=None) -> None:
     """Forward pre-hook: every fast-DoRA norm cache in ``layer`` checked (and recomputed if A or B changed),
     eagerly, as the layer's uncompiled forward would on its way."""
     for module in layer._trinity_lora_modules:
-        name = module.active_adapters[0] if len(module.active_adapters) == 1 else None
-        dora = module.lora_magnitude_vector[name] if name in getattr(module, "lora_magnitude_vector", {}) else None
-        if dora is not None and hasattr(dora, "weight_norm") and hasattr(dora, "_cache_key"):
-            dora.weight_norm(module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name],
-                             module.get_base_layer())
+        for name in module.active_adapters:
+            dora = module.lora_magnitude_vector[name] if name in module.lora_magnitude_vector else None
+            if isinstance(dora, FastDoraLinearLayer):
+                dora.weight_norm(module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name],
+                                 module.get_base_layer())
 
 
 def compiled_layer_forward(self: nn.Module, *args, **kwargs):
@@ -53,7 +55,8 @@ def compile_decoder_layers(model: nn.Module, backend: str = "inductor") -> int:
         layer._trinity_lora_modules = [m for m in layer.modules() if hasattr(m, "lora_magnitude_vector")]
         for module in layer._trinity_lora_modules:
             for dora in module.lora_magnitude_vector.values():
-                dora.checked_by_region = True  # weight_norm may read its cache as it is inside the region
+                if isinstance(dora, FastDoraLinearLayer):
+                    dora.checked_by_region = True  # weight_norm may read its cache as it is inside the region
         layer._trinity_compiled_forward = torch.compile(types.MethodType(type(layer).forward, layer),
                                                         dynamic=True, backend=backend)
         layer.forward = types.MethodType(compiled_layer_forward, layer)

@@ -90,8 +90,12 @@ def patch_gemma3_norms(model: nn.Module) -> int:
 def patch_in_float32_mode(model: nn.Module, class_name: str, forward, **attributes) -> int:
     """In Unsloth's float32 mode only: give every module of ``model`` whose class is named ``class_name`` and
     that has no forward of its own yet ``forward`` (per instance) and ``attributes``. Returns how many."""
-    if not float32_mode():
-        return 0
+    return install_forward(model, class_name, forward, **attributes) if float32_mode() else 0
+
+
+def install_forward(model: nn.Module, class_name: str, forward, **attributes) -> int:
+    """Give every module of ``model`` whose class is named ``class_name`` and that has no forward of its own yet
+    ``forward`` (per instance) and ``attributes``. Returns how many."""
     patched = 0
     for module in model.modules():
         if type(module).__name__ == class_name and "forward" not in module.__dict__:
@@ -102,4 +106,4 @@ def patch_in_float32_mode(model: nn.Module, class_name: str, forward, **attribut
     return patched
 
 
-__all__ = ["Float32RMSNorm", "float32_mode", "patch_gemma3_norms", "patch_in_float32_mode"]
+__all__ = ["Float32RMSNorm", "float32_mode", "install_forward", "patch_gemma3_norms", "patch_in_float32_mode"]

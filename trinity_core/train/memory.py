@@ -189,6 +189,7 @@ def estimate(config: Any, spec: JobSpec, backend: str, *, bf16_supported: bool =
     return Estimate(sum(parts.values()), parts, assumptions | {
         "transient": "logits and loss" if loss >= layer else "a layer's recompute and backward"})
 
+
 @dataclass
 class RungPlan:
     index: int
