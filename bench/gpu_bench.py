@@ -430,7 +430,8 @@ def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_
             v2.update(measure(model, v2, model.config.vocab_size, *((1, 3) if v2["depth"] > depths[-1] else (2, 4))))
             v2.update(model_flops(v2))
             v2["dynamo_graphs"] = counters["stats"]["unique_graphs"]  # both: so far in this process
-            v2["graph_breaks"] = {reason.splitlines()[0][:160]: n for reason, n in counters["graph_break"].items()}
+            v2["graph_breaks"] = {" | ".join(reason.splitlines()[:3])[:400]: n
+                                  for reason, n in counters["graph_break"].items()}
             v2["status"] = "ok"
         except torch.OutOfMemoryError as e:
             v2["status"] = f"oom: {str(e).splitlines()[0][:120]}"

@@ -10,7 +10,8 @@
 #   bash bench/gpu_session_calls.sh speed     # #20 goal 1: Unsloth's compiled LoRA; Trinity's compiled kernels
 #                                             # (LoRA, fast DoRA); the same with eager kernels (GROW=48: also 48 layers;
 #                                             # PROFILE=1: kernel totals of one optimizer step a row, SKIP_EAGER=1;
-#                                             # LAYERS=1: decoder layers compiled too; GROWN_ONLY=1: 48 layers only)
+#                                             # LAYERS=1: decoder layers compiled too, Dynamo's graph-break and
+#                                             # recompile logs in speed.log; GROWN_ONLY=1: 48 layers only)
 #   bash bench/gpu_session_calls.sh pair      # the refresh, then LoRA vs fast DoRA at 4 and 48 layers
 #                                             # (bench/run_gpu.sh grown_bf16): one machine of two
 set -uo pipefail
@@ -76,7 +77,7 @@ case ${1:-} in
               ${GROW:+--grow-to $GROW} ${GROWN_ONLY:+--only-grown} --deadline $(( end - $(date +%s) )) "$@" \
               >> "$OUT/speed.log" 2>&1; }
     if [ -n "${LAYERS:-}" ]; then  # Trinity's compiled layers first, then the reference
-      run --only ${ONLY:-dora_fast_acc4} --compile-layers --tag layers_
+      TORCH_LOGS=${TORCH_LOGS-graph_breaks,recompiles} run --only ${ONLY:-dora_fast_acc4} --compile-layers --tag layers_
       UNSLOTH_COMPILE_DISABLE=0 run --only lora_acc4 --tag compiled_
     else
       UNSLOTH_COMPILE_DISABLE=0 run --only lora_acc4 --tag compiled_

@@ -21,6 +21,7 @@ def _trainable(model):
 
 
 def test_compiled_layers_train_as_the_eager_model(tiny_spec):
+    from torch._dynamo.testing import CompileCounterWithBackend
     from torch._dynamo.utils import counters
 
     from trinity_core.train.backends.peft import PeftBackend
@@ -38,8 +39,12 @@ def test_compiled_layers_train_as_the_eager_model(tiny_spec):
     # the cached compiled function broke the graph at every norm, 9 breaks on this model, until 2026-11-29)
     assert install_compiled_norms(fast, backend="aot_eager") == 6 * 4 + 6 * 2 + 1
     layers = [m for m in fast.modules() if type(m).__name__ == "Gemma3DecoderLayer"]
-    assert compile_decoder_layers(fast, backend="aot_eager") == len(layers) == 6
-    assert compile_decoder_layers(fast, backend="aot_eager") == 0, "already compiled"
+    # the regions' own graphs counted: on CPUs where bitsandbytes' native kernel misreads rows the CPU path
+    # dequantises through bitsandbytes' torch.compile'd function (nf4.read_rows_flat_on_cpu), once per
+    # weight shape, and those graphs count in Dynamo's global counters too (10 on such a machine, 2026-11-29)
+    regions = CompileCounterWithBackend("aot_eager")
+    assert compile_decoder_layers(fast, backend=regions) == len(layers) == 6
+    assert compile_decoder_layers(fast, backend=regions) == 0, "already compiled"
     eager.train(), fast.train()
     opt_eager, opt_fast = torch.optim.SGD(_trainable(eager), lr=0.5), torch.optim.SGD(_trainable(fast), lr=0.5)
     gen = torch.Generator().manual_seed(0)
@@ -60,8 +65,8 @@ def test_compiled_layers_train_as_the_eager_model(tiny_spec):
         opt_eager.step(), opt_fast.step()
         opt_eager.zero_grad(), opt_fast.zero_grad()
     assert not counters["graph_break"], dict(counters["graph_break"])
-    graphs = counters["stats"]["unique_graphs"]
-    assert 0 < graphs <= 8, graphs  # sliding and global layers, grad on/off: not one graph per layer or length
+    # sliding and global layers, grad on/off: not one graph per layer or length
+    assert 0 < regions.frame_count <= 8, regions.frame_count
     assert all("forward" in n.__dict__ for n in fast.modules() if type(n).__name__ == "Gemma3RMSNorm")
 
     fast.eval(), eager.eval()

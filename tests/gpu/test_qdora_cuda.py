@@ -116,3 +116,35 @@ def test_rows_are_dequantised_in_blocks_exactly_on_cuda(monkeypatch, in_features
     pieces = list(qdora._weight_rows(layer, dtype))
     assert len(pieces) > 1
     assert torch.equal(torch.cat([rows for _, rows in pieces]), expected)
+
+
+@pytest.mark.parametrize("kind", ["gelu_tanh", "silu"])
+@pytest.mark.parametrize("shape", [(4096, 15360), (37, 130)], ids=str)
+def test_custom_ops_equal_the_eager_kernels(kind, shape):
+    """What a compiled region calls (``trinity::gated_act``, its backward, ``trinity::scale_and_reduce``) gives
+    bit for bit what the eager Functions give (the same Triton kernels; the gain gradients' last fp32 sum to
+    rounding), and passes torch.library.opcheck."""
+    from trinity_core.train.fast_dora import mlp
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    e, u, dh = (torch.randn(shape, device="cuda", generator=gen).bfloat16() for _ in range(3))
+    g_e, g_u = (1 + 0.1 * torch.randn(shape[-1], device="cuda", generator=gen) for _ in range(2))
+    leaves = [t.clone().requires_grad_() for t in (e, u, g_e, g_u)]
+    h = mlp._gated_act_op(*leaves, kind == "gelu_tanh")
+    grads = torch.autograd.grad(h, leaves, dh)
+    ref_leaves = [t.clone().requires_grad_() for t in (e, u, g_e, g_u)]
+    e_op, u_op = ref_leaves[0] * 1, ref_leaves[1] * 1
+    h_ref = mlp.GatedDoraAct.apply(e_op, u_op, ref_leaves[2], ref_leaves[3], kind, False)
+    ref_grads = torch.autograd.grad(h_ref, ref_leaves, dh)
+    assert torch.equal(h, h_ref)
+    for got, want in zip(grads[:2], ref_grads[:2]):
+        assert torch.equal(got, want)
+    for got, want in zip(grads[2:], ref_grads[2:]):  # the blocks' fp32 partial sums, reduced by another launch
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+    dz, dyz = torch.ops.trinity.scale_and_reduce(dh, e, g_e)
+    ref_dz, ref_dyz = qdora._scale_and_reduce(dh, e, g_e)
+    assert torch.equal(dz, ref_dz) and torch.equal(dyz, ref_dyz)
+    if shape[0] < 100:
+        small = [t.detach().requires_grad_(t.dtype == torch.float32 or i < 2) for i, t in enumerate((e, u, g_e, g_u))]
+        torch.library.opcheck(torch.ops.trinity.gated_act.default, (*small, kind == "gelu_tanh"))
+        torch.library.opcheck(torch.ops.trinity.scale_and_reduce.default, (dh, e, g_e))

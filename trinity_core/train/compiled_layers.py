@@ -17,6 +17,7 @@ whatever Dynamo cannot trace runs eagerly between graphs rather than failing the
 from __future__ import annotations
 
 import types
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,9 +46,10 @@ def compiled_layer_forward(self: nn.Module, *args, **kwargs):
     return type(self).forward(self, *args, **kwargs)
 
 
-def compile_decoder_layers(model: nn.Module, backend: str = "inductor") -> int:
+def compile_decoder_layers(model: nn.Module, backend: Any = "inductor") -> int:
     """Compile every decoder layer of ``model`` (:data:`LAYER_CLASSES`) that has no forward of its own yet, as
-    the module docstring says. Returns how many. ``backend``: "inductor" on a GPU; "aot_eager" in the tests."""
+    the module docstring says. Returns how many. ``backend`` (``torch.compile``'s): "inductor" on a GPU; "aot_eager" in
+    the tests."""
     compiled = 0
     for layer in model.modules():
         if type(layer).__name__ not in LAYER_CLASSES or "forward" in layer.__dict__:

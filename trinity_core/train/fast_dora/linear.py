@@ -478,10 +478,30 @@ class LoraSum(torch.autograd.Function):
 
 
 def scale_and_reduce(dy: torch.Tensor, z: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(g ⊙ dy, Σ_t dy ⊙ z)`` for (T, out) ``dy`` and ``z``: one pass with Triton on CUDA, fp32 sums."""
+    """``(g ⊙ dy, Σ_t dy ⊙ z)`` for (T, out) ``dy`` and ``z``: one pass with Triton on CUDA, fp32 sums.
+    Inside a compiled region (``train/compiled_layers``) through the custom op ``trinity::scale_and_reduce``,
+    which Dynamo keeps as one opaque node (it cannot trace the Triton launch); eagerly called directly
+    (the op's dispatch costs ~10 µs a call on a host-bound path)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.trinity.scale_and_reduce(dy, z, g)
+    return _scale_and_reduce(dy, z, g)
+
+
+@torch.library.custom_op("trinity::scale_and_reduce", mutates_args=())
+def _scale_and_reduce_op(dy: torch.Tensor, z: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _scale_and_reduce(dy, z, g)
+
+
+@_scale_and_reduce_op.register_fake
+def _(dy, z, g):
+    return torch.empty_like(dy, memory_format=torch.contiguous_format), dy.new_empty(dy.shape[-1:],
+                                                                                    dtype=_acc_dtype(dy))
+
+
+def _scale_and_reduce(dy: torch.Tensor, z: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if dy.is_cuda and _triton_kernel() is not None:
         return _scale_and_reduce_triton(dy.contiguous(), z.contiguous(), g)
-    dz = torch.mul(dy, g, out=torch.empty_like(dy))
+    dz = torch.mul(dy, g, out=torch.empty_like(dy, memory_format=torch.contiguous_format))
     acc = _acc_dtype(dy)
     return dz, torch.einsum("tn,tn->n", dy.to(acc), z.to(acc))
 

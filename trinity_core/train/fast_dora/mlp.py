@@ -82,9 +82,90 @@ def gated_act(e: torch.Tensor, u: torch.Tensor, g_e: torch.Tensor, g_u: torch.Te
               act_fn: nn.Module) -> torch.Tensor:
     """``act(g_e ⊙ e) ⊙ (g_u ⊙ u)`` in e's dtype: one Triton pass each way on CUDA, autograd elsewhere."""
     kind = _ACTIVATIONS.get(type(act_fn).__name__)
+    if kind is not None and e.shape == u.shape and torch.compiler.is_compiling():
+        return _gated_act_op(e.reshape(-1, e.shape[-1]), u.reshape(-1, u.shape[-1]), g_e.float(), g_u.float(),
+                             kind == "gelu_tanh").view(e.shape)
     if e.is_cuda and kind is not None and e.shape == u.shape and _kernels() is not None:
         return GatedDoraAct.apply(e, u, g_e, g_u, kind, True)  # e, u: pre_gain's fresh outputs
     return act_fn(e * g_e.to(e.dtype)) * (u * g_u.to(u.dtype))
+
+
+# Inside a compiled region (``train/compiled_layers``) the gated activation is the custom op
+# ``trinity::gated_act`` with its backward ``trinity::gated_act_backward``: Dynamo keeps each as one opaque
+# node (it cannot trace the Triton launches), and AOTAutograd puts the backward op in the backward graph. The
+# same kernels as GatedDoraAct's on CUDA, the same arithmetic in torch elsewhere (fp32 inside); de and du
+# are new tensors there (GatedDoraAct writes them over e and u: an op that mutated saved activations would
+# need functionalisation to put them back).
+
+
+@torch.library.custom_op("trinity::gated_act", mutates_args=())
+def _gated_act_op(e: torch.Tensor, u: torch.Tensor, g_e: torch.Tensor, g_u: torch.Tensor, gelu: bool) -> torch.Tensor:
+    """``act(g_e ⊙ e) ⊙ (g_u ⊙ u)`` for (T, N) ``e``, ``u`` and fp32 (N,) gains, in e's dtype."""
+    e, u, g_e, g_u = e.contiguous(), u.contiguous(), g_e.contiguous(), g_u.contiguous()
+    if e.is_cuda and _kernels() is not None:
+        h = torch.empty_like(e)
+        _kernels()[0][(_cdiv(e.shape[0], _BLOCK_T), _cdiv(e.shape[1], _BLOCK_N))](
+            e, u, g_e, g_u, h, e.shape[0], e.shape[1], GELU=gelu, BLOCK_T=_BLOCK_T, BLOCK_N=_BLOCK_N)
+        return h
+    val, _ = _act_torch(e.float() * g_e, gelu)
+    return (val * u.float() * g_u).to(e.dtype)
+
+
+@_gated_act_op.register_fake
+def _(e, u, g_e, g_u, gelu):
+    return torch.empty_like(e, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("trinity::gated_act_backward", mutates_args=())
+def _gated_act_backward_op(dh: torch.Tensor, e: torch.Tensor, u: torch.Tensor, g_e: torch.Tensor, g_u: torch.Tensor,
+                           gelu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(de, du, dg_e, dg_u)`` of :func:`_gated_act_op` (see :class:`GatedDoraAct`), the sums in fp32."""
+    dh, e, u, g_e, g_u = dh.contiguous(), e.contiguous(), u.contiguous(), g_e.contiguous(), g_u.contiguous()
+    t, n = e.shape
+    if e.is_cuda and _kernels() is not None:
+        de, du = torch.empty_like(e), torch.empty_like(u)
+        blocks = _cdiv(t, _ROWS)
+        parts = torch.empty((2, blocks, n), device=e.device, dtype=torch.float32)
+        _kernels()[1][(blocks, _cdiv(n, _BLOCK_N))](dh, e, u, g_e, g_u, de, du, parts[0], parts[1], t, n, GELU=gelu,
+                                                    ROWS=_ROWS, BLOCK_T=_BLOCK_T, BLOCK_N=_BLOCK_N)
+        return de, du, parts[0].sum(0), parts[1].sum(0)  # two tensors: an op's outputs may not alias each other
+    e32, u32, dh32 = e.float(), u.float(), dh.float()
+    val, der = _act_torch(e32 * g_e, gelu)
+    da, db = dh32 * u32 * g_u * der, dh32 * val
+    return (da * g_e).to(e.dtype), (db * g_u).to(u.dtype), (da * e32).sum(0), (db * u32).sum(0)
+
+
+@_gated_act_backward_op.register_fake
+def _(dh, e, u, g_e, g_u, gelu):
+    n = e.shape[-1]
+    return (torch.empty_like(e, memory_format=torch.contiguous_format),
+            torch.empty_like(u, memory_format=torch.contiguous_format),
+            e.new_empty((n,), dtype=torch.float32), e.new_empty((n,), dtype=torch.float32))
+
+
+def _gated_act_setup(ctx, inputs, output):
+    e, u, g_e, g_u, gelu = inputs
+    ctx.save_for_backward(e, u, g_e, g_u)
+    ctx.gelu = gelu
+
+
+def _gated_act_grad(ctx, dh):
+    e, u, g_e, g_u = ctx.saved_tensors
+    de, du, d_ge, d_gu = _gated_act_backward_op(dh, e, u, g_e, g_u, ctx.gelu)
+    return de, du, d_ge, d_gu, None
+
+
+_gated_act_op.register_autograd(_gated_act_grad, setup_context=_gated_act_setup)
+
+
+def _act_torch(a: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(act(a), act'(a)) of fp32 ``a``, as the Triton kernels' ``_act`` computes them: tanh-GELU or SiLU."""
+    if gelu:
+        c = 0.7978845608028654
+        th = torch.tanh(c * (a + 0.044715 * a * a * a))
+        return 0.5 * a * (1.0 + th), 0.5 * (1.0 + th) + 0.5 * a * (1.0 - th * th) * c * (1.0 + 3.0 * 0.044715 * a * a)
+    sig = torch.sigmoid(a)
+    return a * sig, sig * (1.0 + a * (1.0 - sig))
 
 
 class GatedDoraAct(torch.autograd.Function):
