@@ -25,9 +25,10 @@ class RunOptions:
     attention's q/k norm + RoPE (``train/compiled_kernels``). False leaves them eager (benchmarks)."""
     compiled_layers: bool = False
     """With ``compiled_kernels`` and fast DoRA: also compile each decoder layer as one region, fast DoRA inside
-    (``train/compiled_layers``). Off: on an H200 it split into 36 graphs and ran at 3381 tok/s, against 3698 for
-    the compiled kernels alone on another H200 (docs/BENCHMARKS.md, "Goal 1"); one cause of the splits is fixed
-    since, not re-measured on a GPU. On CPU it traces whole."""
+    (``train/compiled_layers``; its Triton kernels as custom ops there). H200, 12B shape at 48 layers, one run:
+    5430 tok/s against 6069 for Unsloth's compiled LoRA, no graph break; 3698 without it (another run). Off
+    because ``run_job`` with it on did not finish its first step on the GPU (the tiny job, still compiling after
+    130 s; docs/BENCHMARKS.md, "Goal 1, later on 2026-11-29"); the benchmark turns it on."""
     unsloth_compile: bool | None = None
     """Unsloth's torch.compile mode; None: on for LoRA, off with DoRA (it stalls or crashes there)."""
     debug_memory: bool = False
