@@ -12,6 +12,7 @@
 #                                             # PROFILE=1: kernel totals of one optimizer step a row, SKIP_EAGER=1;
 #                                             # LAYERS=1: decoder layers compiled too, Dynamo's graph-break and
 #                                             # recompile logs in speed.log; GROWN_ONLY=1: 48 layers only)
+#   bash bench/gpu_session_calls.sh tinyjob   # run_job's tiny job with compiled decoder layers, Dynamo's graphs logged
 #   bash bench/gpu_session_calls.sh pair      # the refresh, then LoRA vs fast DoRA at 4 and 48 layers
 #                                             # (bench/run_gpu.sh grown_bf16): one machine of two
 set -uo pipefail
@@ -89,5 +90,11 @@ case ${1:-} in
       && rm "$OUT"/prof-*.txt; }
     python bench/gpu_bench.py table "$OUT/speed.jsonl" > "$OUT/speed-table.txt" 2>&1
     cut -c1-700 "$OUT/speed.jsonl"; grep -i "error\|Traceback\|recompil" "$OUT/speed.log" | tail -8 ;;
-  *) echo "usage: $0 tests|kernel|pair|refresh|t4mem|t4tests|speed"; exit 2 ;;
+  tinyjob)  # run_job's tiny job with compiled decoder layers: its first step stalled in inductor's C++ (CPU)
+            # codegen (calls 10, 11); the region's graphs and Dynamo's logs say which tensors are on the CPU
+    TRINITY_BENCH_COMPILED_LAYERS=1 TORCH_LOGS=recompiles,graph_breaks,graph_code timeout -s ABRT ${LIMIT:-300} \
+      python -X faulthandler bench/gpu_tiny_job.py train /tmp/tinyjob > "$OUT/tinyjob.log" 2>&1
+    echo "rc=$?" | tee -a "$OUT/tinyjob.log"
+    grep -n "device(type='cpu')\|cpu" "$OUT/tinyjob.log" | grep -v "cpu_vec_isa\|Extension modules" | head -20 ;;
+  *) echo "usage: $0 tests|kernel|pair|refresh|t4mem|t4tests|speed|tinyjob"; exit 2 ;;
 esac

@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def train(out: Path) -> None:
+    """``TRINITY_BENCH_COMPILED_LAYERS=1``: with ``RunOptions(compiled_layers=True)`` (off by default: this job's
+    first step did not finish with it, docs/BENCHMARKS.md "Goal 1, later on 2026-11-29")."""
     import os
 
     os.environ.setdefault("UNSLOTH_COMPILE_DISABLE", "1")  # the backend's choice with DoRA
@@ -36,7 +38,10 @@ def train(out: Path) -> None:
     spec.model.backend = "unsloth"
     spec.train.max_steps = 20
     spec.export.merge = spec.export.gguf = spec.export.evaluate = False
-    result = run_job(spec, out / "job")
+    from trinity_core.options import RunOptions
+
+    options = RunOptions(compiled_layers=os.environ.get("TRINITY_BENCH_COMPILED_LAYERS") == "1")
+    result = run_job(spec, out / "job", options=options)
     (out / "spec.json").write_text(spec.model_dump_json(indent=1))
     import shutil
     import tarfile
