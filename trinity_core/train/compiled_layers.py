@@ -10,7 +10,8 @@ Python launches kernels (torch.profiler kernel totals against wall time, docs/BE
 shapes, so one graph serves every sequence length of a layer kind) for training calls, and a forward
 pre-hook, :func:`refresh_norms`, that brings its fast-DoRA norm caches up to date eagerly before the region
 runs; inside it ``FastDoraLinearLayer.weight_norm`` reads the cache (a graph input, so a refreshed norm is
-used without recompiling). Evaluation and generation calls run the layer's own forward. Not ``fullgraph``:
+used without recompiling); fast DoRA's Triton kernels enter the graph as custom ops (``trinity::scale_and_reduce``,
+``trinity::gated_act``). Evaluation and generation calls run the layer's own forward. Not ``fullgraph``:
 whatever Dynamo cannot trace runs eagerly between graphs rather than failing the job.
 """
 
@@ -48,8 +49,8 @@ def compiled_layer_forward(self: nn.Module, *args, **kwargs):
 
 def compile_decoder_layers(model: nn.Module, backend: Any = "inductor") -> int:
     """Compile every decoder layer of ``model`` (:data:`LAYER_CLASSES`) that has no forward of its own yet, as
-    the module docstring says. Returns how many. ``backend`` (``torch.compile``'s): "inductor" on a GPU; "aot_eager" in
-    the tests."""
+    the module docstring says. Returns how many. ``backend`` (``torch.compile``'s): "inductor" on a GPU;
+    "aot_eager" or a counting backend in the tests."""
     compiled = 0
     for layer in model.modules():
         if type(layer).__name__ not in LAYER_CLASSES or "forward" in layer.__dict__:

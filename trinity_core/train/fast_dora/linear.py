@@ -480,8 +480,8 @@ class LoraSum(torch.autograd.Function):
 def scale_and_reduce(dy: torch.Tensor, z: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(g ⊙ dy, Σ_t dy ⊙ z)`` for (T, out) ``dy`` and ``z``: one pass with Triton on CUDA, fp32 sums.
     Inside a compiled region (``train/compiled_layers``) through the custom op ``trinity::scale_and_reduce``,
-    which Dynamo keeps as one opaque node (it cannot trace the Triton launch); eagerly called directly
-    (the op's dispatch costs ~10 µs a call on a host-bound path)."""
+    which Dynamo keeps as one opaque node (it cannot trace the Triton launch); eagerly called directly (the
+    op's dispatch would only add host time to a host-bound path)."""
     if torch.compiler.is_compiling():
         return torch.ops.trinity.scale_and_reduce(dy, z, g)
     return _scale_and_reduce(dy, z, g)

@@ -80,7 +80,8 @@ def gain(module: nn.Module) -> torch.Tensor:
 
 def gated_act(e: torch.Tensor, u: torch.Tensor, g_e: torch.Tensor, g_u: torch.Tensor,
               act_fn: nn.Module) -> torch.Tensor:
-    """``act(g_e ⊙ e) ⊙ (g_u ⊙ u)`` in e's dtype: one Triton pass each way on CUDA, autograd elsewhere."""
+    """``act(g_e ⊙ e) ⊙ (g_u ⊙ u)`` in e's dtype: one Triton pass each way on CUDA, autograd elsewhere;
+    inside a compiled region the custom op ``trinity::gated_act`` (below)."""
     kind = _ACTIVATIONS.get(type(act_fn).__name__)
     if kind is not None and e.shape == u.shape and torch.compiler.is_compiling():
         return _gated_act_op(e.reshape(-1, e.shape[-1]), u.reshape(-1, u.shape[-1]), g_e.float(), g_u.float(),
