@@ -119,8 +119,12 @@ def test_cancel_queued_and_running_jobs_and_resend_a_lost_message(stack, redis_c
     wait_for(lambda: any("not in the broker" in e["message"] for e in stack.events(lost["id"])), 30,
              "the reaper to re-send the lost message")
     assert stack.job(lost["id"])["status"] == "queued"
-    waiting = [json.loads(m)["headers"]["id"] for m in redis_client.lrange(stack.queue, 0, -1)]
-    assert any(task_id.startswith(lost["id"]) for task_id in waiting), waiting  # its message is back
+
+    def message_back() -> bool:  # the reaper commits its event, then sends: the message follows within moments
+        waiting = [json.loads(m)["headers"]["id"] for m in redis_client.lrange(stack.queue, 0, -1)]
+        return any(task_id.startswith(lost["id"]) for task_id in waiting)
+
+    wait_for(message_back, 10, "the re-sent message in the broker's queue")  # its message is back
     assert stack.http.post(f"/jobs/{lost['id']}/cancel").json()["status"] == "cancelled"
 
     wait_for(lambda: stack.http.get(f"/jobs/{long['id']}/checkpoints").json(), JOB_TIMEOUT, "a checkpoint")
