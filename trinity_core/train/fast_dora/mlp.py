@@ -104,10 +104,7 @@ def _gated_act_op(e: torch.Tensor, u: torch.Tensor, g_e: torch.Tensor, g_u: torc
     """``act(g_e ⊙ e) ⊙ (g_u ⊙ u)`` for (T, N) ``e``, ``u`` and fp32 (N,) gains, in e's dtype."""
     e, u, g_e, g_u = e.contiguous(), u.contiguous(), g_e.contiguous(), g_u.contiguous()
     if e.is_cuda and _kernels() is not None:
-        h = torch.empty_like(e)
-        _kernels()[0][(_cdiv(e.shape[0], _BLOCK_T), _cdiv(e.shape[1], _BLOCK_N))](
-            e, u, g_e, g_u, h, e.shape[0], e.shape[1], GELU=gelu, BLOCK_T=_BLOCK_T, BLOCK_N=_BLOCK_N)
-        return h
+        return _launch_forward(e, u, g_e, g_u, gelu)
     val, _ = _act_torch(e.float() * g_e, gelu)
     return (val * u.float() * g_u).to(e.dtype)
 
@@ -122,14 +119,9 @@ def _gated_act_backward_op(dh: torch.Tensor, e: torch.Tensor, u: torch.Tensor, g
                            gelu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(de, du, dg_e, dg_u)`` of :func:`_gated_act_op` (see :class:`GatedDoraAct`), the sums in fp32."""
     dh, e, u, g_e, g_u = dh.contiguous(), e.contiguous(), u.contiguous(), g_e.contiguous(), g_u.contiguous()
-    t, n = e.shape
     if e.is_cuda and _kernels() is not None:
         de, du = torch.empty_like(e), torch.empty_like(u)
-        blocks = _cdiv(t, _ROWS)
-        parts = torch.empty((2, blocks, n), device=e.device, dtype=torch.float32)
-        _kernels()[1][(blocks, _cdiv(n, _BLOCK_N))](dh, e, u, g_e, g_u, de, du, parts[0], parts[1], t, n, GELU=gelu,
-                                                    ROWS=_ROWS, BLOCK_T=_BLOCK_T, BLOCK_N=_BLOCK_N)
-        return de, du, parts[0].sum(0), parts[1].sum(0)  # two tensors: an op's outputs may not alias each other
+        return de, du, *_launch_backward(dh, e, u, g_e, g_u, de, du, gelu)
     e32, u32, dh32 = e.float(), u.float(), dh.float()
     val, der = _act_torch(e32 * g_e, gelu)
     da, db = dh32 * u32 * g_u * der, dh32 * val
@@ -186,10 +178,7 @@ class GatedDoraAct(torch.autograd.Function):
         shape, n = e.shape, e.shape[-1]
         e2, u2 = e.reshape(-1, n).contiguous(), u.reshape(-1, n).contiguous()
         g_e, g_u = g_e.detach().float().contiguous(), g_u.detach().float().contiguous()
-        h = torch.empty_like(e2)
-        fwd, _ = _kernels()
-        grid = (_cdiv(e2.shape[0], _BLOCK_T), _cdiv(n, _BLOCK_N))
-        fwd[grid](e2, u2, g_e, g_u, h, e2.shape[0], n, GELU=kind == "gelu_tanh", BLOCK_T=_BLOCK_T, BLOCK_N=_BLOCK_N)
+        h = _launch_forward(e2, u2, g_e, g_u, kind == "gelu_tanh")
         ctx.save_for_backward(e2, u2, g_e, g_u)
         ctx.kind, ctx.shape, ctx.consume, ctx.consumed = kind, shape, consume, False
         return h.view(shape)
@@ -201,19 +190,35 @@ class GatedDoraAct(torch.autograd.Function):
                                "with their gradients; it cannot run twice (retain_graph)")
         ctx.consumed = ctx.consume
         e2, u2, g_e, g_u = ctx.saved_tensors
-        t, n = e2.shape
-        dh2 = dh.reshape(-1, n).contiguous()
+        dh2 = dh.reshape(-1, e2.shape[1]).contiguous()
         de, du = (e2, u2) if ctx.consume else (torch.empty_like(e2), torch.empty_like(u2))
-        blocks = _cdiv(t, _ROWS)
-        parts = torch.empty((2, blocks, n), device=e2.device, dtype=torch.float32)
-        _, bwd = _kernels()
-        bwd[(blocks, _cdiv(n, _BLOCK_N))](dh2, e2, u2, g_e, g_u, de, du, parts[0], parts[1], t, n,
-                                          GELU=ctx.kind == "gelu_tanh", ROWS=_ROWS, BLOCK_T=_BLOCK_T, BLOCK_N=_BLOCK_N)
-        d_ge, d_gu = parts.sum(1)
+        d_ge, d_gu = _launch_backward(dh2, e2, u2, g_e, g_u, de, du, ctx.kind == "gelu_tanh")
         return de.view(ctx.shape), du.view(ctx.shape), d_ge, d_gu, None, None
 
 
 _ROWS, _BLOCK_T, _BLOCK_N = 256, 32, 128
+
+
+def _launch_forward(e: torch.Tensor, u: torch.Tensor, g_e: torch.Tensor, g_u: torch.Tensor,
+                    gelu: bool) -> torch.Tensor:
+    """h of contiguous (T, N) ``e``, ``u`` and fp32 gains: the forward Triton kernel (GatedDoraAct's and the op's)."""
+    h = torch.empty_like(e)
+    _kernels()[0][(_cdiv(e.shape[0], _BLOCK_T), _cdiv(e.shape[1], _BLOCK_N))](
+        e, u, g_e, g_u, h, e.shape[0], e.shape[1], GELU=gelu, BLOCK_T=_BLOCK_T, BLOCK_N=_BLOCK_N)
+    return h
+
+
+def _launch_backward(dh: torch.Tensor, e: torch.Tensor, u: torch.Tensor, g_e: torch.Tensor, g_u: torch.Tensor,
+                     de: torch.Tensor, du: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward Triton kernel: writes ``de`` and ``du`` (which may be ``e`` and ``u`` themselves: each element
+    is read before it is written) and returns the gain gradients, two separate fp32 (N,) tensors (an op's
+    outputs may not alias each other)."""
+    t, n = e.shape
+    blocks = _cdiv(t, _ROWS)
+    parts = torch.empty((2, blocks, n), device=e.device, dtype=torch.float32)
+    _kernels()[1][(blocks, _cdiv(n, _BLOCK_N))](dh, e, u, g_e, g_u, de, du, parts[0], parts[1], t, n, GELU=gelu,
+                                                ROWS=_ROWS, BLOCK_T=_BLOCK_T, BLOCK_N=_BLOCK_N)
+    return parts[0].sum(0), parts[1].sum(0)
 
 
 def _cdiv(a: int, b: int) -> int:
