@@ -92,9 +92,11 @@ case ${1:-} in
     cut -c1-700 "$OUT/speed.jsonl"; grep -i "error\|Traceback\|recompil" "$OUT/speed.log" | tail -8 ;;
   tinyjob)  # run_job's tiny job with compiled decoder layers: its first step stalled in inductor's C++ (CPU)
             # codegen (calls 10, 11); the region's graphs and Dynamo's logs say which tensors are on the CPU
-    TRINITY_BENCH_COMPILED_LAYERS=1 TORCH_LOGS=recompiles,graph_breaks,graph_code timeout -s ABRT ${LIMIT:-300} \
-      python -X faulthandler bench/gpu_tiny_job.py train /tmp/tinyjob > "$OUT/tinyjob.log" 2>&1
+    # (call 12 on: TRINITY_BENCH_REGION_PROBE prints each CPU tensor of the graphs inductor compiles)
+    TRINITY_BENCH_COMPILED_LAYERS=1 TRINITY_BENCH_REGION_PROBE=1 TORCH_LOGS=recompiles,graph_breaks \
+      timeout -s ABRT ${LIMIT:-300} python -X faulthandler bench/gpu_tiny_job.py train /tmp/tinyjob \
+      > "$OUT/tinyjob.log" 2>&1
     echo "rc=$?" | tee -a "$OUT/tinyjob.log"
-    grep -n "device(type='cpu')\|cpu" "$OUT/tinyjob.log" | grep -v "cpu_vec_isa\|Extension modules" | head -20 ;;
+    grep -n -A4 "\[probe\]" "$OUT/tinyjob.log" | head -60 ;;
   *) echo "usage: $0 tests|kernel|pair|refresh|t4mem|t4tests|speed|tinyjob"; exit 2 ;;
 esac

@@ -41,6 +41,8 @@ def train(out: Path) -> None:
     from trinity_core.options import RunOptions
 
     options = RunOptions(compiled_layers=os.environ.get("TRINITY_BENCH_COMPILED_LAYERS") == "1")
+    if os.environ.get("TRINITY_BENCH_REGION_PROBE") == "1":
+        probe_cpu_tensors()
     result = run_job(spec, out / "job", options=options)
     (out / "spec.json").write_text(spec.model_dump_json(indent=1))
     import shutil
@@ -53,6 +55,43 @@ def train(out: Path) -> None:
         shutil.rmtree(out / "job" / name, ignore_errors=True)
     print(json.dumps({"backend": result.backend, "attempts": result.attempts,
                       "loss": [h["loss"] for h in result.loss_history]}, default=str))
+
+
+def probe_cpu_tensors() -> None:
+    """Print every CPU tensor of the graphs inductor compiles (Dynamo's graph and the post-grad forward and
+    backward), each with the end of its source stack: which work of a GPU job would take inductor's C++
+    codegen."""
+    import time
+
+    import torch
+    import torch._inductor.compile_fx as compile_fx_module
+    from torch._inductor import config
+
+    start = time.monotonic()
+
+    def cpu_nodes(graph, where: str) -> None:
+        shown = 0
+        for node in graph.nodes:
+            val = node.meta.get("val", node.meta.get("example_value"))
+            vals = val if isinstance(val, (tuple, list)) else [val]
+            devices = {v.device.type for v in vals if isinstance(v, torch.Tensor)}
+            if "cpu" in devices and shown < 12:
+                shown += 1
+                stack = (node.meta.get("stack_trace") or "").strip().splitlines()[-4:]
+                print(f"[probe] {where}: cpu {node.op} {node.format_node()[:200]}", *stack, sep="\n    ",
+                      flush=True)
+        print(f"[probe] {where}: {shown} cpu nodes shown, at {time.monotonic() - start:.1f} s", flush=True)
+
+    original = compile_fx_module.compile_fx
+
+    def compile_fx(gm, example_inputs, *args, **kwargs):
+        cpu_inputs = [i for i, t in enumerate(example_inputs) if isinstance(t, torch.Tensor) and t.device.type == "cpu"]
+        print(f"[probe] dynamo graph: {len(example_inputs)} inputs, cpu ones at {cpu_inputs}", flush=True)
+        cpu_nodes(gm.graph, "dynamo graph")
+        return original(gm, example_inputs, *args, **kwargs)
+
+    compile_fx_module.compile_fx = compile_fx
+    config.post_grad_custom_pre_pass = lambda graph: cpu_nodes(graph, "post-grad graph")
 
 
 def export(fetched: Path) -> None:

@@ -100,6 +100,31 @@ def test_compiled_functions_match_the_reference_at_every_length_from_one_graph(d
     compiled_kernels.compiled.cache_clear()
 
 
+def test_python_floats_are_traced_as_constants_not_cpu_tensor_inputs():
+    """With ``dynamic=True`` Dynamo passes a Python float (the norm's eps) as a 0-dim float64 CPU tensor, which on
+    a GPU took inductor's C++ codegen (the tiny job's first step did not finish on an H200): traced as a constant
+    instead, a new value recompiles, and Dynamo's own setting is back as it was after the call, raise or not."""
+    graphs: list[list[torch.Tensor]] = []
+
+    def recording(gm, example_inputs):
+        graphs.append([t for t in example_inputs if isinstance(t, torch.Tensor) and t.dtype == torch.float64])
+        return gm.forward
+
+    torch._dynamo.reset()
+    norm = compiled_kernels.floats_as_constants(torch.compile(rms_norm, dynamic=True, backend=recording))
+    x, w = torch.randn(6, 64), torch.randn(64)
+    setting = torch._dynamo.config.specialize_float
+    for eps in (1e-6, 1e-6, 1e-2):
+        assert torch.equal(norm(x, w, eps), rms_norm(x, w, eps))
+    assert graphs == [[], []], "one graph per eps, no float64 (tensorified float) inputs"
+    with pytest.raises(RuntimeError):
+        norm(x, torch.randn(3), 1e-6)
+    assert torch._dynamo.config.specialize_float == setting
+    plain = torch.compile(rms_norm, dynamic=True, backend=recording)  # the trap it avoids, still there
+    plain(x, w, 1e-5)
+    assert [t.dtype for t in graphs[-1]] == [torch.float64], graphs[-1]
+
+
 def test_install_compiled_norms_trains_as_the_stock_model():
     config = Gemma3TextConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
                               num_key_value_heads=1, head_dim=16, vocab_size=64)

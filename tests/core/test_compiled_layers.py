@@ -43,8 +43,14 @@ def test_compiled_layers_train_as_the_eager_model(tiny_spec):
     # dequantises through bitsandbytes' torch.compile'd function (nf4.read_rows_flat_on_cpu), once per
     # weight shape, and those graphs count in Dynamo's global counters too (10 on such a machine, 2026-11-29)
     regions = CompileCounterWithBackend("aot_eager")
-    assert compile_decoder_layers(fast, backend=regions) == len(layers) == 6
-    assert compile_decoder_layers(fast, backend=regions) == 0, "already compiled"
+    scalars: list[torch.Tensor] = []
+
+    def backend(gm, example_inputs):  # a Python float (eps, LoRA scaling) traced as an input: a 0-dim float64 tensor
+        scalars.extend(t for t in example_inputs if isinstance(t, torch.Tensor) and t.dtype == torch.float64)
+        return regions(gm, example_inputs)
+
+    assert compile_decoder_layers(fast, backend=backend) == len(layers) == 6
+    assert compile_decoder_layers(fast, backend=backend) == 0, "already compiled"
     eager.train(), fast.train()
     opt_eager, opt_fast = torch.optim.SGD(_trainable(eager), lr=0.5), torch.optim.SGD(_trainable(fast), lr=0.5)
     gen = torch.Generator().manual_seed(0)
@@ -65,6 +71,7 @@ def test_compiled_layers_train_as_the_eager_model(tiny_spec):
         opt_eager.step(), opt_fast.step()
         opt_eager.zero_grad(), opt_fast.zero_grad()
     assert not counters["graph_break"], dict(counters["graph_break"])
+    assert not scalars, "floats are the graphs' constants (on a GPU inductor compiled C++ CPU kernels for them)"
     # sliding and global layers, grad on/off: not one graph per layer or length
     assert 0 < regions.frame_count <= 8, regions.frame_count
     assert all("forward" in n.__dict__ for n in fast.modules() if type(n).__name__ == "Gemma3RMSNorm")

@@ -74,8 +74,30 @@ def compiled(backend: str = "inductor") -> types.SimpleNamespace:
     ``backend``: "inductor" on a GPU; the tests use "aot_eager" (the same tracing and autograd split, without
     generating kernels)."""
     options = dict(dynamic=True, backend=backend)
-    return types.SimpleNamespace(rms_norm=torch.compile(rms_norm, **options),
-                                 qkv_heads=torch.compile(qkv_heads, **options))
+    return types.SimpleNamespace(rms_norm=floats_as_constants(torch.compile(rms_norm, **options)),
+                                 qkv_heads=floats_as_constants(torch.compile(qkv_heads, **options)))
+
+
+def floats_as_constants(compiled_fn: Any) -> Any:
+    """``compiled_fn`` (a ``torch.compile``'d function with dynamic shapes) called with Dynamo tracing the Python
+    floats it reads as constants (``specialize_float``), not as inputs: with ``dynamic=True`` Dynamo passes each
+    float (a norm's eps, a LoRA scaling, the attention's scale) as a 0-dim float64 tensor on the CPU, and
+    inductor generates C++ CPU kernels to convert them for the GPU's, compiled by the host's C++ compiler. On
+    an H200 the tiny job's first step with compiled layers did not finish in 130-200 s that way (calls 9-12,
+    docs/BENCHMARKS.md). The floats are the same in every layer; a new value recompiles. The switch is Dynamo's
+    global setting, set only around the call (~4 µs) and restored after."""
+
+    @functools.wraps(compiled_fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        config = torch._dynamo.config
+        prior = config.specialize_float
+        config.specialize_float = True
+        try:
+            return compiled_fn(*args, **kwargs)
+        finally:
+            config.specialize_float = prior
+
+    return call
 
 
 PLAIN = types.SimpleNamespace(rms_norm=rms_norm, qkv_heads=qkv_heads)
@@ -130,5 +152,5 @@ def find_closure_cell(function: Any, name: str, depth: int = 4) -> Any:
     return None
 
 
-__all__ = ["compiled", "find_closure_cell", "install_compiled_norms", "kernels", "qkv_heads", "rms_norm",
-           "rotate_half"]
+__all__ = ["compiled", "find_closure_cell", "floats_as_constants", "install_compiled_norms", "kernels", "qkv_heads",
+           "rms_norm", "rotate_half"]

@@ -11,8 +11,9 @@ shapes, so one graph serves every sequence length of a layer kind) for training 
 pre-hook, :func:`refresh_norms`, that brings its fast-DoRA norm caches up to date eagerly before the region
 runs; inside it ``FastDoraLinearLayer.weight_norm`` reads the cache (a graph input, so a refreshed norm is
 used without recompiling); fast DoRA's Triton kernels enter the graph as custom ops (``trinity::scale_and_reduce``,
-``trinity::gated_act``). Evaluation and generation calls run the layer's own forward. Not ``fullgraph``:
-whatever Dynamo cannot trace runs eagerly between graphs rather than failing the job.
+``trinity::gated_act``); Python floats (eps, LoRA scaling) are traced as constants
+(:func:`~trinity_core.train.compiled_kernels.floats_as_constants`). Evaluation and generation calls run the layer's
+own forward. Not ``fullgraph``: whatever Dynamo cannot trace runs eagerly between graphs rather than failing the job.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from trinity_core.train.compiled_kernels import floats_as_constants
 from trinity_core.train.fast_dora.linear import FastDoraLinearLayer
 
 LAYER_CLASSES = ("Gemma3DecoderLayer",)
@@ -60,8 +62,8 @@ def compile_decoder_layers(model: nn.Module, backend: Any = "inductor") -> int:
             for dora in module.lora_magnitude_vector.values():
                 if isinstance(dora, FastDoraLinearLayer):
                     dora.checked_by_region = True  # weight_norm may read its cache as it is inside the region
-        layer._trinity_compiled_forward = torch.compile(types.MethodType(type(layer).forward, layer),
-                                                        dynamic=True, backend=backend)
+        layer._trinity_compiled_forward = floats_as_constants(
+            torch.compile(types.MethodType(type(layer).forward, layer), dynamic=True, backend=backend))
         layer.forward = types.MethodType(compiled_layer_forward, layer)
         layer.register_forward_pre_hook(refresh_norms, with_kwargs=True)
         compiled += 1
