@@ -80,6 +80,7 @@ case ${1:-} in
     if [ -n "${LAYERS:-}" ]; then  # Trinity's compiled layers first, then the reference
       TORCH_LOGS=${TORCH_LOGS-graph_breaks,recompiles} run --only ${ONLY:-dora_fast_acc4} --compile-layers --tag layers_
       UNSLOTH_COMPILE_DISABLE=0 run --only lora_acc4 --tag compiled_
+      [ -z "${BASELINE:-}" ] || run --only ${ONLY:-dora_fast_acc4} --tag kernels_  # fast DoRA, layers uncompiled
     else
       UNSLOTH_COMPILE_DISABLE=0 run --only lora_acc4 --tag compiled_
       run --only ${ONLY:-lora_acc4 dora_fast_acc4} --tag kernels_
