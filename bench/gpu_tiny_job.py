@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def train(out: Path) -> None:
-    """``TRINITY_BENCH_COMPILED_LAYERS=1``: with ``RunOptions(compiled_layers=True)`` (off by default: this job's
-    first step did not finish with it, docs/BENCHMARKS.md "Goal 1, later on 2026-11-29")."""
+    """``TRINITY_BENCH_COMPILED_LAYERS=0``: with ``RunOptions(compiled_layers=False)`` (the decoder layers eager;
+    on by default since call 14, docs/BENCHMARKS.md "Goal 1, later on 2026-11-29")."""
     import os
 
     os.environ.setdefault("UNSLOTH_COMPILE_DISABLE", "1")  # the backend's choice with DoRA
@@ -40,7 +40,7 @@ def train(out: Path) -> None:
     spec.export.merge = spec.export.gguf = spec.export.evaluate = False
     from trinity_core.options import RunOptions
 
-    options = RunOptions(compiled_layers=os.environ.get("TRINITY_BENCH_COMPILED_LAYERS") == "1")
+    options = RunOptions(compiled_layers=os.environ.get("TRINITY_BENCH_COMPILED_LAYERS", "1") == "1")
     if os.environ.get("TRINITY_BENCH_REGION_PROBE") == "1":
         probe_cpu_tensors()
     result = run_job(spec, out / "job", options=options)

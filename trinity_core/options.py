@@ -23,12 +23,12 @@ class RunOptions:
     compiled_kernels: bool = True
     """With Unsloth's compile mode off on a bf16 GPU (the DoRA path), compile Gemma-3's norms and the
     attention's q/k norm + RoPE (``train/compiled_kernels``). False leaves them eager (benchmarks)."""
-    compiled_layers: bool = False
+    compiled_layers: bool = True
     """With ``compiled_kernels`` and fast DoRA: also compile each decoder layer as one region, fast DoRA inside
-    (``train/compiled_layers``; its Triton kernels as custom ops there). H200, 12B shape at 48 layers, one run:
-    5430 tok/s against 6069 for Unsloth's compiled LoRA, no graph break; 3698 without it (another run). Off
-    because ``run_job`` with it on did not finish its first step on the GPU (the tiny job, still compiling after
-    130 s; docs/BENCHMARKS.md, "Goal 1, later on 2026-11-29"); the benchmark turns it on."""
+    (``train/compiled_layers``; its Triton kernels as custom ops there). H200, 12B shape at 48 layers, one run on
+    one host (call 15): 4425 tok/s against 3557 without it and 6159 for Unsloth's compiled LoRA; the first step
+    compiles (~60 s at 48 layers, as Unsloth's compile mode does for LoRA); the tiny job trains with it on the GPU
+    (call 14). docs/BENCHMARKS.md, "Goal 1, later on 2026-11-29". False: the layers run eagerly (benchmarks)."""
     unsloth_compile: bool | None = None
     """Unsloth's torch.compile mode; None: on for LoRA, off with DoRA (it stalls or crashes there)."""
     debug_memory: bool = False
