@@ -26,7 +26,8 @@ class RunOptions:
     compiled_layers: bool = True
     """With ``compiled_kernels`` and fast DoRA: also compile each decoder layer as one region, fast DoRA inside
     (``train/compiled_layers``; its Triton kernels as custom ops there). H200, 12B shape at 48 layers, one run on
-    one host (call 15): 4425 tok/s against 3557 without it and 6159 for Unsloth's compiled LoRA; the first step
+    one host (call 15): 4425 tok/s against 3557 without it and 6159 for Unsloth's compiled LoRA (another host,
+    call 16: 5647 against 6074 for compiled LoRA: the ratio follows the host's CPU); the first step
     compiles (~60 s at 48 layers, as Unsloth's compile mode does for LoRA); the tiny job trains with it on the GPU
     (call 14). docs/BENCHMARKS.md, "Goal 1, later on 2026-11-29". False: the layers run eagerly (benchmarks)."""
     unsloth_compile: bool | None = None
