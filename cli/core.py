@@ -34,6 +34,8 @@ def add_parsers(sub) -> None:
                    help="on the T4 path keep Unsloth's Gemma-3 attention (faster, ~0.38 GiB more at seq 4096)")
     p.add_argument("--unsloth-compile", choices=("auto", "on", "off"), default="auto",
                    help="Unsloth's torch.compile mode (auto: on for LoRA, off with DoRA)")
+    p.add_argument("--no-compiled-layers", action="store_true",
+                   help="with fast DoRA on a bf16 GPU, run the decoder layers eagerly (no compile at the first step)")
     p.add_argument("--debug-memory", action="store_true",
                    help="after a failed OOM-ladder attempt, print what still holds CUDA memory")
     p.add_argument("--mlflow-uri", default=None, metavar="URI",
@@ -102,7 +104,7 @@ def cmd_train(args) -> int:
     options = RunOptions(fast_dora=not args.no_fast_dora, lean_attention=not args.no_lean_attention,
                          debug_memory=args.debug_memory,
                          unsloth_compile={"auto": None, "on": True, "off": False}[args.unsloth_compile],
-                         mlflow_tracking_uri=args.mlflow_uri)
+                         compiled_layers=not args.no_compiled_layers, mlflow_tracking_uri=args.mlflow_uri)
     try:
         spec = load_spec(args.spec)
         result = run_job(spec, args.workdir, ProgressPrinter(as_json=args.json), options=options)

@@ -116,6 +116,8 @@ class Settings(BaseSettings):
     fast_dora: bool = Field(True, description="Trinity's fast DoRA; false runs PEFT's own DoRA (benchmarks).")
     unsloth_compile: Literal["auto", "on", "off"] = Field(
         "auto", description="Unsloth's torch.compile mode (auto: on for LoRA, off with DoRA).")
+    compiled_layers: bool = Field(True, description="With fast DoRA on a bf16 GPU: each decoder layer compiled as "
+                                  "one region (the first step compiles); false runs the layers eagerly.")
     debug_memory: bool = Field(False, description="After a failed OOM-ladder attempt, print what still holds CUDA memory.")
     test_seams: bool = Field(False, description="Allow the test seams below (tests only; refused in production).")
     inject_oom: int = Field(0, ge=0, description="Test seam: the first N training attempts of each job raise an OOM "
@@ -167,7 +169,7 @@ class Settings(BaseSettings):
         """How this worker runs a job (``run_job(..., options=...)``)."""
         return RunOptions(fast_dora=self.fast_dora, debug_memory=self.debug_memory, test_seams=self.test_seams,
                           unsloth_compile={"auto": None, "on": True, "off": False}[self.unsloth_compile],
-                          inject_oom=self.inject_oom, mlflow_tracking_uri=self.mlflow_tracking_uri or None)
+                          compiled_layers=self.compiled_layers, inject_oom=self.inject_oom, mlflow_tracking_uri=self.mlflow_tracking_uri or None)
 
     @property
     def notify_redis_url(self) -> str | None:

@@ -137,11 +137,12 @@ def test_the_row_copies_the_ladders_attempt_list(fast):
 
 
 def test_the_worker_runs_with_the_service_run_options(settings, script, monkeypatch):
-    """RunOptions come from the service settings: TRINITY_FAST_DORA, and the injected-OOM seam only
-    with TRINITY_TEST_SEAMS (without it the settings refuse to load)."""
+    """RunOptions come from the service settings: TRINITY_FAST_DORA, TRINITY_COMPILED_LAYERS, and the injected-OOM
+    seam only with TRINITY_TEST_SEAMS (without it the settings refuse to load)."""
     from trinity_core.options import RunOptions
 
     monkeypatch.setenv("TRINITY_FAST_DORA", "false")
+    monkeypatch.setenv("TRINITY_COMPILED_LAYERS", "false")
     monkeypatch.setenv("TRINITY_INJECT_OOM", "2")
     get_settings.cache_clear()
     with pytest.raises(ValueError, match="TRINITY_TEST_SEAMS"):
@@ -150,7 +151,7 @@ def test_the_worker_runs_with_the_service_run_options(settings, script, monkeypa
     get_settings.cache_clear()
     script.fn = lambda *a: result()
     run_task(queued_job())
-    assert script.options == [RunOptions(fast_dora=False, test_seams=True, inject_oom=2)]
+    assert script.options == [RunOptions(fast_dora=False, compiled_layers=False, test_seams=True, inject_oom=2)]
     get_settings.cache_clear()
 
 
