@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from trinity_core.train.compiled_kernels import install_compiled_norms
@@ -88,3 +89,41 @@ def test_compiled_layers_train_as_the_eager_model(tiny_spec):
         for a, b in zip(_trainable(eager), _trainable(fast)):
             b.copy_(a)
         assert torch.equal(fast(input_ids=ids).logits, eager(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("failure", ["compiler error", "oom"])
+def test_a_failed_compile_leaves_the_layers_eager(tiny_spec, failure):
+    """The regions are an optimisation: a compiler that raises (here the backend itself) turns them off for the
+    whole model after one try, with a warning naming the error, and the step trains as the eager model does; a
+    CUDA OOM while compiling reaches the OOM ladder as an OOM."""
+    from trinity_core.train.backends.peft import PeftBackend
+
+    eager, _ = PeftBackend().load(tiny_spec)
+    fast = copy.deepcopy(eager)
+    tries = []
+
+    def failing(gm, example_inputs):
+        tries.append(len(example_inputs))
+        if failure == "oom":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        raise RuntimeError("lowering failed (injected)")
+
+    torch._dynamo.reset()
+    assert compile_decoder_layers(fast, backend=failing) == 6
+    eager.train(), fast.train()
+    ids = torch.randint(7, eager.config.vocab_size, (1, 19), generator=torch.Generator().manual_seed(3))
+    if failure == "oom":
+        with pytest.raises(torch.OutOfMemoryError, match="injected"):
+            fast(input_ids=ids, labels=ids)
+        return
+    with pytest.warns(UserWarning, match=r"layers run eagerly \(RuntimeError: lowering failed \(injected\)\)"):
+        loss = fast(input_ids=ids, labels=ids).loss
+    loss.backward()
+    want = eager(input_ids=ids, labels=ids).loss
+    want.backward()
+    assert torch.equal(loss, want)
+    for a, b in zip(_trainable(eager), _trainable(fast)):
+        assert torch.equal(a.grad, b.grad)
+    assert len(tries) == 1, "one try for the whole model"
+    fast(input_ids=ids, labels=ids).loss.backward()
+    assert len(tries) == 1

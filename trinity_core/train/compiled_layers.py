@@ -19,10 +19,12 @@ own forward. Not ``fullgraph``: whatever Dynamo cannot trace runs eagerly betwee
 from __future__ import annotations
 
 import types
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
+from torch._dynamo.exc import BackendCompilerFailed, InternalTorchDynamoError
 
 from trinity_core.train.compiled_kernels import floats_as_constants
 from trinity_core.train.fast_dora.linear import FastDoraLinearLayer
@@ -42,10 +44,31 @@ def refresh_norms(layer: nn.Module, args=None, kwargs=None) -> None:
                                  module.get_base_layer())
 
 
+class RegionState:
+    """Shared by one model's compiled layers: why their compile failed, if it did (then they all run eagerly)."""
+
+    def __init__(self) -> None:
+        self.failed: str | None = None
+
+
 def compiled_layer_forward(self: nn.Module, *args, **kwargs):
-    """The layer's forward through its compiled region while training, its own forward otherwise."""
-    if self.training:
-        return self._trinity_compiled_forward(*args, **kwargs)
+    """The layer's forward through its compiled region while training, its own forward otherwise.
+
+    The regions are an optimisation: if compiling one fails (inductor or Dynamo raising, on a model or GPU the
+    tests have not seen), every layer of the model runs its own forward from then on and a warning says why; the
+    step goes on (a failed compile has run nothing of the layer). A CUDA OOM while compiling is raised as such,
+    for the OOM ladder; errors while a compiled graph runs are not caught."""
+    state: RegionState = self._trinity_region_state
+    if self.training and state.failed is None:
+        try:
+            return self._trinity_compiled_forward(*args, **kwargs)
+        except (BackendCompilerFailed, InternalTorchDynamoError) as error:
+            cause = getattr(error, "inner_exception", None) or error.__cause__
+            if isinstance(cause, torch.OutOfMemoryError):
+                raise cause from error
+            state.failed = f"{type(cause or error).__name__}: {str(cause or error).splitlines()[0][:300]}"
+            warnings.warn(f"compiled decoder layers: compiling failed, the layers run eagerly ({state.failed})",
+                          stacklevel=2)
     return type(self).forward(self, *args, **kwargs)
 
 
@@ -53,7 +76,7 @@ def compile_decoder_layers(model: nn.Module, backend: Any = "inductor") -> int:
     """Compile every decoder layer of ``model`` (:data:`LAYER_CLASSES`) that has no forward of its own yet, as
     the module docstring says. Returns how many. ``backend`` (``torch.compile``'s): "inductor" on a GPU;
     "aot_eager" or a counting backend in the tests."""
-    compiled = 0
+    compiled, state = 0, RegionState()
     for layer in model.modules():
         if type(layer).__name__ not in LAYER_CLASSES or "forward" in layer.__dict__:
             continue
@@ -64,10 +87,11 @@ def compile_decoder_layers(model: nn.Module, backend: Any = "inductor") -> int:
                     dora.checked_by_region = True  # weight_norm may read its cache as it is inside the region
         layer._trinity_compiled_forward = floats_as_constants(
             torch.compile(types.MethodType(type(layer).forward, layer), dynamic=True, backend=backend))
+        layer._trinity_region_state = state
         layer.forward = types.MethodType(compiled_layer_forward, layer)
         layer.register_forward_pre_hook(refresh_norms, with_kwargs=True)
         compiled += 1
     return compiled
 
 
-__all__ = ["LAYER_CLASSES", "compile_decoder_layers", "compiled_layer_forward", "refresh_norms"]
+__all__ = ["LAYER_CLASSES", "RegionState", "compile_decoder_layers", "compiled_layer_forward", "refresh_norms"]
