@@ -169,7 +169,8 @@ class Settings(BaseSettings):
         """How this worker runs a job (``run_job(..., options=...)``)."""
         return RunOptions(fast_dora=self.fast_dora, debug_memory=self.debug_memory, test_seams=self.test_seams,
                           unsloth_compile={"auto": None, "on": True, "off": False}[self.unsloth_compile],
-                          compiled_layers=self.compiled_layers, inject_oom=self.inject_oom, mlflow_tracking_uri=self.mlflow_tracking_uri or None)
+                          compiled_layers=self.compiled_layers, inject_oom=self.inject_oom,
+                          mlflow_tracking_uri=self.mlflow_tracking_uri or None)
 
     @property
     def notify_redis_url(self) -> str | None:
