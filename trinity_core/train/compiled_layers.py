@@ -56,8 +56,9 @@ def compiled_layer_forward(self: nn.Module, *args, **kwargs):
 
     The regions are an optimisation: if compiling one fails (inductor or Dynamo raising, on a model or GPU the
     tests have not seen), every layer of the model runs its own forward from then on and a warning says why; the
-    step goes on (a failed compile has run nothing of the layer). A CUDA OOM while compiling is raised as such,
-    for the OOM ladder; errors while a compiled graph runs are not caught."""
+    step goes on, the layer's forward run again eagerly (it changes no state that a partly run region could have
+    left). A CUDA OOM while compiling is raised as such, for the OOM ladder; errors while a compiled graph runs are
+    not caught."""
     state: RegionState = self._trinity_region_state
     if self.training and state.failed is None:
         try:
@@ -66,7 +67,8 @@ def compiled_layer_forward(self: nn.Module, *args, **kwargs):
             cause = getattr(error, "inner_exception", None) or error.__cause__
             if isinstance(cause, torch.OutOfMemoryError):
                 raise cause from error
-            state.failed = f"{type(cause or error).__name__}: {str(cause or error).splitlines()[0][:300]}"
+            first_line = (str(cause or error).splitlines() or [""])[0]
+            state.failed = f"{type(cause or error).__name__}: {first_line[:300]}"
             warnings.warn(f"compiled decoder layers: compiling failed, the layers run eagerly ({state.failed})",
                           stacklevel=2)
     return type(self).forward(self, *args, **kwargs)
