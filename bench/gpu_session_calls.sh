@@ -12,7 +12,7 @@
 #                                             # PROFILE=1: kernel totals of one optimizer step a row, SKIP_EAGER=1;
 #                                             # LAYERS=1: decoder layers compiled too, Dynamo's graph-break and
 #                                             # recompile logs in speed.log; GROWN_ONLY=1: 48 layers only)
-#   bash bench/gpu_session_calls.sh tinyjob   # run_job's tiny job with compiled decoder layers, Dynamo's graphs logged
+#   bash bench/gpu_session_calls.sh tinyjob   # run_job's tiny job with compiled decoder layers, CPU tensors probed
 #   bash bench/gpu_session_calls.sh pair      # the refresh, then LoRA vs fast DoRA at 4 and 48 layers
 #                                             # (bench/run_gpu.sh grown_bf16): one machine of two
 set -uo pipefail
