@@ -75,6 +75,10 @@ prepare as the Unsloth backend does (trinity_core.train.compiled_kernels); ``--e
 COMPILED_LAYERS = False
 """With COMPILED_KERNELS: also each decoder layer as one compiled region (trinity_core.train.compiled_layers);
 ``--compile-layers``."""
+REGION_OPAQUE = False
+"""With COMPILED_LAYERS: the regions call bitsandbytes' ``gemm_4bit`` and fast DoRA's Triton custom ops, as
+until 2026-11-29, instead of tracing the NF4 dequantisation and DoRA's arithmetic for inductor to fuse;
+``--region-opaque``."""
 PEAK_TFLOPS = 989.4
 """Dense bf16 peak of an H100 / H200 SXM (NVIDIA's data sheet, without sparsity): the MFU denominator."""
 
@@ -423,6 +427,8 @@ def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_
             v2["unsloth_compile"] = not compile_off
             v2["compiled_kernels"] = (compile_gemma3_kernels(model, layers=COMPILED_LAYERS)
                                       if COMPILED_KERNELS and compile_off else {})
+            if REGION_OPAQUE:
+                v2["region_opaque"] = opaque_regions(model)
             v2["nf4_kernel"] = qdora.USE_NF4_KERNEL = not v2["t4"] or T4_KERNEL
             v2["param_dtype"] = str(next(p for p in model.parameters() if p.is_floating_point()).dtype)
             v2["attn"] = getattr(model.config, "_attn_implementation", "?")
@@ -441,6 +447,21 @@ def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_
         emit(out, v2)
         model = None
         cleanup()
+
+
+def opaque_regions(model) -> int:
+    """REGION_OPAQUE: the compiled layers' frozen NF4 projections back to bitsandbytes' forward, fast DoRA's
+    arithmetic back to its custom ops (before the layers' first compile). How many projections."""
+    from trinity_core.train.compiled_layers import nf4_base_forward
+    from trinity_core.train.fast_dora import linear as fast_linear
+
+    fast_linear.REGION_CUSTOM_OPS = True
+    undone = 0
+    for module in model.modules():
+        if getattr(module.__dict__.get("forward"), "__func__", None) is nf4_base_forward:
+            del module.forward
+            undone += 1
+    return undone
 
 
 def model_flops(v: dict) -> dict:
@@ -591,6 +612,8 @@ def main(argv: list[str]) -> None:
     r.add_argument("--eager-kernels", action="store_true",
                    help="leave Gemma-3's norms and attention prepare eager (see COMPILED_KERNELS)")
     r.add_argument("--compile-layers", action="store_true", help="compile each decoder layer (see COMPILED_LAYERS)")
+    r.add_argument("--region-opaque", action="store_true", help="bitsandbytes' op and fast DoRA's custom ops "
+                   "inside the compiled layers (see REGION_OPAQUE)")
     r.add_argument("--only-grown", action="store_true", help="measure only the --grow-to rows")
     pr = sub.add_parser("profile")
     pr.add_argument("root", type=Path)
@@ -604,10 +627,11 @@ def main(argv: list[str]) -> None:
         build(a.root, a.depths)
     elif a.cmd == "run":
         deadline = time.time() + a.deadline
-        global SELECT, T4_KERNEL, LEAN_NORMS, LEAN_ATTENTION, COMPILED_KERNELS, COMPILED_LAYERS, ONLY_GROWN
+        global SELECT, T4_KERNEL, LEAN_NORMS, LEAN_ATTENTION, COMPILED_KERNELS, COMPILED_LAYERS, REGION_OPAQUE
+        global ONLY_GROWN
         SELECT = (set(a.only) if a.only else None, a.tag)
         T4_KERNEL, LEAN_NORMS, LEAN_ATTENTION = a.t4_kernel, not a.stock_norms, not a.stock_attention
-        COMPILED_KERNELS, COMPILED_LAYERS = not a.eager_kernels, a.compile_layers
+        COMPILED_KERNELS, COMPILED_LAYERS, REGION_OPAQUE = not a.eager_kernels, a.compile_layers, a.region_opaque
         ONLY_GROWN = a.only_grown
         with open(a.out, "a") as out:
             if a.backend == "peft":

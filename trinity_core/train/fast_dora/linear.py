@@ -483,8 +483,16 @@ def scale_and_reduce(dy: torch.Tensor, z: torch.Tensor, g: torch.Tensor) -> tupl
     which Dynamo keeps as one opaque node (it cannot trace the Triton launch); eagerly called directly (the
     op's dispatch would only add host time to a host-bound path)."""
     if torch.compiler.is_compiling():
-        return torch.ops.trinity.scale_and_reduce(dy, z, g)
+        if REGION_CUSTOM_OPS:
+            return torch.ops.trinity.scale_and_reduce(dy, z, g)
+        acc = _acc_dtype(dy)
+        return (dy.to(acc) * g).to(dy.dtype), (dy.to(acc) * z.to(acc)).sum(0)
     return _scale_and_reduce(dy, z, g)
+
+
+REGION_CUSTOM_OPS = False
+"""Inside a compiled region: fast DoRA's Triton kernels as custom ops (True), or their arithmetic in torch
+operations that inductor fuses with the region's other elementwise work (False)."""
 
 
 @torch.library.custom_op("trinity::scale_and_reduce", mutates_args=())

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from trinity_core.train.fast_dora.cast_input import base_and_adapter_input, consumable
+from trinity_core.train.fast_dora import linear
 from trinity_core.train.fast_dora.linear import LoraSum, plain_fast_dora
 
 GATED_MLP_CLASSES = frozenset({"GemmaMLP", "Gemma2MLP", "Gemma3MLP", "LlamaMLP", "MistralMLP", "Qwen2MLP",
@@ -83,6 +84,8 @@ def gated_act(e: torch.Tensor, u: torch.Tensor, g_e: torch.Tensor, g_u: torch.Te
     """``act(g_e ⊙ e) ⊙ (g_u ⊙ u)`` in e's dtype: one Triton pass each way on CUDA, autograd elsewhere;
     inside a compiled region the custom op ``trinity::gated_act`` (below)."""
     kind = _ACTIVATIONS.get(type(act_fn).__name__)
+    if kind is not None and e.shape == u.shape and torch.compiler.is_compiling() and not linear.REGION_CUSTOM_OPS:
+        return GatedActInGraph.apply(e, u, g_e.float(), g_u.float(), kind == "gelu_tanh")
     if kind is not None and e.shape == u.shape and torch.compiler.is_compiling():
         return _gated_act_op(e.reshape(-1, e.shape[-1]), u.reshape(-1, u.shape[-1]), g_e.float(), g_u.float(),
                              kind == "gelu_tanh").view(e.shape)
@@ -105,8 +108,7 @@ def _gated_act_op(e: torch.Tensor, u: torch.Tensor, g_e: torch.Tensor, g_u: torc
     e, u, g_e, g_u = e.contiguous(), u.contiguous(), g_e.contiguous(), g_u.contiguous()
     if e.is_cuda and _kernels() is not None:
         return _launch_forward(e, u, g_e, g_u, gelu)
-    val, _ = _act_torch(e.float() * g_e, gelu)
-    return (val * u.float() * g_u).to(e.dtype)
+    return _forward_torch(e, u, g_e, g_u, gelu)
 
 
 @_gated_act_op.register_fake
@@ -122,10 +124,7 @@ def _gated_act_backward_op(dh: torch.Tensor, e: torch.Tensor, u: torch.Tensor, g
     if e.is_cuda and _kernels() is not None:
         de, du = torch.empty_like(e), torch.empty_like(u)
         return de, du, *_launch_backward(dh, e, u, g_e, g_u, de, du, gelu)
-    e32, u32, dh32 = e.float(), u.float(), dh.float()
-    val, der = _act_torch(e32 * g_e, gelu)
-    da, db = dh32 * u32 * g_u * der, dh32 * val
-    return (da * g_e).to(e.dtype), (db * g_u).to(u.dtype), (da * e32).sum(0), (db * u32).sum(0)
+    return _backward_torch(dh, e, u, g_e, g_u, gelu)
 
 
 @_gated_act_backward_op.register_fake
@@ -149,6 +148,40 @@ def _gated_act_grad(ctx, dh):
 
 
 _gated_act_op.register_autograd(_gated_act_grad, setup_context=_gated_act_setup)
+
+
+def _forward_torch(e: torch.Tensor, u: torch.Tensor, g_e: torch.Tensor, g_u: torch.Tensor, gelu: bool) -> torch.Tensor:
+    """The forward kernel's arithmetic in torch operations: fp32 inside, h in e's dtype."""
+    val, _ = _act_torch(e.float() * g_e, gelu)
+    return (val * u.float() * g_u).to(e.dtype)
+
+
+def _backward_torch(dh: torch.Tensor, e: torch.Tensor, u: torch.Tensor, g_e: torch.Tensor, g_u: torch.Tensor,
+                    gelu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward kernel's arithmetic in torch operations (see :class:`GatedDoraAct`), over (T, N) tensors."""
+    e32, u32, dh32 = e.float(), u.float(), dh.float()
+    val, der = _act_torch(e32 * g_e, gelu)
+    da, db = dh32 * u32 * g_u * der, dh32 * val
+    return (da * g_e).to(e.dtype), (db * g_u).to(u.dtype), (da * e32).sum(0), (db * u32).sum(0)
+
+
+class GatedActInGraph(torch.autograd.Function):
+    """:class:`GatedDoraAct`'s forward and backward arithmetic in torch operations, for inside a compiled region:
+    Dynamo traces both, and inductor fuses each into the region's kernels (no launch of its own from Python).
+    Saves e and u only, as the kernels do; de and du are new tensors."""
+
+    @staticmethod
+    def forward(ctx, e, u, g_e, g_u, gelu):
+        ctx.save_for_backward(e, u, g_e, g_u)
+        ctx.gelu = gelu
+        return _forward_torch(e, u, g_e, g_u, gelu)
+
+    @staticmethod
+    def backward(ctx, dh):
+        e, u, g_e, g_u = ctx.saved_tensors
+        n = e.shape[-1]
+        de, du, d_ge, d_gu = _backward_torch(dh.reshape(-1, n), e.reshape(-1, n), u.reshape(-1, n), g_e, g_u, ctx.gelu)
+        return de.view(e.shape), du.view(u.shape), d_ge, d_gu, None
 
 
 def _act_torch(a: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -294,5 +327,5 @@ def _kernels():
     return forward, backward
 
 
-__all__ = ["GATED_MLP_CLASSES", "GatedDoraAct", "gain", "gated_act", "gated_dora_forward", "patch_gated_mlps",
-           "pre_gain"]
+__all__ = ["GATED_MLP_CLASSES", "GatedActInGraph", "GatedDoraAct", "gain", "gated_act", "gated_dora_forward",
+           "patch_gated_mlps", "pre_gain"]
