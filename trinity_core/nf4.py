@@ -53,29 +53,6 @@ def dequantize(packed: torch.Tensor, state: Any, dtype: torch.dtype | None = Non
                            dtype or state.dtype)
 
 
-def dequantize_in_graph(packed: torch.Tensor, state: Any, dtype: torch.dtype) -> torch.Tensor:
-    """The whole weight of a ``Params4bit`` in torch operations only, for inside a compiled graph.
-
-    bitsandbytes' own dequantisation is an opaque op that ``torch.compile`` launches through its Python
-    dispatch; written out like this, inductor turns it into one fused kernel (double-quantised scales, the
-    lookup and the product together) launched from its generated code. The arithmetic is bitsandbytes':
-    each byte's high nibble first, ``table[code] · absmax`` in fp32 per ``blocksize`` values of the flat
-    stream, a nested absmax ``code2[q] · absmax2 + offset`` (fp32, in two roundings where the compiler
-    does not fuse them), then one conversion to ``dtype``. Equal to :func:`dequantize` eagerly
-    (``tests/core/test_nf4.py``)."""
-    stream = packed.view(torch.uint8).reshape(-1)
-    numel = math.prod(state.shape)
-    codes = torch.stack((stream >> 4, stream & 15), dim=-1).reshape(-1)[:numel]
-    values = state.code.to(device=stream.device, dtype=torch.float32)[codes.long()]
-    scale = state.absmax
-    if state.nested:
-        inner = state.state2
-        blocks = torch.arange(scale.numel(), device=stream.device) // inner.blocksize
-        scale = inner.code.float()[scale.long()] * inner.absmax.float()[blocks] + state.offset
-    index = torch.arange(numel, device=stream.device) // state.blocksize
-    return (values * scale.float()[index]).view(tuple(state.shape)).to(dtype)
-
-
 def row_blocks(packed: torch.Tensor, state: Any, rows_per_block: int, dtype: torch.dtype,
                absmax: torch.Tensor | None = None):
     """Yield ``(first_row, rows)``, at most ``rows_per_block`` rows at a time (rounded down to whole

@@ -46,16 +46,18 @@ def test_compiled_layers_train_as_the_eager_model(tiny_spec):
     # weight shape, and those graphs count in Dynamo's global counters too (10 on such a machine, 2026-11-29)
     scalars: list[torch.Tensor] = []
     opaque: set[str] = set()
+    kernels: set[str] = set()
     frames: list[int] = []
 
     def record(graph, _):  # AOTAutograd's forward and backward graphs, run as they are (aot_eager)
-        opaque.update(str(n.target) for n in graph.graph.nodes if n.op == "call_function"
-                      and any(lib in str(n.target) for lib in ("bitsandbytes", "trinity")))
+        opaque.update(str(n.target) for n in graph.graph.nodes if n.op == "call_function" and any(
+            lib in str(n.target) for lib in ("bitsandbytes", "trinity.gated_act", "trinity.scale_and_reduce")))
         return make_boxed_func(graph.forward)
 
     def backend(gm, example_inputs):  # a Python float (eps, LoRA scaling) traced as an input: a 0-dim float64 tensor
         scalars.extend(t for t in example_inputs if isinstance(t, torch.Tensor) and t.dtype == torch.float64)
         frames.append(1)
+        kernels.update(str(n.target) for n in gm.graph.nodes if str(n.target).startswith("trinity.nf4_dequantize"))
         return aot_module_simplified(gm, example_inputs, fw_compiler=record, bw_compiler=record)
 
     assert compile_decoder_layers(fast, backend=backend) == len(layers) == 6
@@ -81,10 +83,12 @@ def test_compiled_layers_train_as_the_eager_model(tiny_spec):
         opt_eager.zero_grad(), opt_fast.zero_grad()
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert not scalars, "floats are the graphs' constants (on a GPU inductor compiled C++ CPU kernels for them)"
-    # the NF4 dequantisation and fast DoRA's arithmetic are graph operations for inductor to fuse, forward and
-    # backward, not opaque ops that the compiled graph would launch through their Python dispatch (host-bound on
-    # the GPU: bitsandbytes' gemm_4bit and dequantize_4bit, trinity::gated_act, trinity::scale_and_reduce)
+    # no opaque op that the compiled graph would launch through its Python dispatch (host-bound on the GPU):
+    # bitsandbytes' gemm_4bit and dequantize_4bit, fast DoRA's custom ops; fast DoRA's arithmetic is graph
+    # operations for inductor to fuse, and the frozen weights are dequantised by a triton_op, whose kernel inductor
+    # launches from its own code
     assert not opaque, opaque
+    assert kernels, "the frozen NF4 projections dequantised by trinity::nf4_dequantize"
     # sliding and global layers, grad on/off: not one graph per layer or length
     assert 0 < len(frames) <= 8, len(frames)
     assert all("forward" in n.__dict__ for n in fast.modules() if type(n).__name__ == "Gemma3RMSNorm")

@@ -202,3 +202,20 @@ def test_fused_row_norms_at_12b_shapes(out_features, in_features, dtype):
         assert ((n2[i].double() - direct).abs() / direct).max().item() < tol
         want_size = w2[i].double() + s[i].double() ** 2 * (delta * delta).sum(1)
         assert ((size[i].double() - want_size).abs() / want_size).max().item() < 1e-4
+
+
+@pytest.mark.parametrize("nested", [True, False], ids=["double_quant", "absmax"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("out_features,in_features", SHAPES_12B + [(9, 7)],
+                         ids=[f"{o}x{i}" for o, i in SHAPES_12B + [(9, 7)]])
+def test_dequantisation_kernel_is_bitsandbytes_at_12b_shapes(out_features, in_features, dtype, nested):
+    """``trinity::nf4_dequantize`` (what the compiled decoder layers launch for a frozen projection), compiled:
+    bitsandbytes' CUDA dequantisation to the bit, eagerly and inside torch.compile (inductor launches the kernel)."""
+    from trinity_core.train import nf4_dequant
+
+    weight = _weight(out_features, in_features, nested=nested, dtype=dtype, seed=out_features)
+    want = nf4.dequantize(weight.data, weight.quant_state, dtype)
+    assert torch.equal(nf4_dequant.dequantize(weight, dtype), want)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda w: nf4_dequant.dequantize(w, dtype), dynamic=True)
+    assert torch.equal(compiled(weight), want)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch._dynamo.exc import BackendCompilerFailed, InternalTorchDynamoError
 
-from trinity_core import nf4
+from trinity_core.train import nf4_dequant
 from trinity_core.train.compiled_kernels import floats_as_constants
 from trinity_core.train.fast_dora.linear import FastDoraLinearLayer
 
@@ -47,13 +47,13 @@ def refresh_norms(layer: nn.Module, args=None, kwargs=None) -> None:
 
 def nf4_base_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A frozen bitsandbytes NF4 layer's forward (installed per instance on those inside a compiled layer): while
-    Dynamo traces, ``x Wᵀ`` with W dequantised in graph operations (:func:`trinity_core.nf4.dequantize_in_graph`),
-    which inductor fuses into one kernel before the matmul, instead of bitsandbytes' opaque ``gemm_4bit``, which
-    the compiled graph calls through its Python dispatch (~190 µs of host time a call at the 12B shape); the
-    backward's ``dY W`` reuses or recomputes that W as the partitioner chooses. Otherwise (eagerly, or a layer
-    this does not cover) the layer's own forward."""
-    if torch.compiler.is_compiling() and _nf4_in_graph(self, x):
-        return torch.nn.functional.linear(x, nf4.dequantize_in_graph(self.weight, self.weight.quant_state, x.dtype))
+    Dynamo traces, ``x Wᵀ`` with W from :func:`trinity_core.train.nf4_dequant.dequantize` (a Triton kernel that
+    inductor launches from its generated code) instead of bitsandbytes' opaque ``gemm_4bit``, which the compiled
+    graph calls through its Python dispatch (~190 µs of host time a call at the 12B shape); the backward's
+    ``dY W`` reuses or recomputes that W as the partitioner chooses. Otherwise (eagerly, or a layer
+    :func:`~trinity_core.train.nf4_dequant.covers` does not cover) the layer's own forward."""
+    if torch.compiler.is_compiling() and nf4_dequant.covers(self, x.dtype):
+        return torch.nn.functional.linear(x, nf4_dequant.dequantize(self.weight, x.dtype))
     return type(self).forward(self, x)
 
 
@@ -62,16 +62,6 @@ def _bnb_linear4bit() -> type:
     import bitsandbytes as bnb
 
     return bnb.nn.Linear4bit
-
-
-def _nf4_in_graph(base: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``base`` computes exactly ``x Wᵀ`` from an NF4 weight dequantised in x's dtype: frozen, no bias,
-    compute and quantisation dtype x's, not repacked for CPU inference."""
-    weight = base.weight
-    state = getattr(weight, "quant_state", None)
-    return (state is not None and state.quant_type == "nf4" and state.dtype == x.dtype and base.bias is None
-            and not weight.requires_grad and getattr(base, "compute_dtype", None) in (None, x.dtype)
-            and not getattr(state, "packing_format_for_cpu", False))
 
 
 class RegionState:
