@@ -83,7 +83,8 @@ def _fit(spec: JobSpec, config: Any, name: str, gib: float, bf16: bool, settings
     """The job's estimate on one queue's GPU: recipe and cheapest rung, and where the ladder would start."""
     backend = "unsloth" if spec.model.backend == "auto" else spec.model.backend
     rungs = ladder.rungs(spec)
-    plans = memory.plan(rungs, spec, config, backend, gib, bf16_supported=bf16, fast_dora=settings.fast_dora)
+    plans = memory.plan(rungs, spec, config, backend, gib, bf16_supported=bf16, fast_dora=settings.fast_dora,
+                        compiled_layers=settings.compiled_layers)
     start = next((p for p in plans if p.fits), None)
     # Usually the last rung, not always: dropping DoRA can cost more than it saves (fast DoRA's fused MLP)
     cheapest = min(plans, key=lambda p: p.estimate.gib)

@@ -25,11 +25,12 @@ class RunOptions:
     attention's q/k norm + RoPE (``train/compiled_kernels``). False leaves them eager (benchmarks)."""
     compiled_layers: bool = True
     """With ``compiled_kernels`` and fast DoRA: also compile each decoder layer as one region, fast DoRA inside
-    (``train/compiled_layers``; its Triton kernels as custom ops there). H200, 12B shape at 48 layers, one run on
-    one host (call 15): 4425 tok/s against 3557 without it and 6159 for Unsloth's compiled LoRA (another host,
-    call 16: 5647 against 6074 for compiled LoRA: the ratio follows the host's CPU); the first step
-    compiles (~60 s at 48 layers, as Unsloth's compile mode does for LoRA); the tiny job trains with it on the GPU
-    (call 14). docs/BENCHMARKS.md, "Goal 1, later on 2026-11-29". False: the layers run eagerly (benchmarks)."""
+    (``train/compiled_layers``: fast DoRA's arithmetic fused by inductor, the frozen NF4 weights dequantised by
+    ``train/nf4_dequant``'s kernel). H200, 12B shape at 48 layers, one run (call 18): 5815 tok/s against 6091 for
+    Unsloth's compiled LoRA (0.955×), peak 11.33 GiB (+0.64: each layer's dequantised weights kept for its
+    backward; the memory estimate counts them); the first step compiles (~60 s at 48 layers, as Unsloth's compile
+    mode does for LoRA); run_job's tiny job and the multimodal GPU tests pass with it (call 19).
+    docs/BENCHMARKS.md, "Goal 1, 2026-11-29 (night)". False: the layers run eagerly (benchmarks)."""
     unsloth_compile: bool | None = None
     """Unsloth's torch.compile mode; None: on for LoRA, off with DoRA (it stalls or crashes there)."""
     debug_memory: bool = False

@@ -1,9 +1,10 @@
-"""Fast DoRA's custom ops, what a compiled region (trinity_core.train.compiled_layers) calls in place of the
-Triton launches Dynamo cannot trace: ``trinity::scale_and_reduce`` (DoraOutput's backward) and
-``trinity::gated_act`` with its backward ``trinity::gated_act_backward`` (the gated MLP). Here their torch
-implementations on the CPU: torch.library.opcheck (schema, fake tensors, autograd registration, AOTAutograd
-with dynamic shapes) and the values against float64 autograd; tests/gpu/test_qdora_cuda.py runs the Triton
-ones against GatedDoraAct."""
+"""What a compiled region (trinity_core.train.compiled_layers) computes in place of fast DoRA's Triton launches,
+which Dynamo cannot trace: by default the kernels' arithmetic in torch operations (``mlp.GatedActInGraph``,
+``linear.scale_and_reduce``'s traced branch) for inductor to fuse; with ``linear.REGION_CUSTOM_OPS`` (the A/B) the
+custom ops ``trinity::scale_and_reduce`` (DoraOutput's backward) and ``trinity::gated_act`` with its backward
+``trinity::gated_act_backward`` (the gated MLP). Here on the CPU: torch.library.opcheck of the ops (schema, fake
+tensors, autograd registration, AOTAutograd with dynamic shapes), both against float64 autograd, and what a traced
+caller gets; tests/gpu/test_qdora_cuda.py runs the Triton ones against GatedDoraAct."""
 
 from __future__ import annotations
 
@@ -41,15 +42,21 @@ def test_scale_and_reduce_op_passes_opcheck():
     assert torch.equal(dz, dy * 2) and torch.allclose(dyz, (dy * z).sum(0), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["op", "in_graph"])
 @pytest.mark.parametrize("act", [torch.nn.GELU(approximate="tanh"), torch.nn.SiLU()], ids=["gelu_tanh", "silu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_gated_act_op_matches_float64_autograd(act, dtype):
-    """h and its four gradients from the ops against the activation module's formula through float64 autograd:
-    within the dtype's rounding of the result's scale (the gain gradients: fp32 sums over tokens)."""
+def test_gated_act_matches_float64_autograd(act, dtype, impl):
+    """h and its four gradients from the ops (or GatedActInGraph) against the activation module's formula through
+    float64 autograd: within the dtype's rounding of the result's scale (the gain gradients: fp32 sums over
+    tokens)."""
     e, u, g_e, g_u, dh = _inputs((3, 41, 24), dtype)
     leaves = [t.clone().requires_grad_() for t in (e, u, g_e, g_u)]
-    h = mlp._gated_act_op(leaves[0].reshape(-1, 24), leaves[1].reshape(-1, 24), leaves[2], leaves[3],
-                          isinstance(act, torch.nn.GELU)).view(e.shape)
+    gelu = isinstance(act, torch.nn.GELU)
+    if impl == "op":
+        h = mlp._gated_act_op(leaves[0].reshape(-1, 24), leaves[1].reshape(-1, 24), leaves[2], leaves[3],
+                              gelu).view(e.shape)
+    else:
+        h = mlp.GatedActInGraph.apply(*leaves, gelu)
     assert h.dtype == dtype
     grads = torch.autograd.grad(h, leaves, dh)
     ref_leaves = [t.detach().double().requires_grad_() for t in (e, u, g_e, g_u)]
@@ -63,11 +70,16 @@ def test_gated_act_op_matches_float64_autograd(act, dtype):
         assert err < tol, f"{name}: {err:.2e}"
 
 
-def test_compiled_callers_route_through_the_ops():
-    """Inside a traced function gated_act and scale_and_reduce call the ops (one node each, no graph break),
-    and give what the eager callers give."""
+@pytest.mark.parametrize("custom_ops", [False, True], ids=["traced", "custom_ops"])
+def test_compiled_callers(custom_ops, monkeypatch):
+    """Inside a traced function gated_act and scale_and_reduce trace their arithmetic (no custom op in the graph)
+    or, with REGION_CUSTOM_OPS, call the ops (one node each); no graph break either way, and what the eager
+    callers give."""
     from torch._dynamo.testing import CompileCounterWithBackend
     from transformers.activations import ACT2FN
+
+    monkeypatch.setattr(qdora, "REGION_CUSTOM_OPS", custom_ops)
+    torch._dynamo.reset()
 
     e, u, g_e, g_u, dh = _inputs((2, 9, 16), torch.float32, seed=1)
     z = torch.randn(18, 16)
@@ -83,6 +95,7 @@ def test_compiled_callers_route_through_the_ops():
     assert counter.frame_count == 1
     targets = {str(n.target).removesuffix(".default") for g in counter.graphs for n in g.graph.nodes
                if n.op == "call_function"}
-    assert {"trinity.gated_act", "trinity.scale_and_reduce"} <= targets, targets
+    ops = {"trinity.gated_act", "trinity.scale_and_reduce"}
+    assert ops <= targets if custom_ops else not ops & targets, targets
     for a, b in zip(got, want):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -111,6 +111,9 @@ OUT_OF_SAMPLE = [
     ('H200', 'unsloth', 4, 4096, 64, 'all7', 'none', False, 4, 4.04, '2026-11-26-h200-unsloth48-v2a.jsonl'),
     ('H200', 'unsloth', 48, 4096, 64, 'all7', 'none', False, 4, 11.171, '2026-11-26-h200-unsloth48-v2a.jsonl'),
     ('H200', 'unsloth+compile', 4, 4096, 64, 'all7', 'none', False, 4, 3.732, '2026-11-26-h200-compiled.jsonl'),
+    # Trinity's compiled decoder layers (fast DoRA inside, the NF4 projections dequantised by its kernel and kept for
+    # the layer's backward): the default since 2026-11-29, estimated with them; the rows above ran without
+    ('H200', 'unsloth+layers', 48, 4096, 64, 'all7', 'fast', False, 4, 11.33, '2026-11-29-h200-speed-18.jsonl'),
 ]
 # estimate / measured - 1 on these rows, as measured when they were added (2026-11-28): -4.7% (Unsloth
 # bf16 fast DoRA v3, 4 layers) .. +6.5% (Unsloth compiled LoRA, which the estimate does not model),
@@ -159,10 +162,11 @@ def _spec(seq=4096, r=64, targets="all7", dora="none", t4=False, accum=1) -> Job
 
 def estimate_gib(row) -> float:
     """memory.estimate for a row of the lists above (a compiled-mode row is estimated as uncompiled:
-    the estimate does not model Unsloth's compile)."""
+    the estimate does not model Unsloth's compile; Trinity's compiled layers only where the row ran them)."""
     _, backend, layers, seq, r, targets, dora, t4, accum = row[:9]
     return memory.estimate(dict(GEMMA3_12B, num_hidden_layers=layers), _spec(seq, r, targets, dora, t4, accum),
-                           backend.split("+")[0], fast_dora=dora != "peft").gib
+                           backend.split("+")[0], fast_dora=dora != "peft",
+                           compiled_layers=backend == "unsloth+layers").gib
 
 
 def _row_id(r) -> str:
@@ -174,7 +178,7 @@ def test_within_ten_percent_of_measured_peak(row):
     """In-sample: the fit itself."""
     _, backend, layers, seq, r, targets, dora, t4, accum, measured = row
     est = memory.estimate(dict(GEMMA3_12B, num_hidden_layers=layers), _spec(seq, r, targets, dora, t4, accum),
-                          backend, fast_dora=dora != "peft")
+                          backend, fast_dora=dora != "peft", compiled_layers=False)  # none of them ran those
     assert abs(est.gib / measured - 1) <= IN_SAMPLE_TOL, (est.to_dict(), measured)
 
 
@@ -218,6 +222,12 @@ def test_arithmetic_of_the_parts():
     assert est.parts["adapter"] * memory.GIB == pytest.approx(48 * lora * (4 + 2))  # fp32 params + 8-bit Adam
     with_accum = memory.estimate(GEMMA3_12B, _spec(dora="fast", accum=4), "unsloth")
     assert with_accum.gib == pytest.approx(est.gib)  # grads are alive at a layer's backward peak anyway
+    eager = memory.estimate(GEMMA3_12B, _spec(dora="fast"), "unsloth", compiled_layers=False)
+    # the compiled layers keep one layer's 7 dequantised bf16 projections through its backward
+    assert (est.parts["transient"] - eager.parts["transient"]) * memory.GIB == pytest.approx(linear * 2)
+    assert est.assumptions["compiled_layers"] and "compiled_layers" not in eager.assumptions
+    t4 = memory.estimate(GEMMA3_12B, _spec(dora="fast", t4=True), "unsloth")
+    assert t4.gib == memory.estimate(GEMMA3_12B, _spec(dora="fast", t4=True), "unsloth", compiled_layers=False).gib
     plain, plain_accum = (memory.estimate(GEMMA3_12B, _spec(dora="fast", accum=a), "peft") for a in (1, 4))
     assert "accumulated_grads" not in plain.parts  # the logits peak comes before this micro-batch's grads
     assert plain_accum.parts["accumulated_grads"] * memory.GIB == pytest.approx(48 * lora * 4)
@@ -281,10 +291,13 @@ def test_t4_rung_choice():
 
 
 def test_estimates_fall_down_the_ladder():
-    """Every rung is cheaper than the one before, except turning fast DoRA off: since fast DoRA v3
-    a DoRA layer's peak is LoRA's (measured within ±0.2 GiB at 48 layers), so that rung saves ~nothing."""
+    """Every rung is cheaper than the one before, except turning fast DoRA off without the compiled layers: since
+    fast DoRA v3 a DoRA layer's peak is LoRA's (measured within ±0.2 GiB at 48 layers), so that rung saves ~nothing;
+    with them (the default) it saves the dequantised projections they keep for a layer's backward."""
     spec = _spec(dora="fast", accum=4)
-    plan = memory.plan(ladder.rungs(spec), spec, GEMMA3_12B, "unsloth", 80.0)
+    compiled = [p.estimate.gib for p in memory.plan(ladder.rungs(spec), spec, GEMMA3_12B, "unsloth", 80.0)]
+    assert compiled == sorted(compiled, reverse=True) and compiled[2] - compiled[3] > 0.3, compiled
+    plan = memory.plan(ladder.rungs(spec), spec, GEMMA3_12B, "unsloth", 80.0, compiled_layers=False)
     for before, after in zip(plan, plan[1:]):
         if after.name == "dora_off":
             assert abs(after.estimate.gib - before.estimate.gib) < 0.25, (before, after)
@@ -309,7 +322,7 @@ def test_ladder_skips_rungs_the_estimate_rules_out(tiny_spec, tmp_path, monkeypa
     from tests.helpers import make_spec
     from trinity_core.pipeline import run_job
 
-    def fake_preflight(spec, backend, *, fast_dora=True, lean_attention=True):
+    def fake_preflight(spec, backend, *, fast_dora=True, lean_attention=True, compiled_layers=True):
         need = 20.0 if spec.model.max_seq_length > 2048 else 10.0
         return memory.Estimate(need, {"transient": need}), 15.1
 

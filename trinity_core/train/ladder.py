@@ -163,7 +163,8 @@ def skip_by_estimate(attempt: Attempt, rung: Rung, spec: JobSpec, backend: Any, 
     from trinity_core.train import memory
 
     checked = memory.preflight(rung.settings.apply(spec), backend.name, fast_dora=options.fast_dora,
-                               lean_attention=options.lean_attention)
+                               lean_attention=options.lean_attention,
+                               compiled_layers=options.compiled_kernels and options.compiled_layers)
     if checked is None:  # no CUDA, or a config we cannot read: the OOM ladder alone decides
         return False
     estimate, budget = checked

@@ -479,9 +479,10 @@ class LoraSum(torch.autograd.Function):
 
 def scale_and_reduce(dy: torch.Tensor, z: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(g ⊙ dy, Σ_t dy ⊙ z)`` for (T, out) ``dy`` and ``z``: one pass with Triton on CUDA, fp32 sums.
-    Inside a compiled region (``train/compiled_layers``) through the custom op ``trinity::scale_and_reduce``,
-    which Dynamo keeps as one opaque node (it cannot trace the Triton launch); eagerly called directly (the
-    op's dispatch would only add host time to a host-bound path)."""
+    Inside a compiled region (``train/compiled_layers``) the same arithmetic in torch operations, which inductor
+    fuses into the region's kernels (with :data:`REGION_CUSTOM_OPS`, the Triton kernel as the custom op
+    ``trinity::scale_and_reduce`` instead: an opaque node launched through the op's Python dispatch, the
+    arrangement until 2026-11-29, kept for the A/B); eagerly the kernel called directly."""
     if torch.compiler.is_compiling():
         if REGION_CUSTOM_OPS:
             return torch.ops.trinity.scale_and_reduce(dy, z, g)
@@ -491,8 +492,9 @@ def scale_and_reduce(dy: torch.Tensor, z: torch.Tensor, g: torch.Tensor) -> tupl
 
 
 REGION_CUSTOM_OPS = False
-"""Inside a compiled region: fast DoRA's Triton kernels as custom ops (True), or their arithmetic in torch
-operations that inductor fuses with the region's other elementwise work (False)."""
+"""Inside a compiled region: fast DoRA's Triton kernels as custom ops (True: ``bench/gpu_bench.py --region-opaque``,
+the A/B), or their arithmetic in torch operations that inductor fuses with the region's other elementwise work
+(False: the default; the regions' graphs then hold no custom op, ``tests/core/test_compiled_layers.py``)."""
 
 
 @torch.library.custom_op("trinity::scale_and_reduce", mutates_args=())

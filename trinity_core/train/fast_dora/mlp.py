@@ -28,8 +28,8 @@ import types
 import torch
 from torch import nn
 
+import trinity_core.train.fast_dora.linear as linear
 from trinity_core.train.fast_dora.cast_input import base_and_adapter_input, consumable
-from trinity_core.train.fast_dora import linear
 from trinity_core.train.fast_dora.linear import LoraSum, plain_fast_dora
 
 GATED_MLP_CLASSES = frozenset({"GemmaMLP", "Gemma2MLP", "Gemma3MLP", "LlamaMLP", "MistralMLP", "Qwen2MLP",
@@ -82,7 +82,8 @@ def gain(module: nn.Module) -> torch.Tensor:
 def gated_act(e: torch.Tensor, u: torch.Tensor, g_e: torch.Tensor, g_u: torch.Tensor,
               act_fn: nn.Module) -> torch.Tensor:
     """``act(g_e ⊙ e) ⊙ (g_u ⊙ u)`` in e's dtype: one Triton pass each way on CUDA, autograd elsewhere;
-    inside a compiled region the custom op ``trinity::gated_act`` (below)."""
+    inside a compiled region :class:`GatedActInGraph` (the kernels' arithmetic for inductor to fuse), or with
+    ``linear.REGION_CUSTOM_OPS`` the custom op ``trinity::gated_act`` (below)."""
     kind = _ACTIVATIONS.get(type(act_fn).__name__)
     if kind is not None and e.shape == u.shape and torch.compiler.is_compiling() and not linear.REGION_CUSTOM_OPS:
         return GatedActInGraph.apply(e, u, g_e.float(), g_u.float(), kind == "gelu_tanh")
@@ -94,7 +95,8 @@ def gated_act(e: torch.Tensor, u: torch.Tensor, g_e: torch.Tensor, g_u: torch.Te
     return act_fn(e * g_e.to(e.dtype)) * (u * g_u.to(u.dtype))
 
 
-# Inside a compiled region (``train/compiled_layers``) the gated activation is the custom op
+# With ``linear.REGION_CUSTOM_OPS`` (the A/B against GatedActInGraph; the arrangement until 2026-11-29), inside a
+# compiled region (``train/compiled_layers``) the gated activation is the custom op
 # ``trinity::gated_act`` with its backward ``trinity::gated_act_backward``: Dynamo keeps each as one opaque
 # node (it cannot trace the Triton launches), and AOTAutograd puts the backward op in the backward graph. The
 # same kernels as GatedDoraAct's on CUDA, the same arithmetic in torch elsewhere (fp32 inside); de and du
