@@ -56,9 +56,9 @@ def nf4_base_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A frozen bitsandbytes NF4 layer's forward (installed per instance on those inside a compiled layer): while
     Dynamo traces, ``x Wᵀ`` with W from :func:`trinity_core.train.nf4_dequant.dequantize` (a Triton kernel that
     inductor launches from its generated code) instead of bitsandbytes' opaque ``gemm_4bit``, which the compiled
-    graph calls through its Python dispatch (~190 µs of host time a call at the 12B shape); the backward's
-    ``dY W`` reuses or recomputes that W as the partitioner chooses. Otherwise (eagerly, or a layer
-    :func:`~trinity_core.train.nf4_dequant.covers` does not cover) the layer's own forward."""
+    graph calls through its Python dispatch (~190 µs of host time a call at the 12B shape). The partitioner keeps
+    W for the backward's ``dY W`` (one layer's projections at a time: +0.64 GiB peak at the 12B shape). Otherwise
+    (eagerly, or a layer :func:`~trinity_core.train.nf4_dequant.covers` does not cover) the layer's own forward."""
     if torch.compiler.is_compiling() and nf4_dequant.covers(self, x.dtype):
         return torch.nn.functional.linear(x, nf4_dequant.dequantize(self.weight, x.dtype))
     return type(self).forward(self, x)
@@ -101,16 +101,16 @@ def compiled_layer_forward(self: nn.Module, *args, **kwargs):
     return type(self).forward(self, *args, **kwargs)
 
 
-def compile_decoder_layers(model: nn.Module, backend: Any = "inductor", *, nf4_in_graph: bool = True) -> int:
+def compile_decoder_layers(model: nn.Module, backend: Any = "inductor") -> int:
     """Compile every decoder layer of ``model`` (:data:`LAYER_CLASSES`) that has no forward of its own yet, as
     the module docstring says. Returns how many. ``backend`` (``torch.compile``'s): "inductor" on a GPU;
-    "aot_eager" or a counting backend in the tests. ``nf4_in_graph``: the layers' frozen NF4 projections
-    dequantised in the graph by Trinity's kernel (:func:`nf4_base_forward`), else by bitsandbytes' op."""
+    "aot_eager" or a counting backend in the tests. The layers' frozen NF4 projections get
+    :func:`nf4_base_forward`."""
     compiled, state = 0, RegionState()
     for layer in model.modules():
         if type(layer).__name__ not in LAYER_CLASSES or "forward" in layer.__dict__:
             continue
-        for base in layer.modules() if nf4_in_graph else ():
+        for base in layer.modules():
             if isinstance(base, _bnb_linear4bit()) and "forward" not in base.__dict__:
                 base.forward = types.MethodType(nf4_base_forward, base)
         layer._trinity_lora_modules = [m for m in layer.modules() if hasattr(m, "lora_magnitude_vector")]

@@ -85,9 +85,9 @@ def gated_act(e: torch.Tensor, u: torch.Tensor, g_e: torch.Tensor, g_u: torch.Te
     inside a compiled region :class:`GatedActInGraph` (the kernels' arithmetic for inductor to fuse), or with
     ``linear.REGION_CUSTOM_OPS`` the custom op ``trinity::gated_act`` (below)."""
     kind = _ACTIVATIONS.get(type(act_fn).__name__)
-    if kind is not None and e.shape == u.shape and torch.compiler.is_compiling() and not linear.REGION_CUSTOM_OPS:
-        return GatedActInGraph.apply(e, u, g_e.float(), g_u.float(), kind == "gelu_tanh")
     if kind is not None and e.shape == u.shape and torch.compiler.is_compiling():
+        if not linear.REGION_CUSTOM_OPS:
+            return GatedActInGraph.apply(e, u, g_e.float(), g_u.float(), kind == "gelu_tanh")
         return _gated_act_op(e.reshape(-1, e.shape[-1]), u.reshape(-1, u.shape[-1]), g_e.float(), g_u.float(),
                              kind == "gelu_tanh").view(e.shape)
     if e.is_cuda and kind is not None and e.shape == u.shape and _kernels() is not None:
@@ -152,7 +152,8 @@ def _gated_act_grad(ctx, dh):
 _gated_act_op.register_autograd(_gated_act_grad, setup_context=_gated_act_setup)
 
 
-def _forward_torch(e: torch.Tensor, u: torch.Tensor, g_e: torch.Tensor, g_u: torch.Tensor, gelu: bool) -> torch.Tensor:
+def _forward_torch(e: torch.Tensor, u: torch.Tensor, g_e: torch.Tensor, g_u: torch.Tensor,
+                   gelu: bool) -> torch.Tensor:
     """The forward kernel's arithmetic in torch operations: fp32 inside, h in e's dtype."""
     val, _ = _act_torch(e.float() * g_e, gelu)
     return (val * u.float() * g_u).to(e.dtype)
@@ -182,7 +183,8 @@ class GatedActInGraph(torch.autograd.Function):
     def backward(ctx, dh):
         e, u, g_e, g_u = ctx.saved_tensors
         n = e.shape[-1]
-        de, du, d_ge, d_gu = _backward_torch(dh.reshape(-1, n), e.reshape(-1, n), u.reshape(-1, n), g_e, g_u, ctx.gelu)
+        de, du, d_ge, d_gu = _backward_torch(dh.reshape(-1, n), e.reshape(-1, n), u.reshape(-1, n), g_e, g_u,
+                                             ctx.gelu)
         return de.view(e.shape), du.view(u.shape), d_ge, d_gu, None
 
 
