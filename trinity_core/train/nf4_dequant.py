@@ -3,8 +3,9 @@
 Inside the compiled decoder layers (``train/compiled_layers``) a frozen 4-bit projection is ``x Wᵀ`` with W
 dequantised here. bitsandbytes' ``gemm_4bit`` is an opaque op there, launched through its Python dispatch
 (~190 µs of host time a call at the 12B shape, on a step that is host-bound); the same arithmetic written in
-torch operations for inductor to fuse was ~5× slower on the GPU than bitsandbytes' kernel (its gathers and
-divisions per element; one H200 run, docs/BENCHMARKS.md, "Goal 1, 2026-11-29 (night)"). So
+torch operations for inductor to fuse cost ~0.28 s more a micro-step at 48 layers than the regions with
+bitsandbytes' op (0.586× against 0.779× compiled LoRA in one H200 run, docs/BENCHMARKS.md, "Goal 1, 2026-11-29
+(night)"; presumably its per-element gathers and divisions, not profiled). So
 ``trinity::nf4_dequantize`` is a ``torch.library.triton_op``: inductor sees its kernel and launches it from
 its generated code like its own.
 
@@ -108,7 +109,8 @@ def _dequantize_kernel(stream_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr,
     high = tl.load(code_ptr + (byte >> 4))
     low = tl.load(code_ptr + (byte & 15))
     block = (at * 2) // BLOCKSIZE
-    if NESTED:
+    if NESTED:  # the nested scale as nf4_matmul's kernel computes it (a shared @triton.jit helper would be bound
+        # to compiled or interpreted mode when Triton is imported, and the CPU tests run these kernels interpreted)
         q = tl.load(absmax_ptr + block, mask=ok, other=0).to(tl.int32)
         code2, absmax2 = tl.load(code2_ptr + q), tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=ok, other=0.0)
         if PTX:  # mul.rn is never fused into an FMA with the add (the interpreter's numpy never fuses)
