@@ -79,6 +79,10 @@ REGION_OPAQUE = False
 """With COMPILED_LAYERS: the regions call bitsandbytes' ``gemm_4bit`` and fast DoRA's Triton custom ops, as
 until 2026-11-29, instead of tracing the NF4 dequantisation and DoRA's arithmetic for inductor to fuse;
 ``--region-opaque``."""
+MODULE_GUARDS = False
+"""With COMPILED_LAYERS: the layers share one compile with all of Dynamo's guards, as until 2026-11-29, instead of
+one compile a kind of layer with the guards on modules dropped (trinity_core.train.compiled_layers.MODULE_GUARDS);
+``--module-guards``."""
 PEAK_TFLOPS = 989.4
 """Dense bf16 peak of an H100 / H200 SXM (NVIDIA's data sheet, without sparsity): the MFU denominator."""
 
@@ -435,6 +439,10 @@ def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_
             v2["force_fp32"] = os.environ.get("UNSLOTH_FORCE_FLOAT32")
             v2.update(measure(model, v2, model.config.vocab_size, *((1, 3) if v2["depth"] > depths[-1] else (2, 4))))
             v2.update(model_flops(v2))
+            region = next((m._trinity_region_state for m in model.modules() if hasattr(m, "_trinity_region_state")),
+                          None)
+            if region is not None:  # the compiled layers: how many kinds, or one compile with every guard
+                v2["region_kinds"], v2["region_guarded"] = len(region.kinds), region.guarded
             v2["dynamo_graphs"] = counters["stats"]["unique_graphs"]  # both: so far in this process
             v2["graph_breaks"] = {" | ".join(reason.splitlines()[:3])[:400]: n
                                   for reason, n in counters["graph_break"].items()}
@@ -614,6 +622,8 @@ def main(argv: list[str]) -> None:
     r.add_argument("--compile-layers", action="store_true", help="compile each decoder layer (see COMPILED_LAYERS)")
     r.add_argument("--region-opaque", action="store_true", help="bitsandbytes' op and fast DoRA's custom ops "
                    "inside the compiled layers (see REGION_OPAQUE)")
+    r.add_argument("--module-guards", action="store_true", help="the compiled layers keep Dynamo's guards on "
+                   "their modules (see MODULE_GUARDS)")
     r.add_argument("--only-grown", action="store_true", help="measure only the --grow-to rows")
     pr = sub.add_parser("profile")
     pr.add_argument("root", type=Path)
@@ -633,6 +643,10 @@ def main(argv: list[str]) -> None:
         T4_KERNEL, LEAN_NORMS, LEAN_ATTENTION = a.t4_kernel, not a.stock_norms, not a.stock_attention
         COMPILED_KERNELS, COMPILED_LAYERS, REGION_OPAQUE = not a.eager_kernels, a.compile_layers, a.region_opaque
         ONLY_GROWN = a.only_grown
+        if a.module_guards:
+            from trinity_core.train import compiled_layers
+
+            compiled_layers.MODULE_GUARDS = True
         with open(a.out, "a") as out:
             if a.backend == "peft":
                 run_peft(a.root, a.depths, out, deadline, a.grow_to)

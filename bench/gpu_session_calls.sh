@@ -13,7 +13,8 @@
 #                                             # LAYERS=1: decoder layers compiled too, Dynamo's graph-break and
 #                                             # recompile logs in speed.log; GROWN_ONLY=1: 48 layers only;
 #                                             # with LAYERS=1, OPAQUE=1: also the regions with bitsandbytes' op and
-#                                             # the custom ops; LORA_LAYERS=1: also LoRA in Trinity's layers)
+#                                             # the custom ops; LORA_LAYERS=1: also LoRA in Trinity's layers;
+#                                             # GUARDS=1: also the layers with all of Dynamo's guards)
 #   bash bench/gpu_session_calls.sh tinyjob   # run_job's tiny job with compiled decoder layers, CPU tensors probed
 #   bash bench/gpu_session_calls.sh pair      # the refresh, then LoRA vs fast DoRA at 4 and 48 layers
 #                                             # (bench/run_gpu.sh grown_bf16): one machine of two
@@ -84,6 +85,7 @@ case ${1:-} in
       UNSLOTH_COMPILE_DISABLE=0 run --only lora_acc4 --tag compiled_
       [ -z "${BASELINE:-}" ] || run --only ${ONLY:-dora_fast_acc4} --tag kernels_  # fast DoRA, layers uncompiled
       [ -z "${OPAQUE:-}" ] || run --only ${ONLY:-dora_fast_acc4} --compile-layers --region-opaque --tag opaque_
+      [ -z "${GUARDS:-}" ] || run --only ${ONLY:-dora_fast_acc4} --compile-layers --module-guards --tag guarded_
       [ -z "${LORA_LAYERS:-}" ] || run --only lora_acc4 --compile-layers --tag layers_  # Trinity's LoRA path
     else
       UNSLOTH_COMPILE_DISABLE=0 run --only lora_acc4 --tag compiled_

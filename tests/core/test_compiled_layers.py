@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from trinity_core.train.compiled_kernels import install_compiled_norms
-from trinity_core.train.compiled_layers import compile_decoder_layers
+from trinity_core.train import compiled_layers
+from trinity_core.train.compiled_layers import compile_decoder_layers, layer_kind
 from trinity_core.train.fast_dora.linear import FastDoraLinearLayer
 
 
@@ -91,6 +92,9 @@ def test_compiled_layers_train_as_the_eager_model(tiny_spec):
     assert kernels, "the frozen NF4 projections dequantised by trinity::nf4_dequantize"
     # sliding and global layers, grad on/off: not one graph per layer or length
     assert 0 < len(frames) <= 8, len(frames)
+    kinds = {layer._trinity_kind for layer in layers}
+    assert len(kinds) == len({layer_kind(layer) for layer in layers}) == len({layer.self_attn.sliding_window for layer in layers}) == 2, "sliding and global"
+    assert not layers[0]._trinity_region_state.guarded, "one compile a kind, module guards dropped"
     assert all("forward" in n.__dict__ for n in fast.modules() if type(n).__name__ == "Gemma3RMSNorm")
 
     fast.eval(), eager.eval()
@@ -99,8 +103,7 @@ def test_compiled_layers_train_as_the_eager_model(tiny_spec):
     def not_in_eval(*args, **kwargs):
         raise AssertionError("evaluation must run the layers' own forward")
 
-    for layer in layers:
-        layer._trinity_compiled_forward = not_in_eval
+    layers[0]._trinity_region_state.forward_of = lambda layer: not_in_eval
     with torch.no_grad():
         for a, b in zip(_trainable(eager), _trainable(fast)):
             b.copy_(a)
@@ -143,3 +146,129 @@ def test_a_failed_compile_leaves_the_layers_eager(tiny_spec, failure):
     assert len(tries) == 1, "one try for the whole model"
     fast(input_ids=ids, labels=ids).loss.backward()
     assert len(tries) == 1
+
+
+def _one_step(eager, fast, ids):
+    """One training forward and backward of both models: the same loss and gradients (to fp32 rounding)."""
+    for model in (eager, fast):
+        for p in _trainable(model):
+            p.grad = None
+    losses = []
+    for model in (eager, fast):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+    assert torch.allclose(losses[0], losses[1], rtol=1e-6, atol=0), losses
+    for a, b in zip(_trainable(eager), _trainable(fast)):
+        err = ((a.grad - b.grad).abs().max() / a.grad.abs().max().clamp_min(1e-30)).item()
+        assert err < 1e-5, f"{err:.2e}"
+    return losses[1]
+
+
+def _nonzero_b(model, seed=5):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(seed))
+
+
+def test_layer_kind_ignores_the_layer_index_and_tells_sliding_from_global(tiny_spec):
+    from trinity_core.train.backends.peft import PeftBackend
+
+    model, _ = PeftBackend().load(tiny_spec)
+    layers = [m for m in model.modules() if type(m).__name__ == "Gemma3DecoderLayer"]
+    kinds = [layer_kind(layer) for layer in layers]
+    sliding = [layer.self_attn.is_sliding for layer in layers]
+    assert sliding.count(True) == 5 and sliding.count(False) == 1
+    for i, layer in enumerate(layers):
+        for j in range(len(layers)):
+            assert (kinds[i] == kinds[j]) == (sliding[i] == sliding[j]), (i, j)
+    hash(kinds[0])
+    layers[0].self_attn.scaling = 0.5  # an attribute the graph reads as a constant: another kind
+    assert layer_kind(layers[0]) != kinds[1]
+    layers[1].mlp.up_proj.scaling["default"] = 2.0  # a LoRA scaling: another kind
+    assert layer_kind(layers[1]) != kinds[2]
+
+
+def test_regions_check_the_adapter_state_that_dropped_guards_would_have(tiny_spec):
+    """With Dynamo's module guards dropped, a training-mode call with the adapters disabled (PEFT's
+    ``disable_adapter()``) must not run the graph traced with them: the layers run their own forward then, and
+    the compiled graphs again once the adapters are back."""
+    from trinity_core.train.backends.peft import PeftBackend
+
+    eager, _ = PeftBackend().load(tiny_spec)
+    _nonzero_b(eager)
+    fast = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    compile_decoder_layers(fast, backend="eager")
+    eager.train(), fast.train()
+    ids = torch.randint(7, eager.config.vocab_size, (1, 18), generator=torch.Generator().manual_seed(4))
+    with_adapters = _one_step(eager, fast, ids)
+    with eager.disable_adapter(), fast.disable_adapter():
+        without = _one_step(eager, fast, ids)
+    assert not torch.equal(with_adapters, without), "the adapters change the loss"
+    assert torch.equal(_one_step(eager, fast, ids), with_adapters)
+
+
+def test_two_models_do_not_share_compiled_graphs(tiny_spec):
+    """Each model's layers get their own copies of the forward (Dynamo's graphs live on the code object): a second
+    model with another rank, compiled in the same process (the OOM ladder's next rung), traces its own graphs
+    rather than running the first model's, which the dropped guards on its modules would no longer catch."""
+    from trinity_core.train.backends.peft import PeftBackend
+
+    torch._dynamo.reset()
+    ids = torch.randint(7, 300, (1, 17), generator=torch.Generator().manual_seed(6))
+    for rank in (8, 4):
+        spec = tiny_spec.model_copy(deep=True)
+        spec.lora.r = rank
+        eager, _ = PeftBackend().load(spec)
+        _nonzero_b(eager, seed=rank)
+        fast = copy.deepcopy(eager)
+        compile_decoder_layers(fast, backend="eager")
+        eager.train(), fast.train()
+        _one_step(eager, fast, ids)
+        assert next(p for n, p in fast.named_parameters() if "lora_A" in n).shape[0] == rank
+
+
+def test_a_graph_break_falls_back_to_every_guard(tiny_spec):
+    """The kinds' compiles are fullgraph: with a graph break Dynamo would compile a nested frame on its shared code
+    object under the reduced guards. A graph break (here one injected in an MLP) turns the model's layers to one
+    compile with every guard, with a warning, and the step trains as the eager model does."""
+    from trinity_core.train.backends.peft import PeftBackend
+
+    eager, _ = PeftBackend().load(tiny_spec)
+    fast = copy.deepcopy(eager)
+    mlp = next(m for m in fast.modules() if type(m).__name__ == "Gemma3MLP")
+    own = mlp.forward
+
+    def breaking(x):
+        torch._dynamo.graph_break()
+        return own(x)
+
+    mlp.forward = breaking
+    torch._dynamo.reset()
+    compile_decoder_layers(fast, backend="eager")
+    eager.train(), fast.train()
+    ids = torch.randint(7, eager.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(7))
+    with pytest.warns(UserWarning, match="graph break"):
+        _one_step(eager, fast, ids)
+    state = mlp._trinity_region_state if hasattr(mlp, "_trinity_region_state") else next(
+        m for m in fast.modules() if hasattr(m, "_trinity_region_state"))._trinity_region_state
+    assert state.guarded and state.classes
+    _one_step(eager, fast, ids)
+
+
+def test_too_many_kinds_share_one_guarded_compile(tiny_spec, monkeypatch):
+    from trinity_core.train.backends.peft import PeftBackend
+
+    monkeypatch.setattr(compiled_layers, "MAX_KINDS", 1)
+    eager, _ = PeftBackend().load(tiny_spec)
+    fast = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="more than 1 kinds"):
+        compile_decoder_layers(fast, backend="eager")
+    eager.train(), fast.train()
+    ids = torch.randint(7, eager.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(8))
+    _one_step(eager, fast, ids)
+    state = next(m for m in fast.modules() if hasattr(m, "_trinity_region_state"))._trinity_region_state
+    assert state.guarded and len(state.classes) == 1

@@ -15,7 +15,21 @@ used without recompiling); fast DoRA's elementwise arithmetic is traced as torch
 ``x Wᵀ`` with W from the ``trinity::nf4_dequantize`` kernel (:func:`nf4_base_forward`), so the compiled graphs
 call no op through its Python dispatch; Python floats (eps, LoRA scaling) are traced as constants
 (:func:`~trinity_core.train.compiled_kernels.floats_as_constants`). Evaluation and generation calls run the layer's
-own forward. Not ``fullgraph``: whatever Dynamo cannot trace runs eagerly between graphs rather than failing the job.
+own forward.
+
+Guards. Before each call of a compiled function Dynamo checks that what the graph specialised on still holds: at
+the 12B shape some 2,000 checks on the layer's modules and tensors, ~500 µs a call on the host, ~200 ms an
+optimizer step at 48 layers (call 16's profile, docs/BENCHMARKS.md). The layers are instead grouped by
+:func:`layer_kind` (each submodule's class and plain attributes, each tensor's shape and dtype; Gemma-3 has two
+kinds, sliding and global attention), each kind gets its own copy of the layer's forward (Dynamo keeps a code
+object's graphs on the code object, so a copy's graphs serve only its kind of this model's layers), compiled with
+Dynamo's guards on modules dropped (``torch.compiler.skip_guard_on_all_nn_modules_unsafe``; the guards on the
+call's inputs and on globals stay). What those guards would have caught at run time and can change while
+training, :func:`compiled_layer_forward` checks itself: the layer in training mode, the adapters as compiled (not
+disabled, merged or switched). The copies compile ``fullgraph``: with a graph break Dynamo would compile the
+nested frame on its shared code object with the reduced guards, so a graph break makes the model's layers fall
+back to one compile of their own forward with every guard (:data:`MODULE_GUARDS`), whatever Dynamo cannot trace
+running eagerly between graphs rather than failing the job.
 
 H200, 12B shape at 48 layers, the recipe's settings, one run (docs/BENCHMARKS.md, "Goal 1, 2026-11-29 (night)"):
 5815 tok/s against 6091 for Unsloth's compiled LoRA (0.955×); peak allocated 11.33 GiB against 10.69 with
@@ -25,13 +39,15 @@ bitsandbytes' op in the regions (each layer's dequantised projections are kept f
 
 from __future__ import annotations
 
+import functools
 import types
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
-from torch._dynamo.exc import BackendCompilerFailed, InternalTorchDynamoError
+from torch._dynamo.exc import BackendCompilerFailed, InternalTorchDynamoError, Unsupported
 
 from trinity_core.train import nf4_dequant
 from trinity_core.train.compiled_kernels import floats_as_constants
@@ -39,6 +55,74 @@ from trinity_core.train.fast_dora.linear import FastDoraLinearLayer
 
 LAYER_CLASSES = ("Gemma3DecoderLayer",)
 """Decoder layers compiled (by class name): the ones the recipe's model has and the tests exercise."""
+
+MODULE_GUARDS = False
+"""True: the layers share one compile of their own forward with all of Dynamo's guards (as until 2026-11-29, and
+the fallback after a graph break); for the A/B (``bench/gpu_bench.py --module-guards``)."""
+
+MAX_KINDS = 8
+"""More kinds than this (a model whose layers differ in some attribute :func:`layer_kind` does not know to leave
+out) would mean as many compiles: the layers then share one compile with every guard instead, and a warning says so."""
+
+_NOT_TRACED = frozenset({"layer_idx", "_cache_key", "_stack_constants", "_dynamo_static_input_type"})
+"""Attributes that differ from layer to layer but that a training call's graph does not read: ``layer_idx`` only
+indexes a KV cache (the region's guard that ``past_key_values`` is None stays); ``_cache_key`` and
+``_stack_constants`` are fast DoRA's norm-cache bookkeeping, used eagerly (:func:`refresh_norms`, the refresh after
+an optimizer step); Dynamo marks the parameters it has seen with ``_dynamo_static_input_type``."""
+
+
+def _describe(value: Any, depth: int = 0) -> Any:
+    """A hashable description of ``value`` for :func:`layer_kind`: plain values as they are, tensors by their
+    metadata (and a 4-bit weight's quantisation state), modules by class (each is described on its own), functions
+    by name, other objects by class and attributes (a few levels deep)."""
+    if value is None or isinstance(value, (bool, int, float, str, bytes, torch.dtype, torch.device, torch.Size)):
+        return value
+    if isinstance(value, torch.Tensor):
+        extra = _describe(vars(value), depth + 1) if type(value) is not torch.Tensor and depth < 4 else ()
+        return ("tensor", type(value).__qualname__, tuple(value.shape), value.stride(), value.dtype,
+                value.device.type, value.requires_grad, extra)
+    if isinstance(value, nn.Module):
+        return ("module", type(value).__qualname__)
+    if isinstance(value, (list, tuple)):
+        return tuple(_describe(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return tuple((k if isinstance(k, str) else "#", _describe(v, depth + 1)) for k, v in value.items()
+                     if k not in _NOT_TRACED)
+    if isinstance(value, functools.partial):
+        return ("partial", _describe(value.func, depth + 1), _describe(value.args, depth + 1))
+    if callable(value):
+        func = getattr(value, "__func__", value)
+        return ("callable", getattr(func, "__module__", None), getattr(func, "__qualname__", type(func).__qualname__))
+    if hasattr(value, "__dict__") and depth < 4:
+        return (type(value).__qualname__, _describe(vars(value), depth + 1))
+    return type(value).__qualname__
+
+
+def layer_kind(layer: nn.Module) -> tuple:
+    """What a decoder layer's compiled graph may specialise on besides its call's inputs, as one hashable value:
+    every submodule's name, class and attributes (:func:`_describe`; the attributes in :data:`_NOT_TRACED`
+    left out). Layers of one kind can share a compiled graph without Dynamo's guards on their modules."""
+    return tuple((name, type(m).__qualname__, _describe({k: v for k, v in vars(m).items()
+                                                         if not k.startswith("_trinity")}))
+                 for name, m in layer.named_modules())
+
+
+def _adapter_state(layer: nn.Module) -> tuple:
+    """The LoRA state a compiled region assumes, which Dynamo's dropped module guards would have checked: for each
+    LoRA module of ``layer``, whether its adapters are disabled, which are merged, which are active."""
+    return tuple((m._disable_adapters, tuple(m.merged_adapters), str(m._active_adapter))
+                 for m in layer._trinity_lora_modules)
+
+
+def _forward_copy(cls: type) -> types.FunctionType:
+    """``cls.forward`` as a new function with its own code object, so Dynamo's cache of its graphs (kept on the
+    code object) serves only the layers it is compiled for: not another kind, not another model (the OOM ladder's
+    next rung reloads the model, with another rank or targets)."""
+    f = cls.forward
+    copy = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    copy.__kwdefaults__, copy.__qualname__ = f.__kwdefaults__, f.__qualname__
+    copy.__dict__.update(f.__dict__)
+    return copy
 
 
 def refresh_norms(layer: nn.Module, args=None, kwargs=None) -> None:
@@ -72,24 +156,63 @@ def _bnb_linear4bit() -> type:
 
 
 class RegionState:
-    """Shared by one model's compiled layers: why their compile failed, if it did (then they all run eagerly)."""
+    """Shared by one model's compiled layers: their compiled forwards, one a kind with the module guards dropped,
+    or one a class with every guard (:data:`MODULE_GUARDS`, too many kinds, or after a graph break), and why
+    their compile failed, if it did (then they all run eagerly)."""
 
-    def __init__(self) -> None:
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
         self.failed: str | None = None
+        self.guarded = MODULE_GUARDS
+        self.kinds: dict[tuple, Callable] = {}
+        self.classes: dict[type, Callable] = {}
+
+    def add(self, layer: nn.Module) -> None:
+        """Give ``layer`` its kind (compiling a forward for a new kind)."""
+        layer._trinity_kind = None if self.guarded else layer_kind(layer)
+        if self.guarded or layer._trinity_kind in self.kinds:
+            return
+        if len(self.kinds) == MAX_KINDS:
+            warnings.warn(f"compiled decoder layers: more than {MAX_KINDS} kinds of layer; they share one compile "
+                          "with all of Dynamo's guards", stacklevel=3)
+            self.guarded = True
+            return
+        self.kinds[layer._trinity_kind] = floats_as_constants(torch.compile(
+            _forward_copy(type(layer)), dynamic=True, fullgraph=True, backend=self.backend,
+            options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}))
+
+    def forward_of(self, layer: nn.Module) -> Callable:
+        """The compiled forward ``layer`` runs: its kind's, or its class's with every guard."""
+        if not self.guarded:
+            return self.kinds[layer._trinity_kind]
+        cls = type(layer)
+        if cls not in self.classes:
+            self.classes[cls] = floats_as_constants(torch.compile(_forward_copy(cls), dynamic=True,
+                                                                  backend=self.backend))
+        return self.classes[cls]
 
 
 def compiled_layer_forward(self: nn.Module, *args, **kwargs):
     """The layer's forward through its compiled region while training, its own forward otherwise.
 
+    A layer runs its own forward too while its adapters are not as compiled (disabled, merged, another active).
     The regions are an optimisation: if compiling one fails (inductor or Dynamo raising, on a model or GPU the
     tests have not seen), every layer of the model runs its own forward from then on and a warning says why; the
     step goes on, the layer's forward run again eagerly (it changes no state that a partly run region could have
     left). A CUDA OOM while compiling is raised as such, for the OOM ladder; errors while a compiled graph runs are
     not caught."""
     state: RegionState = self._trinity_region_state
-    if self.training and state.failed is None:
+    if self.training and state.failed is None and _adapter_state(self) == self._trinity_adapters:
         try:
-            return self._trinity_compiled_forward(*args, **kwargs)
+            return state.forward_of(self)(self, *args, **kwargs)
+        except Unsupported as error:  # a graph break under fullgraph: every guard from now on (module docstring)
+            if state.guarded:
+                raise
+            state.guarded = True
+            first_line = (str(error).splitlines() or [""])[0]
+            warnings.warn(f"compiled decoder layers: a graph break ({first_line[:200]}); the layers share one "
+                          "compile with all of Dynamo's guards", stacklevel=2)
+            return compiled_layer_forward(self, *args, **kwargs)
         except (BackendCompilerFailed, InternalTorchDynamoError) as error:
             cause = getattr(error, "inner_exception", None) or error.__cause__
             if isinstance(cause, torch.OutOfMemoryError):
@@ -106,7 +229,7 @@ def compile_decoder_layers(model: nn.Module, backend: Any = "inductor") -> int:
     the module docstring says. Returns how many. ``backend`` (``torch.compile``'s): "inductor" on a GPU;
     "aot_eager" or a counting backend in the tests. The layers' frozen NF4 projections get
     :func:`nf4_base_forward`."""
-    compiled, state = 0, RegionState()
+    compiled, state = 0, RegionState(backend)
     for layer in model.modules():
         if type(layer).__name__ not in LAYER_CLASSES or "forward" in layer.__dict__:
             continue
@@ -118,8 +241,8 @@ def compile_decoder_layers(model: nn.Module, backend: Any = "inductor") -> int:
             for dora in module.lora_magnitude_vector.values():
                 if isinstance(dora, FastDoraLinearLayer):
                     dora.checked_by_region = True  # weight_norm may read its cache as it is inside the region
-        layer._trinity_compiled_forward = floats_as_constants(
-            torch.compile(types.MethodType(type(layer).forward, layer), dynamic=True, backend=backend))
+        state.add(layer)
+        layer._trinity_adapters = _adapter_state(layer)
         layer._trinity_region_state = state
         layer.forward = types.MethodType(compiled_layer_forward, layer)
         layer.register_forward_pre_hook(refresh_norms, with_kwargs=True)
@@ -127,5 +250,5 @@ def compile_decoder_layers(model: nn.Module, backend: Any = "inductor") -> int:
     return compiled
 
 
-__all__ = ["LAYER_CLASSES", "RegionState", "compile_decoder_layers", "compiled_layer_forward", "nf4_base_forward",
-           "refresh_norms"]
+__all__ = ["LAYER_CLASSES", "MAX_KINDS", "MODULE_GUARDS", "RegionState", "compile_decoder_layers",
+           "compiled_layer_forward", "layer_kind", "nf4_base_forward", "refresh_norms"]
