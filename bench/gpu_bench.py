@@ -83,6 +83,10 @@ MODULE_GUARDS = False
 """With COMPILED_LAYERS: the layers share one compile with all of Dynamo's guards, as until 2026-11-29, instead of
 one compile a kind of layer with the guards on modules dropped (trinity_core.train.compiled_layers.MODULE_GUARDS);
 ``--module-guards``."""
+REGION_TORCH_ACT = False
+"""With COMPILED_LAYERS: the gated MLP's activation in torch operations for inductor to fuse, as from 2026-11-29
+(night), instead of its Triton kernels as triton ops (trinity_core.train.fast_dora.mlp.REGION_KERNELS);
+``--region-torch-act``."""
 PEAK_TFLOPS = 989.4
 """Dense bf16 peak of an H100 / H200 SXM (NVIDIA's data sheet, without sparsity): the MFU denominator."""
 
@@ -622,6 +626,8 @@ def main(argv: list[str]) -> None:
     r.add_argument("--compile-layers", action="store_true", help="compile each decoder layer (see COMPILED_LAYERS)")
     r.add_argument("--region-opaque", action="store_true", help="bitsandbytes' op and fast DoRA's custom ops "
                    "inside the compiled layers (see REGION_OPAQUE)")
+    r.add_argument("--region-torch-act", action="store_true", help="the gated activation's arithmetic in torch "
+                   "operations inside the compiled layers (see REGION_TORCH_ACT)")
     r.add_argument("--module-guards", action="store_true", help="the compiled layers keep Dynamo's guards on "
                    "their modules (see MODULE_GUARDS)")
     r.add_argument("--only-grown", action="store_true", help="measure only the --grow-to rows")
@@ -647,6 +653,10 @@ def main(argv: list[str]) -> None:
             from trinity_core.train import compiled_layers
 
             compiled_layers.MODULE_GUARDS = True
+        if a.region_torch_act:
+            from trinity_core.train.fast_dora import mlp
+
+            mlp.REGION_KERNELS = False
         with open(a.out, "a") as out:
             if a.backend == "peft":
                 run_peft(a.root, a.depths, out, deadline, a.grow_to)

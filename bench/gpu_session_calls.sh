@@ -5,6 +5,7 @@
 #   bash bench/gpu_session_calls.sh tests     # multimodal Unsloth test (background) + NF4 kernel tests
 #   bash bench/gpu_session_calls.sh refresh   # bench/norm_refresh.py --layers 48 --reuse-layer --sweep --profile
 #   bash bench/gpu_session_calls.sh kernel    # NF4 kernel tests, then the refresh (needs .whl/site only)
+#   bash bench/gpu_session_calls.sh kernels   # tests/gpu/test_qdora_cuda.py (K=: a -k expression)
 #   bash bench/gpu_session_calls.sh t4mem     # T4 path, lean vs Unsloth's attention, 4 and 48 layers (#20 goal 3)
 #   bash bench/gpu_session_calls.sh t4tests   # lean attention vs Unsloth's (12B-shaped layers) + fast-DoRA CUDA tests
 #   bash bench/gpu_session_calls.sh speed     # #20 goal 1: Unsloth's compiled LoRA; Trinity's compiled kernels
@@ -14,7 +15,8 @@
 #                                             # recompile logs in speed.log; GROWN_ONLY=1: 48 layers only;
 #                                             # with LAYERS=1, OPAQUE=1: also the regions with bitsandbytes' op and
 #                                             # the custom ops; LORA_LAYERS=1: also LoRA in Trinity's layers;
-#                                             # GUARDS=1: also the layers with all of Dynamo's guards)
+#                                             # GUARDS=1: also the layers with all of Dynamo's guards;
+#                                             # TORCH_ACT=1: also the gated activation in torch operations)
 #   bash bench/gpu_session_calls.sh tinyjob   # run_job's tiny job with compiled decoder layers, CPU tensors probed
 #   bash bench/gpu_session_calls.sh pair      # the refresh, then LoRA vs fast DoRA at 4 and 48 layers
 #                                             # (bench/run_gpu.sh grown_bf16): one machine of two
@@ -31,6 +33,10 @@ mkdir -p "$OUT"
   cat /etc/machine-id /proc/sys/kernel/random/boot_id; grep -m1 "model name" /proc/cpuinfo; nproc; } > "$OUT/machine.txt" 2>&1
 cp "$OUT/machine.txt" "$OUT/card.txt"  # bench/run_gpu.sh rewrites card.txt
 case ${1:-} in
+  kernels)  # GPU tests of the fast-DoRA kernels (K: a -k expression)
+    python -m pytest -m gpu -q -rf --tb=short -p no:cacheprovider tests/gpu/test_qdora_cuda.py ${K:+-k "$K"} \
+      > "$OUT/pytest-qdora.txt" 2>&1
+    tail -4 "$OUT/pytest-qdora.txt" ;;
   tests)
     python -m pytest -m gpu -q -rf --tb=short -p no:cacheprovider tests/gpu/test_unsloth_multimodal.py \
       > "$OUT/pytest-multimodal.txt" 2>&1 &
@@ -85,6 +91,7 @@ case ${1:-} in
       UNSLOTH_COMPILE_DISABLE=0 run --only lora_acc4 --tag compiled_
       [ -z "${BASELINE:-}" ] || run --only ${ONLY:-dora_fast_acc4} --tag kernels_  # fast DoRA, layers uncompiled
       [ -z "${OPAQUE:-}" ] || run --only ${ONLY:-dora_fast_acc4} --compile-layers --region-opaque --tag opaque_
+      [ -z "${TORCH_ACT:-}" ] || run --only ${ONLY:-dora_fast_acc4} --compile-layers --region-torch-act --tag torchact_
       [ -z "${GUARDS:-}" ] || run --only ${ONLY:-dora_fast_acc4} --compile-layers --module-guards --tag guarded_
       [ -z "${LORA_LAYERS:-}" ] || run --only lora_acc4 --compile-layers --tag layers_  # Trinity's LoRA path
     else
@@ -105,5 +112,5 @@ case ${1:-} in
       > "$OUT/tinyjob.log" 2>&1
     echo "rc=$?" | tee -a "$OUT/tinyjob.log"
     grep -n -A4 "\[probe\]" "$OUT/tinyjob.log" | head -60 ;;
-  *) echo "usage: $0 tests|kernel|pair|refresh|t4mem|t4tests|speed|tinyjob"; exit 2 ;;
+  *) echo "usage: $0 tests|kernel|kernels|pair|refresh|t4mem|t4tests|speed|tinyjob"; exit 2 ;;
 esac

@@ -1,6 +1,8 @@
 """What a compiled region (trinity_core.train.compiled_layers) computes in place of fast DoRA's Triton launches,
-which Dynamo cannot trace: by default the kernels' arithmetic in torch operations (``mlp.GatedActInGraph``,
-``linear.scale_and_reduce``'s traced branch) for inductor to fuse; with ``linear.REGION_CUSTOM_OPS`` (the A/B) the
+which Dynamo cannot trace: by default the gated MLP's kernels as the triton ops ``trinity::gated_act_kernel`` and
+its backward (``mlp.GatedActInGraph``; their torch fallbacks on the CPU), DoraOutput's arithmetic in torch operations
+(``linear.scale_and_reduce``'s traced branch) for inductor to fuse; with ``mlp.REGION_KERNELS`` off the gated
+activation's arithmetic in torch operations too; with ``linear.REGION_CUSTOM_OPS`` (the A/B) the
 custom ops ``trinity::scale_and_reduce`` (DoraOutput's backward) and ``trinity::gated_act`` with its backward
 ``trinity::gated_act_backward`` (the gated MLP). Here on the CPU: torch.library.opcheck of the ops (schema, fake
 tensors, autograd registration, AOTAutograd with dynamic shapes), both against float64 autograd, and what a traced
@@ -33,6 +35,10 @@ def test_gated_act_op_passes_opcheck(gelu):
     torch.library.opcheck(torch.ops.trinity.gated_act.default, (e, u, g_e, g_u, gelu))
     torch.library.opcheck(torch.ops.trinity.gated_act_backward.default,
                           (torch.randn(37, 24), e.detach(), u.detach(), g_e.detach(), g_u.detach(), gelu))
+    torch.library.opcheck(torch.ops.trinity.gated_act_kernel.default, (e.detach(), u.detach(), g_e.detach(),
+                                                                      g_u.detach(), gelu))
+    torch.library.opcheck(torch.ops.trinity.gated_act_kernel_backward.default,
+                          (torch.randn(37, 24), e.detach(), u.detach(), g_e.detach(), g_u.detach(), gelu))
 
 
 def test_scale_and_reduce_op_passes_opcheck():
@@ -42,13 +48,14 @@ def test_scale_and_reduce_op_passes_opcheck():
     assert torch.equal(dz, dy * 2) and torch.allclose(dyz, (dy * z).sum(0), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["op", "in_graph"])
+@pytest.mark.parametrize("impl", ["op", "in_graph", "in_graph_torch"])
 @pytest.mark.parametrize("act", [torch.nn.GELU(approximate="tanh"), torch.nn.SiLU()], ids=["gelu_tanh", "silu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_gated_act_matches_float64_autograd(act, dtype, impl):
-    """h and its four gradients from the ops (or GatedActInGraph) against the activation module's formula through
-    float64 autograd: within the dtype's rounding of the result's scale (the gain gradients: fp32 sums over
-    tokens)."""
+def test_gated_act_matches_float64_autograd(act, dtype, impl, monkeypatch):
+    """h and its four gradients from the custom op, GatedActInGraph through the triton ops, or GatedActInGraph's
+    torch arithmetic (REGION_KERNELS off) against the activation module's formula through float64 autograd: within
+    the dtype's rounding of the result's scale (the gain gradients: fp32 sums over tokens)."""
+    monkeypatch.setattr(mlp, "REGION_KERNELS", impl != "in_graph_torch")
     e, u, g_e, g_u, dh = _inputs((3, 41, 24), dtype)
     leaves = [t.clone().requires_grad_() for t in (e, u, g_e, g_u)]
     gelu = isinstance(act, torch.nn.GELU)

@@ -148,3 +148,41 @@ def test_custom_ops_equal_the_eager_kernels(kind, shape):
         small = [t.detach().requires_grad_(t.dtype == torch.float32 or i < 2) for i, t in enumerate((e, u, g_e, g_u))]
         torch.library.opcheck(torch.ops.trinity.gated_act.default, (*small, kind == "gelu_tanh"))
         torch.library.opcheck(torch.ops.trinity.scale_and_reduce.default, (dh, e, g_e))
+
+
+@pytest.mark.parametrize("kind", ["gelu_tanh", "silu"])
+@pytest.mark.parametrize("shape", [(4096, 15360), (2, 37, 130)], ids=str)
+def test_gated_act_in_a_compiled_graph_launches_the_kernels(kind, shape):
+    """Inside a compiled region (inductor, dynamic shapes) GatedActInGraph goes through the triton ops
+    ``trinity::gated_act_kernel`` and its backward: inductor's generated code launches the Triton kernels
+    themselves (no op dispatch from Python), and h, de, du are the eager GatedDoraAct's bit for bit (the same
+    kernels; the gain gradients' last fp32 sum to rounding)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from trinity_core.train.fast_dora import mlp
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    e, u, dh = (torch.randn(shape, device="cuda", generator=gen).bfloat16() for _ in range(3))
+    g_e, g_u = (1 + 0.1 * torch.randn(shape[-1], device="cuda", generator=gen) for _ in range(2))
+    gelu = kind == "gelu_tanh"
+
+    torch._dynamo.reset()
+    act = torch.compile(lambda *args: mlp.GatedActInGraph.apply(*args, gelu), dynamic=True, fullgraph=True)
+
+    def step(*leaves):  # the backward graph is compiled at its first call
+        h = act(*leaves)
+        return (h, *torch.autograd.grad(h, leaves, dh))
+
+    leaves = [t.clone().requires_grad_() for t in (e, u, g_e, g_u)]
+    got, code = run_and_get_code(step, *leaves)
+    source = "\n".join(code)
+    assert "_forward_kernel" in source and "_backward_kernel" in source
+    assert "trinity.gated_act_kernel" not in source, "launched from inductor's code, not through the op"
+    ref_leaves = [t.clone().requires_grad_() for t in (e, u, g_e, g_u)]
+    e_op, u_op = ref_leaves[0] * 1, ref_leaves[1] * 1
+    h_ref = mlp.GatedDoraAct.apply(e_op, u_op, ref_leaves[2], ref_leaves[3], kind, False)
+    want = (h_ref, *torch.autograd.grad(h_ref, (e_op, u_op, ref_leaves[2], ref_leaves[3]), dh))
+    for got_t, want_t in zip(got[:3], want[:3]):
+        assert torch.equal(got_t, want_t)
+    for got_t, want_t in zip(got[3:], want[3:]):
+        assert torch.allclose(got_t, want_t, rtol=1e-6, atol=1e-6)

@@ -22,11 +22,16 @@ dropout, a bias).
 
 from __future__ import annotations
 
-import functools
 import types
 
 import torch
 from torch import nn
+
+try:  # module globals: inductor finds a user kernel's helpers (``_act``) among its function's globals
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = tl = None
 
 import trinity_core.train.fast_dora.linear as linear
 from trinity_core.train.fast_dora.cast_input import base_and_adapter_input, consumable
@@ -39,6 +44,14 @@ GATED_MLP_CLASSES = frozenset({"GemmaMLP", "Gemma2MLP", "Gemma3MLP", "LlamaMLP",
 _ACTIVATIONS = {"GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh",
                 "GELUPytorchTanh": "gelu_tanh", "SiLU": "silu", "SiLUActivation": "silu"}
 """Activation modules the Triton kernel implements (by class name); others run through autograd."""
+
+REGION_KERNELS = True
+"""Inside a compiled region on CUDA, :class:`GatedActInGraph` runs the Triton kernels below through the
+``torch.library.triton_op`` ``trinity::gated_act_kernel`` and its backward (inductor launches them from its
+generated code, no Python dispatch). False: their arithmetic in torch operations for inductor to fuse, as from
+2026-11-29 (night): on an H200 at the 12B shape, 48 layers, inductor's fusion of the backward (the gain sums
+over tokens) took 97.7 ms of kernel time an optimizer step (call 21), the kernel 63.1 ms (call 16, through the
+custom op); forward 54.0 against 37.1 ms (docs/BENCHMARKS.md, "Goal 1, 2026-11-29 (late)")."""
 
 
 def patch_gated_mlps(model: nn.Module) -> int:
@@ -169,23 +182,57 @@ def _backward_torch(dh: torch.Tensor, e: torch.Tensor, u: torch.Tensor, g_e: tor
 
 
 class GatedActInGraph(torch.autograd.Function):
-    """:class:`GatedDoraAct`'s forward and backward arithmetic in torch operations, for inside a compiled region:
-    Dynamo traces both, and inductor fuses each into the region's kernels (no launch of its own from Python).
-    Saves e and u only, as the kernels do; de and du are new tensors."""
+    """:class:`GatedDoraAct` for inside a compiled region, traced by Dynamo: on CUDA its Triton kernels through
+    the triton ops ``trinity::gated_act_kernel`` and ``trinity::gated_act_kernel_backward``, which inductor
+    launches from its generated code (:data:`REGION_KERNELS`); elsewhere, or with that off, their arithmetic in
+    torch operations for inductor to fuse into the region's kernels. Saves e and u only, as the kernels do; de and
+    du are new tensors (an op that wrote over saved activations would need functionalisation to put them back)."""
 
     @staticmethod
     def forward(ctx, e, u, g_e, g_u, gelu):
         ctx.save_for_backward(e, u, g_e, g_u)
         ctx.gelu = gelu
+        if _in_kernels(e):
+            n = e.shape[-1]
+            return torch.ops.trinity.gated_act_kernel(e.reshape(-1, n), u.reshape(-1, n), g_e, g_u, gelu).view(e.shape)
         return _forward_torch(e, u, g_e, g_u, gelu)
 
     @staticmethod
     def backward(ctx, dh):
         e, u, g_e, g_u = ctx.saved_tensors
         n = e.shape[-1]
-        de, du, d_ge, d_gu = _backward_torch(dh.reshape(-1, n), e.reshape(-1, n), u.reshape(-1, n), g_e, g_u,
-                                             ctx.gelu)
+        grads = torch.ops.trinity.gated_act_kernel_backward if _in_kernels(e) else _backward_torch
+        de, du, d_ge, d_gu = grads(dh.reshape(-1, n), e.reshape(-1, n), u.reshape(-1, n), g_e, g_u, ctx.gelu)
         return de.view(e.shape), du.view(u.shape), d_ge, d_gu, None
+
+
+def _in_kernels(e: torch.Tensor) -> bool:
+    """The triton ops (whose CPU fallback is the torch arithmetic, so the CPU tests trace the same graph)."""
+    return REGION_KERNELS and (triton is not None or not e.is_cuda)
+
+
+@torch.library.triton_op("trinity::gated_act_kernel", mutates_args=())
+def _gated_act_kernel(e: torch.Tensor, u: torch.Tensor, g_e: torch.Tensor, g_u: torch.Tensor,
+                      gelu: bool) -> torch.Tensor:
+    """``act(g_e ⊙ e) ⊙ (g_u ⊙ u)`` of (T, N) ``e``, ``u`` and fp32 (N,) gains on CUDA: the forward kernel, which
+    a compiled graph launches from its own code; without CUDA its arithmetic in torch operations."""
+    e, u, g_e, g_u = e.contiguous(), u.contiguous(), g_e.contiguous(), g_u.contiguous()
+    if not e.is_cuda:
+        return _forward_torch(e, u, g_e, g_u, gelu)
+    return _launch_forward(e, u, g_e, g_u, gelu, torch.library.wrap_triton)
+
+
+@torch.library.triton_op("trinity::gated_act_kernel_backward", mutates_args=())
+def _gated_act_kernel_backward(dh: torch.Tensor, e: torch.Tensor, u: torch.Tensor, g_e: torch.Tensor,
+                               g_u: torch.Tensor, gelu: bool
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(de, du, dg_e, dg_u)`` of :func:`_gated_act_kernel` (see :class:`GatedDoraAct`): the backward kernel, or
+    its arithmetic in torch operations without CUDA."""
+    dh, e, u, g_e, g_u = dh.contiguous(), e.contiguous(), u.contiguous(), g_e.contiguous(), g_u.contiguous()
+    if not e.is_cuda:
+        return _backward_torch(dh, e, u, g_e, g_u, gelu)
+    de, du = torch.empty_like(e), torch.empty_like(u)
+    return de, du, *_launch_backward(dh, e, u, g_e, g_u, de, du, gelu, torch.library.wrap_triton)
 
 
 def _act_torch(a: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,23 +284,25 @@ _ROWS, _BLOCK_T, _BLOCK_N = 256, 32, 128
 
 
 def _launch_forward(e: torch.Tensor, u: torch.Tensor, g_e: torch.Tensor, g_u: torch.Tensor,
-                    gelu: bool) -> torch.Tensor:
-    """h of contiguous (T, N) ``e``, ``u`` and fp32 gains: the forward Triton kernel (GatedDoraAct's and the op's)."""
+                    gelu: bool, wrap=lambda kernel: kernel) -> torch.Tensor:
+    """h of contiguous (T, N) ``e``, ``u`` and fp32 gains: the forward Triton kernel (GatedDoraAct's and the ops');
+    ``wrap``: ``torch.library.wrap_triton`` inside a triton op."""
     h = torch.empty_like(e)
-    _kernels()[0][(_cdiv(e.shape[0], _BLOCK_T), _cdiv(e.shape[1], _BLOCK_N))](
+    wrap(_forward_kernel)[(_cdiv(e.shape[0], _BLOCK_T), _cdiv(e.shape[1], _BLOCK_N))](
         e, u, g_e, g_u, h, e.shape[0], e.shape[1], GELU=gelu, BLOCK_T=_BLOCK_T, BLOCK_N=_BLOCK_N)
     return h
 
 
 def _launch_backward(dh: torch.Tensor, e: torch.Tensor, u: torch.Tensor, g_e: torch.Tensor, g_u: torch.Tensor,
-                     de: torch.Tensor, du: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                     de: torch.Tensor, du: torch.Tensor, gelu: bool,
+                     wrap=lambda kernel: kernel) -> tuple[torch.Tensor, torch.Tensor]:
     """The backward Triton kernel: writes ``de`` and ``du`` (which may be ``e`` and ``u`` themselves: each element
     is read before it is written) and returns the gain gradients, two separate fp32 (N,) tensors (an op's
     outputs may not alias each other)."""
     t, n = e.shape
     blocks = _cdiv(t, _ROWS)
     parts = torch.empty((2, blocks, n), device=e.device, dtype=torch.float32)
-    _kernels()[1][(blocks, _cdiv(n, _BLOCK_N))](dh, e, u, g_e, g_u, de, du, parts[0], parts[1], t, n, GELU=gelu,
+    wrap(_backward_kernel)[(blocks, _cdiv(n, _BLOCK_N))](dh, e, u, g_e, g_u, de, du, parts[0], parts[1], t, n, GELU=gelu,
                                                 ROWS=_ROWS, BLOCK_T=_BLOCK_T, BLOCK_N=_BLOCK_N)
     return parts[0].sum(0), parts[1].sum(0)
 
@@ -262,14 +311,12 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-@functools.cache
 def _kernels():
     """(forward, backward) Triton kernels of :class:`GatedDoraAct`, or None without Triton."""
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
+    return None if triton is None else (_forward_kernel, _backward_kernel)
+
+
+if triton is not None:  # module-level kernels: inductor reads a user kernel's source and its helpers from here
 
     @triton.jit
     def _act(a, GELU: tl.constexpr):
@@ -287,8 +334,8 @@ def _kernels():
         return val, der
 
     @triton.jit
-    def forward(e_ptr, u_ptr, ge_ptr, gu_ptr, h_ptr, T, N, GELU: tl.constexpr, BLOCK_T: tl.constexpr,
-                BLOCK_N: tl.constexpr):
+    def _forward_kernel(e_ptr, u_ptr, ge_ptr, gu_ptr, h_ptr, T, N, GELU: tl.constexpr, BLOCK_T: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
         rows = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < N
@@ -302,8 +349,8 @@ def _kernels():
         tl.store(h_ptr + offs, (val * u * gu[None, :]).to(h_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def backward(dh_ptr, e_ptr, u_ptr, ge_ptr, gu_ptr, de_ptr, du_ptr, pe_ptr, pu_ptr, T, N,
-                 GELU: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _backward_kernel(dh_ptr, e_ptr, u_ptr, ge_ptr, gu_ptr, de_ptr, du_ptr, pe_ptr, pu_ptr, T, N,
+                         GELU: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_t = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < N
@@ -327,8 +374,6 @@ def _kernels():
             acc_u += tl.sum(db * u, axis=0)
         tl.store(pe_ptr + pid_t * N + cols, acc_e, mask=cmask)
         tl.store(pu_ptr + pid_t * N + cols, acc_u, mask=cmask)
-
-    return forward, backward
 
 
 __all__ = ["GATED_MLP_CLASSES", "GatedActInGraph", "GatedDoraAct", "gain", "gated_act", "gated_dora_forward",
