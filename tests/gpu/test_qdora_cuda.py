@@ -184,5 +184,5 @@ def test_gated_act_in_a_compiled_graph_launches_the_kernels(kind, shape):
     want = (h_ref, *torch.autograd.grad(h_ref, (e_op, u_op, ref_leaves[2], ref_leaves[3]), dh))
     for got_t, want_t in zip(got[:3], want[:3]):
         assert torch.equal(got_t, want_t)
-    for got_t, want_t in zip(got[3:], want[3:]):
-        assert torch.allclose(got_t, want_t, rtol=1e-6, atol=1e-6)
+    for got_t, want_t in zip(got[3:], want[3:]):  # inductor sums the blocks' partial sums in its own order: at
+        assert torch.allclose(got_t, want_t, rtol=1e-5, atol=1e-5)  # 4096 rows ~20, 1e-6 failed (call 22)
