@@ -114,6 +114,9 @@ OUT_OF_SAMPLE = [
     # Trinity's compiled decoder layers (fast DoRA inside, the NF4 projections dequantised by its kernel and kept for
     # the layer's backward): the default since 2026-11-29, estimated with them; the rows above ran without
     ('H200', 'unsloth+layers', 48, 4096, 64, 'all7', 'fast', False, 4, 11.33, '2026-11-29-h200-speed-18.jsonl'),
+    # since call 22 the gated MLP's activation runs its Triton kernels inside the layers (fast_dora.mlp.REGION_KERNELS):
+    # 0.3 GiB less at the peak (the row above is that run's --region-torch-act row, 11.348); the estimate is +2%
+    ('H200', 'unsloth+layers', 48, 4096, 64, 'all7', 'fast', False, 4, 11.033, '2026-11-29-h200-speed-22.jsonl'),
 ]
 # estimate / measured - 1 on these rows, as measured when they were added (2026-11-28): -4.7% (Unsloth
 # bf16 fast DoRA v3, 4 layers) .. +6.5% (Unsloth compiled LoRA, which the estimate does not model),
