@@ -83,6 +83,9 @@ MODULE_GUARDS = False
 """With COMPILED_LAYERS: the layers share one compile with all of Dynamo's guards, as until 2026-11-29, instead of
 one compile a kind of layer with the guards on modules dropped (trinity_core.train.compiled_layers.MODULE_GUARDS);
 ``--module-guards``."""
+NO_BNB_SYNC = False
+"""The 8-bit AdamW steps without bitsandbytes' ``torch.cuda.synchronize()`` after each parameter
+(trinity_core.train.bnb_step); ``--no-bnb-sync``, for any row (the compiled-LoRA reference too)."""
 REGION_TORCH_ACT = False
 """With COMPILED_LAYERS: the gated MLP's activation in torch operations for inductor to fuse, as from 2026-11-29
 (night), instead of its Triton kernels as triton ops (trinity_core.train.fast_dora.mlp.REGION_KERNELS);
@@ -148,6 +151,10 @@ def measure(model, v: dict, vocab: int, warmup: int = 2, timed: int = 4) -> dict
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = bnb.optim.AdamW8bit(params, lr=1e-4)
+    if NO_BNB_SYNC:
+        from trinity_core.train.bnb_step import without_per_parameter_sync
+
+        v["no_bnb_sync"] = without_per_parameter_sync(opt)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=not v["t4"])
     gen = torch.Generator(device="cuda").manual_seed(0)
     ids = torch.randint(10, vocab, (1, v["seq"]), device="cuda", generator=gen)
@@ -626,6 +633,8 @@ def main(argv: list[str]) -> None:
     r.add_argument("--compile-layers", action="store_true", help="compile each decoder layer (see COMPILED_LAYERS)")
     r.add_argument("--region-opaque", action="store_true", help="bitsandbytes' op and fast DoRA's custom ops "
                    "inside the compiled layers (see REGION_OPAQUE)")
+    r.add_argument("--no-bnb-sync", action="store_true", help="8-bit AdamW without the per-parameter device sync "
+                   "(see NO_BNB_SYNC)")
     r.add_argument("--region-torch-act", action="store_true", help="the gated activation's arithmetic in torch "
                    "operations inside the compiled layers (see REGION_TORCH_ACT)")
     r.add_argument("--module-guards", action="store_true", help="the compiled layers keep Dynamo's guards on "
@@ -644,11 +653,12 @@ def main(argv: list[str]) -> None:
     elif a.cmd == "run":
         deadline = time.time() + a.deadline
         global SELECT, T4_KERNEL, LEAN_NORMS, LEAN_ATTENTION, COMPILED_KERNELS, COMPILED_LAYERS, REGION_OPAQUE
-        global ONLY_GROWN
+        global ONLY_GROWN, NO_BNB_SYNC
         SELECT = (set(a.only) if a.only else None, a.tag)
         T4_KERNEL, LEAN_NORMS, LEAN_ATTENTION = a.t4_kernel, not a.stock_norms, not a.stock_attention
         COMPILED_KERNELS, COMPILED_LAYERS, REGION_OPAQUE = not a.eager_kernels, a.compile_layers, a.region_opaque
         ONLY_GROWN = a.only_grown
+        NO_BNB_SYNC = a.no_bnb_sync
         if a.module_guards:
             from trinity_core.train import compiled_layers
 

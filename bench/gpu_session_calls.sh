@@ -16,7 +16,8 @@
 #                                             # with LAYERS=1, OPAQUE=1: also the regions with bitsandbytes' op and
 #                                             # the custom ops; LORA_LAYERS=1: also LoRA in Trinity's layers;
 #                                             # GUARDS=1: also the layers with all of Dynamo's guards;
-#                                             # TORCH_ACT=1: also the gated activation in torch operations)
+#                                             # TORCH_ACT=1: also the gated activation in torch operations;
+#                                             # NOSYNC=1: also both rows without bitsandbytes' per-parameter sync)
 #   bash bench/gpu_session_calls.sh tinyjob   # run_job's tiny job with compiled decoder layers, CPU tensors probed
 #   bash bench/gpu_session_calls.sh pair      # the refresh, then LoRA vs fast DoRA at 4 and 48 layers
 #                                             # (bench/run_gpu.sh grown_bf16): one machine of two
@@ -91,6 +92,10 @@ case ${1:-} in
       UNSLOTH_COMPILE_DISABLE=0 run --only lora_acc4 --tag compiled_
       [ -z "${BASELINE:-}" ] || run --only ${ONLY:-dora_fast_acc4} --tag kernels_  # fast DoRA, layers uncompiled
       [ -z "${OPAQUE:-}" ] || run --only ${ONLY:-dora_fast_acc4} --compile-layers --region-opaque --tag opaque_
+      if [ -n "${NOSYNC:-}" ]; then  # 8-bit AdamW without bitsandbytes' per-parameter sync, both paths
+        run --only ${ONLY:-dora_fast_acc4} --compile-layers --no-bnb-sync --tag nosync_layers_
+        UNSLOTH_COMPILE_DISABLE=0 run --only lora_acc4 --no-bnb-sync --tag nosync_compiled_
+      fi
       [ -z "${TORCH_ACT:-}" ] || run --only ${ONLY:-dora_fast_acc4} --compile-layers --region-torch-act --tag torchact_
       [ -z "${GUARDS:-}" ] || run --only ${ONLY:-dora_fast_acc4} --compile-layers --module-guards --tag guarded_
       [ -z "${LORA_LAYERS:-}" ] || run --only lora_acc4 --compile-layers --tag layers_  # Trinity's LoRA path

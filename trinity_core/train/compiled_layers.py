@@ -31,10 +31,10 @@ nested frame on its shared code object with the reduced guards, so a graph break
 back to one compile of their own forward with every guard (:data:`MODULE_GUARDS`), whatever Dynamo cannot trace
 running eagerly between graphs rather than failing the job.
 
-H200, 12B shape at 48 layers, the recipe's settings, one run (docs/BENCHMARKS.md, "Goal 1, 2026-11-29 (night)"):
-5815 tok/s against 6091 for Unsloth's compiled LoRA (0.955×); peak allocated 11.33 GiB against 10.69 with
-bitsandbytes' op in the regions (each layer's dequantised projections are kept for its backward; counted by
-``train/memory.py``).
+H200, 12B shape at 48 layers, the recipe's settings, one run (docs/BENCHMARKS.md, "Goal 1, 2026-11-29 (late)",
+call 22): 5900 tok/s against 6090 for Unsloth's compiled LoRA (0.969×); peak allocated 11.03 GiB (each layer's
+dequantised projections are kept for its backward; counted by ``train/memory.py``). Dropping the module guards
+measured no gain there (call 20: 5883 against 5887 tok/s with every guard; that GPU was not waiting on the host).
 """
 
 from __future__ import annotations
