@@ -8,6 +8,7 @@ order; without the compiled norms it was bit for bit), and the layer's own forwa
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -275,3 +276,30 @@ def test_too_many_kinds_share_one_guarded_compile(tiny_spec, monkeypatch):
     _one_step(eager, fast, ids)
     state = next(m for m in fast.modules() if hasattr(m, "_trinity_region_state"))._trinity_region_state
     assert state.guarded and len(state.classes) == 1
+
+
+def test_a_lora_job_s_mlp_traces_where_its_class_forward_is_compile_disabled(tiny_spec, monkeypatch):
+    """Unsloth replaces Gemma-3's MLP forward by one under ``torch.compiler.disable`` (a graph break in every region,
+    and with the per-kind fullgraph compiles the fallback to every guard). Inside the regions a LoRA job's gated
+    MLPs run :func:`gated_mlp_forward` instead: one graph a kind, the eager model's loss and gradients."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3MLP
+
+    from trinity_core.train.backends.peft import PeftBackend
+
+    spec = tiny_spec.model_copy(deep=True)
+    spec.lora.use_dora = False
+    eager, _ = PeftBackend().load(spec)
+    assert not any(isinstance(m, FastDoraLinearLayer) for m in eager.modules())
+    _nonzero_b(eager)
+    fast = copy.deepcopy(eager)
+    monkeypatch.setattr(Gemma3MLP, "forward", torch.compiler.disable(Gemma3MLP.forward))  # as Unsloth's is
+    torch._dynamo.reset()
+    compile_decoder_layers(fast, backend="eager")
+    eager.train(), fast.train()
+    ids = torch.randint(7, eager.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(9))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _one_step(eager, fast, ids)
+    assert not [w for w in caught if "compiled decoder layers" in str(w.message)], "no fallback"
+    state = next(m for m in fast.modules() if hasattr(m, "_trinity_region_state"))._trinity_region_state
+    assert not state.guarded and len(state.kinds) == 2

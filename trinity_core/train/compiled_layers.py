@@ -52,6 +52,7 @@ from torch._dynamo.exc import BackendCompilerFailed, InternalTorchDynamoError, U
 from trinity_core.train import nf4_dequant
 from trinity_core.train.compiled_kernels import floats_as_constants
 from trinity_core.train.fast_dora.linear import FastDoraLinearLayer
+from trinity_core.train.fast_dora.mlp import GATED_MLP_CLASSES
 
 LAYER_CLASSES = ("Gemma3DecoderLayer",)
 """Decoder layers compiled (by class name): the ones the recipe's model has and the tests exercise."""
@@ -148,6 +149,18 @@ def nf4_base_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return type(self).forward(self, x)
 
 
+def gated_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A gated MLP's forward (installed per instance on those inside a compiled layer that have none of their own:
+    a LoRA job's, fast DoRA's have :func:`~trinity_core.train.fast_dora.mlp.gated_dora_forward`): while Dynamo
+    traces, ``down(act(gate(x)) ⊙ up(x))``, the formula of every class in
+    :data:`~trinity_core.train.fast_dora.mlp.GATED_MLP_CLASSES`, for inductor to fuse. Unsloth replaces Gemma-3's
+    MLP forward by one under ``torch.compiler.disable``, which broke each region's graph (6 breaks at 48 layers,
+    call 18, docs/BENCHMARKS.md). Otherwise the class's own forward."""
+    if torch.compiler.is_compiling():
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+    return type(self).forward(self, x)
+
+
 def _bnb_linear4bit() -> type:
     """bitsandbytes' 4-bit linear layer (PEFT's LoRA wrapper of it has the same class name)."""
     import bitsandbytes as bnb
@@ -228,7 +241,7 @@ def compile_decoder_layers(model: nn.Module, backend: Any = "inductor") -> int:
     """Compile every decoder layer of ``model`` (:data:`LAYER_CLASSES`) that has no forward of its own yet, as
     the module docstring says. Returns how many. ``backend`` (``torch.compile``'s): "inductor" on a GPU;
     "aot_eager" or a counting backend in the tests. The layers' frozen NF4 projections get
-    :func:`nf4_base_forward`."""
+    :func:`nf4_base_forward`, their gated MLPs without a forward of their own :func:`gated_mlp_forward`."""
     compiled, state = 0, RegionState(backend)
     for layer in model.modules():
         if type(layer).__name__ not in LAYER_CLASSES or "forward" in layer.__dict__:
@@ -236,6 +249,8 @@ def compile_decoder_layers(model: nn.Module, backend: Any = "inductor") -> int:
         for base in layer.modules():
             if isinstance(base, _bnb_linear4bit()) and "forward" not in base.__dict__:
                 base.forward = types.MethodType(nf4_base_forward, base)
+            elif type(base).__name__ in GATED_MLP_CLASSES and "forward" not in base.__dict__:
+                base.forward = types.MethodType(gated_mlp_forward, base)
         layer._trinity_lora_modules = [m for m in layer.modules() if hasattr(m, "lora_magnitude_vector")]
         for module in layer._trinity_lora_modules:
             for dora in module.lora_magnitude_vector.values():
@@ -251,4 +266,5 @@ def compile_decoder_layers(model: nn.Module, backend: Any = "inductor") -> int:
 
 
 __all__ = ["LAYER_CLASSES", "MAX_KINDS", "MODULE_GUARDS", "RegionState", "compile_decoder_layers",
-           "compiled_layer_forward", "layer_kind", "nf4_base_forward", "refresh_norms"]
+           "compiled_layer_forward", "gated_mlp_forward", "layer_kind", "nf4_base_forward",
+           "refresh_norms"]
