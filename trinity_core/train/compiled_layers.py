@@ -10,10 +10,11 @@ Python launches kernels (torch.profiler kernel totals against wall time, docs/BE
 shapes, so one graph serves every sequence length of a layer kind) for training calls, and a forward
 pre-hook, :func:`refresh_norms`, that brings its fast-DoRA norm caches up to date eagerly before the region
 runs; inside it ``FastDoraLinearLayer.weight_norm`` reads the cache (a graph input, so a refreshed norm is
-used without recompiling); fast DoRA's elementwise arithmetic is traced as torch operations that inductor fuses
-(``fast_dora.linear.scale_and_reduce``, ``fast_dora.mlp.GatedActInGraph``), and each frozen NF4 projection is
-``x Wᵀ`` with W from the ``trinity::nf4_dequantize`` kernel (:func:`nf4_base_forward`), so the compiled graphs
-call no op through its Python dispatch; Python floats (eps, LoRA scaling) are traced as constants
+used without recompiling); fast DoRA's output arithmetic is traced as torch operations that inductor fuses
+(``fast_dora.linear.scale_and_reduce``), its gated activation runs its Triton kernels as triton ops that inductor
+launches (``fast_dora.mlp.GatedActInGraph``), a LoRA job's gated MLP the class formula (:func:`gated_mlp_forward`),
+and each frozen NF4 projection is ``x Wᵀ`` with W from the ``trinity::nf4_dequantize`` kernel
+(:func:`nf4_base_forward`), so the compiled graphs call no op through its Python dispatch; Python floats (eps, LoRA scaling) are traced as constants
 (:func:`~trinity_core.train.compiled_kernels.floats_as_constants`). Evaluation and generation calls run the layer's
 own forward.
 
