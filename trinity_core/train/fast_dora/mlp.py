@@ -95,7 +95,7 @@ def gain(module: nn.Module) -> torch.Tensor:
 def gated_act(e: torch.Tensor, u: torch.Tensor, g_e: torch.Tensor, g_u: torch.Tensor,
               act_fn: nn.Module) -> torch.Tensor:
     """``act(g_e ⊙ e) ⊙ (g_u ⊙ u)`` in e's dtype: one Triton pass each way on CUDA, autograd elsewhere;
-    inside a compiled region :class:`GatedActInGraph` (the kernels' arithmetic for inductor to fuse), or with
+    inside a compiled region :class:`GatedActInGraph` (the kernels as triton ops that inductor launches), or with
     ``linear.REGION_CUSTOM_OPS`` the custom op ``trinity::gated_act`` (below)."""
     kind = _ACTIVATIONS.get(type(act_fn).__name__)
     if kind is not None and e.shape == u.shape and torch.compiler.is_compiling():
