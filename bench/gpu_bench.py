@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import json
 import os
@@ -448,6 +449,10 @@ def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_
             v2["param_dtype"] = str(next(p for p in model.parameters() if p.is_floating_point()).dtype)
             v2["attn"] = getattr(model.config, "_attn_implementation", "?")
             v2["force_fp32"] = os.environ.get("UNSLOTH_FORCE_FLOAT32")
+            if v2.get("fused_mlps"):
+                from trinity_core.train.fast_dora import mlp
+
+                v2["gated_tiles"] = list(dataclasses.astuple(mlp.BACKWARD_TILES))
             v2.update(measure(model, v2, model.config.vocab_size, *((1, 3) if v2["depth"] > depths[-1] else (2, 4))))
             v2.update(model_flops(v2))
             region = next((m._trinity_region_state for m in model.modules() if hasattr(m, "_trinity_region_state")),
@@ -640,6 +645,8 @@ def main(argv: list[str]) -> None:
     r.add_argument("--module-guards", action="store_true", help="the compiled layers keep Dynamo's guards on "
                    "their modules (see MODULE_GUARDS)")
     r.add_argument("--only-grown", action="store_true", help="measure only the --grow-to rows")
+    r.add_argument("--gated-tiles", default="", help="ROWS,BLOCK_T,BLOCK_N,WARPS of the gated activation's "
+                   "backward kernel (trinity_core.train.fast_dora.mlp.BACKWARD_TILES; bench/gated_act_sweep.py)")
     pr = sub.add_parser("profile")
     pr.add_argument("root", type=Path)
     pr.add_argument("out", type=Path)
@@ -667,6 +674,10 @@ def main(argv: list[str]) -> None:
             from trinity_core.train.fast_dora import mlp
 
             mlp.REGION_KERNELS = False
+        if a.gated_tiles:
+            from trinity_core.train.fast_dora import mlp
+
+            mlp.BACKWARD_TILES = mlp.BackwardTiles(*(int(x) for x in a.gated_tiles.split(",")))
         with open(a.out, "a") as out:
             if a.backend == "peft":
                 run_peft(a.root, a.depths, out, deadline, a.grow_to)

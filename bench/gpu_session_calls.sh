@@ -6,6 +6,8 @@
 #   bash bench/gpu_session_calls.sh refresh   # bench/norm_refresh.py --layers 48 --reuse-layer --sweep --profile
 #   bash bench/gpu_session_calls.sh kernel    # NF4 kernel tests, then the refresh (needs .whl/site only)
 #   bash bench/gpu_session_calls.sh kernels   # tests/gpu/test_qdora_cuda.py (K=: a -k expression)
+#   bash bench/gpu_session_calls.sh tiles     # bench/gated_act_sweep.py, the kernel's GPU test, speed rows with the
+#                                             # fastest tiles (BUDGET=, TILES0=1: also the default tiles' row)
 #   bash bench/gpu_session_calls.sh t4mem     # T4 path, lean vs Unsloth's attention, 4 and 48 layers (#20 goal 3)
 #   bash bench/gpu_session_calls.sh t4tests   # lean attention vs Unsloth's (12B-shaped layers) + fast-DoRA CUDA tests
 #   bash bench/gpu_session_calls.sh speed     # #20 goal 1: Unsloth's compiled LoRA; Trinity's compiled kernels
@@ -34,6 +36,14 @@ mkdir -p "$OUT"
   cat /etc/machine-id /proc/sys/kernel/random/boot_id; grep -m1 "model name" /proc/cpuinfo; nproc; } > "$OUT/machine.txt" 2>&1
 cp "$OUT/machine.txt" "$OUT/card.txt"  # bench/run_gpu.sh rewrites card.txt
 case ${1:-} in
+  tiles)  # the gated activation's backward kernel by tile (bench/gated_act_sweep.py), its GPU test, then the
+          # speed rows with the fastest tiles (TILES), compiled LoRA and (TILES0=1) the default tiles
+    python bench/gated_act_sweep.py --out "$OUT/gated_act_sweep.jsonl" > "$OUT/gated_act_sweep.log" 2>&1
+    best=$(python -c "import json,sys; print([json.loads(l) for l in open(sys.argv[1])][-1].get('best_tiles', ''))" \
+           "$OUT/gated_act_sweep.jsonl")
+    grep -v '"tiles"' "$OUT/gated_act_sweep.jsonl" | cut -c1-300; echo "best tiles: $best"
+    K="gated" "$0" kernels  # the eager kernel (also writing over e and u) and inside a compiled graph
+    TILES=$best LAYERS=1 SKIP_EAGER=1 GROW=48 GROWN_ONLY=1 "$0" speed ;;
   kernels)  # GPU tests of the fast-DoRA kernels (K: a -k expression)
     python -m pytest -m gpu -q -rf --tb=short -p no:cacheprovider tests/gpu/test_qdora_cuda.py ${K:+-k "$K"} \
       > "$OUT/pytest-qdora.txt" 2>&1
@@ -88,8 +98,10 @@ case ${1:-} in
               ${GROW:+--grow-to $GROW} ${GROWN_ONLY:+--only-grown} --deadline $(( end - $(date +%s) )) "$@" \
               >> "$OUT/speed.log" 2>&1; }
     if [ -n "${LAYERS:-}" ]; then  # Trinity's compiled layers first, then the reference
-      TORCH_LOGS=${TORCH_LOGS-graph_breaks,recompiles} run --only ${ONLY:-dora_fast_acc4} --compile-layers --tag layers_
+      TORCH_LOGS=${TORCH_LOGS-graph_breaks,recompiles} run --only ${ONLY:-dora_fast_acc4} --compile-layers \
+        ${TILES:+--gated-tiles $TILES} --tag layers_
       UNSLOTH_COMPILE_DISABLE=0 run --only lora_acc4 --tag compiled_
+      [ -z "${TILES0:-}" ] || run --only ${ONLY:-dora_fast_acc4} --compile-layers --tag tiles0_  # default tiles
       [ -z "${BASELINE:-}" ] || run --only ${ONLY:-dora_fast_acc4} --tag kernels_  # fast DoRA, layers uncompiled
       [ -z "${OPAQUE:-}" ] || run --only ${ONLY:-dora_fast_acc4} --compile-layers --region-opaque --tag opaque_
       if [ -n "${NOSYNC:-}" ]; then  # 8-bit AdamW without bitsandbytes' per-parameter sync, both paths
@@ -117,5 +129,5 @@ case ${1:-} in
       > "$OUT/tinyjob.log" 2>&1
     echo "rc=$?" | tee -a "$OUT/tinyjob.log"
     grep -n -A4 "\[probe\]" "$OUT/tinyjob.log" | head -60 ;;
-  *) echo "usage: $0 tests|kernel|kernels|pair|refresh|t4mem|t4tests|speed|tinyjob"; exit 2 ;;
+  *) echo "usage: $0 tests|kernel|kernels|tiles|pair|refresh|t4mem|t4tests|speed|tinyjob"; exit 2 ;;
 esac

@@ -23,6 +23,7 @@ dropout, a bias).
 from __future__ import annotations
 
 import types
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -280,7 +281,31 @@ class GatedDoraAct(torch.autograd.Function):
         return de.view(ctx.shape), du.view(ctx.shape), d_ge, d_gu, None, None
 
 
-_ROWS, _BLOCK_T, _BLOCK_N = 256, 32, 128
+_BLOCK_T, _BLOCK_N = 32, 128  # the forward kernel's tile
+
+
+@dataclass(frozen=True)
+class BackwardTiles:
+    """The backward kernel's launch: each program takes ``rows`` tokens (in steps of ``block_t``) by ``block_n``
+    columns with ``warps`` warps, and writes one row of partial gain sums (a (tokens / rows, N) fp32 tensor,
+    summed after the kernel)."""
+
+    rows: int
+    block_t: int
+    block_n: int
+    warps: int
+
+    def __post_init__(self):
+        for name in ("rows", "block_t", "block_n", "warps"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"BackwardTiles.{name} must be a power of two, not {value}")
+        if self.rows % self.block_t:
+            raise ValueError(f"BackwardTiles.block_t ({self.block_t}) must divide rows ({self.rows})")
+
+
+BACKWARD_TILES = BackwardTiles(rows=256, block_t=32, block_n=128, warps=4)
+"""The backward kernel's tiles (``bench/gated_act_sweep.py`` times the alternatives on a GPU)."""
 
 
 def _launch_forward(e: torch.Tensor, u: torch.Tensor, g_e: torch.Tensor, g_u: torch.Tensor,
@@ -300,13 +325,15 @@ def _launch_backward(dh: torch.Tensor, e: torch.Tensor, u: torch.Tensor, g_e: to
     is read before it is written) and returns the gain gradients, two separate fp32 (N,) tensors (an op's
     outputs may not alias each other)."""
     t, n = e.shape
-    blocks = _cdiv(t, _ROWS)
+    tiles = BACKWARD_TILES
+    blocks = _cdiv(t, tiles.rows)
     # two tensors, not views of one: a triton op's kernel that writes into views leaves their writeback to
     # functionalisation, and a compiled graph's gain sums differed from eager ones at 4096 rows (call 22; cause not
     # established: the sums' order, or that writeback)
     pe, pu = (torch.empty((blocks, n), device=e.device, dtype=torch.float32) for _ in range(2))
-    wrap(_backward_kernel)[(blocks, _cdiv(n, _BLOCK_N))](dh, e, u, g_e, g_u, de, du, pe, pu, t, n, GELU=gelu,
-                                                         ROWS=_ROWS, BLOCK_T=_BLOCK_T, BLOCK_N=_BLOCK_N)
+    wrap(_backward_kernel)[(blocks, _cdiv(n, tiles.block_n))](
+        dh, e, u, g_e, g_u, de, du, pe, pu, t, n, GELU=gelu, ROWS=tiles.rows, BLOCK_T=tiles.block_t,
+        BLOCK_N=tiles.block_n, num_warps=tiles.warps)
     return pe.sum(0), pu.sum(0)
 
 
@@ -359,8 +386,10 @@ if triton is not None:  # module-level kernels: inductor reads a user kernel's s
         cmask = cols < N
         ge = tl.load(ge_ptr + cols, mask=cmask, other=0.0)[None, :]
         gu = tl.load(gu_ptr + cols, mask=cmask, other=0.0)[None, :]
-        acc_e = tl.zeros([BLOCK_N], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
+        # the sums over tokens stay per row of the tile until the loop ends: one reduction across the program's
+        # threads per program, not one per step (tl.full: tl.zeros is a jit function the interpreter may miss)
+        acc_e = tl.full((BLOCK_T, BLOCK_N), 0.0, tl.float32)
+        acc_u = tl.full((BLOCK_T, BLOCK_N), 0.0, tl.float32)
         for t in range(0, ROWS, BLOCK_T):
             rows = (pid_t * ROWS + t + tl.arange(0, BLOCK_T)).to(tl.int64)
             mask = (rows[:, None] < T) & cmask[None, :]
@@ -373,11 +402,11 @@ if triton is not None:  # module-level kernels: inductor reads a user kernel's s
             db = dh * val  # ∂L/∂b, b = g_u·u
             tl.store(de_ptr + offs, (da * ge).to(de_ptr.dtype.element_ty), mask=mask)
             tl.store(du_ptr + offs, (db * gu).to(du_ptr.dtype.element_ty), mask=mask)
-            acc_e += tl.sum(da * e, axis=0)
-            acc_u += tl.sum(db * u, axis=0)
-        tl.store(pe_ptr + pid_t * N + cols, acc_e, mask=cmask)
-        tl.store(pu_ptr + pid_t * N + cols, acc_u, mask=cmask)
+            acc_e += da * e
+            acc_u += db * u
+        tl.store(pe_ptr + pid_t * N + cols, tl.sum(acc_e, axis=0), mask=cmask)
+        tl.store(pu_ptr + pid_t * N + cols, tl.sum(acc_u, axis=0), mask=cmask)
 
 
-__all__ = ["GATED_MLP_CLASSES", "GatedActInGraph", "GatedDoraAct", "gain", "gated_act", "gated_dora_forward",
-           "patch_gated_mlps", "pre_gain"]
+__all__ = ["BACKWARD_TILES", "GATED_MLP_CLASSES", "BackwardTiles", "GatedActInGraph", "GatedDoraAct", "gain",
+           "gated_act", "gated_dora_forward", "patch_gated_mlps", "pre_gain"]

@@ -1,0 +1,175 @@
+"""The gated MLP activation's backward kernel (``trinity_core/train/fast_dora/mlp.py``) by tile, beside the peers.
+
+    PYTHONPATH=$PWD/.whl/site:$PWD python bench/gated_act_sweep.py --out $OUT/gated_act_sweep.jsonl
+    TRITON_INTERPRET=1 python bench/gated_act_sweep.py --tokens 64 --cols 192 --quick   # CPU: runs end to end
+
+Why: call 25's profile (docs/BENCHMARKS.md) put fast DoRA's backward kernel at 64.5 ms an optimizer step on the
+12B shape (192 launches at 4096 × 15360, ~0.34 ms each), against 32.8 ms for the fused kernel that inductor makes
+of compiled LoRA's activation backward. Both move five (tokens × N) bf16 tensors (dh, e and u in; de and du out);
+the DoRA kernel also sums two products over tokens for the gain gradients.
+
+Rows, one JSON object per line (``kind``):
+- ``peer``: inductor's kernel for LoRA's ``gelu_tanh(e) ⊙ u`` backward (``torch.compile`` of the same formula:
+  what the compiled-LoRA rows run), the bandwidth to beat;
+- ``before``: the kernel as it was until this script (a 1-D accumulator reduced across the program's threads at
+  every step of 32 rows; ROWS 256, BLOCK_T 32, BLOCK_N 128, 4 warps), kept here as a copy;
+- ``tiles``: today's kernel (the sums kept per tile row until the loop ends) for each tile in ``--tiles`` or the
+  built-in list, de and du checked equal to the ``before`` kernel's to the bit, the gain sums against float64;
+- ``best``: the fastest ``tiles`` row that passed, and ``best_tiles`` as ``ROWS,BLOCK_T,BLOCK_N,WARPS``, the form
+  ``bench/gpu_bench.py --gated-tiles`` takes.
+
+Times: the median of CUDA-event timings (``triton.testing.do_bench``) on a GPU, of wall-clock ones on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trinity_core.train.fast_dora import mlp  # noqa: E402
+
+triton, tl = mlp.triton, mlp.tl
+
+TILES = [(r, bt, bn, w) for r in (32, 64, 128, 256) for bt, bn in ((8, 256), (16, 128), (32, 128), (16, 256))
+         for w in (4, 8) if bt <= r]
+"""(rows, block_t, block_n, warps) timed by default: 32 tiles."""
+
+if triton is not None:
+
+    @triton.jit
+    def _before_kernel(dh_ptr, e_ptr, u_ptr, ge_ptr, gu_ptr, de_ptr, du_ptr, pe_ptr, pu_ptr, T, N,
+                       GELU: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+        """mlp._backward_kernel until 2026-11-29 (this session): the sums reduced across threads at each step."""
+        pid_t = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        ge = tl.load(ge_ptr + cols, mask=cmask, other=0.0)[None, :]
+        gu = tl.load(gu_ptr + cols, mask=cmask, other=0.0)[None, :]
+        acc_e = tl.full((BLOCK_N,), 0.0, tl.float32)
+        acc_u = tl.full((BLOCK_N,), 0.0, tl.float32)
+        for t in range(0, ROWS, BLOCK_T):
+            rows = (pid_t * ROWS + t + tl.arange(0, BLOCK_T)).to(tl.int64)
+            mask = (rows[:, None] < T) & cmask[None, :]
+            offs = rows[:, None] * N + cols[None, :]
+            dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            e = tl.load(e_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            val, der = mlp._act(e * ge, GELU)
+            da = dh * u * gu * der
+            db = dh * val
+            tl.store(de_ptr + offs, (da * ge).to(de_ptr.dtype.element_ty), mask=mask)
+            tl.store(du_ptr + offs, (db * gu).to(du_ptr.dtype.element_ty), mask=mask)
+            acc_e += tl.sum(da * e, axis=0)
+            acc_u += tl.sum(db * u, axis=0)
+        tl.store(pe_ptr + pid_t * N + cols, acc_e, mask=cmask)
+        tl.store(pu_ptr + pid_t * N + cols, acc_u, mask=cmask)
+
+
+def _before(dh, e, u, g_e, g_u, gelu):
+    t, n = e.shape
+    blocks = -(-t // 256)
+    de, du = torch.empty_like(e), torch.empty_like(u)
+    pe, pu = (torch.empty((blocks, n), device=e.device, dtype=torch.float32) for _ in range(2))
+    _before_kernel[(blocks, -(-n // 128))](dh, e, u, g_e, g_u, de, du, pe, pu, t, n, GELU=gelu, ROWS=256,
+                                           BLOCK_T=32, BLOCK_N=128)
+    return de, du, pe.sum(0), pu.sum(0)
+
+
+def _tiled(dh, e, u, g_e, g_u, gelu):
+    de, du = torch.empty_like(e), torch.empty_like(u)
+    return (de, du, *mlp._launch_backward(dh, e, u, g_e, g_u, de, du, gelu))
+
+
+def _peer_formula(dh, e, u):
+    """LoRA's gelu_tanh(e) ⊙ u backward, as autograd writes it (inductor fuses it into one kernel)."""
+    e32, u32, dh32 = e.float(), u.float(), dh.float()
+    val, der = mlp._act_torch(e32, True)
+    return (dh32 * u32 * der).to(e.dtype), (dh32 * val).to(u.dtype)
+
+
+def _time_ms(fn, quick: bool) -> float:
+    if torch.cuda.is_available():
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100 if quick else 400, return_mode="median"))
+    times = []
+    for _ in range(2 if quick else 5):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want).abs().max() / want.abs().max()).item()
+
+
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--cols", type=int, default=15360, help="the MLP's intermediate size (Gemma-3-12B: 15360)")
+    ap.add_argument("--silu", action="store_true", help="SiLU instead of tanh-GELU (Gemma)")
+    ap.add_argument("--tiles", nargs="*", default=None, help="ROWS,BLOCK_T,BLOCK_N,WARPS ... (default: TILES)")
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions and tiles (a smoke run)")
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    gelu = not a.silu
+    gen = torch.Generator(device=device).manual_seed(0)
+    e, u, dh = (torch.randn(a.tokens, a.cols, device=device, generator=gen).to(dtype) for _ in range(3))
+    g_e, g_u = (torch.rand(a.cols, device=device, generator=gen) + 0.5 for _ in range(2))
+    moved = 5 * e.numel() * e.element_size()  # dh, e, u read; de, du written
+    out = open(a.out, "a") if a.out else None
+
+    def emit(row: dict) -> None:
+        line = json.dumps(row)
+        print(line, flush=True)
+        if out:
+            out.write(line + "\n")
+
+    emit({"kind": "setup", "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+          "tokens": a.tokens, "cols": a.cols, "dtype": str(dtype), "gelu": gelu, "bytes_moved": moved,
+          "torch": torch.__version__, "triton": triton.__version__})
+    ref = mlp._backward_torch(dh.double(), e.double(), u.double(), g_e.double(), g_u.double(), gelu)
+
+    def row(kind: str, ms: float, **extra) -> dict:
+        return {"kind": kind, "ms": round(ms, 4), "gb_per_s": round(moved / ms / 1e6, 1), **extra}
+
+    if device == "cuda" and gelu:
+        peer = torch.compile(_peer_formula, fullgraph=True)
+        emit(row("peer", _time_ms(lambda: peer(dh, e, u), a.quick), what="inductor: gelu_tanh(e)*u backward"))
+    before = _before(dh, e, u, g_e, g_u, gelu)
+    emit(row("before", _time_ms(lambda: _before(dh, e, u, g_e, g_u, gelu), a.quick),
+             tiles=[256, 32, 128, 4], d_ge_rel=_rel(before[2], ref[2]), d_gu_rel=_rel(before[3], ref[3])))
+    tiles = [tuple(int(x) for x in t.split(",")) for t in a.tiles] if a.tiles else TILES
+    if a.quick and not a.tiles:
+        tiles = [(256, 32, 128, 4), (32, 16, 128, 4), (64, 16, 256, 8)]
+    own = mlp.BACKWARD_TILES
+    best = None
+    try:
+        for t in tiles:
+            mlp.BACKWARD_TILES = mlp.BackwardTiles(*t)
+            got = _tiled(dh, e, u, g_e, g_u, gelu)
+            same = torch.equal(got[0], before[0]) and torch.equal(got[1], before[1])
+            errors = {"d_ge_rel": _rel(got[2], ref[2]), "d_gu_rel": _rel(got[3], ref[3])}
+            ok = same and max(errors.values()) < 1e-4
+            r = row("tiles", _time_ms(lambda: _tiled(dh, e, u, g_e, g_u, gelu), a.quick), tiles=list(t),
+                    de_du_as_before=same, ok=ok, **errors)
+            emit(r)
+            if ok and (best is None or r["ms"] < best["ms"]):
+                best = r
+    finally:
+        mlp.BACKWARD_TILES = own
+    if best is not None:
+        emit({**best, "kind": "best", "best_tiles": ",".join(str(x) for x in best["tiles"])})
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

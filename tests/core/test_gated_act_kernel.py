@@ -1,0 +1,65 @@
+"""The gated MLP's Triton kernels (``fast_dora/mlp.py``) run in Triton's interpreter on the CPU, against float64.
+
+The kernels are defined when the module is imported, and ``triton.jit`` chooses the interpreter only when
+``TRITON_INTERPRET`` is set by then: so each case runs in a fresh interpreter process. It covers the backward
+kernel's tiles (``mlp.BACKWARD_TILES``): token counts that are not a multiple of the tile's rows, column counts that
+are not a multiple of its width, the per-program partial sums and their sum. Speed is the GPU's business
+(``bench/gated_act_sweep.py``); ``tests/gpu/test_qdora_cuda.py`` runs the same kernels on CUDA."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton")
+
+_CHECK = textwrap.dedent("""
+    import json, sys
+    import torch
+    from trinity_core.train.fast_dora import mlp
+
+    t, n, gelu, tiles = json.loads(sys.argv[1])
+    mlp.BACKWARD_TILES = mlp.BackwardTiles(*tiles)
+    gen = torch.Generator().manual_seed(t * 1000 + n)
+    e, u, dh = (torch.randn(t, n, generator=gen) for _ in range(3))
+    g_e, g_u = (torch.rand(n, generator=gen) + 0.5 for _ in range(2))
+    h = mlp._launch_forward(e, u, g_e, g_u, gelu)
+    de, du = torch.empty_like(e), torch.empty_like(u)
+    d_ge, d_gu = mlp._launch_backward(dh, e, u, g_e, g_u, de, du, gelu)
+    ref_h = mlp._forward_torch(e.double(), u.double(), g_e.double(), g_u.double(), gelu)
+    ref = mlp._backward_torch(dh.double(), e.double(), u.double(), g_e.double(), g_u.double(), gelu)
+
+    def rel(got, want):
+        return ((got.double() - want).abs().max() / want.abs().max()).item()
+
+    print(json.dumps({"h": rel(h, ref_h), "de": rel(de, ref[0]), "du": rel(du, ref[1]),
+                      "d_ge": rel(d_ge, ref[2]), "d_gu": rel(d_gu, ref[3])}))
+""")
+
+
+@pytest.mark.parametrize("t, n, gelu, tiles", [
+    (70, 130, True, (256, 32, 128, 4)),  # the default tiles: one program's rows cover all tokens
+    (300, 200, True, (32, 16, 64, 8)),  # 10 row blocks, the last one partial; 4 column blocks, the last partial
+    (300, 200, False, (64, 8, 256, 4)),  # SiLU; 8 steps of 8 rows a program
+])
+def test_the_kernels_match_float64(t, n, gelu, tiles):
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", _CHECK, json.dumps([t, n, gelu, tiles])], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    assert max(errors.values()) < 1e-5, errors  # fp32 inside; the sums over up to 300 tokens
+
+
+def test_tiles_must_divide():
+    from trinity_core.train.fast_dora import mlp
+
+    with pytest.raises(ValueError, match="block_t"):
+        mlp.BackwardTiles(rows=64, block_t=128, block_n=128, warps=4)
+    with pytest.raises(ValueError, match="power of two"):
+        mlp.BackwardTiles(rows=48, block_t=16, block_n=128, warps=4)
