@@ -304,8 +304,11 @@ class BackwardTiles:
             raise ValueError(f"BackwardTiles.block_t ({self.block_t}) must divide rows ({self.rows})")
 
 
-BACKWARD_TILES = BackwardTiles(rows=256, block_t=32, block_n=128, warps=4)
-"""The backward kernel's tiles (``bench/gated_act_sweep.py`` times the alternatives on a GPU)."""
+BACKWARD_TILES = BackwardTiles(rows=256, block_t=16, block_n=128, warps=4)
+"""The backward kernel's tiles: the fastest of 32 in ``bench/gated_act_sweep.py`` on an H200 at the 12B shape
+(4096 × 15360, bf16): 0.216 ms a launch, against 0.330 ms for the kernel before (one reduction across the
+program's threads per step of 32 rows) and 0.151 ms for inductor's kernel of LoRA's activation backward
+(docs/BENCHMARKS.md, "Goal 1, 2026-11-29 (session of the evening)", call 26)."""
 
 
 def _launch_forward(e: torch.Tensor, u: torch.Tensor, g_e: torch.Tensor, g_u: torch.Tensor,
@@ -333,7 +336,8 @@ def _launch_backward(dh: torch.Tensor, e: torch.Tensor, u: torch.Tensor, g_e: to
     pe, pu = (torch.empty((blocks, n), device=e.device, dtype=torch.float32) for _ in range(2))
     wrap(_backward_kernel)[(blocks, _cdiv(n, tiles.block_n))](
         dh, e, u, g_e, g_u, de, du, pe, pu, t, n, GELU=gelu, ROWS=tiles.rows, BLOCK_T=tiles.block_t,
-        BLOCK_N=tiles.block_n, num_warps=tiles.warps)
+        BLOCK_N=tiles.block_n, **({} if tiles.warps == 4 else {"num_warps": tiles.warps}))  # 4: Triton's default
+    # (inside a compiled graph a launch's num_warps wraps the kernel in a one-config autotuner)
     return pe.sum(0), pu.sum(0)
 
 
