@@ -8,6 +8,7 @@
   count, so a kill mid-save never leaves a checkpoint that looks complete. It writes the evaluation
   state (:mod:`trinity_core.train.eval_loop`) into each checkpoint before the rename, and its pruning of old
   checkpoints spares the best one when that is the one to export.
+- ``OptimizerStepCallback``: bitsandbytes' 8-bit step without a device sync after each parameter (``bnb_step``).
 - ``EvalCallback`` (``eval_loop``): the held-out loss every ``train.eval_steps``, early stopping; at the
   end the best step's adapter is loaded back when ``export.checkpoint`` is ``best``.
 """
@@ -28,7 +29,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
 from trinity_core import gpu
-from trinity_core.train import eval_loop
+from trinity_core.train import bnb_step, eval_loop
 from trinity_core.events import Emitter
 from trinity_core.spec import JobSpec
 
@@ -154,6 +155,19 @@ class ProgressCallback(TrainerCallback):
         )
 
 
+class OptimizerStepCallback(TrainerCallback):
+    """A lighter 8-bit optimizer step: bitsandbytes' per-parameter ``torch.cuda.synchronize()`` skipped
+    (:mod:`trinity_core.train.bnb_step`; the Trainer has made the optimizer by ``on_train_begin``)."""
+
+    def __init__(self):
+        self.applied = False
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+        if bnb_step.ENABLED and inner is not None:
+            self.applied = bnb_step.without_per_parameter_sync(inner) or bnb_step.chosen(inner)
+
+
 def _float_or_none(x: Any) -> float | None:
     try:
         return float(x)
@@ -228,7 +242,7 @@ def train(
         eval_dataset, max_rows=t.eval_max_rows, max_tokens=min(t.eval_max_tokens, spec.model.max_seq_length))
     evaluation = ((resume and eval_loop.EvalState.load(resume)) or eval_loop.EvalState()) if examples else None
     callbacks = [progress, CheckpointCallback(ckpt_root, t.save_total_limit, evaluation,
-                                              keep_best=spec.export.checkpoint == "best")]
+                                              keep_best=spec.export.checkpoint == "best"), OptimizerStepCallback()]
     if evaluation is not None:
         callbacks.append(eval_loop.EvalCallback(examples, evaluation, emit, every=t.eval_steps, total_steps=t.max_steps,
                                                 patience=t.early_stopping_patience, max_seconds=t.eval_max_seconds))
