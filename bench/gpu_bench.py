@@ -208,6 +208,17 @@ def measure(model, v: dict, vocab: int, warmup: int = 2, timed: int = 4) -> dict
             table += "\n\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=60,
                                                          max_name_column_width=120)
         (Path(os.environ["TRINITY_BENCH_PROFILE"]) / f"prof-{v['name']}-L{v.get('depth', '?')}.txt").write_text(table)
+        if os.environ.get("TRINITY_BENCH_TRACE") == "1":  # where the GPU waits (bench/gpu_timeline.py)
+            import tempfile
+
+            from gpu_timeline import load, report
+
+            with tempfile.TemporaryDirectory() as tmp:
+                trace = Path(tmp) / "trace.json"
+                prof.export_chrome_trace(str(trace))
+                text = report(load(trace))
+            (Path(os.environ["TRINITY_BENCH_PROFILE"]) / f"prof-timeline-{v['name']}-L{v.get('depth', '?')}.txt"
+             ).write_text(text)
     timed_times = times[warmup * v["accum"]:]
     # accum > 1: the median of each position within the optimizer step (the last one includes the
     # step and fast DoRA's refresh), averaged: robust to a one-off stall, fair to the step's cost
