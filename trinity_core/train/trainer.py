@@ -165,7 +165,8 @@ class OptimizerStepCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
         if bnb_step.ENABLED and inner is not None:
-            self.applied = bnb_step.without_per_parameter_sync(inner) or bnb_step.chosen(inner)
+            bnb_step.without_per_parameter_sync(inner)
+            self.applied = bnb_step.chosen(inner)  # also when an earlier attempt chose it
 
 
 def _float_or_none(x: Any) -> float | None:
