@@ -217,6 +217,11 @@ def measure(model, v: dict, vocab: int, warmup: int = 2, timed: int = 4) -> dict
                 trace = Path(tmp) / "trace.json"
                 prof.export_chrome_trace(str(trace))
                 text = report(load(trace))
+                if os.environ.get("TRINITY_BENCH_KEEP_TRACE") == "1":  # the trace itself, compacted
+                    from gpu_timeline import compact
+
+                    compact(trace, Path(os.environ["TRINITY_BENCH_PROFILE"])
+                            / f"trace-{v['name']}-L{v.get('depth', '?')}.json.gz")
             (Path(os.environ["TRINITY_BENCH_PROFILE"]) / f"prof-timeline-{v['name']}-L{v.get('depth', '?')}.txt"
              ).write_text(text)
     timed_times = times[warmup * v["accum"]:]

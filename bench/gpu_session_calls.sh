@@ -13,7 +13,8 @@
 #   bash bench/gpu_session_calls.sh speed     # #20 goal 1: Unsloth's compiled LoRA; Trinity's compiled kernels
 #                                             # (LoRA, fast DoRA); the same with eager kernels (GROW=48: also 48 layers;
 #                                             # PROFILE=1: kernel totals of one optimizer step a row (TRACE=1: and
-#                                             # where the GPU waits, bench/gpu_timeline.py), SKIP_EAGER=1;
+#                                             # where the GPU waits, bench/gpu_timeline.py; KEEP_TRACE=1: the
+#                                             # traces come back too), SKIP_EAGER=1;
 #                                             # LAYERS=1: decoder layers compiled too, Dynamo's graph-break and
 #                                             # recompile logs in speed.log; GROWN_ONLY=1: 48 layers only;
 #                                             # with LAYERS=1, OPAQUE=1: also the regions with bitsandbytes' op and
@@ -94,6 +95,7 @@ case ${1:-} in
   speed)  # one process per mode (Unsloth reads UNSLOTH_COMPILE_DISABLE at import); ONLY= narrows the variants
     [ -z "${PROFILE:-}" ] || export TRINITY_BENCH_PROFILE=$OUT
     [ -z "${TRACE:-}" ] || export TRINITY_BENCH_TRACE=1 TRINITY_BENCH_PROFILE_CPU=1  # with PROFILE=1
+    [ -z "${KEEP_TRACE:-}" ] || export TRINITY_BENCH_KEEP_TRACE=1  # with TRACE=1: the traces too, compacted
     end=$(( $(date +%s) + ${BUDGET:-540} ))  # rows not started by then are skipped
     python bench/gpu_bench.py build /tmp/m12b 4 > "$OUT/speed.log" 2>&1 || tail -5 "$OUT/speed.log"
     run() { python bench/gpu_bench.py run unsloth /tmp/m12b "$OUT/speed.jsonl" --depths 4 \

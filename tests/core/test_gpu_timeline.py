@@ -49,3 +49,25 @@ def test_gaps_are_put_down_to_the_launching_operator(tmp_path):
     assert "     0.18      1  bitsandbytes::optimizer_update_8bit_blockwise" in text
     assert "     0.19      1  host sync" in text
     assert "     0.18  Optimizer.step#AdamW8bit.step" in text
+
+
+def test_streams_overlap_and_exposed_copies(tmp_path):
+    def k(cat, name, ts, dur, stream):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": stream, "args": {"stream": stream}}
+
+    events = [
+        k("kernel", "compute1", 0, 100, 7),
+        k("kernel", "compute2", 150, 100, 7),
+        k("gpu_memcpy", "Memcpy DtoH", 50, 80, 20),  # 50-130: 50-100 under compute1, 100-130 exposed
+        k("gpu_memcpy", "Memcpy HtoD", 240, 30, 20),  # 240-270: 240-250 under compute2, 250-270 exposed
+    ]
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    tool = _tool()
+    text = tool.report(tool.load(path))
+    assert "     0.20      0.00  stream 7" in text
+    assert "     0.11      0.11  stream 20" in text
+    assert "two or more streams at once: 0.06 ms; memcpy 0.11 ms, of it with no kernel running: 0.05 ms" in text
+    out = tmp_path / "small.json.gz"
+    tool.compact(path, out)
+    assert tool.report(tool.load(out)) == text
