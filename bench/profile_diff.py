@@ -8,10 +8,18 @@ left out, and the optimizer step's device-side span, so nothing is counted twice
 only, so the totals are of those), sums them by group (GEMMs, flex attention, the NF4 dequantisation, the
 gated activation's kernels or inductor's, other inductor kernels, copies, the optimizer's update), then prints the
 kernels whose totals differ most. Times in ms for the profiled step (4 micro-batches).
+
+    python bench/profile_diff.py TRACE_A.json.gz TRACE_B.json.gz [N]
+
+The same from two traces (``bench/gpu_timeline.py --compact``, the session script's ``KEEP_TRACE=1``): every
+kernel, memcpy and memset of the step, where a table's top rows leave out the many small kernels (call 29: the
+tables' rows summed to +28 ms between fast DoRA and compiled LoRA, the traces' to +106 ms).
 """
 
 from __future__ import annotations
 
+import gzip
+import json
 import re
 import sys
 import tarfile
@@ -38,6 +46,19 @@ def device_rows(table: str) -> dict[str, tuple[float, int]]:
     return rows
 
 
+def trace_rows(path: Path) -> dict[str, tuple[float, int]]:
+    """Kernel, memcpy and memset name → (total ms, count) over a chrome trace."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    rows: dict[str, tuple[float, int]] = {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
+            ms, calls = rows.get(e["name"], (0.0, 0))
+            rows[e["name"]] = (ms + e.get("dur", 0) / 1e3, calls + 1)
+    return rows
+
+
 def group(name: str) -> str:
     if name.startswith("nvjet") or "gemm" in name.lower() or "cutlass" in name:
         return "GEMM"
@@ -57,9 +78,14 @@ def group(name: str) -> str:
 
 
 def main(argv: list[str]) -> None:
-    path, first, second = Path(argv[0]), argv[1], argv[2]
-    with tarfile.open(path) as tar:
-        a, b = (device_rows(tar.extractfile(name).read().decode()) for name in (first, second))
+    if argv[0].endswith((".json", ".json.gz")):
+        first, second = argv[0], argv[1]
+        a, b = trace_rows(Path(first)), trace_rows(Path(second))
+        first, second, argv = Path(first).name, Path(second).name, argv[:1] + argv
+    else:
+        path, first, second = Path(argv[0]), argv[1], argv[2]
+        with tarfile.open(path) as tar:
+            a, b = (device_rows(tar.extractfile(name).read().decode()) for name in (first, second))
     print(f"{'group':28} {first[:30]:>30} {second[:30]:>30} {'difference':>11}")
     groups = sorted({group(k) for k in a} | {group(k) for k in b})
     for g in groups + ["all device rows"]:
@@ -70,7 +96,7 @@ def main(argv: list[str]) -> None:
     names = sorted(set(a) | set(b), key=lambda k: -abs(a.get(k, (0, 0))[0] - b.get(k, (0, 0))[0]))
     for k in names[:int(argv[3]) if len(argv) > 3 else 25]:
         (x, n), (y, m) = a.get(k, (0.0, 0)), b.get(k, (0.0, 0))
-        print(f"{x:8.1f} {n:5d} | {y:8.1f} {m:5d} | {x - y:+7.1f}  {group(k):22} {k[:90]}")
+        print(f"{x:8.1f} {n:5d} | {y:8.1f} {m:5d} | {x - y:+7.1f}  {group(k):22} {k[:110]}")
 
 
 if __name__ == "__main__":
