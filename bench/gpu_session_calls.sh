@@ -22,6 +22,7 @@
 #                                             # GUARDS=1: also the layers with all of Dynamo's guards;
 #                                             # TORCH_ACT=1: also the gated activation in torch operations;
 #                                             # NOSYNC=1: also both rows without bitsandbytes' per-parameter sync)
+#   bash bench/gpu_session_calls.sh down      # GatedActDownInGraph: GPU tests, 48 layers with it, LoRA, without it
 #   bash bench/gpu_session_calls.sh code      # inductor's code and a kept trace: fast DoRA's layers, compiled LoRA
 #   bash bench/gpu_session_calls.sh tinyjob   # run_job's tiny job with compiled decoder layers, CPU tensors probed
 #   bash bench/gpu_session_calls.sh pair      # the refresh, then LoRA vs fast DoRA at 4 and 48 layers
@@ -126,6 +127,22 @@ case ${1:-} in
       && rm "$OUT"/prof-*.txt; }
     python bench/gpu_bench.py table "$OUT/speed.jsonl" > "$OUT/speed-table.txt" 2>&1
     cut -c1-700 "$OUT/speed.jsonl"; grep -i "error\|Traceback\|recompil" "$OUT/speed.log" | tail -8 ;;
+  down)  # mlp.GatedActDownInGraph: its GPU tests, then at 48 layers fast DoRA with it (one profiled step, the trace
+          # kept), Unsloth's compiled LoRA, and (if BUDGET leaves time) fast DoRA without it
+    K=${K:-down_in_graph and gelu_tanh} "$0" kernels
+    end=$(( $(date +%s) + ${BUDGET:-420} ))
+    python bench/gpu_bench.py build /tmp/m12b 4 > "$OUT/speed.log" 2>&1 || tail -5 "$OUT/speed.log"
+    run() { python bench/gpu_bench.py run unsloth /tmp/m12b "$OUT/speed.jsonl" --depths 4 --grow-to 48 --only-grown \
+              --deadline $(( end - $(date +%s) )) "$@" >> "$OUT/speed.log" 2>&1; }
+    TRINITY_BENCH_PROFILE=$OUT TRINITY_BENCH_TRACE=1 TRINITY_BENCH_KEEP_TRACE=1 \
+      run --only dora_fast_acc4 --compile-layers --tag layers_
+    UNSLOTH_COMPILE_DISABLE=0 run --only lora_acc4 --tag compiled_
+    run --only dora_fast_acc4 --compile-layers --no-down-in-graph --tag nodown_layers_
+    rm -f "$OUT/card.txt"
+    ! ls "$OUT"/prof-*.txt >/dev/null 2>&1 || { tar czf "$OUT/prof.tar.gz" -C "$OUT" $(cd "$OUT" && ls prof-*.txt) \
+      && rm "$OUT"/prof-*.txt; }
+    python bench/gpu_bench.py table "$OUT/speed.jsonl" > "$OUT/speed-table.txt" 2>&1
+    cut -c1-700 "$OUT/speed.jsonl"; grep -i "error\|Traceback" "$OUT/speed.log" | tail -8 ;;
   code)  # inductor's generated code and one profiled step (trace kept) of fast DoRA's compiled layers and of
           # Unsloth's compiled LoRA at 4 layers: which kernels the DoRA's extra time is in, and what each fuses
     export TRINITY_BENCH_PROFILE=$OUT TRINITY_BENCH_TRACE=1 TRINITY_BENCH_PROFILE_CPU=1 TRINITY_BENCH_KEEP_TRACE=1

@@ -92,8 +92,9 @@ def test_compiled_layers_train_as_the_eager_model(tiny_spec):
     # launches from its own code
     assert not opaque, opaque
     # the triton ops, whose kernels inductor launches from its code: the frozen NF4 projections dequantised, and the
-    # MLP's gated activation forward and backward (mlp.REGION_KERNELS; on the CPU their torch fallbacks run)
-    assert kernels == {"nf4_dequantize", "gated_act_kernel", "gated_act_kernel_backward"}, kernels
+    # MLP's gated activation forward and backward (mlp.REGION_KERNELS; on the CPU their torch fallbacks run), the
+    # backward with down_proj's adapter's part of h's gradient inside (mlp.GatedActDownInGraph)
+    assert kernels == {"nf4_dequantize", "gated_act_kernel", "gated_act_down_kernel_backward"}, kernels
     # sliding and global layers, grad on/off: not one graph per layer or length
     assert 0 < len(frames) <= 8, len(frames)
     kinds = {layer._trinity_kind for layer in layers}

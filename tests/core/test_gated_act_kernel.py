@@ -3,7 +3,8 @@
 The kernels are defined when the module is imported, and ``triton.jit`` chooses the interpreter only when
 ``TRITON_INTERPRET`` is set by then: so each case runs in a fresh interpreter process. It covers the backward
 kernel's tiles (``mlp.BACKWARD_TILES``): token counts that are not a multiple of the tile's rows, column counts that
-are not a multiple of its width, the per-program partial sums and their sum. Speed is the GPU's business
+are not a multiple of its width, the per-program partial sums and their sum, and down_proj's adapter's part of
+h's gradient (``d_xa·A``) added inside the kernel. Speed is the GPU's business
 (``bench/gated_act_sweep.py``); ``tests/gpu/test_qdora_cuda.py`` runs the same kernels on CUDA."""
 
 from __future__ import annotations
@@ -23,17 +24,19 @@ _CHECK = textwrap.dedent("""
     import torch
     from trinity_core.train.fast_dora import mlp
 
-    t, n, gelu, tiles = json.loads(sys.argv[1])
+    t, n, gelu, tiles, r = json.loads(sys.argv[1])
     if tiles:
         mlp.BACKWARD_TILES = mlp.BackwardTiles(*tiles)
     gen = torch.Generator().manual_seed(t * 1000 + n)
     e, u, dh = (torch.randn(t, n, generator=gen) for _ in range(3))
     g_e, g_u = (torch.rand(n, generator=gen) + 0.5 for _ in range(2))
+    d_xa, lora_a = (torch.randn(t, r, generator=gen), torch.randn(r, n, generator=gen) / 8) if r else (None, None)
     h = mlp._launch_forward(e, u, g_e, g_u, gelu)
     de, du = torch.empty_like(e), torch.empty_like(u)
-    d_ge, d_gu = mlp._launch_backward(dh, e, u, g_e, g_u, de, du, gelu)
+    d_ge, d_gu = mlp._launch_backward(dh, e, u, g_e, g_u, de, du, gelu, d_xa=d_xa, lora_a=lora_a)
     ref_h = mlp._forward_torch(e.double(), u.double(), g_e.double(), g_u.double(), gelu)
-    ref = mlp._backward_torch(dh.double(), e.double(), u.double(), g_e.double(), g_u.double(), gelu)
+    dh64 = dh.double() + (d_xa.double() @ lora_a.double() if r else 0)  # with r: down_proj's adapter's part
+    ref = mlp._backward_torch(dh64, e.double(), u.double(), g_e.double(), g_u.double(), gelu)
 
     def rel(got, want):
         return ((got.double() - want).abs().max() / want.abs().max()).item()
@@ -43,14 +46,19 @@ _CHECK = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("t, n, gelu, tiles", [
-    (70, 130, True, None),  # the default tiles (mlp.BACKWARD_TILES): one program's rows cover all tokens
-    (300, 200, True, (32, 16, 64, 8)),  # 10 row blocks, the last one partial; 4 column blocks, the last partial
-    (300, 200, False, (64, 8, 256, 4)),  # SiLU; 8 steps of 8 rows a program
+@pytest.mark.parametrize("t, n, gelu, tiles, r", [
+    (70, 130, True, None, 0),  # the default tiles (mlp.BACKWARD_TILES): one program's rows cover all tokens
+    (300, 200, True, (32, 16, 64, 8), 0),  # 10 row blocks, the last one partial; 4 column blocks, the last partial
+    (300, 200, False, (64, 8, 256, 4), 0),  # SiLU; 8 steps of 8 rows a program
+    # h's gradient plus d_xa·A inside the kernel (GatedActDownInGraph): r padded to the dot's 16, r = 64 (the
+    # recipe's), and tiles of 8 rows, which add it in torch before the kernel
+    (70, 130, True, None, 5),
+    (300, 200, True, (32, 16, 64, 8), 64),
+    (300, 200, False, (64, 8, 256, 4), 7),
 ])
-def test_the_kernels_match_float64(t, n, gelu, tiles):
+def test_the_kernels_match_float64(t, n, gelu, tiles, r):
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", _CHECK, json.dumps([t, n, gelu, tiles])], env=env,
+    done = subprocess.run([sys.executable, "-c", _CHECK, json.dumps([t, n, gelu, tiles, r])], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     errors = json.loads(done.stdout.strip().splitlines()[-1])

@@ -197,3 +197,60 @@ def test_gated_act_in_a_compiled_graph_launches_the_kernels(kind, shape):
         err, eager_err = ((got_t.double() - true_t).abs().max() / scale).item(), (
             (want_t.double() - true_t).abs().max() / scale).item()
         assert err < 1e-4, f"{name}: {err:.2e} (eager kernel: {eager_err:.2e})"
+
+
+@pytest.mark.parametrize("kind", ["gelu_tanh", "silu"])
+@pytest.mark.parametrize("shape, out, r", [((4096, 15360), 3840, 64), ((2, 37, 130), 24, 5)], ids=str)
+def test_gated_act_down_in_graph_adds_the_adapter_gradient_in_the_kernel(kind, shape, out, r):
+    """GatedActDownInGraph compiled by inductor: the backward kernel is launched from inductor's code with
+    down_proj's adapter's part of h's gradient added inside it (``trinity::gated_act_down_kernel_backward``, no
+    separate GEMM and sum), and every output and gradient is as close to float64 autograd as the two nodes it
+    replaces (GatedActInGraph, then h·Wᵀ and h·Aᵀ), bf16 in, fp32 sums."""
+    from torch._inductor.utils import run_and_get_code
+
+    from trinity_core.train.fast_dora import mlp
+
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    n = shape[-1]
+    e, u = (torch.randn(shape, device="cuda", generator=gen).bfloat16() for _ in range(2))
+    g_e, g_u = (1 + 0.1 * torch.randn(n, device="cuda", generator=gen) for _ in range(2))
+    w = (torch.randn(out, n, device="cuda", generator=gen) / n ** 0.5).bfloat16()
+    a = (torch.randn(r, n, device="cuda", generator=gen) / n ** 0.5).bfloat16()
+    d_base = torch.randn(*shape[:-1], out, device="cuda", generator=gen).bfloat16()
+    d_xa = torch.randn(*shape[:-1], r, device="cuda", generator=gen).bfloat16()
+    gelu = kind == "gelu_tanh"
+
+    def fused(e, u, g_e, g_u, a):
+        return mlp.GatedActDownInGraph.apply(e, u, g_e, g_u, gelu, w, a)
+
+    def two_nodes(e, u, g_e, g_u, a):
+        h = mlp.GatedActInGraph.apply(e, u, g_e, g_u, gelu)
+        return h @ w.t(), h @ a.t()
+
+    def run(fn, code=False):
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+        leaves = [t.clone().requires_grad_() for t in (e, u, g_e, g_u, a)]
+
+        def step():
+            outs = compiled(*leaves)
+            return (*outs, *torch.autograd.grad(outs, leaves, (d_base, d_xa)))
+
+        return run_and_get_code(step) if code else (step(), None)
+
+    got, source = run(fused, code=True)
+    source = "\n".join(source)
+    assert "_backward_kernel" in source and "trinity.gated_act_down_kernel_backward" not in source
+    before, _ = run(two_nodes)
+    ref = [t.detach().double().requires_grad_() for t in (e, u, g_e, g_u, a)]
+    act_ref = torch.nn.functional.silu if kind == "silu" else (
+        lambda x: torch.nn.functional.gelu(x, approximate="tanh"))
+    h = act_ref(ref[0] * ref[2]) * (ref[1] * ref[3])
+    outs = (h @ w.double().t(), h @ ref[4].t())
+    truth = (*outs, *torch.autograd.grad(outs, ref, (d_base.double(), d_xa.double())))
+    names = ("result", "xa", "de", "du", "d_ge", "d_gu", "d_a")
+    for name, got_t, before_t, true_t in zip(names, got, before, truth):
+        scale = true_t.abs().max()
+        err = ((got_t.double() - true_t).abs().max() / scale).item()
+        err_before = ((before_t.double() - true_t).abs().max() / scale).item()
+        assert err <= 2 * err_before + 1e-3, f"{name}: {err:.2e} (two nodes: {err_before:.2e})"

@@ -35,8 +35,9 @@ except ImportError:
     triton = tl = None
 
 import trinity_core.train.fast_dora.linear as linear
+from trinity_core.train import nf4_dequant
 from trinity_core.train.fast_dora.cast_input import base_and_adapter_input, consumable
-from trinity_core.train.fast_dora.linear import LoraSum, plain_fast_dora
+from trinity_core.train.fast_dora.linear import LoraSum, dora_output, plain_fast_dora
 
 GATED_MLP_CLASSES = frozenset({"GemmaMLP", "Gemma2MLP", "Gemma3MLP", "LlamaMLP", "MistralMLP", "Qwen2MLP",
                                "Qwen3MLP"})
@@ -72,7 +73,35 @@ def gated_dora_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not (plain_fast_dora(gate) and plain_fast_dora(up)):
         return type(self).forward(self, x)
     e, u = pre_gain(gate, x), pre_gain(up, x)
+    if _down_in_graph(self, e, u):  # inside a compiled region: the activation and down_proj's input GEMMs, one node
+        down = self.down_proj
+        name = down.active_adapters[0]
+        weight = nf4_dequant.dequantize(down.get_base_layer().weight, e.dtype)
+        result, xa = GatedActDownInGraph.apply(e, u, gain(gate).float(), gain(up).float(),
+                                               _ACTIVATIONS[type(self.act_fn).__name__] == "gelu_tanh", weight,
+                                               down.lora_A[name].weight)
+        return dora_output(down, name, xa, result)
     return self.down_proj(consumable(gated_act(e, u, gain(gate), gain(up), self.act_fn)))  # read by down_proj only
+
+
+DOWN_IN_GRAPH = True
+"""Inside a compiled region, :class:`GatedActDownInGraph` where it applies (:func:`_down_in_graph`); False: the
+activation node, then down_proj's own forward (the arrangement until 2026-11-30; ``bench/gpu_bench.py
+--no-down-in-graph``, the A/B)."""
+
+
+def _down_in_graph(mlp: nn.Module, e: torch.Tensor, u: torch.Tensor) -> bool:
+    """Whether the MLP's activation and down_proj run as :class:`GatedActDownInGraph`: while Dynamo traces
+    (``train/compiled_layers``), without the custom-op arrangement, for an activation the kernels implement, and a
+    down_proj in plain fast-DoRA mode with no hooks, whose base is a frozen NF4 layer that ``trinity::nf4_dequantize``
+    covers in h's dtype and whose A is of that dtype (then PEFT's forward computes the same ``A(h)``)."""
+    down = mlp.down_proj
+    if not (DOWN_IN_GRAPH and torch.compiler.is_compiling() and not linear.REGION_CUSTOM_OPS
+            and type(mlp.act_fn).__name__ in _ACTIVATIONS and e.shape == u.shape and plain_fast_dora(down)
+            and not (down._forward_hooks or down._forward_pre_hooks)):
+        return False
+    return (nf4_dequant.covers(down.get_base_layer(), e.dtype)
+            and down.lora_A[down.active_adapters[0]].weight.dtype == e.dtype)
 
 
 def pre_gain(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -236,6 +265,58 @@ def _gated_act_kernel_backward(dh: torch.Tensor, e: torch.Tensor, u: torch.Tenso
     return de, du, *_launch_backward(dh, e, u, g_e, g_u, de, du, gelu, torch.library.wrap_triton)
 
 
+@torch.library.triton_op("trinity::gated_act_down_kernel_backward", mutates_args=())
+def _gated_act_down_kernel_backward(dh: torch.Tensor, d_xa: torch.Tensor, lora_a: torch.Tensor, e: torch.Tensor,
+                                    u: torch.Tensor, g_e: torch.Tensor, g_u: torch.Tensor, gelu: bool
+                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_gated_act_kernel_backward` for h's gradient ``dh + d_xa·A`` (:class:`GatedActDownInGraph`): the sum
+    inside the backward kernel, or in torch operations without CUDA."""
+    dh, d_xa, lora_a = dh.contiguous(), d_xa.contiguous(), lora_a.contiguous()
+    e, u, g_e, g_u = e.contiguous(), u.contiguous(), g_e.contiguous(), g_u.contiguous()
+    if not e.is_cuda:
+        return _backward_down_torch(dh, d_xa, lora_a, e, u, g_e, g_u, gelu)
+    de, du = torch.empty_like(e), torch.empty_like(u)
+    return de, du, *_launch_backward(dh, e, u, g_e, g_u, de, du, gelu, torch.library.wrap_triton, d_xa, lora_a)
+
+
+def _backward_down_torch(dh, d_xa, lora_a, e, u, g_e, g_u, gelu):
+    """The arithmetic of :func:`_gated_act_down_kernel_backward` in torch operations: autograd's sum of h's two
+    gradients (the base's, the adapter's), then :func:`_backward_torch`."""
+    return _backward_torch(dh + d_xa.to(dh.dtype).mm(lora_a.to(dh.dtype)), e, u, g_e, g_u, gelu)
+
+
+class GatedActDownInGraph(torch.autograd.Function):
+    """:class:`GatedActInGraph` and down_proj's two GEMMs of its input, one node: ``(h Wᵀ, h Aᵀ)`` for the frozen
+    base W (dequantised inside the region) and the adapter's A, h the gated activation (not returned).
+
+    Why one node: h's gradient is the sum of the base's ``d_base·W`` and the adapter's ``d_xa·A``. As two nodes,
+    inductor computes the adapter's part by a GEMM into a (tokens × N) tensor and sums the two in a separate pass
+    (it cannot fuse the sum into the activation's backward kernel, a Triton kernel of its own), 41 + 88 µs a
+    layer at the 12B shape (H200, call 30, docs/BENCHMARKS.md); here the kernel adds ``d_xa·A`` a tile at a
+    time (a ``tl.dot`` with K = r). A's gradient is ``d_xaᵀ h``, as the Linear's."""
+
+    @staticmethod
+    def forward(ctx, e, u, g_e, g_u, gelu, weight, lora_a):
+        n = e.shape[-1]
+        e2, u2 = e.reshape(-1, n), u.reshape(-1, n)
+        h = (torch.ops.trinity.gated_act_kernel(e2, u2, g_e, g_u, gelu) if _in_kernels(e)
+             else _forward_torch(e2, u2, g_e, g_u, gelu))
+        ctx.save_for_backward(e2, u2, g_e, g_u, weight, lora_a, h)
+        ctx.gelu, ctx.shape = gelu, e.shape
+        lead = e.shape[:-1]
+        return h.mm(weight.t()).view(*lead, weight.shape[0]), h.mm(lora_a.t()).view(*lead, lora_a.shape[0])
+
+    @staticmethod
+    def backward(ctx, d_base, d_xa):
+        e, u, g_e, g_u, weight, lora_a, h = ctx.saved_tensors
+        dh = d_base.reshape(-1, weight.shape[0]).mm(weight)
+        dxa2 = d_xa.reshape(-1, lora_a.shape[0])
+        grads = torch.ops.trinity.gated_act_down_kernel_backward if _in_kernels(e) else _backward_down_torch
+        de, du, d_ge, d_gu = grads(dh, dxa2, lora_a, e, u, g_e, g_u, ctx.gelu)
+        d_a = dxa2.t().mm(h) if ctx.needs_input_grad[6] else None
+        return de.view(ctx.shape), du.view(ctx.shape), d_ge, d_gu, None, None, d_a
+
+
 def _act_torch(a: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(act(a), act'(a)) of fp32 ``a``, as the Triton kernels' ``_act`` computes them: tanh-GELU or SiLU."""
     if gelu:
@@ -322,21 +403,30 @@ def _launch_forward(e: torch.Tensor, u: torch.Tensor, g_e: torch.Tensor, g_u: to
 
 
 def _launch_backward(dh: torch.Tensor, e: torch.Tensor, u: torch.Tensor, g_e: torch.Tensor, g_u: torch.Tensor,
-                     de: torch.Tensor, du: torch.Tensor, gelu: bool,
-                     wrap=lambda kernel: kernel) -> tuple[torch.Tensor, torch.Tensor]:
+                     de: torch.Tensor, du: torch.Tensor, gelu: bool, wrap=lambda kernel: kernel,
+                     d_xa: torch.Tensor | None = None, lora_a: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """The backward Triton kernel: writes ``de`` and ``du`` (which may be ``e`` and ``u`` themselves: each element
     is read before it is written) and returns the gain gradients, two separate fp32 (N,) tensors (an op's
-    outputs may not alias each other)."""
+    outputs may not alias each other). With ``d_xa`` (T, r) and ``lora_a`` (r, N), contiguous, of one dtype, h's
+    gradient is ``dh + d_xa·A`` (down_proj's adapter's part, :class:`GatedActDownInGraph`), added inside the
+    kernel (fp32, a ``tl.dot`` a tile of rows; tiles of fewer than 16 rows add it in torch first)."""
     t, n = e.shape
     tiles = BACKWARD_TILES
+    lora = d_xa is not None
+    if lora and (tiles.block_t < 16 or d_xa.dtype != lora_a.dtype):
+        dh, lora = dh + d_xa.to(dh.dtype).mm(lora_a.to(dh.dtype)), False
+    r = int(d_xa.shape[1]) if lora else 0  # a constant of the launch (BLOCK_R), also under dynamic shapes
     blocks = _cdiv(t, tiles.rows)
     # two tensors, not views of one: a triton op's kernel that writes into views leaves their writeback to
     # functionalisation, and a compiled graph's gain sums differed from eager ones at 4096 rows (call 22; cause not
     # established: the sums' order, or that writeback)
     pe, pu = (torch.empty((blocks, n), device=e.device, dtype=torch.float32) for _ in range(2))
     wrap(_backward_kernel)[(blocks, _cdiv(n, tiles.block_n))](
-        dh, e, u, g_e, g_u, de, du, pe, pu, t, n, GELU=gelu, ROWS=tiles.rows, BLOCK_T=tiles.block_t,
-        BLOCK_N=tiles.block_n, **({} if tiles.warps == 4 else {"num_warps": tiles.warps}))  # 4: Triton's default
+        dh, e, u, g_e, g_u, de, du, pe, pu, d_xa if lora else dh, lora_a if lora else dh, t, n, r, GELU=gelu,
+        ROWS=tiles.rows, BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n, LORA=lora,
+        BLOCK_R=max(16, triton.next_power_of_2(r)), IEEE=lora and d_xa.dtype == torch.float32,
+        **({} if tiles.warps == 4 else {"num_warps": tiles.warps}))  # 4: Triton's default
     # (inside a compiled graph a launch's num_warps wraps the kernel in a one-config autotuner)
     return pe.sum(0), pu.sum(0)
 
@@ -383,13 +473,18 @@ if triton is not None:  # module-level kernels: inductor reads a user kernel's s
         tl.store(h_ptr + offs, (val * u * gu[None, :]).to(h_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _backward_kernel(dh_ptr, e_ptr, u_ptr, ge_ptr, gu_ptr, de_ptr, du_ptr, pe_ptr, pu_ptr, T, N,
-                         GELU: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _backward_kernel(dh_ptr, e_ptr, u_ptr, ge_ptr, gu_ptr, de_ptr, du_ptr, pe_ptr, pu_ptr, xa_ptr, a_ptr, T, N,
+                         R, GELU: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                         LORA: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
         pid_t = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < N
         ge = tl.load(ge_ptr + cols, mask=cmask, other=0.0)[None, :]
         gu = tl.load(gu_ptr + cols, mask=cmask, other=0.0)[None, :]
+        if LORA:  # dh = dh + d_xa·A: down_proj's adapter's part of h's gradient, added here (no GEMM, no add pass)
+            rr = tl.arange(0, BLOCK_R)
+            a_tile = tl.load(a_ptr + rr[:, None] * N + cols[None, :], mask=(rr[:, None] < R) & cmask[None, :],
+                             other=0.0)  # (BLOCK_R, BLOCK_N) of A, once a program
         # the sums over tokens stay per row of the tile until the loop ends: one reduction across the program's
         # threads per program, not one per step (tl.full: tl.zeros is a jit function the interpreter may miss)
         acc_e = tl.full((BLOCK_T, BLOCK_N), 0.0, tl.float32)
@@ -399,6 +494,10 @@ if triton is not None:  # module-level kernels: inductor reads a user kernel's s
             mask = (rows[:, None] < T) & cmask[None, :]
             offs = rows[:, None] * N + cols[None, :]
             dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if LORA:
+                xa = tl.load(xa_ptr + rows[:, None] * R + rr[None, :], mask=(rows[:, None] < T) & (rr[None, :] < R),
+                             other=0.0)
+                dh += tl.dot(xa, a_tile, input_precision="ieee" if IEEE else None)  # fp32 accumulation
             e = tl.load(e_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             val, der = _act(e * ge, GELU)
@@ -412,5 +511,6 @@ if triton is not None:  # module-level kernels: inductor reads a user kernel's s
         tl.store(pu_ptr + pid_t * N + cols, tl.sum(acc_u, axis=0), mask=cmask)
 
 
-__all__ = ["BACKWARD_TILES", "GATED_MLP_CLASSES", "BackwardTiles", "GatedActInGraph", "GatedDoraAct", "gain",
+__all__ = ["BACKWARD_TILES", "DOWN_IN_GRAPH", "GATED_MLP_CLASSES", "BackwardTiles", "GatedActDownInGraph",
+           "GatedActInGraph", "GatedDoraAct", "gain",
            "gated_act", "gated_dora_forward", "patch_gated_mlps", "pre_gain"]
