@@ -469,9 +469,12 @@ def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_
                 from trinity_core.train.fast_dora import mlp
 
                 v2["gated_tiles"] = list(dataclasses.astuple(mlp.BACKWARD_TILES))
-                if COMPILED_LAYERS:
-                    v2["down_in_graph"] = mlp.DOWN_IN_GRAPH
             v2.update(measure(model, v2, model.config.vocab_size, *((1, 3) if v2["depth"] > depths[-1] else (2, 4))))
+            if v2.get("fused_mlps") and COMPILED_LAYERS:
+                from trinity_core.train.fast_dora import mlp
+
+                v2["down_in_graph"] = mlp.DOWN_IN_GRAPH
+                v2["down_paths"] = {" ".join(k): n for k, n in mlp.DOWN_PATHS.items()}  # traced backward launches
             v2.update(model_flops(v2))
             region = next((m._trinity_region_state for m in model.modules() if hasattr(m, "_trinity_region_state")),
                           None)
@@ -660,8 +663,8 @@ def main(argv: list[str]) -> None:
                    "(see NO_BNB_SYNC)")
     r.add_argument("--region-torch-act", action="store_true", help="the gated activation's arithmetic in torch "
                    "operations inside the compiled layers (see REGION_TORCH_ACT)")
-    r.add_argument("--no-down-in-graph", action="store_true", help="the compiled layers' gated activation and "
-                   "down_proj as two nodes, as until 2026-11-30 (trinity_core.train.fast_dora.mlp.DOWN_IN_GRAPH)")
+    r.add_argument("--down-in-graph", action="store_true", help="the compiled layers' gated activation and "
+                   "down_proj's input GEMMs as one node (trinity_core.train.fast_dora.mlp.DOWN_IN_GRAPH)")
     r.add_argument("--module-guards", action="store_true", help="the compiled layers keep Dynamo's guards on "
                    "their modules (see MODULE_GUARDS)")
     r.add_argument("--only-grown", action="store_true", help="measure only the --grow-to rows")
@@ -694,10 +697,10 @@ def main(argv: list[str]) -> None:
             from trinity_core.train.fast_dora import mlp
 
             mlp.REGION_KERNELS = False
-        if a.no_down_in_graph:
+        if a.down_in_graph:
             from trinity_core.train.fast_dora import mlp
 
-            mlp.DOWN_IN_GRAPH = False
+            mlp.DOWN_IN_GRAPH = True
         if a.gated_tiles:
             from trinity_core.train.fast_dora import mlp
 

@@ -135,9 +135,9 @@ case ${1:-} in
     run() { python bench/gpu_bench.py run unsloth /tmp/m12b "$OUT/speed.jsonl" --depths 4 --grow-to 48 --only-grown \
               --deadline $(( end - $(date +%s) )) "$@" >> "$OUT/speed.log" 2>&1; }
     TRINITY_BENCH_PROFILE=$OUT TRINITY_BENCH_TRACE=1 TRINITY_BENCH_KEEP_TRACE=1 \
-      run --only dora_fast_acc4 --compile-layers --tag layers_
+      run --only dora_fast_acc4 --compile-layers --down-in-graph --tag down_layers_
     UNSLOTH_COMPILE_DISABLE=0 run --only lora_acc4 --tag compiled_
-    run --only dora_fast_acc4 --compile-layers --no-down-in-graph --tag nodown_layers_
+    run --only dora_fast_acc4 --compile-layers --tag layers_
     rm -f "$OUT/card.txt"
     ! ls "$OUT"/prof-*.txt >/dev/null 2>&1 || { tar czf "$OUT/prof.tar.gz" -C "$OUT" $(cd "$OUT" && ls prof-*.txt) \
       && rm "$OUT"/prof-*.txt; }

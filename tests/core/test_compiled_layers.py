@@ -23,13 +23,16 @@ def _trainable(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def test_compiled_layers_train_as_the_eager_model(tiny_spec):
+@pytest.mark.parametrize("down_in_graph", [False, True], ids=["two_nodes", "down_in_graph"])
+def test_compiled_layers_train_as_the_eager_model(tiny_spec, down_in_graph, monkeypatch):
     from functorch.compile import make_boxed_func
     from torch._dynamo.utils import counters
     from torch._functorch.aot_autograd import aot_module_simplified
 
     from trinity_core.train.backends.peft import PeftBackend
+    from trinity_core.train.fast_dora import mlp
 
+    monkeypatch.setattr(mlp, "DOWN_IN_GRAPH", down_in_graph)  # the MLP's activation and down_proj: one node or two
     eager, _ = PeftBackend().load(tiny_spec)
     assert any(isinstance(m, FastDoraLinearLayer) for m in eager.modules())
     with torch.no_grad():  # non-zero B, as after some training: the DoRA norms then depend on it
@@ -93,8 +96,10 @@ def test_compiled_layers_train_as_the_eager_model(tiny_spec):
     assert not opaque, opaque
     # the triton ops, whose kernels inductor launches from its code: the frozen NF4 projections dequantised, and the
     # MLP's gated activation forward and backward (mlp.REGION_KERNELS; on the CPU their torch fallbacks run), the
-    # backward with down_proj's adapter's part of h's gradient inside (mlp.GatedActDownInGraph)
-    assert kernels == {"nf4_dequantize", "gated_act_kernel", "gated_act_down_kernel_backward"}, kernels
+    # backward, with down_proj's adapter's part of h's gradient inside where the two are one node
+    # (mlp.GatedActDownInGraph)
+    backward = "gated_act_down_kernel_backward" if down_in_graph else "gated_act_kernel_backward"
+    assert kernels == {"nf4_dequantize", "gated_act_kernel", backward}, kernels
     # sliding and global layers, grad on/off: not one graph per layer or length
     assert 0 < len(frames) <= 8, len(frames)
     kinds = {layer._trinity_kind for layer in layers}

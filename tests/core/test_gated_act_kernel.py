@@ -16,6 +16,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -72,3 +73,39 @@ def test_tiles_must_divide():
         mlp.BackwardTiles(rows=64, block_t=128, block_n=128, warps=4)
     with pytest.raises(ValueError, match="power of two"):
         mlp.BackwardTiles(rows=48, block_t=16, block_n=128, warps=4)
+
+
+@pytest.mark.parametrize("a_dtype", [torch.bfloat16, torch.float32], ids=["A_bf16", "A_fp32_autocast"])
+def test_gated_act_down_in_graph_matches_the_two_nodes(a_dtype):
+    """GatedActDownInGraph (on the CPU its torch arithmetic, traced by Dynamo as in a compiled region) gives the
+    outputs and gradients of the two nodes it replaces, bit for bit: the activation, then down_proj's ``h Wᵀ`` and ``A(h)``
+    under bf16 autocast, also where A is fp32 (Unsloth's adapters: autocast computes A(h) in bf16), A's gradient
+    in A's dtype."""
+    from trinity_core.train.fast_dora import mlp
+
+    gen = torch.Generator().manual_seed(3)
+    t, n, out, r = 24, 40, 12, 8
+    e, u = (torch.randn(t, n, generator=gen).bfloat16() for _ in range(2))
+    g_e, g_u = (1 + 0.1 * torch.randn(n, generator=gen) for _ in range(2))
+    w = torch.randn(out, n, generator=gen).bfloat16()
+    a = torch.randn(r, n, generator=gen).to(a_dtype)
+    d_base, d_xa = torch.randn(t, out, generator=gen).bfloat16(), torch.randn(t, r, generator=gen).bfloat16()
+
+    def fused(e, u, g_e, g_u, a):
+        return mlp.GatedActDownInGraph.apply(e, u, g_e, g_u, True, w, a)
+
+    def two_nodes(e, u, g_e, g_u, a):
+        h = mlp.GatedActInGraph.apply(e, u, g_e, g_u, True)
+        return torch.nn.functional.linear(h, w), torch.nn.functional.linear(h, a)
+
+    results = []
+    for fn in (fused, two_nodes):
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+        leaves = [x.clone().requires_grad_() for x in (e, u, g_e, g_u, a)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs = compiled(*leaves)
+        results.append((*outs, *torch.autograd.grad(outs, leaves, (d_base, d_xa))))
+    for name, got, want in zip(("result", "xa", "de", "du", "d_ge", "d_gu", "d_a"), *results):
+        assert got.dtype == want.dtype, name
+        assert torch.equal(got, want), (name, (got.float() - want.float()).abs().max().item())

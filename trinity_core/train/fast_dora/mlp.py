@@ -84,24 +84,33 @@ def gated_dora_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(consumable(gated_act(e, u, gain(gate), gain(up), self.act_fn)))  # read by down_proj only
 
 
-DOWN_IN_GRAPH = True
-"""Inside a compiled region, :class:`GatedActDownInGraph` where it applies (:func:`_down_in_graph`); False: the
-activation node, then down_proj's own forward (the arrangement until 2026-11-30; ``bench/gpu_bench.py
---no-down-in-graph``, the A/B)."""
+DOWN_IN_GRAPH = False
+"""Inside a compiled region, :class:`GatedActDownInGraph` where it applies (:func:`_down_in_graph`); False (the
+default): the activation node, then down_proj's own forward. Off until measured: in its one 48-layer run (H200,
+call 31, docs/BENCHMARKS.md) the kernel did not add ``d_xa·A`` itself (the trace still held the GEMM and a
+separate, slower sum: the launcher's fallback for operands of two dtypes, since replaced by a cast) and the peak
+grew 0.42 GiB, not explained. ``bench/gpu_bench.py --down-in-graph`` turns it on; :data:`DOWN_PATHS` counts which
+way each traced backward went."""
+
+DOWN_PATHS: dict[tuple, int] = {}
+"""(way, dtype of h's gradient, of d_xa, of A) → how many backward launches were traced so: "kernel" (``d_xa·A``
+added in the kernel) or "torch" (tiles of fewer than 16 rows: a GEMM and a sum first). For the benchmark's rows."""
 
 
 def _down_in_graph(mlp: nn.Module, e: torch.Tensor, u: torch.Tensor) -> bool:
     """Whether the MLP's activation and down_proj run as :class:`GatedActDownInGraph`: while Dynamo traces
     (``train/compiled_layers``), without the custom-op arrangement, for an activation the kernels implement, and a
     down_proj in plain fast-DoRA mode with no hooks, whose base is a frozen NF4 layer that ``trinity::nf4_dequantize``
-    covers in h's dtype and whose A is of that dtype (then PEFT's forward computes the same ``A(h)``)."""
+    covers in h's dtype and whose A is of that dtype or is cast to it by autocast (Unsloth keeps the adapters in
+    fp32 under bf16 autocast): then PEFT's forward computes the same ``A(h)``, in h's dtype."""
     down = mlp.down_proj
     if not (DOWN_IN_GRAPH and torch.compiler.is_compiling() and not linear.REGION_CUSTOM_OPS
             and type(mlp.act_fn).__name__ in _ACTIVATIONS and e.shape == u.shape and plain_fast_dora(down)
             and not (down._forward_hooks or down._forward_pre_hooks)):
         return False
-    return (nf4_dequant.covers(down.get_base_layer(), e.dtype)
-            and down.lora_A[down.active_adapters[0]].weight.dtype == e.dtype)
+    a_dtype = down.lora_A[down.active_adapters[0]].weight.dtype
+    autocast = torch.is_autocast_enabled(e.device.type) and torch.get_autocast_dtype(e.device.type) == e.dtype
+    return nf4_dequant.covers(down.get_base_layer(), e.dtype) and (a_dtype == e.dtype or autocast)
 
 
 def pre_gain(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -304,7 +313,8 @@ class GatedActDownInGraph(torch.autograd.Function):
         ctx.save_for_backward(e2, u2, g_e, g_u, weight, lora_a, h)
         ctx.gelu, ctx.shape = gelu, e.shape
         lead = e.shape[:-1]
-        return h.mm(weight.t()).view(*lead, weight.shape[0]), h.mm(lora_a.t()).view(*lead, lora_a.shape[0])
+        xa = h.mm(lora_a.to(h.dtype).t())  # in h's dtype, as autocast computes A(h) (the caller checks)
+        return h.mm(weight.t()).view(*lead, weight.shape[0]), xa.view(*lead, lora_a.shape[0])
 
     @staticmethod
     def backward(ctx, d_base, d_xa):
@@ -313,7 +323,7 @@ class GatedActDownInGraph(torch.autograd.Function):
         dxa2 = d_xa.reshape(-1, lora_a.shape[0])
         grads = torch.ops.trinity.gated_act_down_kernel_backward if _in_kernels(e) else _backward_down_torch
         de, du, d_ge, d_gu = grads(dh, dxa2, lora_a, e, u, g_e, g_u, ctx.gelu)
-        d_a = dxa2.t().mm(h) if ctx.needs_input_grad[6] else None
+        d_a = dxa2.t().mm(h.to(dxa2.dtype)).to(lora_a.dtype) if ctx.needs_input_grad[6] else None
         return de.view(ctx.shape), du.view(ctx.shape), d_ge, d_gu, None, None, d_a
 
 
@@ -414,8 +424,14 @@ def _launch_backward(dh: torch.Tensor, e: torch.Tensor, u: torch.Tensor, g_e: to
     t, n = e.shape
     tiles = BACKWARD_TILES
     lora = d_xa is not None
-    if lora and (tiles.block_t < 16 or d_xa.dtype != lora_a.dtype):
-        dh, lora = dh + d_xa.to(dh.dtype).mm(lora_a.to(dh.dtype)), False
+    if lora:
+        key = ("kernel" if tiles.block_t >= 16 else "torch", str(dh.dtype), str(d_xa.dtype), str(lora_a.dtype))
+        DOWN_PATHS[key] = DOWN_PATHS.get(key, 0) + 1
+        # one dtype for the dot: h's gradient's where it is 16-bit (A(h) was computed in it: autocast), else d_xa's
+        dtype = dh.dtype if dh.dtype in (torch.float16, torch.bfloat16) else d_xa.dtype
+        d_xa, lora_a = d_xa.to(dtype).contiguous(), lora_a.to(dtype).contiguous()
+        if tiles.block_t < 16:  # tl.dot takes at least 16 rows
+            dh, lora = dh + d_xa.mm(lora_a).to(dh.dtype), False
     r = int(d_xa.shape[1]) if lora else 0  # a constant of the launch (BLOCK_R), also under dynamic shapes
     blocks = _cdiv(t, tiles.rows)
     # two tensors, not views of one: a triton op's kernel that writes into views leaves their writeback to
@@ -425,7 +441,7 @@ def _launch_backward(dh: torch.Tensor, e: torch.Tensor, u: torch.Tensor, g_e: to
     wrap(_backward_kernel)[(blocks, _cdiv(n, tiles.block_n))](
         dh, e, u, g_e, g_u, de, du, pe, pu, d_xa if lora else dh, lora_a if lora else dh, t, n, r, GELU=gelu,
         ROWS=tiles.rows, BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n, LORA=lora,
-        BLOCK_R=max(16, triton.next_power_of_2(r)), IEEE=lora and d_xa.dtype == torch.float32,
+        BLOCK_R=max(16, triton.next_power_of_2(r)) if r else 16, IEEE=lora and d_xa.dtype == torch.float32,
         **({} if tiles.warps == 4 else {"num_warps": tiles.warps}))  # 4: Triton's default
     # (inside a compiled graph a launch's num_warps wraps the kernel in a one-config autotuner)
     return pe.sum(0), pu.sum(0)
@@ -511,6 +527,6 @@ if triton is not None:  # module-level kernels: inductor reads a user kernel's s
         tl.store(pu_ptr + pid_t * N + cols, tl.sum(acc_u, axis=0), mask=cmask)
 
 
-__all__ = ["BACKWARD_TILES", "DOWN_IN_GRAPH", "GATED_MLP_CLASSES", "BackwardTiles", "GatedActDownInGraph",
+__all__ = ["BACKWARD_TILES", "DOWN_IN_GRAPH", "DOWN_PATHS", "GATED_MLP_CLASSES", "BackwardTiles", "GatedActDownInGraph",
            "GatedActInGraph", "GatedDoraAct", "gain",
            "gated_act", "gated_dora_forward", "patch_gated_mlps", "pre_gain"]
