@@ -88,8 +88,8 @@ DOWN_IN_GRAPH = False
 """Inside a compiled region, :class:`GatedActDownInGraph` where it applies (:func:`_down_in_graph`); False (the
 default): the activation node, then down_proj's own forward. Off until measured: in its one 48-layer run (H200,
 call 31, docs/BENCHMARKS.md) the kernel did not add ``d_xa·A`` itself (the trace still held the GEMM and a
-separate, slower sum: the launcher's fallback for operands of two dtypes, since replaced by a cast) and the peak
-grew 0.42 GiB, not explained. ``bench/gpu_bench.py --down-in-graph`` turns it on; :data:`DOWN_PATHS` counts which
+separate, slower sum: probably the launcher's fallback for operands of two dtypes, since replaced by a cast; which
+operand was not recorded) and the peak grew 0.42 GiB, not explained. ``bench/gpu_bench.py --down-in-graph`` turns it on; :data:`DOWN_PATHS` counts which
 way each traced backward went."""
 
 DOWN_PATHS: dict[tuple, int] = {}
