@@ -23,7 +23,8 @@
 #                                             # TORCH_ACT=1: also the gated activation in torch operations;
 #                                             # NOSYNC=1: also both rows without bitsandbytes' per-parameter sync)
 #   bash bench/gpu_session_calls.sh down      # GatedActDownInGraph: GPU tests, 48 layers with it, LoRA, without it
-#   bash bench/gpu_session_calls.sh code      # inductor's code and a kept trace: fast DoRA's layers, compiled LoRA
+#   bash bench/gpu_session_calls.sh code      # inductor's code and a kept trace: fast DoRA's layers (DOWN=1: with
+#                                             # GatedActDownInGraph), compiled LoRA, at 4 layers
 #   bash bench/gpu_session_calls.sh tinyjob   # run_job's tiny job with compiled decoder layers, CPU tensors probed
 #   bash bench/gpu_session_calls.sh pair      # the refresh, then LoRA vs fast DoRA at 4 and 48 layers
 #                                             # (bench/run_gpu.sh grown_bf16): one machine of two
@@ -143,17 +144,19 @@ case ${1:-} in
       && rm "$OUT"/prof-*.txt; }
     python bench/gpu_bench.py table "$OUT/speed.jsonl" > "$OUT/speed-table.txt" 2>&1
     cut -c1-700 "$OUT/speed.jsonl"; grep -i "error\|Traceback" "$OUT/speed.log" | tail -8 ;;
-  code)  # inductor's generated code and one profiled step (trace kept) of fast DoRA's compiled layers and of
-          # Unsloth's compiled LoRA at 4 layers: which kernels the DoRA's extra time is in, and what each fuses
+  code)  # inductor's generated modules (from its cache directory: TORCH_LOGS=output_code printed nothing in call 30)
+          # and one profiled step (trace kept) of fast DoRA's compiled layers and of Unsloth's compiled LoRA at 4
+          # layers: which kernels the DoRA's extra time is in, and what each fuses (bench/kernel_sequence.py)
     export TRINITY_BENCH_PROFILE=$OUT TRINITY_BENCH_TRACE=1 TRINITY_BENCH_PROFILE_CPU=1 TRINITY_BENCH_KEEP_TRACE=1
     python bench/gpu_bench.py build /tmp/m12b 4 > "$OUT/speed.log" 2>&1 || tail -5 "$OUT/speed.log"
-    TORCH_LOGS=output_code python bench/gpu_bench.py run unsloth /tmp/m12b "$OUT/speed.jsonl" --depths 4 \
-      --only dora_fast_acc4 --compile-layers --tag layers_ > "$OUT/code-dora.log" 2>&1
-    TORCH_LOGS=output_code UNSLOTH_COMPILE_DISABLE=0 python bench/gpu_bench.py run unsloth /tmp/m12b \
-      "$OUT/speed.jsonl" --depths 4 --only lora_acc4 --tag compiled_ > "$OUT/code-lora.log" 2>&1
-    gzip "$OUT/code-dora.log" "$OUT/code-lora.log"
+    python bench/gpu_bench.py run unsloth /tmp/m12b "$OUT/speed.jsonl" --depths 4 --only dora_fast_acc4 \
+      --compile-layers ${DOWN:+--down-in-graph} --tag layers_ >> "$OUT/speed.log" 2>&1
+    UNSLOTH_COMPILE_DISABLE=0 python bench/gpu_bench.py run unsloth /tmp/m12b "$OUT/speed.jsonl" --depths 4 \
+      --only lora_acc4 --tag compiled_ >> "$OUT/speed.log" 2>&1
+    find /tmp/torchinductor_* -name "*.py" -size -4M 2>/dev/null | tar czf "$OUT/inductor-code.tar.gz" -T - \
+      2>/dev/null
     tar czf "$OUT/prof.tar.gz" -C "$OUT" $(cd "$OUT" && ls prof-*.txt) && rm "$OUT"/prof-*.txt "$OUT/card.txt"
-    cut -c1-400 "$OUT/speed.jsonl" ;;
+    ls -l "$OUT"; cut -c1-400 "$OUT/speed.jsonl" ;;
   tinyjob)  # run_job's tiny job with compiled decoder layers: its first step stalled in inductor's C++ (CPU)
             # codegen (calls 10, 11); the region's graphs and Dynamo's logs say which tensors are on the CPU
     # (call 12 on: TRINITY_BENCH_REGION_PROBE prints each CPU tensor of the graphs inductor compiles)
