@@ -78,13 +78,12 @@ def group(name: str) -> str:
 
 
 def main(argv: list[str]) -> None:
-    if argv[0].endswith((".json", ".json.gz")):
-        first, second = argv[0], argv[1]
-        a, b = trace_rows(Path(first)), trace_rows(Path(second))
-        first, second, argv = Path(first).name, Path(second).name, argv[:1] + argv
-    else:
-        path, first, second = Path(argv[0]), argv[1], argv[2]
-        with tarfile.open(path) as tar:
+    if argv[0].endswith((".json", ".json.gz")):  # two traces [N]
+        a, b = trace_rows(Path(argv[0])), trace_rows(Path(argv[1]))
+        first, second, rest = Path(argv[0]).name, Path(argv[1]).name, argv[2:]
+    else:  # an archive of tables, two names in it [N]
+        first, second, rest = argv[1], argv[2], argv[3:]
+        with tarfile.open(Path(argv[0])) as tar:
             a, b = (device_rows(tar.extractfile(name).read().decode()) for name in (first, second))
     print(f"{'group':28} {first[:30]:>30} {second[:30]:>30} {'difference':>11}")
     groups = sorted({group(k) for k in a} | {group(k) for k in b})
@@ -94,7 +93,7 @@ def main(argv: list[str]) -> None:
         print(f"{g:28} {x:30.1f} {y:30.1f} {x - y:+11.1f}")
     print("\nkernels whose totals differ most (ms, calls):")
     names = sorted(set(a) | set(b), key=lambda k: -abs(a.get(k, (0, 0))[0] - b.get(k, (0, 0))[0]))
-    for k in names[:int(argv[3]) if len(argv) > 3 else 25]:
+    for k in names[:int(rest[0]) if rest else 25]:
         (x, n), (y, m) = a.get(k, (0.0, 0)), b.get(k, (0.0, 0))
         print(f"{x:8.1f} {n:5d} | {y:8.1f} {m:5d} | {x - y:+7.1f}  {group(k):22} {k[:110]}")
 

@@ -101,8 +101,9 @@ def _down_in_graph(mlp: nn.Module, e: torch.Tensor, u: torch.Tensor) -> bool:
     """Whether the MLP's activation and down_proj run as :class:`GatedActDownInGraph`: while Dynamo traces
     (``train/compiled_layers``), without the custom-op arrangement, for an activation the kernels implement, and a
     down_proj in plain fast-DoRA mode with no hooks, whose base is a frozen NF4 layer that ``trinity::nf4_dequantize``
-    covers in h's dtype and whose A is of that dtype or is cast to it by autocast (Unsloth keeps the adapters in
-    fp32 under bf16 autocast): then PEFT's forward computes the same ``A(h)``, in h's dtype."""
+    covers in h's dtype and whose A is of that dtype or is cast to it by autocast (Unsloth's
+    ``prepare_model_for_training`` can upcast the adapters to fp32 under bf16 autocast): then PEFT's forward
+    computes the same ``A(h)``, in h's dtype."""
     down = mlp.down_proj
     if not (DOWN_IN_GRAPH and torch.compiler.is_compiling() and not linear.REGION_CUSTOM_OPS
             and type(mlp.act_fn).__name__ in _ACTIVATIONS and e.shape == u.shape and plain_fast_dora(down)
