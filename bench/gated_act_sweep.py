@@ -18,12 +18,20 @@ Rows, one JSON object per line (``kind``):
 - ``best``: the fastest ``tiles`` row that passed, and ``best_tiles`` as ``ROWS,BLOCK_T,BLOCK_N,WARPS``, the form
   ``bench/gpu_bench.py --gated-tiles`` takes.
 
+With ``--lora R`` the kernel also adds down_proj's adapter part ``d_xa·A`` to h's gradient (``mlp.DOWN_TILES``,
+``GatedActDownInGraph``): ``peer`` is then inductor's kernel of LoRA's backward with that sum (cuBLAS's
+``d_xa·A``, the sum fused into the activation's backward, as compiled LoRA runs it), ``two_nodes`` fast DoRA's
+kernel without the product after the same GEMM and sum, and each ``tiles`` row (``ROWS,BLOCK_T,BLOCK_N,WARPS,DOT_ACC``;
+``DOT_ACC`` 1: h's gradient is the ``tl.dot``'s accumulator) is checked against float64 (de, du, the gain sums)
+instead of to the bit; ``best_tiles`` is the form ``bench/gpu_bench.py --down-tiles`` takes.
+
 Times: the median of CUDA-event timings (``triton.testing.do_bench``) on a GPU, of wall-clock ones on the CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -41,6 +49,11 @@ triton, tl = mlp.triton, mlp.tl
 TILES = [(r, bt, bn, w) for r in (32, 64, 128, 256) for bt, bn in ((8, 256), (16, 128), (32, 128), (16, 256))
          for w in (4, 8) if bt <= r]
 """(rows, block_t, block_n, warps) timed by default: 32 tiles."""
+
+LORA_TILES = [(r, bt, bn, w, acc) for r in (64, 128, 256) for bt, bn in ((16, 128), (32, 128), (16, 256), (32, 64),
+                                                                         (64, 64))
+              for w in (4, 8) for acc in (0, 1) if bt <= r]
+"""(rows, block_t, block_n, warps, dot_acc) timed by default with ``--lora``: 60 tiles (tl.dot takes ≥ 16 rows)."""
 
 if triton is not None:
 
@@ -88,6 +101,21 @@ def _tiled(dh, e, u, g_e, g_u, gelu):
     return (de, du, *mlp._launch_backward(dh, e, u, g_e, g_u, de, du, gelu))
 
 
+def _tiled_lora(dh, e, u, g_e, g_u, gelu, d_xa, lora_a):
+    de, du = torch.empty_like(e), torch.empty_like(u)
+    return (de, du, *mlp._launch_backward(dh, e, u, g_e, g_u, de, du, gelu, d_xa=d_xa, lora_a=lora_a))
+
+
+def _two_nodes(dh, e, u, g_e, g_u, gelu, d_xa, lora_a):
+    """What the two-node arrangement runs: cuBLAS's ``d_xa·A``, the sum, then the kernel without the product."""
+    return _tiled(dh + d_xa.mm(lora_a), e, u, g_e, g_u, gelu)
+
+
+def _peer_lora_formula(dh, e, u, d_xa, lora_a):
+    """Compiled LoRA's down_proj input gradient and activation backward: the GEMM, the sum fused into the kernel."""
+    return _peer_formula(dh + d_xa.mm(lora_a), e, u)
+
+
 def _peer_formula(dh, e, u):
     """LoRA's gelu_tanh(e) ⊙ u backward, as autograd writes it (inductor fuses it into one kernel)."""
     e32, u32, dh32 = e.float(), u.float(), dh.float()
@@ -117,6 +145,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--silu", action="store_true", help="SiLU instead of tanh-GELU (Gemma)")
     ap.add_argument("--tiles", nargs="*", default=None, help="ROWS,BLOCK_T,BLOCK_N,WARPS ... (default: TILES)")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and tiles (a smoke run)")
+    ap.add_argument("--lora", type=int, default=0, metavar="R", help="with down_proj's adapter part d_xa·A, rank R")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -136,12 +165,19 @@ def main(argv: list[str]) -> None:
 
     emit({"kind": "setup", "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
           "tokens": a.tokens, "cols": a.cols, "dtype": str(dtype), "gelu": gelu, "bytes_moved": moved,
-          "torch": torch.__version__, "triton": triton.__version__})
-    ref = mlp._backward_torch(dh.double(), e.double(), u.double(), g_e.double(), g_u.double(), gelu)
+          "lora_r": a.lora, "torch": torch.__version__, "triton": triton.__version__})
 
     def row(kind: str, ms: float, **extra) -> dict:
         return {"kind": kind, "ms": round(ms, 4), "gb_per_s": round(moved / ms / 1e6, 1), **extra}
 
+    if a.lora:
+        d_xa = torch.randn(a.tokens, a.lora, device=device, generator=gen).to(dtype)
+        lora_a = (torch.randn(a.lora, a.cols, device=device, generator=gen) / a.cols ** 0.5).to(dtype)
+        dh_all = dh.double() + d_xa.double() @ lora_a.double()
+        ref = mlp._backward_torch(dh_all, e.double(), u.double(), g_e.double(), g_u.double(), gelu)
+        sweep_lora(a, emit, row, (dh, e, u, g_e, g_u, gelu, d_xa, lora_a), ref, device)
+        return
+    ref = mlp._backward_torch(dh.double(), e.double(), u.double(), g_e.double(), g_u.double(), gelu)
     if device == "cuda" and gelu:
         peer = torch.compile(_peer_formula, fullgraph=True)
         emit(row("peer", _time_ms(lambda: peer(dh, e, u), a.quick), what="inductor: gelu_tanh(e)*u backward"))
@@ -167,6 +203,39 @@ def main(argv: list[str]) -> None:
                 best = r
     finally:
         mlp.BACKWARD_TILES = own
+    if best is not None:
+        emit({**best, "kind": "best", "best_tiles": ",".join(str(x) for x in best["tiles"])})
+
+
+def sweep_lora(a, emit, row, args, ref, device) -> None:
+    """``--lora``: the kernel with ``d_xa·A`` by tile, beside compiled LoRA's kernel and the two-node arrangement.
+    A tile passes when de and du are within 2 bf16 ulps of float64 (relative to their largest value: the product
+    is summed in fp32 in another order than cuBLAS's) and the gain sums within 1e-4."""
+    dh, e, u, g_e, g_u, gelu, d_xa, lora_a = args
+    if device == "cuda" and gelu:
+        peer = torch.compile(_peer_lora_formula, fullgraph=True)
+        emit(row("peer", _time_ms(lambda: peer(dh, e, u, d_xa, lora_a), a.quick),
+                 what="inductor: d_xa·A (cuBLAS), then gelu_tanh(e)*u backward with the sum fused"))
+    emit(row("two_nodes", _time_ms(lambda: _two_nodes(*args), a.quick), tiles=list(dataclasses.astuple(
+        mlp.BACKWARD_TILES)), what="d_xa·A, the sum, the kernel without the product"))
+    tiles = [tuple(int(x) for x in t.split(",")) for t in a.tiles] if a.tiles else LORA_TILES
+    if a.quick and not a.tiles:
+        tiles = [(256, 16, 128, 4, 0), (64, 32, 64, 4, 1)]
+    tol = 2 * 2.0 ** -8 if dh.dtype == torch.bfloat16 else 1e-5
+    own, best = mlp.DOWN_TILES, None
+    try:
+        for t in tiles:
+            mlp.DOWN_TILES = mlp.BackwardTiles(*t)
+            got = _tiled_lora(*args)
+            errors = {"de_rel": _rel(got[0], ref[0]), "du_rel": _rel(got[1], ref[1]),
+                      "d_ge_rel": _rel(got[2], ref[2]), "d_gu_rel": _rel(got[3], ref[3])}
+            ok = max(errors["de_rel"], errors["du_rel"]) < tol and max(errors["d_ge_rel"], errors["d_gu_rel"]) < 1e-4
+            r = row("tiles", _time_ms(lambda: _tiled_lora(*args), a.quick), tiles=list(t), ok=ok, **errors)
+            emit(r)
+            if ok and (best is None or r["ms"] < best["ms"]):
+                best = r
+    finally:
+        mlp.DOWN_TILES = own
     if best is not None:
         emit({**best, "kind": "best", "best_tiles": ",".join(str(x) for x in best["tiles"])})
 

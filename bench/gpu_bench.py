@@ -474,6 +474,7 @@ def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_
                 from trinity_core.train.fast_dora import mlp
 
                 v2["down_in_graph"] = mlp.DOWN_IN_GRAPH
+                v2["down_tiles"] = list(dataclasses.astuple(mlp.DOWN_TILES))
                 v2["down_paths"] = {" ".join(k): n for k, n in mlp.DOWN_PATHS.items()}  # traced backward launches
             v2.update(model_flops(v2))
             region = next((m._trinity_region_state for m in model.modules() if hasattr(m, "_trinity_region_state")),
@@ -663,13 +664,15 @@ def main(argv: list[str]) -> None:
                    "(see NO_BNB_SYNC)")
     r.add_argument("--region-torch-act", action="store_true", help="the gated activation's arithmetic in torch "
                    "operations inside the compiled layers (see REGION_TORCH_ACT)")
-    r.add_argument("--down-in-graph", action="store_true", help="the compiled layers' gated activation and "
-                   "down_proj's input GEMMs as one node (trinity_core.train.fast_dora.mlp.DOWN_IN_GRAPH)")
+    r.add_argument("--no-down-in-graph", action="store_true", help="the compiled layers' gated activation and "
+                   "down_proj's input GEMMs as two nodes (trinity_core.train.fast_dora.mlp.DOWN_IN_GRAPH off)")
     r.add_argument("--module-guards", action="store_true", help="the compiled layers keep Dynamo's guards on "
                    "their modules (see MODULE_GUARDS)")
     r.add_argument("--only-grown", action="store_true", help="measure only the --grow-to rows")
     r.add_argument("--gated-tiles", default="", help="ROWS,BLOCK_T,BLOCK_N,WARPS of the gated activation's "
                    "backward kernel (trinity_core.train.fast_dora.mlp.BACKWARD_TILES; bench/gated_act_sweep.py)")
+    r.add_argument("--down-tiles", default="", help="ROWS,BLOCK_T,BLOCK_N,WARPS[,DOT_ACC] of that kernel with "
+                   "down_proj's adapter part (mlp.DOWN_TILES; bench/gated_act_sweep.py --lora 64)")
     pr = sub.add_parser("profile")
     pr.add_argument("root", type=Path)
     pr.add_argument("out", type=Path)
@@ -697,14 +700,14 @@ def main(argv: list[str]) -> None:
             from trinity_core.train.fast_dora import mlp
 
             mlp.REGION_KERNELS = False
-        if a.down_in_graph:
-            from trinity_core.train.fast_dora import mlp
+        from trinity_core.train.fast_dora import mlp
 
-            mlp.DOWN_IN_GRAPH = True
+        if a.no_down_in_graph:
+            mlp.DOWN_IN_GRAPH = False
         if a.gated_tiles:
-            from trinity_core.train.fast_dora import mlp
-
             mlp.BACKWARD_TILES = mlp.BackwardTiles(*(int(x) for x in a.gated_tiles.split(",")))
+        if a.down_tiles:
+            mlp.DOWN_TILES = mlp.BackwardTiles(*(int(x) for x in a.down_tiles.split(",")))
         with open(a.out, "a") as out:
             if a.backend == "peft":
                 run_peft(a.root, a.depths, out, deadline, a.grow_to)

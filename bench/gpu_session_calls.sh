@@ -23,8 +23,10 @@
 #                                             # TORCH_ACT=1: also the gated activation in torch operations;
 #                                             # NOSYNC=1: also both rows without bitsandbytes' per-parameter sync)
 #   bash bench/gpu_session_calls.sh down      # GatedActDownInGraph: GPU tests, 48 layers with it, LoRA, without it
-#   bash bench/gpu_session_calls.sh code      # inductor's code and a kept trace: fast DoRA's layers (DOWN=1: with
-#                                             # GatedActDownInGraph), compiled LoRA, at 4 layers
+#   bash bench/gpu_session_calls.sh downtiles # its backward kernel by tile (gated_act_sweep.py --lora 64), then 48
+#                                             # layers with the fastest tiles (profiled, trace kept) and LoRA
+#   bash bench/gpu_session_calls.sh code      # inductor's code and a kept trace: fast DoRA's layers (NODOWN=1:
+#                                             # without GatedActDownInGraph), compiled LoRA, at 4 layers
 #   bash bench/gpu_session_calls.sh tinyjob   # run_job's tiny job with compiled decoder layers, CPU tensors probed
 #   bash bench/gpu_session_calls.sh pair      # the refresh, then LoRA vs fast DoRA at 4 and 48 layers
 #                                             # (bench/run_gpu.sh grown_bf16): one machine of two
@@ -136,21 +138,39 @@ case ${1:-} in
     run() { python bench/gpu_bench.py run unsloth /tmp/m12b "$OUT/speed.jsonl" --depths 4 --grow-to 48 --only-grown \
               --deadline $(( end - $(date +%s) )) "$@" >> "$OUT/speed.log" 2>&1; }
     TRINITY_BENCH_PROFILE=$OUT TRINITY_BENCH_TRACE=1 TRINITY_BENCH_KEEP_TRACE=1 \
-      run --only dora_fast_acc4 --compile-layers --down-in-graph --tag down_layers_
+      run --only dora_fast_acc4 --compile-layers --tag down_layers_
     UNSLOTH_COMPILE_DISABLE=0 run --only lora_acc4 --tag compiled_
-    run --only dora_fast_acc4 --compile-layers --tag layers_
+    run --only dora_fast_acc4 --compile-layers --no-down-in-graph --tag layers_
     rm -f "$OUT/card.txt"
     ! ls "$OUT"/prof-*.txt >/dev/null 2>&1 || { tar czf "$OUT/prof.tar.gz" -C "$OUT" $(cd "$OUT" && ls prof-*.txt) \
       && rm "$OUT"/prof-*.txt; }
     python bench/gpu_bench.py table "$OUT/speed.jsonl" > "$OUT/speed-table.txt" 2>&1
     cut -c1-700 "$OUT/speed.jsonl"; grep -i "error\|Traceback" "$OUT/speed.log" | tail -8 ;;
+  downtiles)  # GatedActDownInGraph's backward kernel by tile at the 12B shape, then fast DoRA at 48 layers with the
+              # fastest (one profiled step, its trace kept) and Unsloth's compiled LoRA, same run
+    python bench/gated_act_sweep.py --lora 64 --out "$OUT/down_sweep.jsonl" > "$OUT/down_sweep.log" 2>&1
+    best=$(python -c "import json,sys; print([json.loads(l) for l in open(sys.argv[1])][-1].get('best_tiles', ''))" \
+           "$OUT/down_sweep.jsonl")
+    grep -v '"tiles"' "$OUT/down_sweep.jsonl" | cut -c1-300; echo "best tiles: $best"
+    end=$(( $(date +%s) + ${BUDGET:-330} ))
+    python bench/gpu_bench.py build /tmp/m12b 4 > "$OUT/speed.log" 2>&1 || tail -5 "$OUT/speed.log"
+    run() { python bench/gpu_bench.py run unsloth /tmp/m12b "$OUT/speed.jsonl" --depths 4 --grow-to 48 --only-grown \
+              --deadline $(( end - $(date +%s) )) "$@" >> "$OUT/speed.log" 2>&1; }
+    TRINITY_BENCH_PROFILE=$OUT TRINITY_BENCH_TRACE=1 TRINITY_BENCH_KEEP_TRACE=1 \
+      run --only dora_fast_acc4 --compile-layers ${best:+--down-tiles $best} --tag down_layers_
+    UNSLOTH_COMPILE_DISABLE=0 run --only lora_acc4 --tag compiled_
+    rm -f "$OUT/card.txt"
+    ! ls "$OUT"/prof-*.txt >/dev/null 2>&1 || { tar czf "$OUT/prof.tar.gz" -C "$OUT" $(cd "$OUT" && ls prof-*.txt) \
+      && rm "$OUT"/prof-*.txt; }
+    python bench/gpu_bench.py table "$OUT/speed.jsonl" > "$OUT/speed-table.txt" 2>&1
+    cut -c1-800 "$OUT/speed.jsonl"; grep -i "error\|Traceback" "$OUT/speed.log" | tail -8 ;;
   code)  # inductor's generated modules (from its cache directory: TORCH_LOGS=output_code printed nothing in call 30)
           # and one profiled step (trace kept) of fast DoRA's compiled layers and of Unsloth's compiled LoRA at 4
           # layers: which kernels the DoRA's extra time is in, and what each fuses (bench/kernel_sequence.py)
     export TRINITY_BENCH_PROFILE=$OUT TRINITY_BENCH_TRACE=1 TRINITY_BENCH_PROFILE_CPU=1 TRINITY_BENCH_KEEP_TRACE=1
     python bench/gpu_bench.py build /tmp/m12b 4 > "$OUT/speed.log" 2>&1 || tail -5 "$OUT/speed.log"
     python bench/gpu_bench.py run unsloth /tmp/m12b "$OUT/speed.jsonl" --depths 4 --only dora_fast_acc4 \
-      --compile-layers ${DOWN:+--down-in-graph} --tag layers_ >> "$OUT/speed.log" 2>&1
+      --compile-layers ${NODOWN:+--no-down-in-graph} --tag layers_ >> "$OUT/speed.log" 2>&1
     UNSLOTH_COMPILE_DISABLE=0 python bench/gpu_bench.py run unsloth /tmp/m12b "$OUT/speed.jsonl" --depths 4 \
       --only lora_acc4 --tag compiled_ >> "$OUT/speed.log" 2>&1
     find /tmp/torchinductor_* -name "*.py" -size -4M 2>/dev/null | tar czf "$OUT/inductor-code.tar.gz" -T - \
@@ -165,5 +185,5 @@ case ${1:-} in
       > "$OUT/tinyjob.log" 2>&1
     echo "rc=$?" | tee -a "$OUT/tinyjob.log"
     grep -n -A4 "\[probe\]" "$OUT/tinyjob.log" | head -60 ;;
-  *) echo "usage: $0 tests|kernel|kernels|tiles|pair|refresh|t4mem|t4tests|speed|tinyjob"; exit 2 ;;
+  *) echo "usage: $0 tests|kernel|kernels|tiles|pair|refresh|t4mem|t4tests|speed|down|downtiles|code|tinyjob"; exit 2 ;;
 esac

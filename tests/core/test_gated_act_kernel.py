@@ -2,7 +2,7 @@
 
 The kernels are defined when the module is imported, and ``triton.jit`` chooses the interpreter only when
 ``TRITON_INTERPRET`` is set by then: so each case runs in a fresh interpreter process. It covers the backward
-kernel's tiles (``mlp.BACKWARD_TILES``): token counts that are not a multiple of the tile's rows, column counts that
+kernel's tiles (``mlp.BACKWARD_TILES``, ``mlp.DOWN_TILES``): token counts that are not a multiple of the tile's rows, column counts that
 are not a multiple of its width, the per-program partial sums and their sum, and down_proj's adapter's part of
 h's gradient (``d_xa·A``) added inside the kernel. Speed is the GPU's business
 (``bench/gated_act_sweep.py``); ``tests/gpu/test_qdora_cuda.py`` runs the same kernels on CUDA."""
@@ -26,7 +26,9 @@ _CHECK = textwrap.dedent("""
     from trinity_core.train.fast_dora import mlp
 
     t, n, gelu, tiles, r = json.loads(sys.argv[1])
-    if tiles:
+    if tiles and r:  # with down_proj's adapter part the kernel launches with DOWN_TILES
+        mlp.DOWN_TILES = mlp.BackwardTiles(*tiles)
+    elif tiles:
         mlp.BACKWARD_TILES = mlp.BackwardTiles(*tiles)
     gen = torch.Generator().manual_seed(t * 1000 + n)
     e, u, dh = (torch.randn(t, n, generator=gen) for _ in range(3))
@@ -56,6 +58,7 @@ _CHECK = textwrap.dedent("""
     (70, 130, True, None, 5),
     (300, 200, True, (32, 16, 64, 8), 64),
     (300, 200, False, (64, 8, 256, 4), 7),
+    (300, 200, True, (64, 32, 64, 4, 1), 64),  # h's gradient as the dot's accumulator (dot_acc)
 ])
 def test_the_kernels_match_float64(t, n, gelu, tiles, r):
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
@@ -73,6 +76,8 @@ def test_tiles_must_divide():
         mlp.BackwardTiles(rows=64, block_t=128, block_n=128, warps=4)
     with pytest.raises(ValueError, match="power of two"):
         mlp.BackwardTiles(rows=48, block_t=16, block_n=128, warps=4)
+    with pytest.raises(ValueError, match="dot_acc"):
+        mlp.BackwardTiles(rows=64, block_t=16, block_n=128, warps=4, dot_acc=2)
 
 
 @pytest.mark.parametrize("a_dtype", [torch.bfloat16, torch.float32], ids=["A_bf16", "A_fp32_autocast"])

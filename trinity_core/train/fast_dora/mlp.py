@@ -84,13 +84,12 @@ def gated_dora_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(consumable(gated_act(e, u, gain(gate), gain(up), self.act_fn)))  # read by down_proj only
 
 
-DOWN_IN_GRAPH = False
-"""Inside a compiled region, :class:`GatedActDownInGraph` where it applies (:func:`_down_in_graph`); False (the
-default): the activation node, then down_proj's own forward. Off until measured: in its one 48-layer run (H200,
-call 31, docs/BENCHMARKS.md) the kernel did not add ``d_xa·A`` itself (the trace still held the GEMM and a
-separate, slower sum: probably the launcher's fallback for operands of two dtypes, since replaced by a cast; which
-operand was not recorded) and the peak grew 0.42 GiB, not explained. ``bench/gpu_bench.py --down-in-graph`` turns it on; :data:`DOWN_PATHS` counts which
-way each traced backward went."""
+DOWN_IN_GRAPH = True
+"""Inside a compiled region, :class:`GatedActDownInGraph` where it applies (:func:`_down_in_graph`); False: the
+activation node, then down_proj's own forward. Measured at 48 layers of the 12B shape (H200, call 32,
+docs/BENCHMARKS.md): 5865.0 tok/s and a 11.049 GiB peak with it, 5814.7 tok/s and 11.449 GiB without, same run.
+``bench/gpu_bench.py --no-down-in-graph`` turns it off; :data:`DOWN_PATHS` counts which way each traced backward
+went."""
 
 DOWN_PATHS: dict[tuple, int] = {}
 """(way, dtype of h's gradient, of d_xa, of A) → how many backward launches were traced so: "kernel" (``d_xa·A``
@@ -380,14 +379,18 @@ _BLOCK_T, _BLOCK_N = 32, 128  # the forward kernel's tile
 class BackwardTiles:
     """The backward kernel's launch: each program takes ``rows`` tokens (in steps of ``block_t``) by ``block_n``
     columns with ``warps`` warps, and writes one row of partial gain sums (a (tokens / rows, N) fp32 tensor,
-    summed after the kernel)."""
+    summed after the kernel). ``dot_acc`` (1: with down_proj's adapter part, :data:`DOWN_TILES`): the tile of h's
+    gradient enters ``tl.dot`` as its accumulator instead of being added to the product afterwards."""
 
     rows: int
     block_t: int
     block_n: int
     warps: int
+    dot_acc: int = 0
 
     def __post_init__(self):
+        if self.dot_acc not in (0, 1):
+            raise ValueError(f"BackwardTiles.dot_acc must be 0 or 1, not {self.dot_acc}")
         for name in ("rows", "block_t", "block_n", "warps"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
@@ -401,6 +404,11 @@ BACKWARD_TILES = BackwardTiles(rows=256, block_t=16, block_n=128, warps=4)
 (4096 × 15360, bf16): 0.216 ms a launch, against 0.330 ms for the kernel before (one reduction across the
 program's threads per step of 32 rows) and 0.151 ms for inductor's kernel of LoRA's activation backward
 (docs/BENCHMARKS.md, "Goal 1, 2026-11-29 (session of the evening)", call 26)."""
+
+DOWN_TILES = BackwardTiles(rows=256, block_t=16, block_n=128, warps=4)
+"""The backward kernel's tiles when it also adds ``d_xa·A`` (:class:`GatedActDownInGraph`); ``bench/gated_act_sweep.py
+--lora 64`` times them. With :data:`BACKWARD_TILES`' tiles the kernel took 0.347 ms a launch in a 48-layer row, 0.14
+ms more than without the product (H200, call 32)."""
 
 
 def _launch_forward(e: torch.Tensor, u: torch.Tensor, g_e: torch.Tensor, g_u: torch.Tensor,
@@ -423,8 +431,8 @@ def _launch_backward(dh: torch.Tensor, e: torch.Tensor, u: torch.Tensor, g_e: to
     gradient is ``dh + d_xa·A`` (down_proj's adapter's part, :class:`GatedActDownInGraph`), added inside the
     kernel (fp32, a ``tl.dot`` a tile of rows; tiles of fewer than 16 rows add it in torch first)."""
     t, n = e.shape
-    tiles = BACKWARD_TILES
     lora = d_xa is not None
+    tiles = DOWN_TILES if lora else BACKWARD_TILES
     if lora:
         key = ("kernel" if tiles.block_t >= 16 else "torch", str(dh.dtype), str(d_xa.dtype), str(lora_a.dtype))
         DOWN_PATHS[key] = DOWN_PATHS.get(key, 0) + 1
@@ -443,7 +451,7 @@ def _launch_backward(dh: torch.Tensor, e: torch.Tensor, u: torch.Tensor, g_e: to
         dh, e, u, g_e, g_u, de, du, pe, pu, d_xa if lora else dh, lora_a if lora else dh, t, n, r, GELU=gelu,
         ROWS=tiles.rows, BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n, LORA=lora,
         BLOCK_R=max(16, triton.next_power_of_2(r)) if r else 16, IEEE=lora and d_xa.dtype == torch.float32,
-        **({} if tiles.warps == 4 else {"num_warps": tiles.warps}))  # 4: Triton's default
+        DOT_ACC=lora and bool(tiles.dot_acc), **({} if tiles.warps == 4 else {"num_warps": tiles.warps}))  # 4: Triton's default
     # (inside a compiled graph a launch's num_warps wraps the kernel in a one-config autotuner)
     return pe.sum(0), pu.sum(0)
 
@@ -492,7 +500,7 @@ if triton is not None:  # module-level kernels: inductor reads a user kernel's s
     @triton.jit
     def _backward_kernel(dh_ptr, e_ptr, u_ptr, ge_ptr, gu_ptr, de_ptr, du_ptr, pe_ptr, pu_ptr, xa_ptr, a_ptr, T, N,
                          R, GELU: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                         LORA: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
+                         LORA: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr, DOT_ACC: tl.constexpr):
         pid_t = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < N
@@ -514,7 +522,10 @@ if triton is not None:  # module-level kernels: inductor reads a user kernel's s
             if LORA:
                 xa = tl.load(xa_ptr + rows[:, None] * R + rr[None, :], mask=(rows[:, None] < T) & (rr[None, :] < R),
                              other=0.0)
-                dh += tl.dot(xa, a_tile, input_precision="ieee" if IEEE else None)  # fp32 accumulation
+                if DOT_ACC:  # h's gradient as the product's accumulator
+                    dh = tl.dot(xa, a_tile, dh, input_precision="ieee" if IEEE else None)
+                else:  # fp32 accumulation, then the sum
+                    dh += tl.dot(xa, a_tile, input_precision="ieee" if IEEE else None)
             e = tl.load(e_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             val, der = _act(e * ge, GELU)
@@ -528,6 +539,6 @@ if triton is not None:  # module-level kernels: inductor reads a user kernel's s
         tl.store(pu_ptr + pid_t * N + cols, tl.sum(acc_u, axis=0), mask=cmask)
 
 
-__all__ = ["BACKWARD_TILES", "DOWN_IN_GRAPH", "DOWN_PATHS", "GATED_MLP_CLASSES", "BackwardTiles", "GatedActDownInGraph",
-           "GatedActInGraph", "GatedDoraAct", "gain",
+__all__ = ["BACKWARD_TILES", "DOWN_IN_GRAPH", "DOWN_PATHS", "DOWN_TILES", "GATED_MLP_CLASSES", "BackwardTiles",
+           "GatedActDownInGraph", "GatedActInGraph", "GatedDoraAct", "gain",
            "gated_act", "gated_dora_forward", "patch_gated_mlps", "pre_gain"]
