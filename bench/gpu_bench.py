@@ -475,6 +475,9 @@ def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_
 
                 v2["down_in_graph"] = mlp.DOWN_IN_GRAPH
                 v2["down_tiles"] = list(dataclasses.astuple(mlp.DOWN_TILES))
+                from trinity_core.train.fast_dora import lora_in_gemm
+
+                v2["lora_in_gemm"] = lora_in_gemm.ENABLED
                 v2["down_paths"] = {" ".join(k): n for k, n in mlp.DOWN_PATHS.items()}  # traced backward launches
             v2.update(model_flops(v2))
             region = next((m._trinity_region_state for m in model.modules() if hasattr(m, "_trinity_region_state")),
@@ -666,6 +669,8 @@ def main(argv: list[str]) -> None:
                    "operations inside the compiled layers (see REGION_TORCH_ACT)")
     r.add_argument("--no-down-in-graph", action="store_true", help="the compiled layers' gated activation and "
                    "down_proj's input GEMMs as two nodes (trinity_core.train.fast_dora.mlp.DOWN_IN_GRAPH off)")
+    r.add_argument("--no-lora-in-gemm", action="store_true", help="the compiled layers' adapter products as PEFT's "
+                   "accumulating GEMM, not inside the base GEMM (trinity_core.train.fast_dora.lora_in_gemm.ENABLED)")
     r.add_argument("--module-guards", action="store_true", help="the compiled layers keep Dynamo's guards on "
                    "their modules (see MODULE_GUARDS)")
     r.add_argument("--only-grown", action="store_true", help="measure only the --grow-to rows")
@@ -704,6 +709,10 @@ def main(argv: list[str]) -> None:
 
         if a.no_down_in_graph:
             mlp.DOWN_IN_GRAPH = False
+        if a.no_lora_in_gemm:
+            from trinity_core.train.fast_dora import lora_in_gemm
+
+            lora_in_gemm.ENABLED = False
         if a.gated_tiles:
             mlp.BACKWARD_TILES = mlp.BackwardTiles(*(int(x) for x in a.gated_tiles.split(",")))
         if a.down_tiles:

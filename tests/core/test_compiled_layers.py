@@ -25,14 +25,17 @@ def _trainable(model):
 
 @pytest.mark.parametrize("down_in_graph", [False, True], ids=["two_nodes", "down_in_graph"])
 def test_compiled_layers_train_as_the_eager_model(tiny_spec, down_in_graph, monkeypatch):
+    """With ``down_in_graph`` the defaults (the MLP's activation and down_proj one node, the adapters' products
+    inside the base GEMMs: ``fast_dora/lora_in_gemm``); without, the arrangement before either."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.utils import counters
     from torch._functorch.aot_autograd import aot_module_simplified
 
     from trinity_core.train.backends.peft import PeftBackend
-    from trinity_core.train.fast_dora import mlp
+    from trinity_core.train.fast_dora import lora_in_gemm, mlp
 
     monkeypatch.setattr(mlp, "DOWN_IN_GRAPH", down_in_graph)  # the MLP's activation and down_proj: one node or two
+    monkeypatch.setattr(lora_in_gemm, "ENABLED", down_in_graph)  # the adapter's product in the base GEMM or not
     eager, _ = PeftBackend().load(tiny_spec)
     assert any(isinstance(m, FastDoraLinearLayer) for m in eager.modules())
     with torch.no_grad():  # non-zero B, as after some training: the DoRA norms then depend on it
@@ -53,6 +56,7 @@ def test_compiled_layers_train_as_the_eager_model(tiny_spec, down_in_graph, monk
     opaque: set[str] = set()
     kernels: set[str] = set()
     frames: list[int] = []
+    tails: list[str] = []  # dequantised weights written with the adapter's s·B beside them (lora_in_gemm)
 
     def record(graph, _):  # AOTAutograd's forward and backward graphs, run as they are (aot_eager)
         opaque.update(str(n.target) for n in graph.graph.nodes if n.op == "call_function" and any(
@@ -64,6 +68,8 @@ def test_compiled_layers_train_as_the_eager_model(tiny_spec, down_in_graph, monk
         frames.append(1)
         kernels.update(str(n.target).split(".")[1] for sub in gm.modules() if isinstance(sub, torch.fx.GraphModule)
                        for n in sub.graph.nodes if str(n.target).startswith("trinity."))
+        tails.extend(str(n) for n in gm.graph.nodes if str(n.target).startswith("trinity.nf4_dequantize")
+                     and len(n.args) > 11 and n.args[11] is not None)
         return aot_module_simplified(gm, example_inputs, fw_compiler=record, bw_compiler=record)
 
     assert compile_decoder_layers(fast, backend=backend) == len(layers) == 6
@@ -100,6 +106,8 @@ def test_compiled_layers_train_as_the_eager_model(tiny_spec, down_in_graph, monk
     # (mlp.GatedActDownInGraph)
     backward = "gated_act_down_kernel_backward" if down_in_graph else "gated_act_kernel_backward"
     assert kernels == {"nf4_dequantize", "gated_act_kernel", backward}, kernels
+    # q, k, v, o, gate and up (out > in / 2; not down_proj) of each kind of layer's graph
+    assert (len(tails) >= 6) if down_in_graph else not tails, tails
     # sliding and global layers, grad on/off: not one graph per layer or length
     assert 0 < len(frames) <= 8, len(frames)
     kinds = {layer._trinity_kind for layer in layers}

@@ -49,6 +49,23 @@ def test_dequantisation_is_bitsandbytes(shape, nested, blocksize, dtype, path, m
     assert (got.float() - data).abs().max() <= 0.2 * data.abs().max()
 
 
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{o}x{i}" for o, i in SHAPES])
+def test_a_tail_is_written_beside_the_weight(shape, path, monkeypatch):
+    """``dequantize(..., tail)``: ``[W | tail]``, W's columns the same values as without a tail (the kernel writes
+    them a row stride apart), the tail's copied (fast_dora/lora_in_gemm's ``[W | s·B]``)."""
+    if path == "kernel":
+        pytest.importorskip("triton", reason="the kernel runs in Triton's interpreter")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    nf4.read_rows_flat_on_cpu()
+    weight, _ = _weight(shape, True, 64, torch.float32)
+    tail = torch.randn(shape[0], 5, generator=torch.Generator().manual_seed(1))
+    got = nf4_dequant.dequantize(weight, torch.float32, tail)
+    assert got.shape == (shape[0], shape[1] + 5)
+    assert torch.equal(got[:, :shape[1]], nf4_dequant.dequantize(weight, torch.float32))
+    assert torch.equal(got[:, shape[1]:], tail)
+
+
 def test_covers_plain_frozen_nf4_layers_only():
     import bitsandbytes as bnb
 

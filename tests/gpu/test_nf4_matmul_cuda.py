@@ -219,3 +219,41 @@ def test_dequantisation_kernel_is_bitsandbytes_at_12b_shapes(out_features, in_fe
     torch._dynamo.reset()
     compiled = torch.compile(lambda w: nf4_dequant.dequantize(w, dtype), dynamic=True)
     assert torch.equal(compiled(weight), want)
+
+
+@pytest.mark.parametrize("out_features,in_features", [(15360, 3840), (9, 7)], ids=["15360x3840", "9x7"])
+def test_dequantisation_with_a_tail_compiled(out_features, in_features):
+    """``dequantize(w, dtype, tail)`` (fast_dora/lora_in_gemm's ``[W | s·B]``) inside torch.compile: W's columns
+    bitsandbytes' values to the bit, the tail copied; and the adapter's GEMM through it (LoraInGemm) against the
+    base GEMM plus the LoRA GEMM, compiled, forward and backward."""
+    from trinity_core.train import nf4_dequant
+    from trinity_core.train.fast_dora.lora_in_gemm import LoraInGemm
+
+    dtype = torch.bfloat16
+    weight = _weight(out_features, in_features, nested=True, dtype=dtype, seed=3)
+    want = nf4.dequantize(weight.data, weight.quant_state, dtype)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    b = torch.randn(out_features, 64, device="cuda", generator=gen) * 0.01
+    tail = (b * 0.5).to(dtype)
+    torch._dynamo.reset()
+    got = torch.compile(lambda w, t: nf4_dequant.dequantize(w, dtype, t))(weight, tail)
+    assert torch.equal(got[:, :in_features], want) and torch.equal(got[:, in_features:], tail)
+
+    x = torch.randn(300, in_features, device="cuda", generator=gen).to(dtype).requires_grad_()
+    xa = (torch.randn(300, 64, device="cuda", generator=gen) * 0.1).to(dtype).requires_grad_()
+    b.requires_grad_()
+
+    def fused(x, xa, b):
+        return LoraInGemm.apply(x, xa, nf4_dequant.dequantize(weight, dtype, (b.detach() * 0.5).to(dtype)), b, 0.5)
+
+    def two_gemms(x, xa, b):
+        return x.double() @ want.double().t() + 0.5 * xa.double() @ b.double().t()
+
+    dz = torch.randn(300, out_features, device="cuda", generator=gen).to(dtype)
+    z = torch.compile(fused)(x, xa, b)
+    grads = torch.autograd.grad(z, (x, xa, b), dz)
+    z64 = two_gemms(x, xa, b)
+    want_grads = torch.autograd.grad(z64, (x, xa, b), dz.double())
+    assert ((z.double() - z64).abs().max() / z64.abs().max()).item() < 1e-2  # bf16 output
+    for got_grad, want_grad in zip(grads, want_grads):
+        assert ((got_grad.double() - want_grad).abs().max() / want_grad.abs().max()).item() < 1e-2

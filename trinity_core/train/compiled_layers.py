@@ -53,7 +53,8 @@ from torch._dynamo.exc import BackendCompilerFailed, InternalTorchDynamoError, U
 
 from trinity_core.train import nf4_dequant
 from trinity_core.train.compiled_kernels import floats_as_constants
-from trinity_core.train.fast_dora.linear import FastDoraLinearLayer
+from trinity_core.train.fast_dora import lora_in_gemm
+from trinity_core.train.fast_dora.linear import FastDoraLinearLayer, fast_dora_forward
 from trinity_core.train.fast_dora.mlp import GATED_MLP_CLASSES
 
 LAYER_CLASSES = ("Gemma3DecoderLayer",)
@@ -258,6 +259,8 @@ def compile_decoder_layers(model: nn.Module, backend: Any = "inductor") -> int:
             for dora in module.lora_magnitude_vector.values():
                 if isinstance(dora, FastDoraLinearLayer):
                     dora.checked_by_region = True  # weight_norm may read its cache as it is inside the region
+            if getattr(module.__dict__.get("forward"), "__func__", None) is fast_dora_forward:
+                module.forward = types.MethodType(lora_in_gemm.region_forward, module)  # the adapter in the GEMM
         state.add(layer)
         layer._trinity_adapters = _adapter_state(layer)
         layer._trinity_region_state = state

@@ -49,8 +49,10 @@ def covers(base: torch.nn.Module, dtype: torch.dtype) -> bool:
             and not (state.nested and state.state2.nested))
 
 
-def dequantize(weight: Any, dtype: torch.dtype) -> torch.Tensor:
-    """The whole (out, in) weight of a ``Params4bit`` in ``dtype``, through ``trinity::nf4_dequantize``."""
+def dequantize(weight: Any, dtype: torch.dtype, tail: torch.Tensor | None = None) -> torch.Tensor:
+    """The whole (out, in) weight of a ``Params4bit`` in ``dtype``, through ``trinity::nf4_dequantize``; with
+    ``tail`` (out, k) in ``dtype``, ``[W | tail]`` (out, in + k), W written straight into its columns (no copy of W:
+    :mod:`~trinity_core.train.fast_dora.lora_in_gemm`)."""
     state = weight.quant_state
     stream = weight.view(torch.uint8).reshape(-1)
     rows, cols = state.shape
@@ -58,27 +60,32 @@ def dequantize(weight: Any, dtype: torch.dtype) -> torch.Tensor:
         inner = state.state2
         return torch.ops.trinity.nf4_dequantize(stream, state.code, state.absmax, inner.absmax, inner.code,
                                                 state.offset.reshape(1), state.blocksize, inner.blocksize, rows,
-                                                cols, dtype)
+                                                cols, dtype, tail)
     return torch.ops.trinity.nf4_dequantize(stream, state.code, state.absmax, None, None, None, state.blocksize, 0,
-                                            rows, cols, dtype)
+                                            rows, cols, dtype, tail)
 
 
 @torch.library.triton_op("trinity::nf4_dequantize", mutates_args=())
 def _nf4_dequantize(stream: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor | None,
                     code2: torch.Tensor | None, offset: torch.Tensor | None, blocksize: int, blocksize2: int,
-                    rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+                    rows: int, cols: int, dtype: torch.dtype, tail: torch.Tensor | None = None) -> torch.Tensor:
     """(rows, cols) in ``dtype`` from the flat packed ``stream`` (uint8, 2 values a byte), the 16-value ``code``
     table and one ``absmax`` per ``blocksize`` values: fp32, or uint8 indices into ``code2`` scaled by
-    ``absmax2`` (one per ``blocksize2`` of them) plus ``offset`` (1,) where double-quantised."""
-    out = torch.empty((rows, cols), dtype=dtype, device=stream.device)
+    ``absmax2`` (one per ``blocksize2`` of them) plus ``offset`` (1,) where double-quantised. With ``tail``
+    (rows, k): (rows, cols + k), the tail copied into the last k columns."""
+    extra = 0 if tail is None else tail.shape[1]
+    out = torch.empty((rows, cols + extra), dtype=dtype, device=stream.device)
+    if extra:
+        out[:, cols:].copy_(tail)
     if triton is not None and (stream.is_cuda or interpreting()):
         nested = absmax2 is not None
         kernel = _kernel(interpreting())
         launch = kernel if interpreting() else torch.library.wrap_triton(kernel)
         launch[(triton.cdiv(stream.numel(), BLOCK_BYTES),)](
             stream, code, absmax, absmax2 if nested else absmax, code2 if nested else code,
-            offset if nested else code, out, rows * cols, stream.numel(), BLOCKSIZE=blocksize,
-            BLOCKSIZE2=blocksize2 if nested else 1, NESTED=nested, BLOCK=BLOCK_BYTES, PTX=not interpreting())
+            offset if nested else code, out, rows * cols, stream.numel(), cols, cols + extra, BLOCKSIZE=blocksize,
+            BLOCKSIZE2=blocksize2 if nested else 1, NESTED=nested, BLOCK=BLOCK_BYTES, PTX=not interpreting(),
+            STRIDED=extra > 0)
         return out
     numel = rows * cols
     codes = torch.stack((stream >> 4, stream & 15), dim=-1).reshape(-1)[:numel].long()
@@ -87,7 +94,8 @@ def _nf4_dequantize(stream: torch.Tensor, code: torch.Tensor, absmax: torch.Tens
         inner = torch.arange(absmax.numel(), device=stream.device) // blocksize2
         scale = code2.float()[absmax.long()] * absmax2.float()[inner] + offset.float()
     index = torch.arange(numel, device=stream.device) // blocksize
-    return out.copy_((code.float()[codes] * scale[index]).view(rows, cols))
+    out[:, :cols].copy_((code.float()[codes] * scale[index]).view(rows, cols))
+    return out
 
 
 @functools.cache
@@ -98,10 +106,11 @@ def _kernel(interpret: bool):
 
 
 def _dequantize_kernel(stream_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, numel, n_bytes,
-                       BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BLOCK: tl.constexpr,
-                       PTX: tl.constexpr):
-    """Program p: bytes [p·BLOCK, (p+1)·BLOCK) of the stream into values [2p·BLOCK, 2(p+1)·BLOCK) of ``out``.
-    Both values of a byte lie in one quantisation block (blocksizes are even)."""
+                       cols, row_stride, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+                       BLOCK: tl.constexpr, PTX: tl.constexpr, STRIDED: tl.constexpr):
+    """Program p: bytes [p·BLOCK, (p+1)·BLOCK) of the stream into values [2p·BLOCK, 2(p+1)·BLOCK) of ``out``
+    (STRIDED: value v into row v // cols, column v % cols of rows ``row_stride`` apart). Both values of a byte lie
+    in one quantisation block (blocksizes are even)."""
     first = tl.program_id(0).to(tl.int64) * BLOCK
     at = first + tl.arange(0, BLOCK)
     ok = at < n_bytes
@@ -124,7 +133,8 @@ def _dequantize_kernel(stream_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr,
     values = tl.reshape(tl.join(high * scale, low * scale), (2 * BLOCK,))  # tl.interleave (a jit function: not in
     # the interpreter when TRITON_INTERPRET is set after Triton's import)
     where = 2 * first + tl.arange(0, 2 * BLOCK)
-    tl.store(out_ptr + where, values.to(out_ptr.dtype.element_ty), mask=where < numel)
+    dest = (where // cols) * row_stride + where % cols if STRIDED else where
+    tl.store(out_ptr + dest, values.to(out_ptr.dtype.element_ty), mask=where < numel)
 
 
 __all__ = ["BLOCK_BYTES", "covers", "dequantize"]

@@ -36,6 +36,7 @@ except ImportError:
 
 import trinity_core.train.fast_dora.linear as linear
 from trinity_core.train import nf4_dequant
+from trinity_core.train.fast_dora import lora_in_gemm
 from trinity_core.train.fast_dora.cast_input import base_and_adapter_input, consumable
 from trinity_core.train.fast_dora.linear import LoraSum, dora_output, plain_fast_dora
 
@@ -114,7 +115,10 @@ def _down_in_graph(mlp: nn.Module, e: torch.Tensor, u: torch.Tensor) -> bool:
 
 
 def pre_gain(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``z = Wx + s·B(Ax)``: the DoRA layer's output before its magnitude gain (PEFT's input casts)."""
+    """``z = Wx + s·B(Ax)``: the DoRA layer's output before its magnitude gain (PEFT's input casts); inside a
+    compiled region one GEMM where :func:`~trinity_core.train.fast_dora.lora_in_gemm.applies`."""
+    if lora_in_gemm.applies(module, x):
+        return lora_in_gemm.lora_sum(module, x)
     name = module.active_adapters[0]
     x2 = x.reshape(-1, x.shape[-1])  # a 2-D base output is a fresh tensor (a 3-D one is a view of
     result, xa = base_and_adapter_input(module, name, x2)  # one), so the LoRA GEMM can accumulate into it
