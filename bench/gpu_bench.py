@@ -470,14 +470,15 @@ def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_
 
                 v2["gated_tiles"] = list(dataclasses.astuple(mlp.BACKWARD_TILES))
             v2.update(measure(model, v2, model.config.vocab_size, *((1, 3) if v2["depth"] > depths[-1] else (2, 4))))
+            if COMPILED_LAYERS:  # the adapters' products inside the base GEMMs: fast DoRA's, plain LoRA's
+                from trinity_core.train.fast_dora import lora_in_gemm
+
+                v2["lora_in_gemm"] = lora_in_gemm.ENABLED if v2.get("fused_mlps") else lora_in_gemm.LORA_ENABLED
             if v2.get("fused_mlps") and COMPILED_LAYERS:
                 from trinity_core.train.fast_dora import mlp
 
                 v2["down_in_graph"] = mlp.DOWN_IN_GRAPH
                 v2["down_tiles"] = list(dataclasses.astuple(mlp.DOWN_TILES))
-                from trinity_core.train.fast_dora import lora_in_gemm
-
-                v2["lora_in_gemm"] = lora_in_gemm.ENABLED
                 v2["down_paths"] = {" ".join(k): n for k, n in mlp.DOWN_PATHS.items()}  # traced backward launches
             v2.update(model_flops(v2))
             region = next((m._trinity_region_state for m in model.modules() if hasattr(m, "_trinity_region_state")),
@@ -671,6 +672,8 @@ def main(argv: list[str]) -> None:
                    "down_proj's input GEMMs as two nodes (trinity_core.train.fast_dora.mlp.DOWN_IN_GRAPH off)")
     r.add_argument("--no-lora-in-gemm", action="store_true", help="the compiled layers' adapter products as PEFT's "
                    "accumulating GEMM, not inside the base GEMM (trinity_core.train.fast_dora.lora_in_gemm.ENABLED)")
+    r.add_argument("--lora-in-gemm", action="store_true", help="a LoRA job's adapter products inside the base "
+                   "GEMMs in the compiled layers (trinity_core.train.fast_dora.lora_in_gemm.LORA_ENABLED)")
     r.add_argument("--module-guards", action="store_true", help="the compiled layers keep Dynamo's guards on "
                    "their modules (see MODULE_GUARDS)")
     r.add_argument("--only-grown", action="store_true", help="measure only the --grow-to rows")
@@ -709,10 +712,12 @@ def main(argv: list[str]) -> None:
 
         if a.no_down_in_graph:
             mlp.DOWN_IN_GRAPH = False
-        if a.no_lora_in_gemm:
-            from trinity_core.train.fast_dora import lora_in_gemm
+        from trinity_core.train.fast_dora import lora_in_gemm
 
+        if a.no_lora_in_gemm:
             lora_in_gemm.ENABLED = False
+        if a.lora_in_gemm:
+            lora_in_gemm.LORA_ENABLED = True
         if a.gated_tiles:
             mlp.BACKWARD_TILES = mlp.BackwardTiles(*(int(x) for x in a.gated_tiles.split(",")))
         if a.down_tiles:

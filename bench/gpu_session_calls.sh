@@ -27,6 +27,8 @@
 #                                             # layers with the fastest tiles (profiled, trace kept) and LoRA
 #   bash bench/gpu_session_calls.sh gemm      # fast_dora/lora_in_gemm: its GPU test, then 48 layers with it (profiled,
 #                                             # trace kept), Unsloth's compiled LoRA, fast DoRA without it
+#   bash bench/gpu_session_calls.sh loragemm  # 48 layers: fast DoRA (defaults), Unsloth's compiled LoRA, Trinity's
+#                                             # LoRA layers with lora_in_gemm.LORA_ENABLED (NOLORA=1: also without)
 #   bash bench/gpu_session_calls.sh code      # inductor's code and a kept trace: fast DoRA's layers (NODOWN=1:
 #                                             # without GatedActDownInGraph), compiled LoRA, at 4 layers
 #   bash bench/gpu_session_calls.sh tinyjob   # run_job's tiny job with compiled decoder layers, CPU tensors probed
@@ -184,6 +186,19 @@ case ${1:-} in
       && rm "$OUT"/prof-*.txt; }
     python bench/gpu_bench.py table "$OUT/speed.jsonl" > "$OUT/speed-table.txt" 2>&1
     cut -c1-800 "$OUT/speed.jsonl"; grep -i "error\|Traceback\|compiling failed\|graph break" "$OUT/speed.log" | tail -8 ;;
+  loragemm)  # Trinity's LoRA path with the adapters' products inside the base GEMMs (lora_in_gemm.LORA_ENABLED, off
+             # by default until this measures it), beside fast DoRA's defaults and Unsloth's compiled LoRA, 48 layers
+    end=$(( $(date +%s) + ${BUDGET:-450} ))
+    python bench/gpu_bench.py build /tmp/m12b 4 > "$OUT/speed.log" 2>&1 || tail -5 "$OUT/speed.log"
+    run() { python bench/gpu_bench.py run unsloth /tmp/m12b "$OUT/speed.jsonl" --depths 4 --grow-to 48 --only-grown \
+              --deadline $(( end - $(date +%s) )) "$@" >> "$OUT/speed.log" 2>&1; }
+    run --only lora_acc4 --compile-layers --lora-in-gemm --tag gemm_layers_
+    UNSLOTH_COMPILE_DISABLE=0 run --only lora_acc4 --tag compiled_
+    run --only dora_fast_acc4 --compile-layers --tag layers_
+    [ -z "${NOLORA:-}" ] || run --only lora_acc4 --compile-layers --tag layers_
+    rm -f "$OUT/card.txt"
+    python bench/gpu_bench.py table "$OUT/speed.jsonl" > "$OUT/speed-table.txt" 2>&1
+    cut -c1-800 "$OUT/speed.jsonl"; grep -i "error\|Traceback\|compiling failed\|graph break" "$OUT/speed.log" | tail -8 ;;
   code)  # inductor's generated modules (from its cache directory: TORCH_LOGS=output_code printed nothing in call 30)
           # and one profiled step (trace kept) of fast DoRA's compiled layers and of Unsloth's compiled LoRA at 4
           # layers: which kernels the DoRA's extra time is in, and what each fuses (bench/kernel_sequence.py)
@@ -205,5 +220,5 @@ case ${1:-} in
       > "$OUT/tinyjob.log" 2>&1
     echo "rc=$?" | tee -a "$OUT/tinyjob.log"
     grep -n -A4 "\[probe\]" "$OUT/tinyjob.log" | head -60 ;;
-  *) echo "usage: $0 tests|kernel|kernels|tiles|pair|refresh|t4mem|t4tests|speed|down|downtiles|gemm|code|tinyjob"; exit 2 ;;
+  *) echo "usage: $0 tests|kernel|kernels|tiles|pair|refresh|t4mem|t4tests|speed|down|downtiles|gemm|loragemm|code|tinyjob"; exit 2 ;;
 esac

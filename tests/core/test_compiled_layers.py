@@ -317,3 +317,38 @@ def test_a_lora_job_s_mlp_traces_where_its_class_forward_is_compile_disabled(tin
     assert not [w for w in caught if "compiled decoder layers" in str(w.message)], "no fallback"
     state = next(m for m in fast.modules() if hasattr(m, "_trinity_region_state"))._trinity_region_state
     assert not state.guarded and len(state.kinds) == 2
+
+
+def test_a_lora_job_s_adapters_inside_the_base_gemms_train_as_the_eager_model(tiny_spec, monkeypatch):
+    """``lora_in_gemm.LORA_ENABLED``: a LoRA job's projections (all but down_proj) as ``[x | A x]·[W | s·B]ᵀ`` inside
+    the regions, the dequantised weights written beside their tails: the eager model's loss and gradients (fp32
+    rounding), two steps with an optimizer step between; off, no tail in any graph."""
+    from trinity_core.train.backends.peft import PeftBackend
+    from trinity_core.train.fast_dora import lora_in_gemm
+
+    spec = tiny_spec.model_copy(deep=True)
+    spec.lora.use_dora = False
+    eager, _ = PeftBackend().load(spec)
+    _nonzero_b(eager)
+    for enabled in (True, False):
+        monkeypatch.setattr(lora_in_gemm, "LORA_ENABLED", enabled)
+        fast = copy.deepcopy(eager)
+        tails: list[str] = []
+
+        def backend(gm, example_inputs):
+            tails.extend(str(n) for n in gm.graph.nodes if str(n.target).startswith("trinity.nf4_dequantize")
+                         and len(n.args) > 11 and n.args[11] is not None)
+            return gm.forward
+
+        torch._dynamo.reset()
+        compile_decoder_layers(fast, backend=backend)
+        eager.train(), fast.train()
+        opt_eager, opt_fast = torch.optim.SGD(_trainable(eager), lr=0.5), torch.optim.SGD(_trainable(fast), lr=0.5)
+        for seq in (16, 19):
+            ids = torch.randint(7, eager.config.vocab_size, (1, seq), generator=torch.Generator().manual_seed(seq))
+            _one_step(eager, fast, ids)
+            opt_eager.step(), opt_fast.step()
+            with torch.no_grad():  # from the same weights again (lr 0.5 would compound fp32 rounding)
+                for a, b in zip(_trainable(eager), _trainable(fast)):
+                    b.copy_(a)
+        assert (len(tails) >= 6) if enabled else not tails, tails  # q, k, v, o, gate, up of each kind's graph

@@ -261,6 +261,8 @@ def compile_decoder_layers(model: nn.Module, backend: Any = "inductor") -> int:
                     dora.checked_by_region = True  # weight_norm may read its cache as it is inside the region
             if getattr(module.__dict__.get("forward"), "__func__", None) is fast_dora_forward:
                 module.forward = types.MethodType(lora_in_gemm.region_forward, module)  # the adapter in the GEMM
+            elif "forward" not in module.__dict__ and not module.lora_magnitude_vector:  # a plain LoRA layer
+                module.forward = types.MethodType(lora_in_gemm.region_lora_forward, module)
         state.add(layer)
         layer._trinity_adapters = _adapter_state(layer)
         layer._trinity_region_state = state

@@ -14,7 +14,8 @@ and ``dB = s·dzᵀ A(x)``; W gets no gradient (frozen).
 It applies (:func:`applies`) inside a compiled region to a plain fast-DoRA layer whose frozen NF4 base
 ``nf4_dequant`` covers in x's dtype, where the output is wider than half the input (the copy of x costs less than
 the output's copy and pass it saves: every projection of Gemma-3 but down_proj). z is the DoRA output before its
-gain; :class:`DoraGain` applies ``g = m / ‖W + s·BA‖``."""
+gain; :class:`DoraGain` applies ``g = m / ‖W + s·BA‖``. A plain LoRA layer's output is z itself
+(:func:`applies_lora`, :data:`LORA_ENABLED`: off until a GPU run measures it)."""
 
 from __future__ import annotations
 
@@ -26,16 +27,44 @@ from trinity_core.train import nf4_dequant
 
 ENABLED = True
 """Inside compiled regions, the adapter's product in the base GEMM where :func:`applies` (False: the base GEMM and
-PEFT's accumulating GEMM, the arrangement until 2026-11-30; ``bench/gpu_bench.py --no-lora-in-gemm``)."""
+PEFT's accumulating GEMM, the arrangement until 2026-11-30; ``bench/gpu_bench.py --no-lora-in-gemm``). Measured at
+48 layers of the 12B shape (H200, call 34, docs/BENCHMARKS.md): 6076.5 tok/s with it, 5905.3 without, same run."""
+
+LORA_ENABLED = False
+"""The same for plain LoRA layers (:func:`applies_lora`): Trinity's LoRA path inside compiled regions, whose
+layers otherwise run PEFT's forward (the base GEMM, the adapter's GEMMs and an add). Off until measured on a GPU
+(``bench/gpu_bench.py --lora-in-gemm``, ``bash bench/gpu_session_calls.sh loragemm``)."""
 
 
 def applies(module: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``module``'s output is computed here: while Dynamo traces, without the custom-op arrangement, a plain
     fast-DoRA layer with no hooks on its base, its frozen NF4 base covered by ``nf4_dequant`` in x's dtype, A of
     that dtype or cast to it by autocast, and out > in / 2."""
-    if not (ENABLED and torch.compiler.is_compiling() and not linear.REGION_CUSTOM_OPS
-            and linear.plain_fast_dora(module)):
+    return (ENABLED and torch.compiler.is_compiling() and not linear.REGION_CUSTOM_OPS
+            and linear.plain_fast_dora(module) and _base_covered(module, x))
+
+
+def applies_lora(module: nn.Module, x: torch.Tensor) -> bool:
+    """:func:`applies` for a plain LoRA layer (:data:`LORA_ENABLED`): one active adapter, not merged, no DoRA or
+    other variant, no dropout while training, no bias on B."""
+    return (LORA_ENABLED and torch.compiler.is_compiling() and not linear.REGION_CUSTOM_OPS and _plain_lora(module)
+            and _base_covered(module, x))
+
+
+def _plain_lora(module: nn.Module) -> bool:
+    if getattr(module, "disable_adapters", True) or getattr(module, "merged", True) or not hasattr(module, "lora_A"):
         return False
+    names = module.active_adapters
+    if len(names) != 1 or names[0] not in module.lora_A:
+        return False
+    name = names[0]
+    return (name not in module.lora_magnitude_vector and name not in getattr(module, "lora_variant", {})
+            and not getattr(module, "use_dora", {}).get(name, False) and module.lora_B[name].bias is None
+            and (not module.training or isinstance(module.lora_dropout[name], nn.Identity)))
+
+
+def _base_covered(module: nn.Module, x: torch.Tensor) -> bool:
+    """The frozen NF4 base in x's dtype, no hooks on it, A of x's dtype or cast to it by autocast, out > in / 2."""
     base = module.get_base_layer()
     name = module.active_adapters[0]
     a_dtype = module.lora_A[name].weight.dtype
@@ -52,6 +81,14 @@ def region_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.T
     if not (args or kwargs) and applies(self, x):
         return dora_forward(self, x)
     return linear.fast_dora_forward(self, x, *args, **kwargs)
+
+
+def region_lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A LoRA layer's forward inside a compiled decoder layer (installed per instance by ``train/compiled_layers`` on
+    LoRA layers without a forward of their own): :func:`lora_sum` where :func:`applies_lora`, else the class's."""
+    if not (args or kwargs) and applies_lora(self, x):
+        return lora_sum(self, x)
+    return type(self).forward(self, x, *args, **kwargs)
 
 
 def lora_sum(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -128,4 +165,5 @@ class DoraGain(torch.autograd.Function):
         return dz.reshape(z.shape) if ctx.needs_input_grad[0] else None, d_m, None
 
 
-__all__ = ["ENABLED", "DoraGain", "LoraInGemm", "applies", "dora_forward", "lora_sum", "region_forward"]
+__all__ = ["ENABLED", "LORA_ENABLED", "DoraGain", "LoraInGemm", "applies", "applies_lora", "dora_forward",
+           "lora_sum", "region_forward", "region_lora_forward"]
