@@ -187,22 +187,29 @@ def main(argv: list[str]) -> None:
     tiles = [tuple(int(x) for x in t.split(",")) for t in a.tiles] if a.tiles else TILES
     if a.quick and not a.tiles:
         tiles = [(256, 32, 128, 4), (32, 16, 128, 4), (64, 16, 256, 8)]
-    own = mlp.BACKWARD_TILES
-    best = None
+    def check(t):
+        got = _tiled(dh, e, u, g_e, g_u, gelu)
+        same = torch.equal(got[0], before[0]) and torch.equal(got[1], before[1])
+        errors = {"d_ge_rel": _rel(got[2], ref[2]), "d_gu_rel": _rel(got[3], ref[3])}
+        return same and max(errors.values()) < 1e-4, {"de_du_as_before": same, **errors}
+
+    _sweep("BACKWARD_TILES", tiles, check, lambda: _tiled(dh, e, u, g_e, g_u, gelu), a.quick, emit, row)
+
+
+def _sweep(attr: str, tiles: list, check, launch, quick: bool, emit, row) -> None:
+    """Each tile set as ``mlp.<attr>`` in turn: checked (``check(t)`` → (ok, fields)) and timed, a ``tiles`` row
+    each, then the fastest that passed as ``best``; ``mlp.<attr>`` restored."""
+    own, best = getattr(mlp, attr), None
     try:
         for t in tiles:
-            mlp.BACKWARD_TILES = mlp.BackwardTiles(*t)
-            got = _tiled(dh, e, u, g_e, g_u, gelu)
-            same = torch.equal(got[0], before[0]) and torch.equal(got[1], before[1])
-            errors = {"d_ge_rel": _rel(got[2], ref[2]), "d_gu_rel": _rel(got[3], ref[3])}
-            ok = same and max(errors.values()) < 1e-4
-            r = row("tiles", _time_ms(lambda: _tiled(dh, e, u, g_e, g_u, gelu), a.quick), tiles=list(t),
-                    de_du_as_before=same, ok=ok, **errors)
+            setattr(mlp, attr, mlp.BackwardTiles(*t))
+            ok, fields = check(t)
+            r = row("tiles", _time_ms(launch, quick), tiles=list(t), ok=ok, **fields)
             emit(r)
             if ok and (best is None or r["ms"] < best["ms"]):
                 best = r
     finally:
-        mlp.BACKWARD_TILES = own
+        setattr(mlp, attr, own)
     if best is not None:
         emit({**best, "kind": "best", "best_tiles": ",".join(str(x) for x in best["tiles"])})
 
@@ -222,22 +229,15 @@ def sweep_lora(a, emit, row, args, ref, device) -> None:
     if a.quick and not a.tiles:
         tiles = [(256, 16, 128, 4, 0), (64, 32, 64, 4, 1)]
     tol = 2 * 2.0 ** -8 if dh.dtype == torch.bfloat16 else 1e-5
-    own, best = mlp.DOWN_TILES, None
-    try:
-        for t in tiles:
-            mlp.DOWN_TILES = mlp.BackwardTiles(*t)
-            got = _tiled_lora(*args)
-            errors = {"de_rel": _rel(got[0], ref[0]), "du_rel": _rel(got[1], ref[1]),
-                      "d_ge_rel": _rel(got[2], ref[2]), "d_gu_rel": _rel(got[3], ref[3])}
-            ok = max(errors["de_rel"], errors["du_rel"]) < tol and max(errors["d_ge_rel"], errors["d_gu_rel"]) < 1e-4
-            r = row("tiles", _time_ms(lambda: _tiled_lora(*args), a.quick), tiles=list(t), ok=ok, **errors)
-            emit(r)
-            if ok and (best is None or r["ms"] < best["ms"]):
-                best = r
-    finally:
-        mlp.DOWN_TILES = own
-    if best is not None:
-        emit({**best, "kind": "best", "best_tiles": ",".join(str(x) for x in best["tiles"])})
+
+    def check(t):
+        got = _tiled_lora(*args)
+        errors = {"de_rel": _rel(got[0], ref[0]), "du_rel": _rel(got[1], ref[1]),
+                  "d_ge_rel": _rel(got[2], ref[2]), "d_gu_rel": _rel(got[3], ref[3])}
+        ok = max(errors["de_rel"], errors["du_rel"]) < tol and max(errors["d_ge_rel"], errors["d_gu_rel"]) < 1e-4
+        return ok, errors
+
+    _sweep("DOWN_TILES", tiles, check, lambda: _tiled_lora(*args), a.quick, emit, row)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,18 @@ mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,memory.total,driver_version,uuid,serial,pci.bus_id --format=csv,noheader; hostname
   cat /etc/machine-id /proc/sys/kernel/random/boot_id; grep -m1 "model name" /proc/cpuinfo; nproc; } > "$OUT/machine.txt" 2>&1
 cp "$OUT/machine.txt" "$OUT/card.txt"  # bench/run_gpu.sh rewrites card.txt
+# the 48-layer modes (down, downtiles, gemm, loragemm): the model built, rows run until BUDGET seconds have passed
+# (row48 ARGS...), then the profiles archived and the table made (wrap48)
+start48() { end=$(( $(date +%s) + ${BUDGET:-$1} ))
+  python bench/gpu_bench.py build /tmp/m12b 4 > "$OUT/speed.log" 2>&1 || tail -5 "$OUT/speed.log"; }
+row48() { python bench/gpu_bench.py run unsloth /tmp/m12b "$OUT/speed.jsonl" --depths 4 --grow-to 48 --only-grown \
+            --deadline $(( end - $(date +%s) )) "$@" >> "$OUT/speed.log" 2>&1; }
+profiled48() { TRINITY_BENCH_PROFILE=$OUT TRINITY_BENCH_TRACE=1 TRINITY_BENCH_KEEP_TRACE=1 row48 "$@"; }
+wrap48() { rm -f "$OUT/card.txt"
+  ! ls "$OUT"/prof-*.txt >/dev/null 2>&1 || { tar czf "$OUT/prof.tar.gz" -C "$OUT" $(cd "$OUT" && ls prof-*.txt) \
+    && rm "$OUT"/prof-*.txt; }
+  python bench/gpu_bench.py table "$OUT/speed.jsonl" > "$OUT/speed-table.txt" 2>&1
+  cut -c1-800 "$OUT/speed.jsonl"; grep -i "error\|Traceback\|compiling failed\|graph break" "$OUT/speed.log" | tail -8; }
 case ${1:-} in
   tiles)  # the gated activation's backward kernel by tile (bench/gated_act_sweep.py), its GPU test, then the
           # speed rows with the fastest tiles (TILES), compiled LoRA and (TILES0=1) the default tiles
@@ -137,68 +149,39 @@ case ${1:-} in
   down)  # mlp.GatedActDownInGraph: its GPU tests, then at 48 layers fast DoRA with it (one profiled step, the trace
           # kept), Unsloth's compiled LoRA, and (if BUDGET leaves time) fast DoRA without it
     K=${K:-down_in_graph and gelu_tanh} "$0" kernels
-    end=$(( $(date +%s) + ${BUDGET:-420} ))
-    python bench/gpu_bench.py build /tmp/m12b 4 > "$OUT/speed.log" 2>&1 || tail -5 "$OUT/speed.log"
-    run() { python bench/gpu_bench.py run unsloth /tmp/m12b "$OUT/speed.jsonl" --depths 4 --grow-to 48 --only-grown \
-              --deadline $(( end - $(date +%s) )) "$@" >> "$OUT/speed.log" 2>&1; }
-    TRINITY_BENCH_PROFILE=$OUT TRINITY_BENCH_TRACE=1 TRINITY_BENCH_KEEP_TRACE=1 \
-      run --only dora_fast_acc4 --compile-layers --tag down_layers_
-    UNSLOTH_COMPILE_DISABLE=0 run --only lora_acc4 --tag compiled_
-    run --only dora_fast_acc4 --compile-layers --no-down-in-graph --tag layers_
-    rm -f "$OUT/card.txt"
-    ! ls "$OUT"/prof-*.txt >/dev/null 2>&1 || { tar czf "$OUT/prof.tar.gz" -C "$OUT" $(cd "$OUT" && ls prof-*.txt) \
-      && rm "$OUT"/prof-*.txt; }
-    python bench/gpu_bench.py table "$OUT/speed.jsonl" > "$OUT/speed-table.txt" 2>&1
-    cut -c1-700 "$OUT/speed.jsonl"; grep -i "error\|Traceback" "$OUT/speed.log" | tail -8 ;;
+    start48 420
+    profiled48 --only dora_fast_acc4 --compile-layers --tag down_layers_
+    UNSLOTH_COMPILE_DISABLE=0 row48 --only lora_acc4 --tag compiled_
+    row48 --only dora_fast_acc4 --compile-layers --no-down-in-graph --tag layers_
+    wrap48 ;;
   downtiles)  # GatedActDownInGraph's backward kernel by tile at the 12B shape, then fast DoRA at 48 layers with the
               # fastest (one profiled step, its trace kept) and Unsloth's compiled LoRA, same run
     python bench/gated_act_sweep.py --lora 64 --out "$OUT/down_sweep.jsonl" > "$OUT/down_sweep.log" 2>&1
     best=$(python -c "import json,sys; print([json.loads(l) for l in open(sys.argv[1])][-1].get('best_tiles', ''))" \
            "$OUT/down_sweep.jsonl")
     grep -v '"tiles"' "$OUT/down_sweep.jsonl" | cut -c1-300; echo "best tiles: $best"
-    end=$(( $(date +%s) + ${BUDGET:-330} ))
-    python bench/gpu_bench.py build /tmp/m12b 4 > "$OUT/speed.log" 2>&1 || tail -5 "$OUT/speed.log"
-    run() { python bench/gpu_bench.py run unsloth /tmp/m12b "$OUT/speed.jsonl" --depths 4 --grow-to 48 --only-grown \
-              --deadline $(( end - $(date +%s) )) "$@" >> "$OUT/speed.log" 2>&1; }
-    TRINITY_BENCH_PROFILE=$OUT TRINITY_BENCH_TRACE=1 TRINITY_BENCH_KEEP_TRACE=1 \
-      run --only dora_fast_acc4 --compile-layers ${best:+--down-tiles $best} --tag down_layers_
-    UNSLOTH_COMPILE_DISABLE=0 run --only lora_acc4 --tag compiled_
-    rm -f "$OUT/card.txt"
-    ! ls "$OUT"/prof-*.txt >/dev/null 2>&1 || { tar czf "$OUT/prof.tar.gz" -C "$OUT" $(cd "$OUT" && ls prof-*.txt) \
-      && rm "$OUT"/prof-*.txt; }
-    python bench/gpu_bench.py table "$OUT/speed.jsonl" > "$OUT/speed-table.txt" 2>&1
-    cut -c1-800 "$OUT/speed.jsonl"; grep -i "error\|Traceback" "$OUT/speed.log" | tail -8 ;;
+    start48 330
+    profiled48 --only dora_fast_acc4 --compile-layers ${best:+--down-tiles $best} --tag down_layers_
+    UNSLOTH_COMPILE_DISABLE=0 row48 --only lora_acc4 --tag compiled_
+    wrap48 ;;
   gemm)  # the adapters' products inside the base GEMMs (fast_dora/lora_in_gemm), on by default, against compiled
          # LoRA and against fast DoRA without them, 48 layers, same run
     python -m pytest -m gpu -q -rf --tb=short -p no:cacheprovider tests/gpu/test_nf4_matmul_cuda.py -k tail \
       > "$OUT/pytest-tail.txt" 2>&1
     tail -3 "$OUT/pytest-tail.txt"
-    end=$(( $(date +%s) + ${BUDGET:-420} ))
-    python bench/gpu_bench.py build /tmp/m12b 4 > "$OUT/speed.log" 2>&1 || tail -5 "$OUT/speed.log"
-    run() { python bench/gpu_bench.py run unsloth /tmp/m12b "$OUT/speed.jsonl" --depths 4 --grow-to 48 --only-grown \
-              --deadline $(( end - $(date +%s) )) "$@" >> "$OUT/speed.log" 2>&1; }
-    TRINITY_BENCH_PROFILE=$OUT TRINITY_BENCH_TRACE=1 TRINITY_BENCH_KEEP_TRACE=1 \
-      run --only dora_fast_acc4 --compile-layers --tag gemm_layers_
-    UNSLOTH_COMPILE_DISABLE=0 run --only lora_acc4 --tag compiled_
-    run --only dora_fast_acc4 --compile-layers --no-lora-in-gemm --tag layers_
-    rm -f "$OUT/card.txt"
-    ! ls "$OUT"/prof-*.txt >/dev/null 2>&1 || { tar czf "$OUT/prof.tar.gz" -C "$OUT" $(cd "$OUT" && ls prof-*.txt) \
-      && rm "$OUT"/prof-*.txt; }
-    python bench/gpu_bench.py table "$OUT/speed.jsonl" > "$OUT/speed-table.txt" 2>&1
-    cut -c1-800 "$OUT/speed.jsonl"; grep -i "error\|Traceback\|compiling failed\|graph break" "$OUT/speed.log" | tail -8 ;;
+    start48 420
+    profiled48 --only dora_fast_acc4 --compile-layers --tag gemm_layers_
+    UNSLOTH_COMPILE_DISABLE=0 row48 --only lora_acc4 --tag compiled_
+    row48 --only dora_fast_acc4 --compile-layers --no-lora-in-gemm --tag layers_
+    wrap48 ;;
   loragemm)  # Trinity's LoRA path with the adapters' products inside the base GEMMs (lora_in_gemm.LORA_ENABLED, off
              # by default until this measures it), beside fast DoRA's defaults and Unsloth's compiled LoRA, 48 layers
-    end=$(( $(date +%s) + ${BUDGET:-450} ))
-    python bench/gpu_bench.py build /tmp/m12b 4 > "$OUT/speed.log" 2>&1 || tail -5 "$OUT/speed.log"
-    run() { python bench/gpu_bench.py run unsloth /tmp/m12b "$OUT/speed.jsonl" --depths 4 --grow-to 48 --only-grown \
-              --deadline $(( end - $(date +%s) )) "$@" >> "$OUT/speed.log" 2>&1; }
-    run --only lora_acc4 --compile-layers --lora-in-gemm --tag gemm_layers_
-    UNSLOTH_COMPILE_DISABLE=0 run --only lora_acc4 --tag compiled_
-    run --only dora_fast_acc4 --compile-layers --tag layers_
-    [ -z "${NOLORA:-}" ] || run --only lora_acc4 --compile-layers --tag layers_
-    rm -f "$OUT/card.txt"
-    python bench/gpu_bench.py table "$OUT/speed.jsonl" > "$OUT/speed-table.txt" 2>&1
-    cut -c1-800 "$OUT/speed.jsonl"; grep -i "error\|Traceback\|compiling failed\|graph break" "$OUT/speed.log" | tail -8 ;;
+    start48 450
+    row48 --only lora_acc4 --compile-layers --lora-in-gemm --tag gemm_layers_
+    UNSLOTH_COMPILE_DISABLE=0 row48 --only lora_acc4 --tag compiled_
+    row48 --only dora_fast_acc4 --compile-layers --tag layers_
+    [ -z "${NOLORA:-}" ] || row48 --only lora_acc4 --compile-layers --tag layers_
+    wrap48 ;;
   code)  # inductor's generated modules (from its cache directory: TORCH_LOGS=output_code printed nothing in call 30)
           # and one profiled step (trace kept) of fast DoRA's compiled layers and of Unsloth's compiled LoRA at 4
           # layers: which kernels the DoRA's extra time is in, and what each fuses (bench/kernel_sequence.py)

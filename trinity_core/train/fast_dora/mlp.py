@@ -35,8 +35,8 @@ except ImportError:
     triton = tl = None
 
 import trinity_core.train.fast_dora.linear as linear
+import trinity_core.train.fast_dora.lora_in_gemm as lora_in_gemm
 from trinity_core.train import nf4_dequant
-from trinity_core.train.fast_dora import lora_in_gemm
 from trinity_core.train.fast_dora.cast_input import base_and_adapter_input, consumable
 from trinity_core.train.fast_dora.linear import LoraSum, dora_output, plain_fast_dora
 
