@@ -46,7 +46,7 @@ def applies(module: nn.Module, x: torch.Tensor) -> bool:
 
 def applies_lora(module: nn.Module, x: torch.Tensor) -> bool:
     """:func:`applies` for a plain LoRA layer (:data:`LORA_ENABLED`): one active adapter, not merged, no DoRA or
-    other variant, no dropout while training, no bias on B."""
+    other variant, no dropout while training, no bias or hooks on B."""
     return (LORA_ENABLED and torch.compiler.is_compiling() and not linear.REGION_CUSTOM_OPS and _plain_lora(module)
             and _base_covered(module, x))
 
@@ -57,9 +57,10 @@ def _plain_lora(module: nn.Module) -> bool:
     names = module.active_adapters
     if len(names) != 1 or names[0] not in module.lora_A:
         return False
-    name = names[0]
+    name, lora_b = names[0], module.lora_B[names[0]]
     return (name not in module.lora_magnitude_vector and name not in getattr(module, "lora_variant", {})
-            and not getattr(module, "use_dora", {}).get(name, False) and module.lora_B[name].bias is None
+            and not getattr(module, "use_dora", {}).get(name, False) and lora_b.bias is None
+            and not (lora_b._forward_hooks or lora_b._forward_pre_hooks)  # B is read, not called
             and (not module.training or isinstance(module.lora_dropout[name], nn.Identity)))
 
 
