@@ -410,9 +410,9 @@ program's threads per step of 32 rows) and 0.151 ms for inductor's kernel of LoR
 (docs/BENCHMARKS.md, "Goal 1, 2026-11-29 (session of the evening)", call 26)."""
 
 DOWN_TILES = BackwardTiles(rows=256, block_t=16, block_n=128, warps=4)
-"""The backward kernel's tiles when it also adds ``d_xa·A`` (:class:`GatedActDownInGraph`); ``bench/gated_act_sweep.py
---lora 64`` times them. With :data:`BACKWARD_TILES`' tiles the kernel took 0.347 ms a launch in a 48-layer row, 0.14
-ms more than without the product (H200, call 32)."""
+"""The backward kernel's tiles when it also adds ``d_xa·A`` (:class:`GatedActDownInGraph`): the fastest of 60 in
+``bench/gated_act_sweep.py --lora 64`` at the 12B shape (H200, call 33: 0.357 ms a launch, ``dot_acc`` 0 or 1 the
+same; 0.352 ms for the GEMM, the sum and the kernel without the product; docs/BENCHMARKS.md)."""
 
 
 def _launch_forward(e: torch.Tensor, u: torch.Tensor, g_e: torch.Tensor, g_u: torch.Tensor,
@@ -455,8 +455,9 @@ def _launch_backward(dh: torch.Tensor, e: torch.Tensor, u: torch.Tensor, g_e: to
         dh, e, u, g_e, g_u, de, du, pe, pu, d_xa if lora else dh, lora_a if lora else dh, t, n, r, GELU=gelu,
         ROWS=tiles.rows, BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n, LORA=lora,
         BLOCK_R=max(16, triton.next_power_of_2(r)) if r else 16, IEEE=lora and d_xa.dtype == torch.float32,
-        DOT_ACC=lora and bool(tiles.dot_acc), **({} if tiles.warps == 4 else {"num_warps": tiles.warps}))  # 4: Triton's default
-    # (inside a compiled graph a launch's num_warps wraps the kernel in a one-config autotuner)
+        DOT_ACC=lora and bool(tiles.dot_acc), **({} if tiles.warps == 4 else {"num_warps": tiles.warps}))
+    # (4 warps: Triton's default; inside a compiled graph a launch's num_warps wraps the kernel in a one-config
+    # autotuner)
     return pe.sum(0), pu.sum(0)
 
 
