@@ -14,13 +14,15 @@ the smaller shapes), with the tail's result checked equal to ``cat``'s.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from jsonl_rows import emitter  # noqa: E402
 
 SHAPES = [(15360, 3840), (4096, 3840), (2048, 3840), (3840, 4096)]
 
@@ -42,13 +44,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--r", type=int, default=64)
     a = ap.parse_args(argv)
-    out = open(a.out, "a") if a.out else None
-
-    def emit(row: dict) -> None:
-        line = json.dumps(row)
-        print(line, flush=True)
-        if out:
-            out.write(line + "\n")
+    emit = emitter(a.out)
 
     dtype = torch.bfloat16
     emit({"kind": "setup", "device": torch.cuda.get_device_name(), "torch": torch.__version__,

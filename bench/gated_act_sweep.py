@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import time
@@ -41,6 +40,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from jsonl_rows import emitter  # noqa: E402
 
 from trinity_core.train.fast_dora import mlp  # noqa: E402
 
@@ -155,13 +157,7 @@ def main(argv: list[str]) -> None:
     e, u, dh = (torch.randn(a.tokens, a.cols, device=device, generator=gen).to(dtype) for _ in range(3))
     g_e, g_u = (torch.rand(a.cols, device=device, generator=gen) + 0.5 for _ in range(2))
     moved = 5 * e.numel() * e.element_size()  # dh, e, u read; de, du written
-    out = open(a.out, "a") if a.out else None
-
-    def emit(row: dict) -> None:
-        line = json.dumps(row)
-        print(line, flush=True)
-        if out:
-            out.write(line + "\n")
+    emit = emitter(a.out)
 
     emit({"kind": "setup", "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
           "tokens": a.tokens, "cols": a.cols, "dtype": str(dtype), "gelu": gelu, "bytes_moved": moved,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -23,7 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from jsonl_rows import emitter  # noqa: E402
 from trinity_core.fixtures.tiny import build_tiny_model  # noqa: E402
 from trinity_core.spec import load_spec  # noqa: E402
 from trinity_core.train.backends.peft import PeftBackend  # noqa: E402
@@ -36,7 +37,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
-    out = open(a.out, "a") if a.out else None
+    emit = emitter(a.out)
     with tempfile.TemporaryDirectory() as tmp:
         spec = load_spec(Path(__file__).resolve().parents[1] / "examples" / "tiny.yaml")
         spec.model.name_or_path = str(build_tiny_model(Path(tmp) / "model"))
@@ -70,10 +71,7 @@ def main(argv: list[str]) -> None:
             opts[key].step()
             opts[key].zero_grad()
             losses[key] = round(loss.item(), 5)
-        row = {"step": step, **losses}
-        print(json.dumps(row), flush=True)
-        if out:
-            out.write(json.dumps(row) + "\n")
+        emit({"step": step, **losses})
     lora_in_gemm.ENABLED = True
 
 
