@@ -7,9 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def emitter(path: Path | None) -> Callable[[dict], None]:
-    """``emit(row)``: the row as one JSON line on stdout, flushed, and appended to ``path`` where given."""
-    out = open(path, "a") if path else None
+def emitter(path: Path | None, mode: str = "a") -> Callable[[dict], None]:
+    """``emit(row)``: the row as one JSON line on stdout, flushed, and written to ``path`` where given (opened with
+    ``mode``: appended to by default)."""
+    out = open(path, mode) if path else None
 
     def emit(row: dict) -> None:
         line = json.dumps(row)

@@ -28,7 +28,6 @@ build; the output says so).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -38,7 +37,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from jsonl_rows import emitter  # noqa: E402
 from trinity_core import nf4  # noqa: E402
 from trinity_core.train.fast_dora import linear as qdora  # noqa: E402
 from trinity_core.train.fast_dora import nf4_matmul  # noqa: E402
@@ -287,14 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         nf4.read_rows_flat_on_cpu()
-    sink = args.out.open("w") if args.out else None
-
-    def emit(record: dict) -> None:
-        line = json.dumps(record)
-        print(line, flush=True)
-        if sink:
-            sink.write(line + "\n")
-            sink.flush()
+    emit = emitter(args.out, "w")
 
     if args.sass:
         sass_report(args, emit)
@@ -318,8 +312,6 @@ def main(argv: list[str] | None = None) -> int:
         for config in SWEEP:
             time_kernel(items, args, device, dtype, emit, config)
     emit({"kind": "done", "total_s": round(time.perf_counter() - t0, 1)})
-    if sink:
-        sink.close()
     return 0
 
 
