@@ -29,6 +29,8 @@
 #                                             # trace kept), Unsloth's compiled LoRA, fast DoRA without it
 #   bash bench/gpu_session_calls.sh loragemm  # 48 layers: fast DoRA (defaults), Unsloth's compiled LoRA, Trinity's
 #                                             # LoRA layers with lora_in_gemm.LORA_ENABLED (NOLORA=1: also without)
+#   bash bench/gpu_session_calls.sh loraprof  # fast DoRA and compiled LoRA at 48 layers, then Trinity's LoRA layers at 4
+#                                             # layers with and without lora_in_gemm, profiled (traces kept)
 #   bash bench/gpu_session_calls.sh code      # inductor's code and a kept trace: fast DoRA's layers (NODOWN=1:
 #                                             # without GatedActDownInGraph), compiled LoRA, at 4 layers
 #   bash bench/gpu_session_calls.sh tinyjob   # run_job's tiny job with compiled decoder layers, CPU tensors probed
@@ -182,6 +184,18 @@ case ${1:-} in
     row48 --only dora_fast_acc4 --compile-layers --tag layers_
     [ -z "${NOLORA:-}" ] || row48 --only lora_acc4 --compile-layers --tag layers_
     wrap48 ;;
+  loraprof)  # call 36's LoRA-with-lora_in_gemm row ran at 0.69x of the same layers without it: fast DoRA (defaults)
+             # and compiled LoRA at 48 layers on this host, then one profiled step (trace kept) of Trinity's LoRA
+             # layers at 4 layers with lora_in_gemm and without
+    start48 ${BUDGET:-400}
+    row48 --only dora_fast_acc4 --compile-layers --tag layers_
+    UNSLOTH_COMPILE_DISABLE=0 row48 --only lora_acc4 --tag compiled_
+    for a in --lora-in-gemm ""; do
+      TRINITY_BENCH_PROFILE=$OUT TRINITY_BENCH_TRACE=1 TRINITY_BENCH_KEEP_TRACE=1 python bench/gpu_bench.py run unsloth \
+        /tmp/m12b "$OUT/speed.jsonl" --depths 4 --only lora_acc4 --compile-layers $a --tag "${a:+gemm_}layers_" \
+        >> "$OUT/speed.log" 2>&1
+    done
+    wrap48 ;;
   code)  # inductor's generated modules (from its cache directory: TORCH_LOGS=output_code printed nothing in call 30)
           # and one profiled step (trace kept) of fast DoRA's compiled layers and of Unsloth's compiled LoRA at 4
           # layers: which kernels the DoRA's extra time is in, and what each fuses (bench/kernel_sequence.py)
@@ -203,5 +217,5 @@ case ${1:-} in
       > "$OUT/tinyjob.log" 2>&1
     echo "rc=$?" | tee -a "$OUT/tinyjob.log"
     grep -n -A4 "\[probe\]" "$OUT/tinyjob.log" | head -60 ;;
-  *) echo "usage: $0 tests|kernel|kernels|tiles|pair|refresh|t4mem|t4tests|speed|down|downtiles|gemm|loragemm|code|tinyjob"; exit 2 ;;
+  *) echo "usage: $0 tests|kernel|kernels|tiles|pair|refresh|t4mem|t4tests|speed|down|downtiles|gemm|loragemm|loraprof|code|tinyjob"; exit 2 ;;
 esac
