@@ -474,6 +474,8 @@ def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_
                 from trinity_core.train.fast_dora import lora_in_gemm
 
                 v2["lora_in_gemm"] = lora_in_gemm.ENABLED if v2.get("fused_mlps") else lora_in_gemm.LORA_ENABLED
+                if lora_in_gemm.PROJECTIONS is not None:
+                    v2["lora_in_gemm_projections"] = sorted(lora_in_gemm.PROJECTIONS)
             if v2.get("fused_mlps") and COMPILED_LAYERS:
                 from trinity_core.train.fast_dora import mlp
 
@@ -674,6 +676,9 @@ def main(argv: list[str]) -> None:
                    "accumulating GEMM, not inside the base GEMM (trinity_core.train.fast_dora.lora_in_gemm.ENABLED)")
     r.add_argument("--lora-in-gemm", action="store_true", help="a LoRA job's adapter products inside the base "
                    "GEMMs in the compiled layers (trinity_core.train.fast_dora.lora_in_gemm.LORA_ENABLED)")
+    r.add_argument("--lora-in-gemm-projections", default="", help="comma-separated projections (q_proj, ...) "
+                   "where the adapter's product goes inside the base GEMM; default every eligible one "
+                   "(trinity_core.train.fast_dora.lora_in_gemm.PROJECTIONS)")
     r.add_argument("--module-guards", action="store_true", help="the compiled layers keep Dynamo's guards on "
                    "their modules (see MODULE_GUARDS)")
     r.add_argument("--only-grown", action="store_true", help="measure only the --grow-to rows")
@@ -718,6 +723,8 @@ def main(argv: list[str]) -> None:
             lora_in_gemm.ENABLED = False
         if a.lora_in_gemm:
             lora_in_gemm.LORA_ENABLED = True
+        if a.lora_in_gemm_projections:
+            lora_in_gemm.PROJECTIONS = frozenset(a.lora_in_gemm_projections.split(","))
         if a.gated_tiles:
             mlp.BACKWARD_TILES = mlp.BackwardTiles(*(int(x) for x in a.gated_tiles.split(",")))
         if a.down_tiles:

@@ -31,6 +31,8 @@
 #                                             # LoRA layers with lora_in_gemm.LORA_ENABLED (NOLORA=1: also without)
 #   bash bench/gpu_session_calls.sh loraprof  # fast DoRA and compiled LoRA at 48 layers, then Trinity's LoRA layers at 4
 #                                             # layers with and without lora_in_gemm, profiled (traces kept)
+#   bash bench/gpu_session_calls.sh loraproj  # 48 layers: Trinity's LoRA layers with lora_in_gemm on gate, up and o_proj
+#                                             # (PROJ=), Unsloth's compiled LoRA, the layers without lora_in_gemm
 #   bash bench/gpu_session_calls.sh code      # inductor's code and a kept trace: fast DoRA's layers (NODOWN=1:
 #                                             # without GatedActDownInGraph), compiled LoRA, at 4 layers
 #   bash bench/gpu_session_calls.sh tinyjob   # run_job's tiny job with compiled decoder layers, CPU tensors probed
@@ -196,6 +198,15 @@ case ${1:-} in
         >> "$OUT/speed.log" 2>&1
     done
     wrap48 ;;
+  loraproj)  # Trinity's LoRA layers with the adapters' products inside the base GEMMs of gate, up and o_proj only
+             # (PROJ; call 37: with q, k and v's too their attention kernels ran 2-4x slower), Unsloth's compiled
+             # LoRA, the same layers without lora_in_gemm; 48 layers
+    start48 ${BUDGET:-520}
+    row48 --only lora_acc4 --compile-layers --lora-in-gemm --lora-in-gemm-projections ${PROJ:-gate_proj,up_proj,o_proj} \
+      --tag gemm_proj_layers_
+    UNSLOTH_COMPILE_DISABLE=0 row48 --only lora_acc4 --tag compiled_
+    row48 --only lora_acc4 --compile-layers --tag layers_
+    wrap48 ;;
   code)  # inductor's generated modules (from its cache directory: TORCH_LOGS=output_code printed nothing in call 30)
           # and one profiled step (trace kept) of fast DoRA's compiled layers and of Unsloth's compiled LoRA at 4
           # layers: which kernels the DoRA's extra time is in, and what each fuses (bench/kernel_sequence.py)
@@ -217,5 +228,5 @@ case ${1:-} in
       > "$OUT/tinyjob.log" 2>&1
     echo "rc=$?" | tee -a "$OUT/tinyjob.log"
     grep -n -A4 "\[probe\]" "$OUT/tinyjob.log" | head -60 ;;
-  *) echo "usage: $0 tests|kernel|kernels|tiles|pair|refresh|t4mem|t4tests|speed|down|downtiles|gemm|loragemm|loraprof|code|tinyjob"; exit 2 ;;
+  *) echo "usage: $0 tests|kernel|kernels|tiles|pair|refresh|t4mem|t4tests|speed|down|downtiles|gemm|loragemm|loraprof|loraproj|code|tinyjob"; exit 2 ;;
 esac

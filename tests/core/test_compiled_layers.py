@@ -322,22 +322,31 @@ def test_a_lora_job_s_mlp_traces_where_its_class_forward_is_compile_disabled(tin
 def test_a_lora_job_s_adapters_inside_the_base_gemms_train_as_the_eager_model(tiny_spec, monkeypatch):
     """``lora_in_gemm.LORA_ENABLED``: a LoRA job's projections (all but down_proj) as ``[x | A x]·[W | s·B]ᵀ`` inside
     the regions, the dequantised weights written beside their tails: the eager model's loss and gradients (fp32
-    rounding), two steps with an optimizer step between; off, no tail in any graph."""
+    rounding), two steps with an optimizer step between; with ``PROJECTIONS`` only those projections' weights get
+    tails; off, no tail in any graph."""
     from trinity_core.train.backends.peft import PeftBackend
     from trinity_core.train.fast_dora import lora_in_gemm
 
     spec = tiny_spec.model_copy(deep=True)
     spec.lora.use_dora = False
-    eager, _ = PeftBackend().load(spec)
-    _nonzero_b(eager)
-    for enabled in (True, False):
+    start, _ = PeftBackend().load(spec)
+    _nonzero_b(start)
+    shapes = {}  # the projections' (out, in) on this model
+    for name, module in start.named_modules():
+        if hasattr(module, "lora_A") and ".layers.0." in name:
+            shapes[name.rsplit(".", 1)[-1]] = tuple(module.get_base_layer().weight.quant_state.shape)
+    counted = {}
+    for enabled, projections in ((True, None), (True, frozenset({"gate_proj", "o_proj"})), (False, None)):
         monkeypatch.setattr(lora_in_gemm, "LORA_ENABLED", enabled)
-        fast = copy.deepcopy(eager)
-        tails: list[str] = []
+        monkeypatch.setattr(lora_in_gemm, "PROJECTIONS", projections)
+        eager = copy.deepcopy(start)  # each arrangement from the same weights
+        fast = copy.deepcopy(start)
+        tails: list[tuple[int, int]] = []  # the (out, in) of each weight dequantised with a tail
 
         def backend(gm, example_inputs):
-            tails.extend(str(n) for n in gm.graph.nodes if str(n.target).startswith("trinity.nf4_dequantize")
-                         and len(n.args) > 11 and n.args[11] is not None)
+            for n in gm.graph.nodes:
+                if str(n.target).startswith("trinity.nf4_dequantize") and len(n.args) > 11 and n.args[11] is not None:
+                    tails.append(tuple(n.args[11].meta["example_value"].shape[:1]))
             return gm.forward
 
         torch._dynamo.reset()
@@ -351,4 +360,12 @@ def test_a_lora_job_s_adapters_inside_the_base_gemms_train_as_the_eager_model(ti
             with torch.no_grad():  # from the same weights again (lr 0.5 would compound fp32 rounding)
                 for a, b in zip(_trainable(eager), _trainable(fast)):
                     b.copy_(a)
-        assert (len(tails) >= 6) if enabled else not tails, tails  # q, k, v, o, gate, up of each kind's graph
+        counted[enabled, projections] = tails
+    every, chosen, off = (counted[True, None], counted[True, frozenset({"gate_proj", "o_proj"})],
+                          counted[False, None])
+    assert len(every) >= 6, every  # q, k, v, o, gate, up (out > in / 2) of each kind's graph
+    eligible = {p for p, (out, n_in) in shapes.items() if 2 * out > n_in}
+    assert {"gate_proj", "o_proj"} <= eligible, shapes
+    assert chosen and {t[0] for t in chosen} == {shapes["gate_proj"][0], shapes["o_proj"][0]}, (chosen, shapes)
+    assert len(chosen) < len(every)
+    assert not off  # off: no tail

@@ -254,8 +254,10 @@ def compile_decoder_layers(model: nn.Module, backend: Any = "inductor") -> int:
                 base.forward = types.MethodType(nf4_base_forward, base)
             elif type(base).__name__ in GATED_MLP_CLASSES and "forward" not in base.__dict__:
                 base.forward = types.MethodType(gated_mlp_forward, base)
-        layer._trinity_lora_modules = [m for m in layer.modules() if hasattr(m, "lora_magnitude_vector")]
-        for module in layer._trinity_lora_modules:
+        named = [(n, m) for n, m in layer.named_modules() if hasattr(m, "lora_magnitude_vector")]
+        layer._trinity_lora_modules = [m for _, m in named]
+        for name, module in named:
+            module._trinity_projection = name.rsplit(".", 1)[-1]  # lora_in_gemm.PROJECTIONS selects by it
             for dora in module.lora_magnitude_vector.values():
                 if isinstance(dora, FastDoraLinearLayer):
                     dora.checked_by_region = True  # weight_norm may read its cache as it is inside the region

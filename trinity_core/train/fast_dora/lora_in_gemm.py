@@ -33,22 +33,34 @@ PEFT's accumulating GEMM, the arrangement until 2026-11-30; ``bench/gpu_bench.py
 LORA_ENABLED = False
 """The same for plain LoRA layers (:func:`applies_lora`): Trinity's LoRA path inside compiled regions, whose
 layers otherwise run PEFT's forward (the base GEMM, the adapter's GEMMs and an add). Off until measured on a GPU
-(``bench/gpu_bench.py --lora-in-gemm``, ``bash bench/gpu_session_calls.sh loragemm``)."""
+(``bench/gpu_bench.py --lora-in-gemm``, ``bash bench/gpu_session_calls.sh loragemm``). Measured at 48 layers of the
+12B shape (H200, call 36, docs/BENCHMARKS.md): 4263.6 tok/s with it on every projection, 6195.7 without, same
+run; at 4 layers (call 37) its attention kernels (flex attention forward 2.2x, backward 4x, q/k norms and RoPE
+2-5x) were slower, where q, k and v are the GEMM's output itself (in fast DoRA the gain's product sits between)."""
+
+PROJECTIONS: frozenset[str] | None = None
+"""The projections (``q_proj``, ``gate_proj``, ...: the LoRA layer's name in its decoder layer) where
+:func:`applies` and :func:`applies_lora` may hold; None: every one (``bench/gpu_bench.py
+--lora-in-gemm-projections``). Set on each layer by ``train/compiled_layers`` as ``_trinity_projection``."""
 
 
 def applies(module: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``module``'s output is computed here: while Dynamo traces, without the custom-op arrangement, a plain
     fast-DoRA layer with no hooks on its base, its frozen NF4 base covered by ``nf4_dequant`` in x's dtype, A of
     that dtype or cast to it by autocast, and out > in / 2."""
-    return (ENABLED and torch.compiler.is_compiling() and not linear.REGION_CUSTOM_OPS
+    return (ENABLED and torch.compiler.is_compiling() and not linear.REGION_CUSTOM_OPS and _selected(module)
             and linear.plain_fast_dora(module) and _base_covered(module, x))
 
 
 def applies_lora(module: nn.Module, x: torch.Tensor) -> bool:
     """:func:`applies` for a plain LoRA layer (:data:`LORA_ENABLED`): one active adapter, not merged, no DoRA or
     other variant, no dropout while training, no bias or hooks on B."""
-    return (LORA_ENABLED and torch.compiler.is_compiling() and not linear.REGION_CUSTOM_OPS and _plain_lora(module)
-            and _base_covered(module, x))
+    return (LORA_ENABLED and torch.compiler.is_compiling() and not linear.REGION_CUSTOM_OPS and _selected(module)
+            and _plain_lora(module) and _base_covered(module, x))
+
+
+def _selected(module: nn.Module) -> bool:
+    return PROJECTIONS is None or getattr(module, "_trinity_projection", None) in PROJECTIONS
 
 
 def _plain_lora(module: nn.Module) -> bool:
@@ -166,5 +178,5 @@ class DoraGain(torch.autograd.Function):
         return dz.reshape(z.shape) if ctx.needs_input_grad[0] else None, d_m, None
 
 
-__all__ = ["ENABLED", "LORA_ENABLED", "DoraGain", "LoraInGemm", "applies", "applies_lora", "dora_forward",
+__all__ = ["ENABLED", "LORA_ENABLED", "PROJECTIONS", "DoraGain", "LoraInGemm", "applies", "applies_lora", "dora_forward",
            "lora_sum", "region_forward", "region_lora_forward"]
