@@ -28,13 +28,15 @@
 #   bash bench/gpu_session_calls.sh gemm      # fast_dora/lora_in_gemm: its GPU test, then 48 layers with it (profiled,
 #                                             # trace kept), Unsloth's compiled LoRA, fast DoRA without it
 #   bash bench/gpu_session_calls.sh loragemm  # 48 layers: fast DoRA (defaults), Unsloth's compiled LoRA, Trinity's
-#                                             # LoRA layers with lora_in_gemm.LORA_ENABLED (NOLORA=1: also without)
+#                                             # LoRA layers with lora_in_gemm on every projection (NOLORA=1: also
+#                                             # without)
 #   bash bench/gpu_session_calls.sh loraprof  # fast DoRA and compiled LoRA at 48 layers, then Trinity's LoRA layers at 4
 #                                             # layers with and without lora_in_gemm, profiled (traces kept)
 #   bash bench/gpu_session_calls.sh loraproj  # 48 layers: Trinity's LoRA layers with lora_in_gemm on gate, up and o_proj
 #                                             # (PROJ=), Unsloth's compiled LoRA, the layers without lora_in_gemm
 #   bash bench/gpu_session_calls.sh code      # inductor's code and a kept trace: fast DoRA's layers (NODOWN=1:
-#                                             # without GatedActDownInGraph), compiled LoRA, at 4 layers
+#                                             # without GatedActDownInGraph; LORA=1: Trinity's LoRA layers with
+#                                             # lora_in_gemm on every projection instead), compiled LoRA, at 4 layers
 #   bash bench/gpu_session_calls.sh tinyjob   # run_job's tiny job with compiled decoder layers, CPU tensors probed
 #   bash bench/gpu_session_calls.sh pair      # the refresh, then LoRA vs fast DoRA at 4 and 48 layers
 #                                             # (bench/run_gpu.sh grown_bf16): one machine of two
@@ -178,13 +180,13 @@ case ${1:-} in
     UNSLOTH_COMPILE_DISABLE=0 row48 --only lora_acc4 --tag compiled_
     row48 --only dora_fast_acc4 --compile-layers --no-lora-in-gemm --tag layers_
     wrap48 ;;
-  loragemm)  # Trinity's LoRA path with the adapters' products inside the base GEMMs (lora_in_gemm.LORA_ENABLED, off
-             # by default until this measures it), beside fast DoRA's defaults and Unsloth's compiled LoRA, 48 layers
+  loragemm)  # Trinity's LoRA path with the adapters' products inside every projection's base GEMM (call 36; since
+             # call 38 LoRA's default is gate, up and o_proj only), fast DoRA's defaults, Unsloth's compiled LoRA
     start48 450
-    row48 --only lora_acc4 --compile-layers --lora-in-gemm --tag gemm_layers_
+    row48 --only lora_acc4 --compile-layers --lora-in-gemm-projections all --tag gemm_layers_
     UNSLOTH_COMPILE_DISABLE=0 row48 --only lora_acc4 --tag compiled_
     row48 --only dora_fast_acc4 --compile-layers --tag layers_
-    [ -z "${NOLORA:-}" ] || row48 --only lora_acc4 --compile-layers --tag layers_
+    [ -z "${NOLORA:-}" ] || row48 --only lora_acc4 --compile-layers --no-lora-in-gemm --tag layers_
     wrap48 ;;
   loraprof)  # call 36's LoRA-with-lora_in_gemm row ran at 0.69x of the same layers without it: fast DoRA (defaults)
              # and compiled LoRA at 48 layers on this host, then one profiled step (trace kept) of Trinity's LoRA
@@ -192,9 +194,9 @@ case ${1:-} in
     start48 ${BUDGET:-400}
     row48 --only dora_fast_acc4 --compile-layers --tag layers_
     UNSLOTH_COMPILE_DISABLE=0 row48 --only lora_acc4 --tag compiled_
-    for a in --lora-in-gemm ""; do
+    for a in "--lora-in-gemm-projections all:gemm_layers_" "--no-lora-in-gemm:layers_"; do  # call 37: with, without
       TRINITY_BENCH_PROFILE=$OUT TRINITY_BENCH_TRACE=1 TRINITY_BENCH_KEEP_TRACE=1 python bench/gpu_bench.py run unsloth \
-        /tmp/m12b "$OUT/speed.jsonl" --depths 4 --only lora_acc4 --compile-layers $a --tag "${a:+gemm_}layers_" \
+        /tmp/m12b "$OUT/speed.jsonl" --depths 4 --only lora_acc4 --compile-layers ${a%%:*} --tag "${a##*:}" \
         >> "$OUT/speed.log" 2>&1
     done
     wrap48 ;;
@@ -205,15 +207,20 @@ case ${1:-} in
     row48 --only lora_acc4 --compile-layers --lora-in-gemm --lora-in-gemm-projections ${PROJ:-gate_proj,up_proj,o_proj} \
       --tag gemm_proj_layers_
     UNSLOTH_COMPILE_DISABLE=0 row48 --only lora_acc4 --tag compiled_
-    row48 --only lora_acc4 --compile-layers --tag layers_
+    row48 --only lora_acc4 --compile-layers --no-lora-in-gemm --tag layers_
     wrap48 ;;
   code)  # inductor's generated modules (from its cache directory: TORCH_LOGS=output_code printed nothing in call 30)
           # and one profiled step (trace kept) of fast DoRA's compiled layers and of Unsloth's compiled LoRA at 4
           # layers: which kernels the DoRA's extra time is in, and what each fuses (bench/kernel_sequence.py)
     export TRINITY_BENCH_PROFILE=$OUT TRINITY_BENCH_TRACE=1 TRINITY_BENCH_PROFILE_CPU=1 TRINITY_BENCH_KEEP_TRACE=1
     python bench/gpu_bench.py build /tmp/m12b 4 > "$OUT/speed.log" 2>&1 || tail -5 "$OUT/speed.log"
-    python bench/gpu_bench.py run unsloth /tmp/m12b "$OUT/speed.jsonl" --depths 4 --only dora_fast_acc4 \
-      --compile-layers ${NODOWN:+--no-down-in-graph} --tag layers_ >> "$OUT/speed.log" 2>&1
+    if [ -n "${LORA:-}" ]; then  # Trinity's LoRA layers with lora_in_gemm on every projection (call 37: its attention
+      python bench/gpu_bench.py run unsloth /tmp/m12b "$OUT/speed.jsonl" --depths 4 --only lora_acc4 \
+        --compile-layers --lora-in-gemm-projections all --tag gemm_layers_ >> "$OUT/speed.log" 2>&1  # kernels 2-4x)
+    else
+      python bench/gpu_bench.py run unsloth /tmp/m12b "$OUT/speed.jsonl" --depths 4 --only dora_fast_acc4 \
+        --compile-layers ${NODOWN:+--no-down-in-graph} --tag layers_ >> "$OUT/speed.log" 2>&1
+    fi
     UNSLOTH_COMPILE_DISABLE=0 python bench/gpu_bench.py run unsloth /tmp/m12b "$OUT/speed.jsonl" --depths 4 \
       --only lora_acc4 --tag compiled_ >> "$OUT/speed.log" 2>&1
     find /tmp/torchinductor_* -name "*.py" -size -4M 2>/dev/null | tar czf "$OUT/inductor-code.tar.gz" -T - \

@@ -322,11 +322,13 @@ def test_a_lora_job_s_mlp_traces_where_its_class_forward_is_compile_disabled(tin
 def test_a_lora_job_s_adapters_inside_the_base_gemms_train_as_the_eager_model(tiny_spec, monkeypatch):
     """``lora_in_gemm.LORA_ENABLED``: a LoRA job's projections (all but down_proj) as ``[x | A x]·[W | s·B]ᵀ`` inside
     the regions, the dequantised weights written beside their tails: the eager model's loss and gradients (fp32
-    rounding), two steps with an optimizer step between; with ``PROJECTIONS`` only those projections' weights get
-    tails; off, no tail in any graph."""
+    rounding), two steps with an optimizer step between; with ``LORA_PROJECTIONS`` (the default: gate, up and
+    o_proj) only those projections' weights get tails; off, no tail in any graph."""
     from trinity_core.train.backends.peft import PeftBackend
     from trinity_core.train.fast_dora import lora_in_gemm
 
+    assert lora_in_gemm.LORA_ENABLED and lora_in_gemm.LORA_PROJECTIONS == {"gate_proj", "up_proj", "o_proj"}, \
+        "the defaults measured in call 38 (docs/BENCHMARKS.md)"
     spec = tiny_spec.model_copy(deep=True)
     spec.lora.use_dora = False
     start, _ = PeftBackend().load(spec)
@@ -338,7 +340,7 @@ def test_a_lora_job_s_adapters_inside_the_base_gemms_train_as_the_eager_model(ti
     counted = {}
     for enabled, projections in ((True, None), (True, frozenset({"gate_proj", "o_proj"})), (False, None)):
         monkeypatch.setattr(lora_in_gemm, "LORA_ENABLED", enabled)
-        monkeypatch.setattr(lora_in_gemm, "PROJECTIONS", projections)
+        monkeypatch.setattr(lora_in_gemm, "LORA_PROJECTIONS", projections)
         eager = copy.deepcopy(start)  # each arrangement from the same weights
         fast = copy.deepcopy(start)
         tails: list[tuple[int, int]] = []  # the (out, in) of each weight dequantised with a tail

@@ -15,7 +15,7 @@ It applies (:func:`applies`) inside a compiled region to a plain fast-DoRA layer
 ``nf4_dequant`` covers in x's dtype, where the output is wider than half the input (the copy of x costs less than
 the output's copy and pass it saves: every projection of Gemma-3 but down_proj). z is the DoRA output before its
 gain; :class:`DoraGain` applies ``g = m / ‖W + s·BA‖``. A plain LoRA layer's output is z itself
-(:func:`applies_lora`, :data:`LORA_ENABLED`: off until a GPU run measures it)."""
+(:func:`applies_lora`, :data:`LORA_ENABLED`; gate, up and o_proj: :data:`LORA_PROJECTIONS`)."""
 
 from __future__ import annotations
 
@@ -30,37 +30,41 @@ ENABLED = True
 PEFT's accumulating GEMM, the arrangement until 2026-11-30; ``bench/gpu_bench.py --no-lora-in-gemm``). Measured at
 48 layers of the 12B shape (H200, call 34, docs/BENCHMARKS.md): 6076.5 tok/s with it, 5905.3 without, same run."""
 
-LORA_ENABLED = False
-"""The same for plain LoRA layers (:func:`applies_lora`): Trinity's LoRA path inside compiled regions, whose
-layers otherwise run PEFT's forward (the base GEMM, the adapter's GEMMs and an add). Off until measured on a GPU
-(``bench/gpu_bench.py --lora-in-gemm``, ``bash bench/gpu_session_calls.sh loragemm``). Measured at 48 layers of the
-12B shape (H200, call 36, docs/BENCHMARKS.md): 4263.6 tok/s with it on every projection, 6195.7 without, same
-run; at 4 layers (call 37) its attention kernels (flex attention forward 2.2x, backward 4x, q/k norms and RoPE
-2-5x) were slower, where q, k and v are the GEMM's output itself (in fast DoRA the gain's product sits between)."""
+LORA_ENABLED = True
+"""The same for plain LoRA layers (:func:`applies_lora`) of :data:`LORA_PROJECTIONS`: Trinity's LoRA path inside
+compiled regions, whose layers otherwise run PEFT's forward (the base GEMM, the adapter's GEMMs and an add;
+``bench/gpu_bench.py --no-lora-in-gemm``). Measured at 48 layers of the 12B shape (H200, docs/BENCHMARKS.md): on
+gate, up and o_proj 6319.6 tok/s against 6122.1 without (call 38, same run); on every projection 4263.6 against
+6195.7 (call 36), its attention kernels 2-4x slower (call 37, 4 layers, profiled) where q, k and v are the GEMM's
+output itself (in fast DoRA the gain's product sits between and every projection gains)."""
 
 PROJECTIONS: frozenset[str] | None = None
-"""The projections (``q_proj``, ``gate_proj``, ...: the LoRA layer's name in its decoder layer) where
-:func:`applies` and :func:`applies_lora` may hold; None: every one (``bench/gpu_bench.py
---lora-in-gemm-projections``). Set on each layer by ``train/compiled_layers`` as ``_trinity_projection``."""
+"""The fast-DoRA projections (``q_proj``, ``gate_proj``, ...: the layer's name in its decoder layer) where
+:func:`applies` may hold; None: every one. ``train/compiled_layers`` sets each LoRA layer's
+``_trinity_projection``."""
+
+LORA_PROJECTIONS: frozenset[str] | None = frozenset({"gate_proj", "up_proj", "o_proj"})
+"""The plain LoRA projections where :func:`applies_lora` may hold (None: every one): not q, k and v (call 37,
+:data:`LORA_ENABLED`). ``bench/gpu_bench.py --lora-in-gemm-projections`` sets both sets."""
 
 
 def applies(module: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``module``'s output is computed here: while Dynamo traces, without the custom-op arrangement, a plain
     fast-DoRA layer with no hooks on its base, its frozen NF4 base covered by ``nf4_dequant`` in x's dtype, A of
     that dtype or cast to it by autocast, and out > in / 2."""
-    return (ENABLED and torch.compiler.is_compiling() and not linear.REGION_CUSTOM_OPS and _selected(module)
-            and linear.plain_fast_dora(module) and _base_covered(module, x))
+    return (ENABLED and torch.compiler.is_compiling() and not linear.REGION_CUSTOM_OPS
+            and _selected(module, PROJECTIONS) and linear.plain_fast_dora(module) and _base_covered(module, x))
 
 
 def applies_lora(module: nn.Module, x: torch.Tensor) -> bool:
     """:func:`applies` for a plain LoRA layer (:data:`LORA_ENABLED`): one active adapter, not merged, no DoRA or
     other variant, no dropout while training, no bias or hooks on B."""
-    return (LORA_ENABLED and torch.compiler.is_compiling() and not linear.REGION_CUSTOM_OPS and _selected(module)
-            and _plain_lora(module) and _base_covered(module, x))
+    return (LORA_ENABLED and torch.compiler.is_compiling() and not linear.REGION_CUSTOM_OPS
+            and _selected(module, LORA_PROJECTIONS) and _plain_lora(module) and _base_covered(module, x))
 
 
-def _selected(module: nn.Module) -> bool:
-    return PROJECTIONS is None or getattr(module, "_trinity_projection", None) in PROJECTIONS
+def _selected(module: nn.Module, projections: frozenset[str] | None) -> bool:
+    return projections is None or getattr(module, "_trinity_projection", None) in projections
 
 
 def _plain_lora(module: nn.Module) -> bool:
@@ -178,5 +182,5 @@ class DoraGain(torch.autograd.Function):
         return dz.reshape(z.shape) if ctx.needs_input_grad[0] else None, d_m, None
 
 
-__all__ = ["ENABLED", "LORA_ENABLED", "PROJECTIONS", "DoraGain", "LoraInGemm", "applies", "applies_lora", "dora_forward",
+__all__ = ["ENABLED", "LORA_ENABLED", "LORA_PROJECTIONS", "PROJECTIONS", "DoraGain", "LoraInGemm", "applies", "applies_lora", "dora_forward",
            "lora_sum", "region_forward", "region_lora_forward"]
