@@ -257,7 +257,7 @@ def compile_decoder_layers(model: nn.Module, backend: Any = "inductor") -> int:
         named = [(n, m) for n, m in layer.named_modules() if hasattr(m, "lora_magnitude_vector")]
         layer._trinity_lora_modules = [m for _, m in named]
         for name, module in named:
-            module._trinity_projection = name.rsplit(".", 1)[-1]  # lora_in_gemm.PROJECTIONS selects by it
+            module._trinity_projection = name.rsplit(".", 1)[-1]  # lora_in_gemm's PROJECTIONS select by it
             for dora in module.lora_magnitude_vector.values():
                 if isinstance(dora, FastDoraLinearLayer):
                     dora.checked_by_region = True  # weight_norm may read its cache as it is inside the region

@@ -182,5 +182,5 @@ class DoraGain(torch.autograd.Function):
         return dz.reshape(z.shape) if ctx.needs_input_grad[0] else None, d_m, None
 
 
-__all__ = ["ENABLED", "LORA_ENABLED", "LORA_PROJECTIONS", "PROJECTIONS", "DoraGain", "LoraInGemm", "applies", "applies_lora", "dora_forward",
-           "lora_sum", "region_forward", "region_lora_forward"]
+__all__ = ["ENABLED", "LORA_ENABLED", "LORA_PROJECTIONS", "PROJECTIONS", "DoraGain", "LoraInGemm", "applies",
+           "applies_lora", "dora_forward", "lora_sum", "region_forward", "region_lora_forward"]
