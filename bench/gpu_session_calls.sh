@@ -34,6 +34,8 @@
 #                                             # layers with and without lora_in_gemm, profiled (traces kept)
 #   bash bench/gpu_session_calls.sh loraproj  # 48 layers: Trinity's LoRA layers with lora_in_gemm on gate, up and o_proj
 #                                             # (PROJ=), Unsloth's compiled LoRA, the layers without lora_in_gemm
+#   bash bench/gpu_session_calls.sh loraflex  # profiled 4-layer steps (traces kept): Trinity's LoRA layers, fast DoRA,
+#                                             # compiled LoRA (the LoRA path's attention backward against DoRA's)
 #   bash bench/gpu_session_calls.sh code      # inductor's code and a kept trace: fast DoRA's layers (NODOWN=1:
 #                                             # without GatedActDownInGraph; LORA=1: Trinity's LoRA layers with
 #                                             # lora_in_gemm on every projection instead), compiled LoRA, at 4 layers
@@ -209,6 +211,18 @@ case ${1:-} in
     UNSLOTH_COMPILE_DISABLE=0 row48 --only lora_acc4 --tag compiled_
     row48 --only lora_acc4 --compile-layers --no-lora-in-gemm --tag layers_
     wrap48 ;;
+  loraflex)  # one profiled step (traces kept) at 4 layers of Trinity's LoRA layers (defaults: gate, up and o_proj in
+             # the GEMMs), fast DoRA (defaults) and Unsloth's compiled LoRA: where the LoRA path's flex-attention
+             # backward (1885 us a launch in call 37, before o_proj joined) stands against fast DoRA's (~1500 us)
+    export TRINITY_BENCH_PROFILE=$OUT TRINITY_BENCH_TRACE=1 TRINITY_BENCH_KEEP_TRACE=1
+    python bench/gpu_bench.py build /tmp/m12b 4 > "$OUT/speed.log" 2>&1 || tail -5 "$OUT/speed.log"
+    for a in "lora_acc4 --compile-layers" "dora_fast_acc4 --compile-layers"; do
+      python bench/gpu_bench.py run unsloth /tmp/m12b "$OUT/speed.jsonl" --depths 4 --only $a --tag layers_ \
+        >> "$OUT/speed.log" 2>&1
+    done
+    UNSLOTH_COMPILE_DISABLE=0 python bench/gpu_bench.py run unsloth /tmp/m12b "$OUT/speed.jsonl" --depths 4 \
+      --only lora_acc4 --tag compiled_ >> "$OUT/speed.log" 2>&1
+    wrap48 ;;
   code)  # inductor's generated modules (from its cache directory: TORCH_LOGS=output_code printed nothing in call 30)
           # and one profiled step (trace kept) of fast DoRA's compiled layers and of Unsloth's compiled LoRA at 4
           # layers: which kernels the DoRA's extra time is in, and what each fuses (bench/kernel_sequence.py)
@@ -235,5 +249,5 @@ case ${1:-} in
       > "$OUT/tinyjob.log" 2>&1
     echo "rc=$?" | tee -a "$OUT/tinyjob.log"
     grep -n -A4 "\[probe\]" "$OUT/tinyjob.log" | head -60 ;;
-  *) echo "usage: $0 tests|kernel|kernels|tiles|pair|refresh|t4mem|t4tests|speed|down|downtiles|gemm|loragemm|loraprof|loraproj|code|tinyjob"; exit 2 ;;
+  *) echo "usage: $0 tests|kernel|kernels|tiles|pair|refresh|t4mem|t4tests|speed|down|downtiles|gemm|loragemm|loraprof|loraproj|loraflex|code|tinyjob"; exit 2 ;;
 esac
