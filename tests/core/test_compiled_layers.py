@@ -365,7 +365,7 @@ def test_a_lora_job_s_adapters_inside_the_base_gemms_train_as_the_eager_model(ti
         counted[enabled, projections] = tails
     every, chosen, off = (counted[True, None], counted[True, frozenset({"gate_proj", "o_proj"})],
                           counted[False, None])
-    assert len(every) >= 6, every  # q, k, v, o, gate, up (out > in / 2) of each kind's graph
+    assert len(every) >= 6, every  # the projections with out > in / 2, over each kind's graphs
     eligible = {p for p, (out, n_in) in shapes.items() if 2 * out > n_in}
     assert {"gate_proj", "o_proj"} <= eligible, shapes
     assert chosen and set(chosen) == {shapes["gate_proj"][0], shapes["o_proj"][0]}, (chosen, shapes)
