@@ -18,12 +18,21 @@ Duplicates are harmless by design: the task's claim (``UPDATE ... WHERE status='
 one delivery run the job; the others return at once. The reaper runs as a thread in each worker's
 main process (``reaper_enabled``, started on ``worker_ready`` in ``worker/app.py``); any number of
 workers may run it.
+
+That process also forks each job's child (prefork pool, one child per job). A fork copies every lock
+as it is at that instant, and a lock the reaper held mid-sweep (the broker pool's, an import's, the
+database driver's) would stay held forever in the child, whose only thread then waits on it (a fresh
+clone's CI once saw a job child asleep on a futex before its first line ran, the reaper busy
+re-sending that same job). So a sweep runs under :data:`_SWEEPING`, and a fork of this process waits
+for the sweep in progress to end (:func:`install_fork_guard`, ``os.register_at_fork``); between
+sweeps the thread only waits on its stop event.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -37,6 +46,24 @@ from trinity_service import queue
 
 log = logging.getLogger("trinity.reaper")
 STALE_UPLOAD_S = 3600.0  # an upload's temp file not written for this long belongs to a dead API process
+_SWEEPING = threading.RLock()  # held through a sweep; a fork waits for it (install_fork_guard)
+_guard_installed = False
+
+
+def install_fork_guard() -> None:
+    """Make ``os.fork`` in this process wait until no sweep is in progress, so that no child starts with a
+    lock the reaper thread held. Re-entrant (a sweep that forked would pass); the child gets a fresh guard."""
+    global _guard_installed
+    if _guard_installed:
+        return
+    _guard_installed = True
+    os.register_at_fork(before=lambda: _SWEEPING.acquire(), after_in_parent=lambda: _SWEEPING.release(),
+                        after_in_child=_fresh_guard)
+
+
+def _fresh_guard() -> None:
+    global _SWEEPING
+    _SWEEPING = threading.RLock()
 
 
 def remove_stale_uploads(tmp_dir: Path, *, before: float) -> int:
@@ -54,7 +81,11 @@ def remove_stale_uploads(tmp_dir: Path, *, before: float) -> int:
 
 
 def sweep(settings: Settings | None = None) -> dict[str, int]:
-    settings = settings or get_settings()
+    with _SWEEPING:
+        return _sweep(settings or get_settings())
+
+
+def _sweep(settings: Settings) -> dict[str, int]:
     counts = {"requeued": 0, "ended": 0, "resent": 0, "admitted": 0}
     now = time.time()
     with session_scope() as session:
@@ -117,6 +148,7 @@ def _task_id(raw: bytes) -> str:
 def start_thread(settings: Settings | None = None) -> threading.Event:
     """Sweep every ``reaper_interval_s`` in a daemon thread; set the returned event to stop it."""
     settings = settings or get_settings()
+    install_fork_guard()
     stop = threading.Event()
 
     def loop() -> None:

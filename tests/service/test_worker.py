@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 import time
 from types import SimpleNamespace
 
@@ -386,6 +388,35 @@ def test_reaper_thread_sweeps(fast, monkeypatch):
     time.sleep(0.5)
     stop.set()
     assert len(calls) >= 3
+
+
+def test_a_fork_waits_for_the_sweep_in_progress(queue, monkeypatch):
+    """The worker's main process forks each job's child beside the reaper thread: a child forked mid-sweep would
+    start with the locks the sweep held, held forever (worker/reaper.py). The fork waits; the child's guard is free."""
+    from worker import reaper
+
+    reaper.install_fork_guard()
+    inside, leave = threading.Event(), threading.Event()
+
+    def slow_last_step(tmp_dir, *, before):  # the sweep's last step, held open
+        inside.set()
+        leave.wait(10)
+        return 0
+
+    monkeypatch.setattr(reaper, "remove_stale_uploads", slow_last_step)
+    sweeper = threading.Thread(target=reaper.sweep)
+    sweeper.start()
+    assert inside.wait(10)
+    threading.Timer(0.5, leave.set).start()
+    started = time.monotonic()
+    pid = os.fork()
+    if pid == 0:  # the child: exit at once, 0 if its guard can be taken
+        os._exit(0 if reaper._SWEEPING.acquire(timeout=2) else 1)
+    waited = time.monotonic() - started
+    _, status = os.waitpid(pid, 0)
+    sweeper.join(10)
+    assert leave.is_set() and waited >= 0.4, f"forked {waited:.2f} s into a sweep"
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_enqueue_failure_leaves_the_job_queued(fast, monkeypatch):
