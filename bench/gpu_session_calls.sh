@@ -36,6 +36,13 @@
 #                                             # (PROJ=), Unsloth's compiled LoRA, the layers without lora_in_gemm
 #   bash bench/gpu_session_calls.sh loraflex  # profiled 4-layer steps (traces kept): Trinity's LoRA layers, fast DoRA,
 #                                             # compiled LoRA (the LoRA path's attention backward against DoRA's)
+#   bash bench/gpu_session_calls.sh loracode  # inductor's code of Trinity's LoRA layers (defaults) and of fast DoRA's,
+#                                             # 4 layers, one cache directory each (their flex attention kernels, call
+#                                             # 39: backward 1872 vs 1560 us a launch); REFRESH=1: then bench/norm_refresh.py
+#   bash bench/gpu_session_calls.sh lorablocks # 48 layers, lengths in whole blocks compiled as such (compiled_layers
+#                                             # TOKEN_BLOCK): Trinity's LoRA layers (defaults), Unsloth's compiled LoRA,
+#                                             # the LoRA layers with every projection in the GEMMs, fast DoRA (as budget
+#                                             # allows)
 #   bash bench/gpu_session_calls.sh code      # inductor's code and a kept trace: fast DoRA's layers (NODOWN=1:
 #                                             # without GatedActDownInGraph; LORA=1: Trinity's LoRA layers with
 #                                             # lora_in_gemm on every projection instead), compiled LoRA, at 4 layers
@@ -223,6 +230,31 @@ case ${1:-} in
     UNSLOTH_COMPILE_DISABLE=0 python bench/gpu_bench.py run unsloth /tmp/m12b "$OUT/speed.jsonl" --depths 4 \
       --only lora_acc4 --tag compiled_ >> "$OUT/speed.log" 2>&1
     wrap48 ;;
+  lorablocks)  # call 41: Trinity's LoRA graph kept the length symbolic (inductor's flex attention with bounds checks,
+                # IS_DIVISIBLE=False), fast DoRA's had specialised on 4096; now a length in whole 128-token blocks runs
+                # a compile that knows it (compiled_layers.TOKEN_BLOCK)
+    start48 ${BUDGET:-520}
+    row48 --only lora_acc4 --compile-layers --tag blocks_layers_
+    UNSLOTH_COMPILE_DISABLE=0 row48 --only lora_acc4 --tag compiled_
+    row48 --only lora_acc4 --compile-layers --lora-in-gemm-projections all --tag blocks_gemm_all_layers_
+    row48 --only dora_fast_acc4 --compile-layers --tag blocks_layers_
+    wrap48 ;;
+  loracode)  # call 39 (loraflex): the flex attention backward of Trinity's LoRA layers ran 1872 us a launch, fast
+              # DoRA's 1560 and compiled LoRA's 1582 (4 layers, H200): the generated modules of both of Trinity's
+              # paths (strides of q, k, v and of the gradients in the flex templates' calls), then the norm refresh
+    python bench/gpu_bench.py build /tmp/m12b 4 > "$OUT/speed.log" 2>&1 || tail -5 "$OUT/speed.log"
+    # (unsloth_zoo pops TORCHINDUCTOR_CACHE_DIR at import: call 40's per-run directories stayed empty; each run
+    # gets the default directory, emptied before it; REFRESH=1: also the refresh)
+    for a in "lora_acc4:lora" "dora_fast_acc4:dora"; do
+      rm -rf /tmp/torchinductor_*
+      python bench/gpu_bench.py run unsloth /tmp/m12b "$OUT/speed.jsonl" \
+        --depths 4 --only ${a%%:*} --compile-layers --tag layers_ >> "$OUT/speed.log" 2>&1
+      (cd /tmp && grep -rl "flex_attention" torchinductor_* --include="*.py" | tar czf "$OUT/code-${a##*:}.tar.gz" -T -)
+    done
+    [ -z "${REFRESH:-}" ] || python bench/norm_refresh.py --layers 48 --reuse-layer --sweep \
+      --out "$OUT/norm_refresh.jsonl" > "$OUT/norm_refresh.log" 2>&1
+    rm -f "$OUT/card.txt"; ls -l "$OUT"; cut -c1-300 "$OUT/speed.jsonl"
+    [ -z "${REFRESH:-}" ] || grep -v '"sweep' "$OUT/norm_refresh.jsonl" | head -6 ;;
   code)  # inductor's generated modules (from its cache directory: TORCH_LOGS=output_code printed nothing in call 30)
           # and one profiled step (trace kept) of fast DoRA's compiled layers and of Unsloth's compiled LoRA at 4
           # layers: which kernels the DoRA's extra time is in, and what each fuses (bench/kernel_sequence.py)
@@ -249,5 +281,5 @@ case ${1:-} in
       > "$OUT/tinyjob.log" 2>&1
     echo "rc=$?" | tee -a "$OUT/tinyjob.log"
     grep -n -A4 "\[probe\]" "$OUT/tinyjob.log" | head -60 ;;
-  *) echo "usage: $0 tests|kernel|kernels|tiles|pair|refresh|t4mem|t4tests|speed|down|downtiles|gemm|loragemm|loraprof|loraproj|loraflex|code|tinyjob"; exit 2 ;;
+  *) echo "usage: $0 tests|kernel|kernels|tiles|pair|refresh|t4mem|t4tests|speed|down|downtiles|gemm|loragemm|loraprof|loraproj|loraflex|loracode|lorablocks|code|tinyjob"; exit 2 ;;
 esac
