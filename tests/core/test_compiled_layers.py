@@ -121,7 +121,7 @@ def test_compiled_layers_train_as_the_eager_model(tiny_spec, down_in_graph, monk
     def not_in_eval(*args, **kwargs):
         raise AssertionError("evaluation must run the layers' own forward")
 
-    layers[0]._trinity_region_state.forward_of = lambda layer, *_: not_in_eval
+    layers[0]._trinity_region_state.forward_of = lambda layer: not_in_eval
     with torch.no_grad():
         for a, b in zip(_trainable(eager), _trainable(fast)):
             b.copy_(a)
@@ -371,42 +371,3 @@ def test_a_lora_job_s_adapters_inside_the_base_gemms_train_as_the_eager_model(ti
     assert chosen and set(chosen) == {shapes["gate_proj"][0], shapes["o_proj"][0]}, (chosen, shapes)
     assert len(chosen) < len(every)
     assert not off  # off: no tail
-
-
-def test_lengths_in_whole_blocks_run_a_compile_that_knows_it(tiny_spec):
-    """A call whose sequence length is a multiple of ``TOKEN_BLOCK`` runs its kind's second compile, which states
-    it (``torch._check``: inductor's flex attention then drops its bounds checks, ``IS_DIVISIBLE``); other lengths
-    the general one. Neither recompiles by length, and both train as the eager model."""
-    from trinity_core.train.backends.peft import PeftBackend
-
-    spec = tiny_spec.model_copy(deep=True)
-    spec.lora.use_dora = False
-    eager, _ = PeftBackend().load(spec)
-    _nonzero_b(eager)
-    fast = copy.deepcopy(eager)
-    block = compiled_layers.TOKEN_BLOCK
-    graphs: list[bool] = []  # per compiled graph: whether the length is known to divide into whole blocks
-
-    def backend(gm, example_inputs):
-        from torch._guards import TracingContext
-        from torch.utils._sympy.functions import Mod
-        import sympy
-        from torch._inductor.sizevars import statically_known_true
-
-        shape_env = TracingContext.get().fake_mode.shape_env
-        hidden = next(n.meta["example_value"] for n in gm.graph.nodes if n.op == "placeholder"
-                      and isinstance(n.meta.get("example_value"), torch.Tensor) and n.meta["example_value"].dim() == 3)
-        tokens = hidden.shape[-2]
-        assert isinstance(tokens, torch.SymInt), "the length stays symbolic in both compiles"
-        graphs.append(statically_known_true(shape_env, sympy.Eq(Mod(tokens.node.expr, block), 0)))
-        return gm.forward
-
-    torch._dynamo.reset()
-    compile_decoder_layers(fast, backend=backend)
-    eager.train(), fast.train()
-    for seq in (19, block, 23, 2 * block):
-        ids = torch.randint(7, eager.config.vocab_size, (1, seq), generator=torch.Generator().manual_seed(seq))
-        _one_step(eager, fast, ids)
-    state = next(m for m in fast.modules() if hasattr(m, "_trinity_region_state"))._trinity_region_state
-    assert len(state.kinds) == len(state.whole_blocks) == 2, "sliding and global, each: general and whole blocks"
-    assert graphs.count(True) == graphs.count(False) == 2, graphs  # one graph each, whatever the length
