@@ -39,8 +39,7 @@
 #   bash bench/gpu_session_calls.sh loracode  # inductor's code of Trinity's LoRA layers (defaults) and of fast DoRA's,
 #                                             # 4 layers, one cache directory each (their flex attention kernels, call
 #                                             # 39: backward 1872 vs 1560 us a launch); REFRESH=1: then bench/norm_refresh.py
-#   bash bench/gpu_session_calls.sh lorablocks # 48 layers, lengths in whole blocks compiled as such (compiled_layers
-#                                             # TOKEN_BLOCK): Trinity's LoRA layers (defaults), Unsloth's compiled LoRA,
+#   bash bench/gpu_session_calls.sh lorablocks # 48 layers: Trinity's LoRA layers (defaults), Unsloth's compiled LoRA,
 #                                             # the LoRA layers with every projection in the GEMMs, fast DoRA (as budget
 #                                             # allows)
 #   bash bench/gpu_session_calls.sh code      # inductor's code and a kept trace: fast DoRA's layers (NODOWN=1:
@@ -231,8 +230,9 @@ case ${1:-} in
       --only lora_acc4 --tag compiled_ >> "$OUT/speed.log" 2>&1
     wrap48 ;;
   lorablocks)  # call 41: Trinity's LoRA graph kept the length symbolic (inductor's flex attention with bounds checks,
-                # IS_DIVISIBLE=False), fast DoRA's had specialised on 4096; now a length in whole 128-token blocks runs
-                # a compile that knows it (compiled_layers.TOKEN_BLOCK)
+                # IS_DIVISIBLE=False), fast DoRA's had specialised on 4096. Call 42 ran these rows with 203cdd8 (a
+                # second compile for lengths in whole 128-token blocks, stated by torch._check): no gain, and call 43
+                # found IS_DIVISIBLE still False on the GPU; reverted. The rows stand for the next attempt
     start48 ${BUDGET:-520}
     row48 --only lora_acc4 --compile-layers --tag blocks_layers_
     UNSLOTH_COMPILE_DISABLE=0 row48 --only lora_acc4 --tag compiled_
