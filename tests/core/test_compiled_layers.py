@@ -121,7 +121,7 @@ def test_compiled_layers_train_as_the_eager_model(tiny_spec, down_in_graph, monk
     def not_in_eval(*args, **kwargs):
         raise AssertionError("evaluation must run the layers' own forward")
 
-    layers[0]._trinity_region_state.forward_of = lambda layer: not_in_eval
+    layers[0]._trinity_region_state.forward_of = lambda layer, *_: not_in_eval
     with torch.no_grad():
         for a, b in zip(_trainable(eager), _trainable(fast)):
             b.copy_(a)
@@ -371,3 +371,85 @@ def test_a_lora_job_s_adapters_inside_the_base_gemms_train_as_the_eager_model(ti
     assert chosen and set(chosen) == {shapes["gate_proj"][0], shapes["o_proj"][0]}, (chosen, shapes)
     assert len(chosen) < len(every)
     assert not off  # off: no tail
+
+
+def _graph_facts(block: int, graphs: list):
+    """A Dynamo backend recording, per graph, whether its length is known to fill whole blocks of ``block`` tokens
+    and the ``IS_DIVISIBLE`` kernel option of each flex-attention call in it."""
+    import sympy
+    from torch._guards import TracingContext
+    from torch._inductor.sizevars import statically_known_true
+    from torch.utils._sympy.functions import Mod
+
+    def backend(gm, example_inputs):
+        shape_env = TracingContext.get().fake_mode.shape_env
+        hidden = next(n.meta["example_value"] for n in gm.graph.nodes if n.op == "placeholder"
+                      and isinstance(n.meta.get("example_value"), torch.Tensor) and n.meta["example_value"].dim() == 3)
+        tokens = hidden.shape[-2]
+        assert isinstance(tokens, torch.SymInt), "the length stays symbolic in both compiles"
+        flex = [n for n in gm.graph.nodes if n.op == "call_function" and "flex_attention" in str(n.target)]
+        options = [next((a for a in n.args if isinstance(a, dict) and "BACKEND" in a), {}).get("IS_DIVISIBLE")
+                   for n in flex]
+        graphs.append((statically_known_true(shape_env, sympy.Eq(Mod(tokens.node.expr, block), 0)), options))
+        return gm.forward
+
+    return backend
+
+
+def test_lengths_in_whole_blocks_run_a_compile_that_knows_it(tiny_spec, monkeypatch):
+    """With ``WHOLE_BLOCKS`` a call whose sequence length is a multiple of ``TOKEN_BLOCK`` runs its kind's second
+    compile, which states it to Dynamo (``torch._check``); other lengths the general one. Neither recompiles by
+    length, and both train as the eager model."""
+    from trinity_core.train.backends.peft import PeftBackend
+
+    monkeypatch.setattr(compiled_layers, "WHOLE_BLOCKS", True)
+    spec = tiny_spec.model_copy(deep=True)
+    spec.lora.use_dora = False
+    eager, _ = PeftBackend().load(spec)
+    _nonzero_b(eager)
+    fast = copy.deepcopy(eager)
+    block = compiled_layers.TOKEN_BLOCK
+    graphs: list[tuple[bool, list]] = []
+    torch._dynamo.reset()
+    compile_decoder_layers(fast, backend=_graph_facts(block, graphs))
+    eager.train(), fast.train()
+    for seq in (19, block, 23, 2 * block):
+        ids = torch.randint(7, eager.config.vocab_size, (1, seq), generator=torch.Generator().manual_seed(seq))
+        _one_step(eager, fast, ids)
+    state = next(m for m in fast.modules() if hasattr(m, "_trinity_region_state"))._trinity_region_state
+    assert len(state.kinds) == len(state.whole_blocks) == 2, "sliding and global, each: general and whole blocks"
+    assert [known for known, _ in graphs].count(True) == [known for known, _ in graphs].count(False) == 2, graphs
+
+
+def test_whole_blocks_tell_flex_attention_it_needs_no_bounds_checks(tiny_spec, monkeypatch):
+    """The whole-block compile's flex-attention calls carry ``kernel_options={"IS_DIVISIBLE": True}`` (through
+    transformers' flex attention, as on the GPU; the general compile's do not). Forward only: flex attention has no
+    backward on the CPU. Off by default (``WHOLE_BLOCKS``): no whole-block compile."""
+    from trinity_core.train.backends.peft import PeftBackend
+
+    spec = tiny_spec.model_copy(deep=True)
+    spec.lora.use_dora = False
+    spec.model.attention = "flex_attention"
+    start, _ = PeftBackend().load(spec)
+    assert start.config._attn_implementation == "flex_attention"
+    block = compiled_layers.TOKEN_BLOCK
+    seen = {}
+    for switch in (False, True):
+        monkeypatch.setattr(compiled_layers, "WHOLE_BLOCKS", switch)
+        model, graphs = copy.deepcopy(start), []
+        torch._dynamo.reset()
+        compile_decoder_layers(model, backend=_graph_facts(block, graphs))
+        model.train()
+        with torch.no_grad():
+            for seq in (block, 23):
+                ids = torch.randint(7, model.config.vocab_size, (1, seq), generator=torch.Generator().manual_seed(seq))
+                model(input_ids=ids, labels=ids)
+        seen[switch] = graphs
+    assert not any(known for known, _ in seen[False]), seen[False]
+    flex_off = [o for _, options in seen[False] for o in options]
+    assert flex_off and not any(o is True for o in flex_off), seen[False]
+    whole = [options for known, options in seen[True] if known]
+    general = [options for known, options in seen[True] if not known]
+    assert whole and general, seen[True]
+    assert all(options and all(o is True for o in options) for options in whole), whole
+    assert all(options and not any(o is True for o in options) for options in general), general

@@ -33,6 +33,17 @@ nested frame on its shared code object with the reduced guards, so a graph break
 back to one compile of their own forward with every guard (:data:`MODULE_GUARDS`), whatever Dynamo cannot trace
 running eagerly between graphs rather than failing the job.
 
+Whole blocks of tokens (:data:`WHOLE_BLOCKS`, off by default until measured). With dynamic shapes inductor cannot
+know that the sequence length is a multiple of the attention's 128-token blocks, so its flex-attention templates load
+every Q, K and V tile with bounds checks (``IS_DIVISIBLE=False``): at the 12B shape the attention backward ran 1872
+µs a launch in Trinity's LoRA layers against 1560 in fast DoRA's, whose graph had specialised on the length (H200,
+calls 39 and 41, docs/BENCHMARKS.md). With the switch on, a call whose length is a multiple of :data:`TOKEN_BLOCK`
+runs a second compile of its kind's forward that states it twice: ``torch._check`` (a guard, and on torch 2.13 a
+fact inductor's flex lowering reads; on the GPU image's torch 2.11 it was not enough, call 43) and
+``kernel_options={"IS_DIVISIBLE": True}``, which transformers' flex attention passes to ``flex_attention`` and its
+lowering keeps (it only ``setdefault``s the option). Other lengths run the general compile: at most two graphs a
+kind, neither recompiled by length.
+
 H200, 12B shape at 48 layers, the recipe's settings, one run (docs/BENCHMARKS.md, "Goal 1, 2026-11-29 (late)",
 call 22): 5900 tok/s against 6090 for Unsloth's compiled LoRA (0.969×); peak allocated 11.03 GiB (each layer's
 dequantised projections are kept for its backward; counted by ``train/memory.py``). Dropping the module guards
@@ -67,6 +78,15 @@ the fallback after a graph break); for the A/B (``bench/gpu_bench.py --module-gu
 MAX_KINDS = 8
 """More kinds than this (a model whose layers differ in some attribute :func:`layer_kind` does not know to leave
 out) would mean as many compiles: the layers then share one compile with every guard instead, and a warning says so."""
+
+WHOLE_BLOCKS = False
+"""True: a training call whose sequence length is a multiple of :data:`TOKEN_BLOCK` runs its kind's compile for whole
+blocks (module docstring, "Whole blocks of tokens"; ``bench/gpu_bench.py --whole-blocks``). Off until a GPU run shows
+its flex templates without bounds checks and the step faster (the ``torch._check`` half alone did neither, calls 42
+and 43)."""
+
+TOKEN_BLOCK = 128
+"""Flex attention's block size, the unit of its bounds checks: a length that is a multiple of it fills whole blocks."""
 
 _NOT_TRACED = frozenset({"layer_idx", "_cache_key", "_stack_constants", "_dynamo_static_input_type"})
 """Attributes that differ from layer to layer but that a training call's graph does not read: ``layer_idx`` only
@@ -129,6 +149,28 @@ def _forward_copy(cls: type) -> types.FunctionType:
     return copy
 
 
+def _in_whole_blocks(forward: types.FunctionType) -> types.FunctionType:
+    """``forward`` behind ``torch._check(tokens % TOKEN_BLOCK == 0)`` on the hidden states' sequence dimension and
+    with ``kernel_options={"IS_DIVISIBLE": True}`` for its attention, as a function with its own code object
+    (:func:`_forward_copy`'s reason). Called only with such lengths (:func:`_whole_blocks`); Dynamo installs the
+    check as a guard, so the graph is never run with a length it does not fit."""
+
+    def whole_blocks_forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        torch._check(hidden.shape[-2] % TOKEN_BLOCK == 0)
+        kwargs["kernel_options"] = {**(kwargs.get("kernel_options") or {}), "IS_DIVISIBLE": True}
+        return forward(self, *args, **kwargs)
+
+    f = whole_blocks_forward
+    return types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+
+
+def _whole_blocks(args: tuple, kwargs: dict) -> bool:
+    """Whether a layer call's hidden states (its first argument) hold a multiple of :data:`TOKEN_BLOCK` tokens."""
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    return isinstance(hidden, torch.Tensor) and hidden.dim() >= 2 and hidden.shape[-2] % TOKEN_BLOCK == 0
+
+
 def refresh_norms(layer: nn.Module, args=None, kwargs=None) -> None:
     """Forward pre-hook: every fast-DoRA norm cache in ``layer`` checked (and recomputed if A or B changed),
     eagerly, as the layer's uncompiled forward would on its way."""
@@ -182,6 +224,8 @@ class RegionState:
         self.guarded = MODULE_GUARDS
         self.kinds: dict[tuple, Callable] = {}
         self.classes: dict[type, Callable] = {}
+        self.forwards: dict[tuple, types.FunctionType] = {}  # each kind's copy of the forward
+        self.whole_blocks: dict[Any, Callable] = {}  # kind or class: its compile for whole blocks of tokens
 
     def add(self, layer: nn.Module) -> None:
         """Give ``layer`` its kind (compiling a forward for a new kind)."""
@@ -193,19 +237,35 @@ class RegionState:
                           "with all of Dynamo's guards", stacklevel=3)
             self.guarded = True
             return
-        self.kinds[layer._trinity_kind] = floats_as_constants(torch.compile(
-            _forward_copy(type(layer)), dynamic=True, fullgraph=True, backend=self.backend,
+        self.forwards[layer._trinity_kind] = _forward_copy(type(layer))
+        self.kinds[layer._trinity_kind] = self._compile_kind(self.forwards[layer._trinity_kind])
+
+    def _compile_kind(self, forward: types.FunctionType) -> Callable:
+        return floats_as_constants(torch.compile(
+            forward, dynamic=True, fullgraph=True, backend=self.backend,
             options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}))
 
-    def forward_of(self, layer: nn.Module) -> Callable:
-        """The compiled forward ``layer`` runs: its kind's, or its class's with every guard."""
+    def _compile_class(self, forward: types.FunctionType) -> Callable:
+        return floats_as_constants(torch.compile(forward, dynamic=True, backend=self.backend))
+
+    def forward_of(self, layer: nn.Module, whole_blocks: bool = False) -> Callable:
+        """The compiled forward ``layer`` runs: its kind's, or its class's with every guard; with ``whole_blocks``
+        (the call's length a multiple of :data:`TOKEN_BLOCK`) the compile of it that knows so, made on first use."""
         if not self.guarded:
-            return self.kinds[layer._trinity_kind]
-        cls = type(layer)
-        if cls not in self.classes:
-            self.classes[cls] = floats_as_constants(torch.compile(_forward_copy(cls), dynamic=True,
-                                                                  backend=self.backend))
-        return self.classes[cls]
+            key, compile_ = layer._trinity_kind, self._compile_kind
+            if not whole_blocks:
+                return self.kinds[key]
+            forward = self.forwards[key]
+        else:
+            key, compile_ = type(layer), self._compile_class
+            if key not in self.classes:
+                self.classes[key] = compile_(_forward_copy(key))
+            if not whole_blocks:
+                return self.classes[key]
+            forward = _forward_copy(key)
+        if key not in self.whole_blocks:
+            self.whole_blocks[key] = compile_(_in_whole_blocks(forward))
+        return self.whole_blocks[key]
 
 
 def compiled_layer_forward(self: nn.Module, *args, **kwargs):
@@ -220,7 +280,8 @@ def compiled_layer_forward(self: nn.Module, *args, **kwargs):
     state: RegionState = self._trinity_region_state
     if self.training and state.failed is None and _adapter_state(self) == self._trinity_adapters:
         try:
-            return state.forward_of(self)(self, *args, **kwargs)
+            whole_blocks = WHOLE_BLOCKS and _whole_blocks(args, kwargs)
+            return state.forward_of(self, whole_blocks)(self, *args, **kwargs)
         except Unsupported as error:  # a graph break under fullgraph: every guard from now on (module docstring)
             if state.guarded:
                 raise
