@@ -41,7 +41,7 @@
 #                                             # 39: backward 1872 vs 1560 us a launch); REFRESH=1: then bench/norm_refresh.py
 #   bash bench/gpu_session_calls.sh lorablocks # 48 layers: Trinity's LoRA layers with --whole-blocks, Unsloth's
 #                                             # compiled LoRA, the LoRA layers without, fast DoRA with (as budget
-#                                             # allows); CHECK=1: first a 4-layer row's IS_DIVISIBLE counts
+#                                             # allows); the first row's flex IS_DIVISIBLE counted
 #   bash bench/gpu_session_calls.sh code      # inductor's code and a kept trace: fast DoRA's layers (NODOWN=1:
 #                                             # without GatedActDownInGraph; LORA=1: Trinity's LoRA layers with
 #                                             # lora_in_gemm on every projection instead), compiled LoRA, at 4 layers
@@ -234,15 +234,11 @@ case ${1:-} in
                 # second compile for lengths in whole 128-token blocks, stated by torch._check): no gain, and call 43
                 # found IS_DIVISIBLE still False on the GPU; reverted. The rows stand for the next attempt
     # Since then --whole-blocks adds kernel_options={"IS_DIVISIBLE": True} (compiled_layers.WHOLE_BLOCKS, off by
-    # default); CHECK=1: first one unprofiled 4-layer row with it, its flex templates' IS_DIVISIBLE counted
-    if [ -n "${CHECK:-}" ]; then
-      python bench/gpu_bench.py build /tmp/m12b 4 > "$OUT/speed.log" 2>&1; rm -rf /tmp/torchinductor_*
-      python bench/gpu_bench.py run unsloth /tmp/m12b "$OUT/speed.jsonl" --depths 4 --only lora_acc4 --compile-layers \
-        --whole-blocks --tag check_blocks_layers_ >> "$OUT/speed.log" 2>&1
-      grep -rho "'IS_DIVISIBLE': [A-Za-z]*" /tmp/torchinductor_* --include="*.py" | sort | uniq -c | tee "$OUT/divisible.txt"
-    fi
-    start48 ${BUDGET:-520}
+    # default): the first row's flex templates' IS_DIVISIBLE are counted from inductor's cache (emptied before it)
+    start48 ${BUDGET:-450}
+    rm -rf /tmp/torchinductor_*
     row48 --only lora_acc4 --compile-layers --whole-blocks --tag blocks_layers_
+    grep -rho "'IS_DIVISIBLE': [A-Za-z]*" /tmp/torchinductor_* --include="*.py" | sort | uniq -c | tee "$OUT/divisible.txt"
     UNSLOTH_COMPILE_DISABLE=0 row48 --only lora_acc4 --tag compiled_
     row48 --only lora_acc4 --compile-layers --tag layers_
     row48 --only dora_fast_acc4 --compile-layers --whole-blocks --tag blocks_layers_
