@@ -224,7 +224,6 @@ class RegionState:
         self.guarded = MODULE_GUARDS
         self.kinds: dict[tuple, Callable] = {}
         self.classes: dict[type, Callable] = {}
-        self.forwards: dict[tuple, types.FunctionType] = {}  # each kind's copy of the forward
         self.whole_blocks: dict[Any, Callable] = {}  # kind or class: its compile for whole blocks of tokens
 
     def add(self, layer: nn.Module) -> None:
@@ -237,8 +236,7 @@ class RegionState:
                           "with all of Dynamo's guards", stacklevel=3)
             self.guarded = True
             return
-        self.forwards[layer._trinity_kind] = _forward_copy(type(layer))
-        self.kinds[layer._trinity_kind] = self._compile_kind(self.forwards[layer._trinity_kind])
+        self.kinds[layer._trinity_kind] = self._compile_kind(_forward_copy(type(layer)))
 
     def _compile_kind(self, forward: types.FunctionType) -> Callable:
         return floats_as_constants(torch.compile(
@@ -255,16 +253,14 @@ class RegionState:
             key, compile_ = layer._trinity_kind, self._compile_kind
             if not whole_blocks:
                 return self.kinds[key]
-            forward = self.forwards[key]
         else:
             key, compile_ = type(layer), self._compile_class
             if key not in self.classes:
                 self.classes[key] = compile_(_forward_copy(key))
             if not whole_blocks:
                 return self.classes[key]
-            forward = _forward_copy(key)
-        if key not in self.whole_blocks:
-            self.whole_blocks[key] = compile_(_in_whole_blocks(forward))
+        if key not in self.whole_blocks:  # the wrapper has its own code object; the copy it calls is inlined
+            self.whole_blocks[key] = compile_(_in_whole_blocks(_forward_copy(type(layer))))
         return self.whole_blocks[key]
 
 
