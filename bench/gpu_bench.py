@@ -492,7 +492,7 @@ def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_
                           None)
             if region is not None:  # the compiled layers: how many kinds, or one compile with every guard
                 v2["region_kinds"], v2["region_guarded"] = len(region.kinds), region.guarded
-                v2["whole_block_compiles"] = len(region.whole_blocks)  # compiled_layers.WHOLE_BLOCKS (--whole-blocks)
+                v2["whole_block_compiles"] = len(region.whole_blocks)  # compiled_layers.WHOLE_BLOCKS (--no-whole-blocks)
             v2["dynamo_graphs"] = counters["stats"]["unique_graphs"]  # both: so far in this process
             v2["graph_breaks"] = {" | ".join(reason.splitlines()[:3])[:400]: n
                                   for reason, n in counters["graph_break"].items()}
@@ -688,9 +688,9 @@ def main(argv: list[str]) -> None:
                    "eligible one, LoRA gate, up and o_proj (lora_in_gemm.PROJECTIONS, LORA_PROJECTIONS)")
     r.add_argument("--module-guards", action="store_true", help="the compiled layers keep Dynamo's guards on "
                    "their modules (see MODULE_GUARDS)")
-    r.add_argument("--whole-blocks", action="store_true", help="lengths in whole 128-token blocks run the compiled "
-                   "layers' whole-block compile, flex attention without bounds checks "
-                   "(trinity_core.train.compiled_layers.WHOLE_BLOCKS)")
+    r.add_argument("--no-whole-blocks", action="store_true", help="lengths in whole 128-token blocks run the compiled "
+                   "layers' general compile, flex attention with bounds checks (default since call 44: their "
+                   "whole-block compile; trinity_core.train.compiled_layers.WHOLE_BLOCKS)")
     r.add_argument("--only-grown", action="store_true", help="measure only the --grow-to rows")
     r.add_argument("--gated-tiles", default="", help="ROWS,BLOCK_T,BLOCK_N,WARPS of the gated activation's "
                    "backward kernel (trinity_core.train.fast_dora.mlp.BACKWARD_TILES; bench/gated_act_sweep.py)")
@@ -719,10 +719,10 @@ def main(argv: list[str]) -> None:
             from trinity_core.train import compiled_layers
 
             compiled_layers.MODULE_GUARDS = True
-        if a.whole_blocks:
+        if a.no_whole_blocks:
             from trinity_core.train import compiled_layers
 
-            compiled_layers.WHOLE_BLOCKS = True
+            compiled_layers.WHOLE_BLOCKS = False
         if a.region_torch_act:
             from trinity_core.train.fast_dora import mlp
 

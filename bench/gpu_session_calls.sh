@@ -39,8 +39,8 @@
 #   bash bench/gpu_session_calls.sh loracode  # inductor's code of Trinity's LoRA layers (defaults) and of fast DoRA's,
 #                                             # 4 layers, one cache directory each (their flex attention kernels, call
 #                                             # 39: backward 1872 vs 1560 us a launch); REFRESH=1: then bench/norm_refresh.py
-#   bash bench/gpu_session_calls.sh lorablocks # 48 layers: Trinity's LoRA layers with --whole-blocks, Unsloth's
-#                                             # compiled LoRA, the LoRA layers without, fast DoRA with (as budget
+#   bash bench/gpu_session_calls.sh lorablocks # 48 layers: Trinity's LoRA layers (whole-block compiles), Unsloth's
+#                                             # compiled LoRA, the LoRA layers without them, fast DoRA (as budget
 #                                             # allows); the first row's flex IS_DIVISIBLE counted
 #   bash bench/gpu_session_calls.sh code      # inductor's code and a kept trace: fast DoRA's layers (NODOWN=1:
 #                                             # without GatedActDownInGraph; LORA=1: Trinity's LoRA layers with
@@ -233,15 +233,16 @@ case ${1:-} in
                 # IS_DIVISIBLE=False), fast DoRA's had specialised on 4096. Call 42 ran these rows with 203cdd8 (a
                 # second compile for lengths in whole 128-token blocks, stated by torch._check): no gain, and call 43
                 # found IS_DIVISIBLE still False on the GPU; reverted. The rows stand for the next attempt
-    # Since then --whole-blocks adds kernel_options={"IS_DIVISIBLE": True} (compiled_layers.WHOLE_BLOCKS, off by
-    # default): the first row's flex templates' IS_DIVISIBLE are counted from inductor's cache (emptied before it)
+    # Call 44 (at 3fb89eb) ran it with kernel_options={"IS_DIVISIBLE": True} added (then --whole-blocks): 16 of 16
+    # templates True, +1.4%; now the default (compiled_layers.WHOLE_BLOCKS; --no-whole-blocks for the row without).
+    # The first row's flex templates' IS_DIVISIBLE are counted from inductor's cache (emptied before it)
     start48 ${BUDGET:-450}
     rm -rf /tmp/torchinductor_*
-    row48 --only lora_acc4 --compile-layers --whole-blocks --tag blocks_layers_
+    row48 --only lora_acc4 --compile-layers --tag blocks_layers_
     grep -rho "'IS_DIVISIBLE': [A-Za-z]*" /tmp/torchinductor_* --include="*.py" | sort | uniq -c | tee "$OUT/divisible.txt"
     UNSLOTH_COMPILE_DISABLE=0 row48 --only lora_acc4 --tag compiled_
-    row48 --only lora_acc4 --compile-layers --tag layers_
-    row48 --only dora_fast_acc4 --compile-layers --whole-blocks --tag blocks_layers_
+    row48 --only lora_acc4 --compile-layers --no-whole-blocks --tag layers_
+    row48 --only dora_fast_acc4 --compile-layers --tag blocks_layers_
     wrap48 ;;
   loracode)  # call 39 (loraflex): the flex attention backward of Trinity's LoRA layers ran 1872 us a launch, fast
               # DoRA's 1560 and compiled LoRA's 1582 (4 layers, H200): the generated modules of both of Trinity's

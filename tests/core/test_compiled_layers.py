@@ -397,7 +397,7 @@ def _graph_facts(block: int, graphs: list):
 
 
 def test_lengths_in_whole_blocks_run_a_compile_that_knows_it(tiny_spec, monkeypatch):
-    """With ``WHOLE_BLOCKS`` a call whose sequence length is a multiple of ``TOKEN_BLOCK`` runs its kind's second
+    """With ``WHOLE_BLOCKS`` (the default) a call whose sequence length is a multiple of ``TOKEN_BLOCK`` runs its kind's second
     compile, which states it to Dynamo (``torch._check``); other lengths the general one. Neither recompiles by
     length, and both train as the eager model."""
     from trinity_core.train.backends.peft import PeftBackend
@@ -424,7 +424,7 @@ def test_lengths_in_whole_blocks_run_a_compile_that_knows_it(tiny_spec, monkeypa
 def test_whole_blocks_tell_flex_attention_it_needs_no_bounds_checks(tiny_spec, monkeypatch):
     """The whole-block compile's flex-attention calls carry ``kernel_options={"IS_DIVISIBLE": True}`` (through
     transformers' flex attention, as on the GPU; the general compile's do not). Forward only: flex attention has no
-    backward on the CPU. Off by default (``WHOLE_BLOCKS``): no whole-block compile."""
+    backward on the CPU. With ``WHOLE_BLOCKS`` off (the A/B's other row): no whole-block compile."""
     from trinity_core.train.backends.peft import PeftBackend
 
     spec = tiny_spec.model_copy(deep=True)

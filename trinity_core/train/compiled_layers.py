@@ -33,16 +33,17 @@ nested frame on its shared code object with the reduced guards, so a graph break
 back to one compile of their own forward with every guard (:data:`MODULE_GUARDS`), whatever Dynamo cannot trace
 running eagerly between graphs rather than failing the job.
 
-Whole blocks of tokens (:data:`WHOLE_BLOCKS`, off by default until measured). With dynamic shapes inductor cannot
-know that the sequence length is a multiple of the attention's 128-token blocks, so its flex-attention templates load
-every Q, K and V tile with bounds checks (``IS_DIVISIBLE=False``): at the 12B shape the attention backward ran 1872
-µs a launch in Trinity's LoRA layers against 1560 in fast DoRA's, whose graph had specialised on the length (H200,
-calls 39 and 41, docs/BENCHMARKS.md). With the switch on, a call whose length is a multiple of :data:`TOKEN_BLOCK`
-runs a second compile of its kind's forward that states it twice: ``torch._check`` (a guard, and on torch 2.13 a
-fact inductor's flex lowering reads; on the GPU image's torch 2.11 it was not enough, call 43) and
+Whole blocks of tokens (:data:`WHOLE_BLOCKS`, on). With dynamic shapes inductor cannot know that the sequence length
+is a multiple of the attention's 128-token blocks, so its flex-attention templates load every Q, K and V tile with
+bounds checks (``IS_DIVISIBLE=False``): at the 12B shape the attention backward ran 1872 µs a launch in Trinity's
+LoRA layers against 1560 in fast DoRA's, whose graph had specialised on the length (H200, calls 39 and 41,
+docs/BENCHMARKS.md). A call whose length is a multiple of :data:`TOKEN_BLOCK` (a packed job's every batch, the
+benchmark's 4096) runs a second compile of its kind's forward that states it twice: ``torch._check`` (a guard, and on
+torch 2.13 a fact inductor's flex lowering reads; on the GPU image's torch 2.11 it was not enough, call 43) and
 ``kernel_options={"IS_DIVISIBLE": True}``, which transformers' flex attention passes to ``flex_attention`` and its
 lowering keeps (it only ``setdefault``s the option). Other lengths run the general compile: at most two graphs a
-kind, neither recompiled by length.
+kind, neither recompiled by length. Call 44 (H200, 48 layers): all 16 flex templates of the first row read
+``IS_DIVISIBLE: True``, and the LoRA layers ran 6231.1 tok/s with it against 6143.2 without (+1.4%, same run).
 
 H200, 12B shape at 48 layers, the recipe's settings, one run (docs/BENCHMARKS.md, "Goal 1, 2026-11-29 (late)",
 call 22): 5900 tok/s against 6090 for Unsloth's compiled LoRA (0.969×); peak allocated 11.03 GiB (each layer's
@@ -79,11 +80,10 @@ MAX_KINDS = 8
 """More kinds than this (a model whose layers differ in some attribute :func:`layer_kind` does not know to leave
 out) would mean as many compiles: the layers then share one compile with every guard instead, and a warning says so."""
 
-WHOLE_BLOCKS = False
+WHOLE_BLOCKS = True
 """True: a training call whose sequence length is a multiple of :data:`TOKEN_BLOCK` runs its kind's compile for whole
-blocks (module docstring, "Whole blocks of tokens"; ``bench/gpu_bench.py --whole-blocks``). Off until a GPU run shows
-its flex templates without bounds checks and the step faster (the ``torch._check`` half alone did neither, calls 42
-and 43)."""
+blocks (module docstring, "Whole blocks of tokens"). On since call 44 (+1.4% for the LoRA layers at 48 layers, its
+flex templates without bounds checks); False for the A/B (``bench/gpu_bench.py --no-whole-blocks``)."""
 
 TOKEN_BLOCK = 128
 """Flex attention's block size, the unit of its bounds checks: a length that is a multiple of it fills whole blocks."""
