@@ -96,6 +96,10 @@ PEAK_TFLOPS = 989.4
 
 ONLY_GROWN = False
 """``--only-grown`` (run_unsloth): skip the rows at the built depths."""
+LENGTHS: list[int] = []
+"""``--lengths``: after a row's timed steps, two micro-batches (forward and backward, no optimizer step) at each of
+these sequence lengths, their wall time and Dynamo's graph count after each: whether a new length compiles again
+(call 41 found fast DoRA's compiled layers specialised on 4096)."""
 
 SELECT: tuple[set[str] | None, str] = (None, "")
 """(variants to run, or None for all; prefix for their names), from the command line."""
@@ -142,6 +146,29 @@ def build(out: Path, depths: list[int]) -> None:
 
 
 # --------------------------------------------------------------------------- measure
+
+
+def other_lengths(model, v: dict, vocab: int) -> list[dict]:
+    """:data:`LENGTHS`' micro-batches: for each length, each micro-batch's seconds and Dynamo's graphs so far."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=not v["t4"])
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    out = []
+    for seq in LENGTHS:
+        ids = torch.randint(10, vocab, (1, seq), device="cuda", generator=gen)
+        for rep in range(2):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with autocast:
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            torch.cuda.synchronize()
+            out.append(dict(seq=seq, rep=rep, s=round(time.perf_counter() - t0, 3),
+                            graphs=counters["stats"]["unique_graphs"]))
+    model.zero_grad(set_to_none=True)
+    return out
 
 
 def measure(model, v: dict, vocab: int, warmup: int = 2, timed: int = 4) -> dict:
@@ -474,6 +501,12 @@ def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_
 
                 v2["gated_tiles"] = list(dataclasses.astuple(mlp.BACKWARD_TILES))
             v2.update(measure(model, v2, model.config.vocab_size, *((1, 3) if v2["depth"] > depths[-1] else (2, 4))))
+            if LENGTHS:
+                v2["lengths"] = other_lengths(model, v2, model.config.vocab_size)
+            from trinity_core.train import block_masks
+
+            if (masks := block_masks.installed()) is not None:  # the cache's calls (backends.unsloth.BLOCK_MASKS)
+                v2["block_masks"] = dict(hits=masks.hits, misses=masks.misses, uncached=masks.uncached)
             if COMPILED_LAYERS:  # the adapters' products inside the base GEMMs: fast DoRA's, plain LoRA's
                 from trinity_core.train.fast_dora import lora_in_gemm
 
@@ -691,6 +724,10 @@ def main(argv: list[str]) -> None:
     r.add_argument("--no-whole-blocks", action="store_true", help="lengths in whole 128-token blocks run the compiled "
                    "layers' general compile, flex attention with bounds checks (default since call 44: their "
                    "whole-block compile; trinity_core.train.compiled_layers.WHOLE_BLOCKS)")
+    r.add_argument("--lengths", default="", help="comma-separated sequence lengths: after the timed steps, two "
+                   "micro-batches at each, timed, with Dynamo's graph count (recompiles by length)")
+    r.add_argument("--no-block-masks", action="store_true", help="flex attention's block masks built every "
+                   "micro-batch, as transformers does (trinity_core.train.backends.unsloth.BLOCK_MASKS)")
     r.add_argument("--only-grown", action="store_true", help="measure only the --grow-to rows")
     r.add_argument("--gated-tiles", default="", help="ROWS,BLOCK_T,BLOCK_N,WARPS of the gated activation's "
                    "backward kernel (trinity_core.train.fast_dora.mlp.BACKWARD_TILES; bench/gated_act_sweep.py)")
@@ -709,11 +746,12 @@ def main(argv: list[str]) -> None:
     elif a.cmd == "run":
         deadline = time.time() + a.deadline
         global SELECT, T4_KERNEL, LEAN_NORMS, LEAN_ATTENTION, COMPILED_KERNELS, COMPILED_LAYERS, REGION_OPAQUE
-        global ONLY_GROWN, NO_BNB_SYNC
+        global ONLY_GROWN, NO_BNB_SYNC, LENGTHS
         SELECT = (set(a.only) if a.only else None, a.tag)
         T4_KERNEL, LEAN_NORMS, LEAN_ATTENTION = a.t4_kernel, not a.stock_norms, not a.stock_attention
         COMPILED_KERNELS, COMPILED_LAYERS, REGION_OPAQUE = not a.eager_kernels, a.compile_layers, a.region_opaque
         ONLY_GROWN = a.only_grown
+        LENGTHS = [int(n) for n in a.lengths.split(",") if n]
         NO_BNB_SYNC = a.no_bnb_sync
         if a.module_guards:
             from trinity_core.train import compiled_layers
@@ -723,6 +761,10 @@ def main(argv: list[str]) -> None:
             from trinity_core.train import compiled_layers
 
             compiled_layers.WHOLE_BLOCKS = False
+        if a.no_block_masks:
+            from trinity_core.train.backends import unsloth as unsloth_backend
+
+            unsloth_backend.BLOCK_MASKS = False
         if a.region_torch_act:
             from trinity_core.train.fast_dora import mlp
 

@@ -42,6 +42,9 @@
 #   bash bench/gpu_session_calls.sh lorablocks # 48 layers: Trinity's LoRA layers (whole-block compiles), Unsloth's
 #                                             # compiled LoRA, the LoRA layers without them, fast DoRA (as budget
 #                                             # allows); the first row's flex IS_DIVISIBLE counted
+#   bash bench/gpu_session_calls.sh masks     # 48 layers: LoRA layers (block masks cached), compiled LoRA, q/k/v in
+#                                             # the GEMMs too, the LoRA layers without the cache
+#   bash bench/gpu_session_calls.sh lengths   # 4 layers: a new sequence length, a new compile? (DORA48=1: 48 layers)
 #   bash bench/gpu_session_calls.sh code      # inductor's code and a kept trace: fast DoRA's layers (NODOWN=1:
 #                                             # without GatedActDownInGraph; LORA=1: Trinity's LoRA layers with
 #                                             # lora_in_gemm on every projection instead), compiled LoRA, at 4 layers
@@ -244,6 +247,34 @@ case ${1:-} in
     row48 --only lora_acc4 --compile-layers --no-whole-blocks --tag layers_
     row48 --only dora_fast_acc4 --compile-layers --tag blocks_layers_
     wrap48 ;;
+  masks)  # call 45: flex attention's block masks built once a shape (trinity_core/train/block_masks.py: ~9 ms of host
+          # work at each micro-batch's start, call 43's trace), with the whole-block compiles (call 44): Trinity's
+          # LoRA layers, Unsloth's compiled LoRA, q/k/v's adapters in the GEMMs too (0.69x in call 42, before whole
+          # blocks), the LoRA layers without the cache
+    start48 ${BUDGET:-440}
+    row48 --only lora_acc4 --compile-layers --tag layers_
+    UNSLOTH_COMPILE_DISABLE=0 row48 --only lora_acc4 --tag compiled_
+    row48 --only lora_acc4 --compile-layers --lora-in-gemm-projections all --tag qkv_layers_
+    row48 --only lora_acc4 --compile-layers --no-block-masks --tag nomasks_layers_
+    wrap48 ;;
+  lengths)  # whether a new sequence length compiles the layers again (call 41: fast DoRA's graph had specialised on
+            # 4096): fast DoRA's and the LoRA layers' rows at 4 layers, then 2048, 3000 and 1000 tokens (--lengths),
+            # Dynamo's graphs after each; TORCH_LOGS=recompiles names the guard a new length failed. DORA48=1: then
+            # fast DoRA and compiled LoRA at 48 layers
+    python bench/gpu_bench.py build /tmp/m12b 4 > "$OUT/speed.log" 2>&1 || tail -5 "$OUT/speed.log"
+    for a in dora_fast_acc4 lora_acc4; do
+      TORCH_LOGS=recompiles python bench/gpu_bench.py run unsloth /tmp/m12b "$OUT/lengths.jsonl" --depths 4 \
+        --only $a --compile-layers --lengths 2048,3000,1000 --tag len_layers_ >> "$OUT/lengths.log" 2>&1
+    done
+    python -c "import json,sys; [print(r['name'], r['status'], r.get('tok_s'), r.get('dynamo_graphs'), r.get('lengths'))
+               for r in map(json.loads, open(sys.argv[1]))]" "$OUT/lengths.jsonl"
+    grep -i "recompil" "$OUT/lengths.log" | sort | uniq -c | sort -rn | head -12
+    if [ -n "${DORA48:-}" ]; then
+      start48 ${BUDGET:-300}
+      row48 --only dora_fast_acc4 --compile-layers --tag layers_
+      UNSLOTH_COMPILE_DISABLE=0 row48 --only lora_acc4 --tag compiled_
+      wrap48
+    fi ;;
   loracode)  # call 39 (loraflex): the flex attention backward of Trinity's LoRA layers ran 1872 us a launch, fast
               # DoRA's 1560 and compiled LoRA's 1582 (4 layers, H200): the generated modules of both of Trinity's
               # paths (strides of q, k, v and of the gradients in the flex templates' calls), then the norm refresh
@@ -286,5 +317,5 @@ case ${1:-} in
       > "$OUT/tinyjob.log" 2>&1
     echo "rc=$?" | tee -a "$OUT/tinyjob.log"
     grep -n -A4 "\[probe\]" "$OUT/tinyjob.log" | head -60 ;;
-  *) echo "usage: $0 tests|kernel|kernels|tiles|pair|refresh|t4mem|t4tests|speed|down|downtiles|gemm|loragemm|loraprof|loraproj|loraflex|loracode|lorablocks|code|tinyjob"; exit 2 ;;
+  *) echo "usage: $0 tests|kernel|kernels|tiles|pair|refresh|t4mem|t4tests|speed|down|downtiles|gemm|loragemm|loraprof|loraproj|loraflex|loracode|lorablocks|masks|lengths|code|tinyjob"; exit 2 ;;
 esac

@@ -112,24 +112,31 @@ def patch_lean_attention(model) -> int:
     return patch_gemma3_attention(model, sdpa, _prepare_gemma3_sdpa_attention_mask)
 
 
+BLOCK_MASKS = True
+"""Flex attention's block masks cached by shape (:mod:`trinity_core.train.block_masks`); False for the A/B
+(``bench/gpu_bench.py --no-block-masks``)."""
+
+
 def compile_gemma3_kernels(model, layers: bool = False) -> dict:
     """On the bf16 path with Unsloth's compile mode off (DoRA): Gemma-3's norms and the attention's prepare
     (q/k norm, RoPE) compiled (``trinity_core.train.compiled_kernels``), as that mode compiles them. The norms
     per module; the prepare inside Unsloth's ``Gemma3Attention.forward``, where it is a closure variable of
     its bf16 forward (unsloth_zoo's ``patch_Gemma3Attention_generic``): swapped there, for every Gemma-3
     attention of the process (the same arithmetic as Unsloth's). ``layers``: also each decoder layer as one
-    compiled region, fast DoRA inside (``trinity_core.train.compiled_layers``). What was installed; nothing in
+    compiled region, fast DoRA inside (``trinity_core.train.compiled_layers``); flex attention's block masks
+    built once a shape (``trinity_core.train.block_masks``, :data:`BLOCK_MASKS`). What was installed; nothing in
     Unsloth's float32 mode (the T4 path has its own lean norm and attention) or without CUDA."""
     import torch
 
-    from trinity_core.train import compiled_kernels
+    from trinity_core.train import block_masks, compiled_kernels
     from trinity_core.train.compiled_layers import compile_decoder_layers
     from trinity_core.train.lean_norm import float32_mode
 
     if float32_mode() or not torch.cuda.is_available():
         return {}
     return {"norms": compiled_kernels.install_compiled_norms(model), "attention_prepare": _swap_unsloth_prepare(),
-            "decoder_layers": compile_decoder_layers(model) if layers else 0}
+            "decoder_layers": compile_decoder_layers(model) if layers else 0,
+            "block_masks": BLOCK_MASKS and block_masks.install() is not None}
 
 
 def _swap_unsloth_prepare() -> bool:

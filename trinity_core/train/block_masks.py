@@ -1,0 +1,152 @@
+"""Flex attention's block masks built once per shape, not once per micro-batch.
+
+transformers builds Gemma-3's two masks (causal, and causal within the sliding window) at the start of every forward
+through ``flex_attention_mask``: a ``torch.compile``'d ``create_block_mask`` behind a fresh closure. On the H200 hosts
+its host work left the GPU idle 3.5-4.9 ms before each of the two masks' first kernel, and tens of µs between their
+small kernels: about 9 ms of every micro-batch's start at the 12B shape (call 43's trace,
+``bench/results/2026-11-30-h200-blocksprof-43-trace-*``; the same gaps in Unsloth's compiled LoRA, call 39), against a
+657 ms micro-batch at 48 layers. For a training batch without padding the mask depends only on its shape and on what
+the mask function computes, so :func:`install` puts a cache in front of transformers' function: the key is the
+batch size, the lengths, the offsets, the device and the mask function's structure (its code and the plain values
+in its closure, recursively through ``and_masks``/``or_masks``). A mask function that closes over a tensor (padding,
+packed sequences, image tokens) or a padded batch goes to transformers' function as before, uncached; so do calls
+made while Dynamo traces.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import types
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+MAX_ENTRIES = 16
+"""Masks kept (least recently used dropped first): a job's batches come in few lengths; generation with a KV cache
+would otherwise add one a step."""
+
+
+class _Uncacheable(Exception):
+    """A mask function whose result depends on more than its code and plain values (it closes over a tensor)."""
+
+
+def _structure(value: Any, depth: int = 0) -> Any:
+    """A hashable description of what a mask function computes: for a function, its code and (recursively) its
+    closure's and defaults' values; plain values as they are. Raises :class:`_Uncacheable` for anything else."""
+    if depth > 16:
+        raise _Uncacheable("nested too deep")
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return (type(value).__name__, value)
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, tuple(_structure(v, depth + 1) for v in value))
+    if isinstance(value, types.FunctionType):
+        try:
+            cells = tuple(_structure(c.cell_contents, depth + 1) for c in value.__closure__ or ())
+        except ValueError as error:  # an empty cell
+            raise _Uncacheable("empty closure cell") from error
+        return ("function", value.__code__, cells, _structure(value.__defaults__, depth + 1))
+    raise _Uncacheable(type(value).__name__)
+
+
+_KEYED = ("batch_size", "q_length", "kv_length", "q_offset", "kv_offset", "mask_function", "device")
+"""``flex_attention_mask``'s arguments that make the key (the first five plain integers)."""
+
+
+class CachedMasks:
+    """``flex_attention_mask`` with a cache in front (:func:`install`); ``hits``/``misses``/``uncached`` count
+    the calls."""
+
+    def __init__(self, build: Callable) -> None:
+        self.build = build
+        self.signature = inspect.signature(build)
+        self.entries: OrderedDict[tuple, Any] = OrderedDict()
+        self.lock = threading.Lock()
+        self.hits = self.misses = self.uncached = 0
+
+    def key(self, args: tuple, kwargs: dict) -> tuple[tuple | None, inspect.BoundArguments | None]:
+        """The cache key of a call (None where its mask must be built, and not kept) and its bound arguments."""
+        import torch
+
+        if torch.compiler.is_compiling():
+            return None, None
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError:
+            return None, None
+        bound.apply_defaults()
+        call = bound.arguments
+        if any(name not in call for name in _KEYED):  # another transformers: its function as it is
+            return None, bound
+        padding = call.get("attention_mask")
+        if padding is not None and not bool(padding.all()):  # transformers reads it too (one sync either way)
+            return None, bound
+        if any(isinstance(call[n], torch.Tensor) for n in _KEYED[:5]):
+            return None, bound
+        params = self.signature.parameters
+        try:
+            mask = _structure(call["mask_function"])
+            rest = tuple((n, _structure(v)) for n, v in call.items() if n not in _KEYED and n != "attention_mask"
+                         and params[n].kind is not inspect.Parameter.VAR_KEYWORD)
+        except _Uncacheable:
+            return None, bound
+        return (*(int(call[n]) for n in _KEYED[:5]), str(torch.device(call["device"])), mask, rest), bound
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        key, bound = self.key(args, kwargs)
+        if key is None:
+            self.uncached += 1
+            return self.build(*args, **kwargs)
+        with self.lock:
+            mask = self.entries.get(key)
+            if mask is not None:
+                self.entries.move_to_end(key)
+                self.hits += 1
+                return mask
+        if "attention_mask" in bound.arguments:  # all ones (checked): the mask without it is the same
+            bound.arguments["attention_mask"] = None
+        mask = self.build(*bound.args, **bound.kwargs)
+        with self.lock:
+            self.misses += 1
+            self.entries[key] = mask
+            while len(self.entries) > MAX_ENTRIES:
+                self.entries.popitem(last=False)
+        return mask
+
+
+def install() -> CachedMasks | None:
+    """Put a :class:`CachedMasks` in front of transformers' flex-attention mask function, for every model of the
+    process (its mask interface is one object); once. None where transformers has no such function."""
+    try:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    except ImportError:
+        return None
+    try:
+        current = ALL_MASK_ATTENTION_FUNCTIONS["flex_attention"]
+    except KeyError:
+        return None
+    if isinstance(current, CachedMasks):
+        return current
+    cached = CachedMasks(current)
+    ALL_MASK_ATTENTION_FUNCTIONS["flex_attention"] = cached
+    return cached
+
+
+def installed() -> CachedMasks | None:
+    """The cache in front of transformers' flex-attention mask function, if :func:`install` put one there."""
+    try:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+        current = ALL_MASK_ATTENTION_FUNCTIONS["flex_attention"]
+    except (ImportError, KeyError):
+        return None
+    return current if isinstance(current, CachedMasks) else None
+
+
+def uninstall() -> None:
+    """transformers' function back (tests)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    current = ALL_MASK_ATTENTION_FUNCTIONS["flex_attention"]
+    if isinstance(current, CachedMasks):
+        ALL_MASK_ATTENTION_FUNCTIONS["flex_attention"] = current.build
