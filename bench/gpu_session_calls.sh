@@ -44,7 +44,7 @@
 #                                             # allows); the first row's flex IS_DIVISIBLE counted
 #   bash bench/gpu_session_calls.sh masks     # 48 layers: LoRA layers (block masks cached), compiled LoRA, q/k/v in
 #                                             # the GEMMs too, the LoRA layers without the cache
-#   bash bench/gpu_session_calls.sh lengths   # 4 layers: a new sequence length, a new compile? (DORA48=1: 48 layers)
+#   bash bench/gpu_session_calls.sh lengths   # 4 layers: a new sequence length, a new compile? LoRA with/without masks
 #   bash bench/gpu_session_calls.sh code      # inductor's code and a kept trace: fast DoRA's layers (NODOWN=1:
 #                                             # without GatedActDownInGraph; LORA=1: Trinity's LoRA layers with
 #                                             # lora_in_gemm on every projection instead), compiled LoRA, at 4 layers
@@ -258,23 +258,20 @@ case ${1:-} in
     row48 --only lora_acc4 --compile-layers --no-block-masks --tag nomasks_layers_
     wrap48 ;;
   lengths)  # whether a new sequence length compiles the layers again (call 41: fast DoRA's graph had specialised on
-            # 4096): fast DoRA's and the LoRA layers' rows at 4 layers, then 2048, 3000 and 1000 tokens (--lengths),
-            # Dynamo's graphs after each; TORCH_LOGS=recompiles names the guard a new length failed. DORA48=1: then
-            # fast DoRA and compiled LoRA at 48 layers
+            # 4096): fast DoRA's row at 4 layers, then 2048, 3000 and 1000 tokens (--lengths), Dynamo's graphs after
+            # each; TORCH_LOGS=recompiles names the guard a new length failed. Then the LoRA layers at 4 layers with
+            # and without the block-mask cache (a fixed cost a micro-batch: the same milliseconds at 48 layers)
     python bench/gpu_bench.py build /tmp/m12b 4 > "$OUT/speed.log" 2>&1 || tail -5 "$OUT/speed.log"
-    for a in dora_fast_acc4 lora_acc4; do
-      TORCH_LOGS=recompiles python bench/gpu_bench.py run unsloth /tmp/m12b "$OUT/lengths.jsonl" --depths 4 \
-        --only $a --compile-layers --lengths 2048,3000,1000 --tag len_layers_ >> "$OUT/lengths.log" 2>&1
-    done
+    TORCH_LOGS=recompiles python bench/gpu_bench.py run unsloth /tmp/m12b "$OUT/lengths.jsonl" --depths 4 \
+      --only dora_fast_acc4 --compile-layers --lengths 2048,3000,1000 --tag len_layers_ >> "$OUT/lengths.log" 2>&1
     python -c "import json,sys; [print(r['name'], r['status'], r.get('tok_s'), r.get('dynamo_graphs'), r.get('lengths'))
                for r in map(json.loads, open(sys.argv[1]))]" "$OUT/lengths.jsonl"
     grep -i "recompil" "$OUT/lengths.log" | sort | uniq -c | sort -rn | head -12
-    if [ -n "${DORA48:-}" ]; then
-      start48 ${BUDGET:-300}
-      row48 --only dora_fast_acc4 --compile-layers --tag layers_
-      UNSLOTH_COMPILE_DISABLE=0 row48 --only lora_acc4 --tag compiled_
-      wrap48
-    fi ;;
+    for flag in "" --no-block-masks; do
+      python bench/gpu_bench.py run unsloth /tmp/m12b "$OUT/speed.jsonl" --depths 4 --only lora_acc4 --compile-layers \
+        $flag --tag "${flag:+nomasks_}layers_" >> "$OUT/speed.log" 2>&1
+    done
+    rm -f "$OUT/card.txt"; cut -c1-300 "$OUT/speed.jsonl" ;;
   loracode)  # call 39 (loraflex): the flex attention backward of Trinity's LoRA layers ran 1872 us a launch, fast
               # DoRA's 1560 and compiled LoRA's 1582 (4 layers, H200): the generated modules of both of Trinity's
               # paths (strides of q, k, v and of the gradients in the flex templates' calls), then the norm refresh
