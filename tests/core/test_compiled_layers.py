@@ -397,9 +397,9 @@ def _graph_facts(block: int, graphs: list):
 
 
 def test_lengths_in_whole_blocks_run_a_compile_that_knows_it(tiny_spec, monkeypatch):
-    """With ``WHOLE_BLOCKS`` (the default) a call whose sequence length is a multiple of ``TOKEN_BLOCK`` runs its kind's second
-    compile, which states it to Dynamo (``torch._check``); other lengths the general one. Neither recompiles by
-    length, and both train as the eager model."""
+    """With ``WHOLE_BLOCKS`` (the default) a call whose sequence length is a multiple of ``TOKEN_BLOCK`` runs its
+    kind's second compile, which states it to Dynamo (``torch._check``), for the first such length; other lengths
+    the general one. Neither recompiles by length, and both train as the eager model."""
     from trinity_core.train.backends.peft import PeftBackend
 
     monkeypatch.setattr(compiled_layers, "WHOLE_BLOCKS", True)
@@ -419,6 +419,11 @@ def test_lengths_in_whole_blocks_run_a_compile_that_knows_it(tiny_spec, monkeypa
     state = next(m for m in fast.modules() if hasattr(m, "_trinity_region_state"))._trinity_region_state
     assert len(state.kinds) == len(state.whole_blocks) == 2, "sliding and global, each: general and whole blocks"
     assert [known for known, _ in graphs].count(True) == [known for known, _ in graphs].count(False) == 2, graphs
+    # the whole-block compile serves the first such length only (fast DoRA's would compile again for another)
+    assert set(state.block_length.values()) == {block}
+    layer = next(m for m in fast.modules() if hasattr(m, "_trinity_kind"))
+    assert state.forward_of(layer, block) is state.whole_blocks[layer._trinity_kind]
+    assert state.forward_of(layer, 2 * block) is state.forward_of(layer, None) is state.kinds[layer._trinity_kind]
 
 
 def test_whole_blocks_tell_flex_attention_it_needs_no_bounds_checks(tiny_spec, monkeypatch):

@@ -41,9 +41,13 @@ docs/BENCHMARKS.md). A call whose length is a multiple of :data:`TOKEN_BLOCK` (a
 benchmark's 4096) runs a second compile of its kind's forward that states it twice: ``torch._check`` (a guard, and on
 torch 2.13 a fact inductor's flex lowering reads; on the GPU image's torch 2.11 it was not enough, call 43) and
 ``kernel_options={"IS_DIVISIBLE": True}``, which transformers' flex attention passes to ``flex_attention`` and its
-lowering keeps (it only ``setdefault``s the option). Other lengths run the general compile: at most two graphs a
-kind, neither recompiled by length. Call 44 (H200, 48 layers): all 16 flex templates of the first row read
-``IS_DIVISIBLE: True``, and the LoRA layers ran 6231.1 tok/s with it against 6143.2 without (+1.4%, same run).
+lowering keeps (it only ``setdefault``s the option). Call 44 (H200, 48 layers): all 16 flex templates of the first
+row read ``IS_DIVISIBLE: True``, and the LoRA layers ran 6231.1 tok/s with it against 6143.2 without (+1.4%, same
+run). The whole-block compile serves one length a kind, the first it sees (a packed job's every batch is
+``max_seq_length`` tokens); other lengths run the general compile, which is not recompiled by length: at most two
+graphs a kind. Fast DoRA's whole-block graph specialises on its length (call 46, 4 layers of the 12B shape: 2048
+tokens after 4096 compiled again for 88 s, 3000 then 1000 tokens compiled once, the general graph), so a second
+whole-block length would mean a compile of that size for a ~1% faster step.
 
 H200, 12B shape at 48 layers, the recipe's settings, one run (docs/BENCHMARKS.md, "Goal 1, 2026-11-29 (late)",
 call 22): 5900 tok/s against 6090 for Unsloth's compiled LoRA (0.969×); peak allocated 11.03 GiB (each layer's
@@ -152,7 +156,7 @@ def _forward_copy(cls: type) -> types.FunctionType:
 def _in_whole_blocks(forward: types.FunctionType) -> types.FunctionType:
     """``forward`` behind ``torch._check(tokens % TOKEN_BLOCK == 0)`` on the hidden states' sequence dimension and
     with ``kernel_options={"IS_DIVISIBLE": True}`` for its attention, as a function with its own code object
-    (:func:`_forward_copy`'s reason). Called only with such lengths (:func:`_whole_blocks`); Dynamo installs the
+    (:func:`_forward_copy`'s reason). Called only with such lengths (:func:`_block_length`); Dynamo installs the
     check as a guard, so the graph is never run with a length it does not fit."""
 
     def whole_blocks_forward(self, *args, **kwargs):
@@ -165,10 +169,13 @@ def _in_whole_blocks(forward: types.FunctionType) -> types.FunctionType:
     return types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
 
 
-def _whole_blocks(args: tuple, kwargs: dict) -> bool:
-    """Whether a layer call's hidden states (its first argument) hold a multiple of :data:`TOKEN_BLOCK` tokens."""
+def _block_length(args: tuple, kwargs: dict) -> int | None:
+    """A layer call's sequence length (its hidden states' second-to-last dimension) if it is a multiple of
+    :data:`TOKEN_BLOCK` tokens, else None."""
     hidden = args[0] if args else kwargs.get("hidden_states")
-    return isinstance(hidden, torch.Tensor) and hidden.dim() >= 2 and hidden.shape[-2] % TOKEN_BLOCK == 0
+    if isinstance(hidden, torch.Tensor) and hidden.dim() >= 2 and hidden.shape[-2] % TOKEN_BLOCK == 0:
+        return int(hidden.shape[-2])
+    return None
 
 
 def refresh_norms(layer: nn.Module, args=None, kwargs=None) -> None:
@@ -225,6 +232,7 @@ class RegionState:
         self.kinds: dict[tuple, Callable] = {}
         self.classes: dict[type, Callable] = {}
         self.whole_blocks: dict[Any, Callable] = {}  # kind or class: its compile for whole blocks of tokens
+        self.block_length: dict[Any, int] = {}  # kind or class: the one length its whole-block compile serves
 
     def add(self, layer: nn.Module) -> None:
         """Give ``layer`` its kind (compiling a forward for a new kind)."""
@@ -246,19 +254,20 @@ class RegionState:
     def _compile_class(self, forward: types.FunctionType) -> Callable:
         return floats_as_constants(torch.compile(forward, dynamic=True, backend=self.backend))
 
-    def forward_of(self, layer: nn.Module, whole_blocks: bool = False) -> Callable:
-        """The compiled forward ``layer`` runs: its kind's, or its class's with every guard; with ``whole_blocks``
-        (the call's length a multiple of :data:`TOKEN_BLOCK`) the compile of it that knows so, made on first use."""
+    def forward_of(self, layer: nn.Module, block_length: int | None = None) -> Callable:
+        """The compiled forward ``layer`` runs: its kind's, or its class's with every guard; with ``block_length``
+        (the call's length, a multiple of :data:`TOKEN_BLOCK`) the compile of it that knows so, made on first use,
+        for the first such length only (module docstring: fast DoRA's compiles it again for each)."""
         if not self.guarded:
             key, compile_ = layer._trinity_kind, self._compile_kind
-            if not whole_blocks:
-                return self.kinds[key]
+            general = self.kinds
         else:
             key, compile_ = type(layer), self._compile_class
             if key not in self.classes:
                 self.classes[key] = compile_(_forward_copy(key))
-            if not whole_blocks:
-                return self.classes[key]
+            general = self.classes
+        if block_length is None or self.block_length.setdefault(key, block_length) != block_length:
+            return general[key]
         if key not in self.whole_blocks:  # the wrapper has its own code object; the copy it calls is inlined
             self.whole_blocks[key] = compile_(_in_whole_blocks(_forward_copy(type(layer))))
         return self.whole_blocks[key]
@@ -276,8 +285,8 @@ def compiled_layer_forward(self: nn.Module, *args, **kwargs):
     state: RegionState = self._trinity_region_state
     if self.training and state.failed is None and _adapter_state(self) == self._trinity_adapters:
         try:
-            whole_blocks = WHOLE_BLOCKS and _whole_blocks(args, kwargs)
-            return state.forward_of(self, whole_blocks)(self, *args, **kwargs)
+            block_length = _block_length(args, kwargs) if WHOLE_BLOCKS else None
+            return state.forward_of(self, block_length)(self, *args, **kwargs)
         except Unsupported as error:  # a graph break under fullgraph: every guard from now on (module docstring)
             if state.guarded:
                 raise
