@@ -74,6 +74,7 @@ def test_compiled_layers_train_as_the_eager_model(tiny_spec, down_in_graph, monk
 
     assert compile_decoder_layers(fast, backend=backend) == len(layers) == 6
     assert compile_decoder_layers(fast, backend=backend) == 0, "already compiled"
+    assert all(len(layer._forward_pre_hooks) == 1 for layer in layers), "fast DoRA's norms refreshed before each"
     eager.train(), fast.train()
     opt_eager, opt_fast = torch.optim.SGD(_trainable(eager), lr=0.5), torch.optim.SGD(_trainable(fast), lr=0.5)
     gen = torch.Generator().manual_seed(0)
@@ -422,6 +423,7 @@ def test_lengths_in_whole_blocks_run_a_compile_that_knows_it(tiny_spec, monkeypa
     # the whole-block compile serves the first such length only (fast DoRA's would compile again for another)
     assert set(state.block_length.values()) == {block}
     layer = next(m for m in fast.modules() if hasattr(m, "_trinity_kind"))
+    assert not layer._forward_pre_hooks, "a LoRA job's layers have no DoRA norms to refresh"
     assert state.forward_of(layer, block) is state.whole_blocks[layer._trinity_kind]
     assert state.forward_of(layer, 2 * block) is state.forward_of(layer, None) is state.kinds[layer._trinity_kind]
 
