@@ -42,8 +42,8 @@
 #   bash bench/gpu_session_calls.sh lorablocks # 48 layers: Trinity's LoRA layers (whole-block compiles), Unsloth's
 #                                             # compiled LoRA, the LoRA layers without them, fast DoRA (as budget
 #                                             # allows); the first row's flex IS_DIVISIBLE counted
-#   bash bench/gpu_session_calls.sh masks     # 48 layers: LoRA layers (block masks cached), compiled LoRA, q/k/v in
-#                                             # the GEMMs too, the LoRA layers without the cache
+#   bash bench/gpu_session_calls.sh masks     # 48 layers: LoRA layers (block masks cached), compiled LoRA, (QKV=1: q/k/v
+#                                             # in the GEMMs too), the LoRA layers without the cache
 #   bash bench/gpu_session_calls.sh lengths   # 4 layers: a new sequence length, a new compile? LoRA with/without masks
 #   bash bench/gpu_session_calls.sh code      # inductor's code and a kept trace: fast DoRA's layers (NODOWN=1:
 #                                             # without GatedActDownInGraph; LORA=1: Trinity's LoRA layers with
@@ -250,11 +250,12 @@ case ${1:-} in
   masks)  # call 45: flex attention's block masks built once a shape (trinity_core/train/block_masks.py: ~9 ms of host
           # work at each micro-batch's start, call 43's trace), with the whole-block compiles (call 44): Trinity's
           # LoRA layers, Unsloth's compiled LoRA, q/k/v's adapters in the GEMMs too (0.69x in call 42, before whole
-          # blocks), the LoRA layers without the cache
+          # blocks), the LoRA layers without the cache. Call 45 ran past the call's 600 s in its fourth row; since,
+          # q/k/v's row only with QKV=1 (0.786x in call 45)
     start48 ${BUDGET:-440}
     row48 --only lora_acc4 --compile-layers --tag layers_
     UNSLOTH_COMPILE_DISABLE=0 row48 --only lora_acc4 --tag compiled_
-    row48 --only lora_acc4 --compile-layers --lora-in-gemm-projections all --tag qkv_layers_
+    [ -z "${QKV:-}" ] || row48 --only lora_acc4 --compile-layers --lora-in-gemm-projections all --tag qkv_layers_
     row48 --only lora_acc4 --compile-layers --no-block-masks --tag nomasks_layers_
     wrap48 ;;
   lengths)  # whether a new sequence length compiles the layers again (call 41: fast DoRA's graph had specialised on
