@@ -24,9 +24,9 @@ as it is at that instant, and a lock the reaper held mid-sweep (the broker pool'
 database driver's) would stay held forever in the child, whose only thread then waits on it. (A fresh
 clone's CI once hung on a job child with a single thread asleep on a futex, its job never started,
 while the reaper re-sent that job; which lock it waited on was not established.) So a sweep runs
-under :data:`_SWEEPING`, and a fork of this process waits
-for the sweep in progress to end (:func:`install_fork_guard`, ``os.register_at_fork``); between
-sweeps the thread only waits on its stop event.
+under :data:`_SWEEPING`, and a fork of this process waits for the sweep in progress to end
+(:func:`install_fork_guard`, ``os.register_at_fork``); between sweeps the thread only waits on its
+stop event.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 transformers builds Gemma-3's two masks (causal, and causal within the sliding window) at the start of every forward
 through ``flex_attention_mask``: a ``torch.compile``'d ``create_block_mask`` behind a fresh closure. On the H200 hosts
-its host work left the GPU idle 3.5-4.9 ms before each of the two masks' first kernel, and tens of µs between their
-small kernels: about 9 ms of every micro-batch's start at the 12B shape (call 43's trace,
-``bench/results/2026-11-30-h200-blocksprof-43-trace-*``; the same gaps in Unsloth's compiled LoRA, call 39), against a
+its host work left the GPU idle 2.0-4.9 ms before each of the two masks' first kernel, and tens of µs between their
+small kernels: 4.3-8.7 ms of every micro-batch's start at the 12B shape (call 43's trace,
+``python bench/layer_segments.py TRACE --gaps 1000``; the same gaps in Unsloth's compiled LoRA, call 39), against a
 ~650 ms micro-batch at 48 layers; with the cache a 4-layer micro-batch took 3.7 ms less on another host (call 46,
 docs/BENCHMARKS.md). For a training batch without padding the mask depends only on its shape and on what
 the mask function computes, so :func:`install` puts a cache in front of transformers' function: the key is the
