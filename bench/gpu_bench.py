@@ -507,6 +507,13 @@ def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_
 
             if (masks := block_masks.installed()) is not None:  # the cache's calls (backends.unsloth.BLOCK_MASKS)
                 v2["block_masks"] = dict(hits=masks.hits, misses=masks.misses, uncached=masks.uncached)
+            from trinity_core.train import dense_attention
+
+            if (dense := dense_attention.installed()) is not None:  # backends.unsloth.DENSE_ATTENTION
+                states = {id(s): s for m in model.modules() if (s := getattr(m, "_trinity_region_state", None))}
+                v2["dense_attention"] = dict(
+                    global_kernel=dense_attention.GLOBAL_KERNEL, eager_calls=dense.calls, declined=dense.declined,
+                    layer_calls_with_pattern=sum(s.dense_calls for s in states.values()))
             if COMPILED_LAYERS:  # the adapters' products inside the base GEMMs: fast DoRA's, plain LoRA's
                 from trinity_core.train.fast_dora import lora_in_gemm
 
@@ -728,6 +735,10 @@ def main(argv: list[str]) -> None:
                    "micro-batches at each, timed, with Dynamo's graph count (recompiles by length)")
     r.add_argument("--no-block-masks", action="store_true", help="flex attention's block masks built every "
                    "micro-batch, as transformers does (trinity_core.train.backends.unsloth.BLOCK_MASKS)")
+    r.add_argument("--no-dense-attention", action="store_true", help="plain masks' attention through flex "
+                   "attention, as transformers runs it (trinity_core.train.backends.unsloth.DENSE_ATTENTION)")
+    r.add_argument("--global-kernel", choices=("cudnn", "flash"), default="cudnn", help="a global layer's dense "
+                   "attention kernel (trinity_core.train.dense_attention.GLOBAL_KERNEL)")
     r.add_argument("--only-grown", action="store_true", help="measure only the --grow-to rows")
     r.add_argument("--gated-tiles", default="", help="ROWS,BLOCK_T,BLOCK_N,WARPS of the gated activation's "
                    "backward kernel (trinity_core.train.fast_dora.mlp.BACKWARD_TILES; bench/gated_act_sweep.py)")
@@ -765,6 +776,11 @@ def main(argv: list[str]) -> None:
             from trinity_core.train.backends import unsloth as unsloth_backend
 
             unsloth_backend.BLOCK_MASKS = False
+        from trinity_core.train import dense_attention
+        from trinity_core.train.backends import unsloth as unsloth_backend
+
+        unsloth_backend.DENSE_ATTENTION = not a.no_dense_attention
+        dense_attention.GLOBAL_KERNEL = a.global_kernel
         if a.region_torch_act:
             from trinity_core.train.fast_dora import mlp
 

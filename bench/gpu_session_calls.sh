@@ -44,6 +44,8 @@
 #                                             # allows); the first row's flex IS_DIVISIBLE counted
 #   bash bench/gpu_session_calls.sh masks     # 48 layers: LoRA layers (block masks cached), compiled LoRA, (QKV=1: q/k/v
 #                                             # in the GEMMs too), the LoRA layers without the cache
+#   bash bench/gpu_session_calls.sh dense     # dense attention's GPU test; 48 layers: LoRA layers, compiled LoRA, the
+#                                             # LoRA layers with flex attention (NOFLEX=1: not), fast DoRA (DORA=1)
 #   bash bench/gpu_session_calls.sh lengths   # 4 layers: a new sequence length, a new compile? LoRA with/without masks
 #   bash bench/gpu_session_calls.sh code      # inductor's code and a kept trace: fast DoRA's layers (NODOWN=1:
 #                                             # without GatedActDownInGraph; LORA=1: Trinity's LoRA layers with
@@ -257,6 +259,18 @@ case ${1:-} in
     UNSLOTH_COMPILE_DISABLE=0 row48 --only lora_acc4 --tag compiled_
     [ -z "${QKV:-}" ] || row48 --only lora_acc4 --compile-layers --lora-in-gemm-projections all --tag qkv_layers_
     row48 --only lora_acc4 --compile-layers --no-block-masks --tag nomasks_layers_
+    wrap48 ;;
+  dense)  # plain masks' attention through torch's dense kernels (trinity_core/train/dense_attention.py; call 47,
+          # bench/attention_kernels.py: flex 1.965/3.720 ms a sliding/global layer's forward +
+          # backward, FlashAttention-2 1.259, cuDNN 1.449 ms): its GPU test, then 48 layers: Trinity's LoRA layers,
+          # Unsloth's compiled LoRA, the LoRA layers with flex attention (NOFLEX=1: not), fast DoRA's (DORA=1)
+    python -m pytest -m gpu -q -rf --tb=short -p no:cacheprovider tests/gpu/test_dense_attention_cuda.py \
+      > "$OUT/pytest-dense.txt" 2>&1; tail -4 "$OUT/pytest-dense.txt"
+    start48 ${BUDGET:-470}
+    row48 --only lora_acc4 --compile-layers --tag dense_layers_
+    UNSLOTH_COMPILE_DISABLE=0 row48 --only lora_acc4 --tag compiled_
+    [ -n "${NOFLEX:-}" ] || row48 --only lora_acc4 --compile-layers --no-dense-attention --tag flex_layers_
+    [ -z "${DORA:-}" ] || row48 --only dora_fast_acc4 --compile-layers --tag dense_layers_
     wrap48 ;;
   lengths)  # whether a new sequence length compiles the layers again (call 41: fast DoRA's graph had specialised on
             # 4096): fast DoRA's row at 4 layers, then 2048, 3000 and 1000 tokens (--lengths), Dynamo's graphs after

@@ -12,6 +12,11 @@ batch size, the lengths, the offsets, the device and the mask function's structu
 in its closure, recursively through ``and_masks``/``or_masks``). A mask function that closes over a tensor (padding,
 packed sequences, image tokens) or a padded batch goes to transformers' function as before, uncached; so do calls
 made while Dynamo traces.
+
+Each mask is classified once, when it is built: its mask function (offsets included) evaluated densely and compared
+with causal ∧ window (:func:`trinity_core.train.dense_attention.classify`); :meth:`CachedMasks.pattern_of` tells the
+compiled decoder layers which masks are plain, so their attention can run a dense kernel
+(:mod:`trinity_core.train.dense_attention`).
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ class CachedMasks:
         self.build = build
         self.signature = inspect.signature(build)
         self.entries: OrderedDict[tuple, Any] = OrderedDict()
+        self.patterns: dict[int, Any] = {}  # id of a kept mask: its dense_attention.Pattern, if it is plain
         self.lock = threading.Lock()
         self.hits = self.misses = self.uncached = 0
 
@@ -107,12 +113,40 @@ class CachedMasks:
         if "attention_mask" in bound.arguments:  # all ones (checked): the mask without it is the same
             bound.arguments["attention_mask"] = None
         mask = self.build(*bound.args, **bound.kwargs)
+        plain = _pattern(mask)
         with self.lock:
             self.misses += 1
             self.entries[key] = mask
+            if plain is not None:
+                self.patterns[id(mask)] = plain
             while len(self.entries) > MAX_ENTRIES:
-                self.entries.popitem(last=False)
+                self.patterns.pop(id(self.entries.popitem(last=False)[1]), None)
         return mask
+
+    def pattern_of(self, mask: Any) -> Any:
+        """The :class:`~trinity_core.train.dense_attention.Pattern` of a mask this cache built and keeps (causal,
+        or causal within a window); None for any other object."""
+        return self.patterns.get(id(mask))
+
+
+def _pattern(mask: Any) -> Any:
+    """A built block mask's :class:`~trinity_core.train.dense_attention.Pattern` (None: not plain, or not a
+    block mask): its mask function evaluated at every query and key of its first batch entry and every other
+    entry compared with it."""
+    from torch.nn.attention.flex_attention import BlockMask, create_mask
+
+    from trinity_core.train.dense_attention import classify
+
+    if not isinstance(mask, BlockMask):
+        return None
+    q_len, kv_len = mask.seq_lengths
+    batch = mask.kv_num_blocks.shape[0]
+    if q_len != kv_len:
+        return None
+    dense = create_mask(mask.mask_mod, batch, None, q_len, kv_len, device=mask.kv_num_blocks.device)
+    if batch > 1 and not bool((dense == dense[:1]).all()):
+        return None
+    return classify(dense[0, 0])
 
 
 def install() -> CachedMasks | None:

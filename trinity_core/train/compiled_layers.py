@@ -49,6 +49,11 @@ graphs a kind. Fast DoRA's whole-block graph specialises on its length (call 46,
 tokens after 4096 compiled again for 88 s, 3000 then 1000 tokens compiled once, the general graph), so a second
 whole-block length would mean a compile of that size for a ~1% faster step.
 
+Dense attention. A call whose ``attention_mask`` is a block mask that :mod:`~trinity_core.train.block_masks` built
+and found plain (causal, or causal within a window) gets ``dense_attention=<its pattern>`` among its keywords, looked
+up here outside the region; where :mod:`~trinity_core.train.dense_attention` is installed the layer's attention then
+runs torch's FlashAttention-2 or cuDNN kernels instead of flex attention's templates (that module's docstring).
+
 H200, 12B shape at 48 layers, the recipe's settings, one run (docs/BENCHMARKS.md, "Goal 1, 2026-11-29 (late)",
 call 22): 5900 tok/s against 6090 for Unsloth's compiled LoRA (0.969×); peak allocated 11.03 GiB (each layer's
 dequantised projections are kept for its backward; counted by ``train/memory.py``). Dropping the module guards
@@ -67,7 +72,7 @@ import torch
 from torch import nn
 from torch._dynamo.exc import BackendCompilerFailed, InternalTorchDynamoError, Unsupported
 
-from trinity_core.train import nf4_dequant
+from trinity_core.train import block_masks, dense_attention, nf4_dequant
 from trinity_core.train.compiled_kernels import floats_as_constants
 from trinity_core.train.fast_dora import lora_in_gemm
 from trinity_core.train.fast_dora.linear import FastDoraLinearLayer, fast_dora_forward
@@ -193,6 +198,15 @@ def _block_length(args: tuple, kwargs: dict) -> int | None:
     return None
 
 
+def _plain_pattern(mask: Any) -> dense_attention.Pattern | None:
+    """The mask's dense-attention pattern, where both :mod:`~trinity_core.train.block_masks`' cache (which built and
+    classified it) and :mod:`~trinity_core.train.dense_attention` are installed; else None."""
+    if mask is None or dense_attention.installed() is None:
+        return None
+    cache = block_masks.installed()
+    return None if cache is None else cache.pattern_of(mask)
+
+
 def refresh_norms(layer: nn.Module, args=None, kwargs=None) -> None:
     """Forward pre-hook: every fast-DoRA norm cache in ``layer`` checked (and recomputed if A or B changed),
     eagerly, as the layer's uncompiled forward would on its way."""
@@ -248,6 +262,7 @@ class RegionState:
         self.classes: dict[type, Callable] = {}
         self.whole_blocks: dict[Any, Callable] = {}  # kind or class: its compile for whole blocks of tokens
         self.block_length: dict[Any, int] = {}  # kind or class: the one length its whole-block compile serves
+        self.dense_calls = 0  # layer calls given a plain mask's dense-attention pattern
 
     def add(self, layer: nn.Module) -> None:
         """Give ``layer`` its kind (compiling a forward for a new kind)."""
@@ -301,6 +316,10 @@ def compiled_layer_forward(self: nn.Module, *args, **kwargs):
     if self.training and state.failed is None and _adapter_state(self) == self._trinity_adapters:
         try:
             block_length = _block_length(args, kwargs) if WHOLE_BLOCKS else None
+            plain = _plain_pattern(kwargs.get("attention_mask"))
+            if plain is not None:
+                kwargs = {**kwargs, dense_attention.KEYWORD: plain}
+                state.dense_calls += 1
             return state.forward_of(self, block_length)(self, *args, **kwargs)
         except Unsupported as error:  # a graph break under fullgraph: every guard from now on (module docstring)
             if state.guarded:

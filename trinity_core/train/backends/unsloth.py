@@ -117,6 +117,11 @@ BLOCK_MASKS = True
 (``bench/gpu_bench.py --no-block-masks``)."""
 
 
+DENSE_ATTENTION = True
+"""With the compiled decoder layers and the mask cache: plain masks' attention through torch's dense kernels
+(:mod:`trinity_core.train.dense_attention`); False for the A/B (``bench/gpu_bench.py --no-dense-attention``)."""
+
+
 def compile_gemma3_kernels(model, layers: bool = False) -> dict:
     """On the bf16 path with Unsloth's compile mode off (DoRA): Gemma-3's norms and the attention's prepare
     (q/k norm, RoPE) compiled (``trinity_core.train.compiled_kernels``), as that mode compiles them. The norms
@@ -124,11 +129,13 @@ def compile_gemma3_kernels(model, layers: bool = False) -> dict:
     its bf16 forward (unsloth_zoo's ``patch_Gemma3Attention_generic``): swapped there, for every Gemma-3
     attention of the process (the same arithmetic as Unsloth's). ``layers``: also each decoder layer as one
     compiled region, fast DoRA inside (``trinity_core.train.compiled_layers``); flex attention's block masks
-    built once a shape (``trinity_core.train.block_masks``, :data:`BLOCK_MASKS`). What was installed; nothing in
+    built once a shape (``trinity_core.train.block_masks``, :data:`BLOCK_MASKS`) and, with both, the plain masks'
+    attention through dense kernels (``trinity_core.train.dense_attention``, :data:`DENSE_ATTENTION`). What was
+    installed; nothing in
     Unsloth's float32 mode (the T4 path has its own lean norm and attention) or without CUDA."""
     import torch
 
-    from trinity_core.train import block_masks, compiled_kernels
+    from trinity_core.train import block_masks, compiled_kernels, dense_attention
     from trinity_core.train.compiled_layers import compile_decoder_layers
     from trinity_core.train.lean_norm import float32_mode
 
@@ -136,7 +143,9 @@ def compile_gemma3_kernels(model, layers: bool = False) -> dict:
         return {}
     return {"norms": compiled_kernels.install_compiled_norms(model), "attention_prepare": _swap_unsloth_prepare(),
             "decoder_layers": compile_decoder_layers(model) if layers else 0,
-            "block_masks": BLOCK_MASKS and block_masks.install() is not None}
+            "block_masks": BLOCK_MASKS and block_masks.install() is not None,
+            "dense_attention": (layers and BLOCK_MASKS and DENSE_ATTENTION
+                                and dense_attention.install() is not None)}
 
 
 def _swap_unsloth_prepare() -> bool:

@@ -1,0 +1,143 @@
+"""Gemma-3 attention at the 12B shape, forward + backward, by kernel: flex attention as transformers runs it
+(compiled, a block mask, ``IS_DIVISIBLE``), torch's built-in FlashAttention-2 (``aten._flash_attention_forward``
+with a left window for the sliding layers), and SDPA's cuDNN and flash backends where they apply (causal only).
+
+    python bench/attention_kernels.py [--seq 4096] [--window 1024] [--reps 20]
+
+Prints, per kind (sliding, global) and kernel: the median milliseconds of forward and of forward + backward,
+the TFLOP/s that makes (the FLOPs of the unmasked part only), and each kernel's largest error against an fp32
+reference (output and the three gradients, relative to the reference's largest value). CUDA only."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+
+def reference(q, k, v, window, scale):
+    """fp32 attention with an explicit mask: causal, and within ``window`` keys of the query when given
+    (transformers' sliding-window overlay: key > query - window)."""
+    s = q.shape[2]
+    i = torch.arange(s, device=q.device)
+    mask = i[None, :] <= i[:, None]
+    if window:
+        mask &= i[None, :] > i[:, None] - window
+    return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=scale,
+                                          enable_gqa=True)
+
+
+def flash(q, k, v, window, scale):
+    """torch's FlashAttention-2 on (batch, heads, seq, dim) tensors; its layout is (batch, seq, heads, dim)."""
+    s = q.shape[2]
+    out = torch.ops.aten._flash_attention_forward(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, None, s, s, 0.0, True, False, scale=scale,
+        window_size_left=window - 1 if window else -1, window_size_right=0)[0]
+    return out.transpose(1, 2)
+
+
+def make_flex(s, window, device):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def causal(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx
+
+    def sliding(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (kv_idx > q_idx - window)
+
+    block_mask = create_block_mask(sliding if window else causal, None, None, s, s, device=device)
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def run(q, k, v, _window, scale):
+        return compiled(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True,
+                        kernel_options={"IS_DIVISIBLE": True})
+    return run
+
+
+def sdpa(backend):
+    from torch.nn.attention import sdpa_kernel
+
+    def run(q, k, v, window, scale):
+        if window:
+            raise NotImplementedError("no sliding window")
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    return run
+
+
+def timed(fn, reps):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--window", type=int, default=1024)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--reps", type=int, default=20)
+    a = p.parse_args()
+    from torch.nn.attention import SDPBackend
+
+    dev, s, scale = "cuda", a.seq, a.dim ** -0.5
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; batch 1, seq {s}, heads {a.heads}/"
+          f"{a.kv_heads}, dim {a.dim}, bf16; window {a.window}")
+    g = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(1, a.heads, s, a.dim, device=dev, dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, a.kv_heads, s, a.dim, device=dev, dtype=torch.bfloat16, generator=g)
+    v = torch.randn(1, a.kv_heads, s, a.dim, device=dev, dtype=torch.bfloat16, generator=g)
+    dout = torch.randn(1, a.heads, s, a.dim, device=dev, dtype=torch.bfloat16, generator=g)
+    small = [torch.randn(1, h, 256, a.dim, device=dev, dtype=torch.bfloat16, generator=g)
+             for h in (a.heads, a.kv_heads, a.kv_heads)]
+    got = flash(*small, 16, scale).float()
+    print("# flash window 16 at seq 256 against references of window 15/16/17 (max abs error): " + " ".join(
+        f"{(got - reference(*small, w, scale)).abs().max().item():.4f}" for w in (15, 16, 17)))
+    for kind, window in (("sliding", a.window), ("global", 0)):
+        keys = sum(min(i + 1, window) if window else i + 1 for i in range(s))
+        flop_fwd = 4 * a.heads * a.dim * keys
+        leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+        ref = reference(*leaves, window, scale)
+        ref.backward(dout.float())
+        ref_vals = [ref.detach()] + [t.grad for t in leaves]
+        kernels = {"flex (compiled, IS_DIVISIBLE)": make_flex(s, window, dev), "flash-2 (aten, window)": flash}
+        if not window:
+            kernels["sdpa cudnn"] = sdpa(SDPBackend.CUDNN_ATTENTION)
+            kernels["sdpa flash"] = sdpa(SDPBackend.FLASH_ATTENTION)
+        for name, fn in kernels.items():
+            try:
+                xs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+                out = fn(*xs, window, scale)
+                out.backward(dout)
+                errs = [(got.float() - want).abs().max().item() / want.abs().max().item()
+                        for got, want in zip([out.detach()] + [t.grad for t in xs], ref_vals)]
+
+                def fwd():
+                    with torch.no_grad():
+                        fn(q, k, v, window, scale)
+
+                def fwd_bwd():
+                    x = [t.detach().requires_grad_() for t in (q, k, v)]
+                    fn(*x, window, scale).backward(dout)
+                for _ in range(3):
+                    fwd_bwd()
+                t_fwd, t_all = timed(fwd, a.reps), timed(fwd_bwd, a.reps)
+                print(f"{kind:8s} {name:32s} fwd {t_fwd:7.3f} ms ({flop_fwd / t_fwd / 1e9:6.1f} TFLOP/s)  "
+                      f"fwd+bwd {t_all:7.3f} ms ({3.5 * flop_fwd / t_all / 1e9:6.1f} TFLOP/s)  "
+                      f"rel err out/dq/dk/dv {' '.join(f'{e:.1e}' for e in errs)}", flush=True)
+            except Exception as e:  # noqa: BLE001 - a kernel that does not apply is a row, not a crash
+                print(f"{kind:8s} {name:32s} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

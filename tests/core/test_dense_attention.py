@@ -1,0 +1,181 @@
+"""Plain masks' attention through dense kernels (``trinity_core.train.dense_attention``): which masks are plain,
+the window arithmetic the CUDA kernels get, and the compiled layers' dispatch. On the CPU the dense path is SDPA
+with the mask the CUDA kernels apply; their values against flex attention's: tests/gpu/test_dense_attention_cuda.py."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from trinity_core.train import block_masks, compiled_layers, dense_attention
+from trinity_core.train.compiled_layers import compile_decoder_layers
+from trinity_core.train.dense_attention import classify, expected_mask, pattern
+
+
+@pytest.fixture
+def installed():
+    block_masks.uninstall(), dense_attention.uninstall()
+    masks, dense = block_masks.install(), dense_attention.install()
+    assert dense is not None and dense_attention.installed() is dense and dense_attention.install() is dense
+    yield masks, dense
+    block_masks.uninstall(), dense_attention.uninstall()
+    assert dense_attention.installed() is None
+
+
+def test_plain_masks_are_told_from_others():
+    n = 12
+    q, k = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    causal = k <= q
+    assert classify(causal) is pattern(None) and pattern(None) is pattern(None)
+    assert classify(causal & (k > q - 4)) is pattern(4)  # transformers' sliding overlay: kv > q - window
+    assert pattern(4).flash_window == (3, 0) and pattern(None).flash_window == (-1, 0)
+    assert torch.equal(expected_mask(n, 4), causal & (k > q - 4)) and torch.equal(expected_mask(n, None), causal)
+    assert classify(causal & (k > q - n - 5)) is pattern(None), "a window longer than the sequence binds nothing"
+    assert classify(torch.ones(n, n, dtype=torch.bool)) is None, "bidirectional"
+    assert classify(causal & (k >= q - 4)) is pattern(5)
+    broken = (causal & (k > q - 4)).clone()
+    broken[5, 2] = False
+    assert classify(broken) is None, "one query short of the window"
+    assert classify(causal[:, :-1]) is None, "queries and keys of different lengths"
+    assert classify(causal & (k > q)) is None, "no key at all"
+
+
+@pytest.fixture(scope="module")
+def config():
+    from transformers import Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1,
+                           head_dim=32, num_hidden_layers=2, sliding_window=64, vocab_size=100)
+    cfg._attn_implementation = "flex_attention"
+    return cfg
+
+
+def _masks(config, seq, attention_mask=None, position_ids=None):
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    kwargs = dict(config=config, inputs_embeds=torch.zeros(1, seq, 8), attention_mask=attention_mask,
+                  past_key_values=None,
+                  position_ids=torch.arange(seq).unsqueeze(0) if position_ids is None else position_ids)
+    return create_causal_mask(**kwargs), create_sliding_window_causal_mask(**kwargs)
+
+
+def test_transformers_masks_are_classified_when_built_and_forgotten_when_dropped(config, installed, monkeypatch):
+    masks, _ = installed
+    causal, sliding = _masks(config, 256)
+    assert masks.pattern_of(causal) is pattern(None) and masks.pattern_of(sliding) is pattern(64)
+    short = _masks(config, 48)  # within the window: both causal
+    assert [masks.pattern_of(m) for m in short] == [pattern(None), pattern(None)]
+    padded = torch.ones(1, 256, dtype=torch.long)
+    padded[0, :3] = 0
+    assert not any(masks.pattern_of(m) for m in _masks(config, 256, attention_mask=padded))
+    packed = torch.cat([torch.arange(100), torch.arange(156)]).unsqueeze(0)
+    assert not any(masks.pattern_of(m) for m in _masks(config, 256, position_ids=packed))
+    assert masks.pattern_of(object()) is None
+    monkeypatch.setattr(block_masks, "MAX_ENTRIES", 2)
+    _masks(config, 128)  # two new entries push the older ones out, their patterns with them
+    assert masks.pattern_of(causal) is None and len(masks.patterns) == len(masks.entries) == 2
+
+
+def _qkv(seq, heads=4, kv_heads=2, dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, h, seq, dim, generator=g, requires_grad=True) for h in (heads, kv_heads, kv_heads)]
+
+
+@pytest.mark.parametrize("window", [None, 24])
+def test_the_dense_path_computes_what_flex_attention_does(config, installed, window):
+    """Through the installed function: with the pattern, the dense path; without it, transformers' flex attention
+    with the block mask; the same values (forward: flex attention has no backward on the CPU)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    masks, dense = installed
+    seq = 96
+
+    def mask_mod(b, h, q, k):
+        return (k <= q) & (k > q - window) if window else k <= q
+
+    block = create_block_mask(mask_mod, 1, None, seq, seq, device="cpu")
+    q, k, v = (t.detach() for t in _qkv(seq))  # flex attention refuses CPU tensors that require grad
+    module = torch.nn.Module()
+    module.training, module.is_causal = False, True
+    before = dict(dense.calls)
+    with torch.no_grad():
+        flex, _ = dense(module, q, k, v, block, scaling=0.25)
+        ours, lse = dense(module, q, k, v, block, scaling=0.25, dense_attention=pattern(window))
+    assert lse is None and ours.shape == flex.shape == (1, seq, 4, 16)
+    torch.testing.assert_close(ours, flex, rtol=1e-5, atol=1e-5)
+    assert dense.calls == {"dense": before["dense"] + 1, "flex": before["flex"] + 1}
+    with torch.no_grad(), pytest.raises(ValueError, match="dropout"):
+        dense(module, q, k, v, block, scaling=0.25, dense_attention=pattern(window), dropout=0.1)
+    assert dense.declined == {"dropout": 1}, "dropout goes to flex attention (which refuses it in training)"
+
+
+def test_what_the_dense_kernels_cannot_do_goes_to_flex_attention():
+    q, k, _ = _qkv(8)
+    assert dense_attention.applies(q, k, 0.0, None, {}) is None
+    assert dense_attention.applies(q, k, 0.1, None, {}) == "dropout"
+    assert dense_attention.applies(q, k, 0.0, 50.0, {}) == "softcapping"
+    assert dense_attention.applies(q, k[:, :, :4], 0.0, None, {}) is not None, "a KV cache"
+    assert dense_attention.applies(q[:, :3], k, 0.0, None, {}) is not None, "3 query heads over 2"
+    assert dense_attention.applies(q, k, 0.0, None, {"s_aux": torch.zeros(1)}) is not None
+
+
+def test_compiled_layers_pass_plain_masks_down_and_train_as_the_eager_model(tiny_spec, installed):
+    """The tiny Gemma-3 (LoRA, flex attention) in compiled layers: every layer call of an unpadded batch gets its
+    mask's pattern, and the loss and gradients are the eager model's under SDPA (fp32 rounding), at a length past
+    the sliding window (both patterns) and within it; a padded batch's calls get none."""
+    from trinity_core.train.backends.peft import PeftBackend
+
+    masks, dense = installed
+    spec = tiny_spec.model_copy(deep=True)
+    spec.lora.use_dora = False
+    spec.model.attention = "flex_attention"
+    fast, _ = PeftBackend().load(spec)
+    window = fast.config.sliding_window
+    kinds = set(fast.config.layer_types)
+    assert kinds == {"sliding_attention", "full_attention"}, kinds
+    eager = copy.deepcopy(fast)
+    eager.config._attn_implementation = "sdpa"
+    for layer in eager.modules():
+        if hasattr(layer, "config") and layer.config is not eager.config:
+            layer.config._attn_implementation = "sdpa"
+    torch._dynamo.reset()
+    assert compile_decoder_layers(fast, backend="aot_eager") == fast.config.num_hidden_layers
+    state = next(m._trinity_region_state for m in fast.modules() if hasattr(m, "_trinity_region_state"))
+    fast.train(), eager.train()
+    for seq in (window + 40, window // 2):
+        ids = torch.randint(7, fast.config.vocab_size, (1, seq), generator=torch.Generator().manual_seed(seq))
+        calls = state.dense_calls
+        losses = []
+        for model in (eager, fast):
+            model.zero_grad()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            losses.append(loss.detach())
+        recomputed = 2 if fast.is_gradient_checkpointing else 1  # the backend's checkpointing runs each layer again
+        assert state.dense_calls - calls == recomputed * fast.config.num_hidden_layers, "every layer call"
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+        grads = [(n, p.grad) for n, p in fast.named_parameters() if p.requires_grad]
+        reference = dict((n, p.grad) for n, p in eager.named_parameters() if p.requires_grad)
+        assert grads and all(g is not None for _, g in grads)
+        for name, grad in grads:
+            torch.testing.assert_close(grad, reference[name], rtol=1e-4, atol=1e-6, msg=name)
+    used = {masks.pattern_of(m) for m in masks.entries.values()}
+    assert used >= {pattern(window), pattern(None)}, used
+    padded = torch.ones(1, window + 40, dtype=torch.long)
+    padded[0, -5:] = 0
+    calls = state.dense_calls
+    with torch.no_grad():
+        fast(input_ids=ids.new_full((1, window + 40), 9), attention_mask=padded)
+    assert state.dense_calls == calls, "a padded batch's mask is not plain"
+
+
+def test_without_the_dense_function_layers_pass_nothing(tiny_spec):
+    block_masks.uninstall(), dense_attention.uninstall()
+    block_masks.install()
+    try:
+        assert compiled_layers._plain_pattern(object()) is None
+        assert dense_attention.installed() is None
+    finally:
+        block_masks.uninstall()

@@ -1,0 +1,205 @@
+"""Gemma-3's training attention through dense kernels where its mask is plain: causal, or causal within a window.
+
+transformers runs Gemma-3 under flex attention (what Unsloth's loader chooses for it) with a block mask per layer
+kind. At the 12B shape (16 query / 8 key-value heads of 256, seq 4096) on an H200, forward + backward of one layer's
+attention took, by kernel (``python bench/attention_kernels.py``, call 47, raw ``bench/results/2026-11-30-h200-attention-kernels-47.txt``):
+
+    sliding (window 1024)   flex (compiled, IS_DIVISIBLE) 1.965 ms   torch's FlashAttention-2 (left window) 1.259 ms
+    global (causal)         flex 3.720 ms                             FlashAttention-2 2.404 ms   cuDNN (SDPA) 1.449 ms
+
+within the same error against an fp32 reference. Flex attention's Triton templates at head dim 256 are the slow
+part; a plain causal or sliding-window mask needs none of its generality. So where the mask is plain, the layer's
+attention runs torch's built-in kernels instead: a sliding layer ``aten._flash_attention_forward`` with
+``window_size_left = window - 1`` (transformers' sliding overlay keeps keys with ``kv > q - window``), a global
+layer SDPA's cuDNN backend, causal; each with torch's own backward. Anything else (padding, packed sequences,
+image tokens' bidirectional blocks, offsets, a KV cache, dropout, softcapping, CPU tensors, fp32) goes to
+transformers' flex attention as before.
+
+Who knows the mask is plain: :mod:`trinity_core.train.block_masks` builds the masks of unpadded batches and
+classifies each once, on its first build, by evaluating its mask function densely against causal ∧ window
+(:func:`~trinity_core.train.block_masks.CachedMasks.pattern_of`). The compiled decoder layers
+(:mod:`trinity_core.train.compiled_layers`) look their ``attention_mask`` up there, outside the compiled region,
+and pass the pattern down as the ``dense_attention`` keyword, which reaches the attention function through the
+layer's and Unsloth's attention forward's ``**kwargs`` (as ``kernel_options`` does). :func:`install` puts
+:class:`DenseAttention` in front of transformers' ``flex_attention`` entry (Unsloth's Gemma-3 forward looks its
+attention function up there by that name): with the keyword it runs the dense kernel, without it transformers'
+function as it is.
+
+On CPU (the tests) a plain pattern runs SDPA with the same mask the CUDA kernels apply (built from the same
+window numbers), so the dispatch and the window arithmetic are exercised; the CUDA kernels' values against flex
+attention's are checked by ``tests/gpu/test_dense_attention_cuda.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+KEYWORD = "dense_attention"
+"""The keyword the compiled layers pass a :class:`Pattern` down with."""
+
+GLOBAL_KERNEL = "cudnn"
+"""A causal (global) layer's kernel on CUDA: "cudnn" (SDPA's cuDNN backend) or "flash" (FlashAttention-2, as the
+sliding layers); bench/attention_kernels.py measures both."""
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A plain attention mask: causal, and with ``window`` keys kept per query (the query's own and the
+    ``window - 1`` before it; None: all before it). One object per window (:func:`pattern`), so Dynamo's guard on
+    it is an identity check."""
+
+    window: int | None
+
+    @property
+    def flash_window(self) -> tuple[int, int]:
+        """FlashAttention's (left, right) window: keys from ``q - left`` to ``q + right`` (-1: unbounded)."""
+        return _flash_window(self.window)
+
+
+def _flash_window(window: int | None) -> tuple[int, int]:
+    return (-1 if window is None else window - 1, 0)
+
+
+_PATTERNS: dict[int | None, Pattern] = {}
+
+
+def pattern(window: int | None) -> Pattern:
+    """The :class:`Pattern` of ``window`` (one object each)."""
+    return _PATTERNS.setdefault(window, Pattern(window))
+
+
+def classify(dense: torch.Tensor) -> Pattern | None:
+    """The :class:`Pattern` a dense boolean mask (..., queries, keys) is, with queries and keys at the same
+    positions; None if it is not one (or differs between its leading entries)."""
+    q_len, kv_len = dense.shape[-2:]
+    if q_len != kv_len or q_len == 0:
+        return None
+    kept = int(dense[..., -1, :].reshape(-1, kv_len)[0].sum())
+    window = None if kept >= kv_len else kept
+    if window == 0:
+        return None
+    expected = expected_mask(q_len, window, dense.device)
+    return pattern(window) if bool((dense == expected).all()) else None
+
+
+def expected_mask(length: int, window: int | None, device: Any = None) -> torch.Tensor:
+    """The (length, length) boolean mask FlashAttention applies for ``window`` (:attr:`Pattern.flash_window`)."""
+    q = torch.arange(length, device=device)[:, None]
+    k = torch.arange(length, device=device)[None, :]
+    left, right = _flash_window(window)
+    keep = k <= q + right
+    return keep & (k >= q - left) if left >= 0 else keep
+
+
+def _dense_cuda(query, key, value, window: int | None, scale: float) -> torch.Tensor:
+    """(batch, heads, seq, dim) in; (batch, seq, heads, dim) out, as transformers' flex attention returns it."""
+    length = query.shape[2]
+    if window is None and GLOBAL_KERNEL == "cudnn":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=True)
+        return out.transpose(1, 2)
+    left, right = _flash_window(window)
+    return torch.ops.aten._flash_attention_forward(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), None, None, length, length, 0.0, True,
+        False, scale=scale, window_size_left=left, window_size_right=right)[0]
+
+
+def _dense_reference(query, key, value, window: int | None, scale: float) -> torch.Tensor:
+    """What :func:`_dense_cuda` computes, through SDPA with :func:`expected_mask` (CPU, fp32: the tests)."""
+    mask = expected_mask(query.shape[2], window, query.device)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale,
+                                         enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2)
+
+
+def applies(query: torch.Tensor, key: torch.Tensor, dropout: float, softcap: Any, kwargs: dict) -> str | None:
+    """Why the dense kernel does not apply to this call (None: it does)."""
+    if dropout:
+        return "dropout"
+    if softcap:
+        return "softcapping"
+    if any(kwargs.get(name) is not None for name in ("head_mask", "s_aux", "position_bias")):
+        return "head mask, sinks or position bias"
+    if query.shape[2] != key.shape[2]:
+        return "queries and keys of different lengths (a KV cache)"
+    if query.shape[1] % key.shape[1]:
+        return "query heads not a multiple of key heads"
+    if query.is_cuda:
+        if query.dtype not in (torch.float16, torch.bfloat16):
+            return f"{query.dtype} on CUDA"
+        if query.shape[-1] > 256 or query.shape[-1] % 8:
+            return f"head dim {query.shape[-1]}"
+    return None
+
+
+class DenseAttention:
+    """transformers' flex-attention function with the dense kernels in front (module docstring). ``calls``
+    counts the calls by kernel ("dense", "flex"); ``declined`` why a pattern's call went to flex."""
+
+    def __init__(self, flex: Callable) -> None:
+        self.flex = flex
+        self.calls = {"dense": 0, "flex": 0}
+        self.declined: dict[str, int] = {}
+
+    def __call__(self, module, query, key, value, attention_mask, scaling=None, softcap=None, **kwargs):
+        plain: Pattern | None = kwargs.pop(KEYWORD, None)
+        dropout = kwargs.get("dropout", 0.0)
+        why = "no plain mask" if plain is None else applies(query, key, dropout, softcap, kwargs)
+        if why is not None:
+            if not torch.compiler.is_compiling():
+                self.calls["flex"] += 1
+                if plain is not None:
+                    self.declined[why] = self.declined.get(why, 0) + 1
+            return self.flex(module, query, key, value, attention_mask, scaling=scaling, softcap=softcap, **kwargs)
+        if not torch.compiler.is_compiling():
+            self.calls["dense"] += 1
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        run = _dense_cuda if query.is_cuda else _dense_reference
+        return run(query, key, value, plain.window, scale), None
+
+
+def install() -> DenseAttention | None:
+    """Put a :class:`DenseAttention` in front of transformers' ``flex_attention`` attention function, for every
+    model of the process (the interface is one object); once. None where transformers has none."""
+    try:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        current = ALL_ATTENTION_FUNCTIONS["flex_attention"]
+    except (ImportError, KeyError):
+        return None
+    if isinstance(current, DenseAttention):
+        return current
+    dense = DenseAttention(current)
+    ALL_ATTENTION_FUNCTIONS["flex_attention"] = dense
+    return dense
+
+
+def installed() -> DenseAttention | None:
+    """The :class:`DenseAttention` :func:`install` put in front of the flex-attention function, if any."""
+    try:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        current = ALL_ATTENTION_FUNCTIONS["flex_attention"]
+    except (ImportError, KeyError):
+        return None
+    return current if isinstance(current, DenseAttention) else None
+
+
+def uninstall() -> None:
+    """transformers' function back (tests)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    current = ALL_ATTENTION_FUNCTIONS["flex_attention"]
+    if isinstance(current, DenseAttention):
+        ALL_ATTENTION_FUNCTIONS["flex_attention"] = current.flex
+
+
+__all__ = ["GLOBAL_KERNEL", "KEYWORD", "DenseAttention", "Pattern", "applies", "classify", "expected_mask",
+           "install", "installed", "pattern", "uninstall"]
