@@ -120,7 +120,7 @@ GROWN = {"peft": ["lora_acc4", "dora_fast_acc4"],
 # --------------------------------------------------------------------------- build
 
 
-def build(out: Path, depths: list[int]) -> None:
+def build(out: Path, depths: list[int], global_every: int = 0) -> None:
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
@@ -131,8 +131,10 @@ def build(out: Path, depths: list[int]) -> None:
         if (path / "config.json").exists():
             continue
         tok = build_tokenizer(path)
+        types_ = ({"layer_types": ["full_attention" if (i + 1) % global_every == 0 else "sliding_attention"
+                                   for i in range(depth)]} if global_every else {})
         config = Gemma3TextConfig(**SHAPE_12B, num_hidden_layers=depth, bos_token_id=tok.bos_token_id,
-                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **types_)
         config.architectures = ["Gemma3ForCausalLM"]
         t0 = time.time()
         torch.manual_seed(0)
@@ -512,7 +514,7 @@ def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_
             if (dense := dense_attention.installed()) is not None:  # backends.unsloth.DENSE_ATTENTION
                 states = {id(s): s for m in model.modules() if (s := getattr(m, "_trinity_region_state", None))}
                 v2["dense_attention"] = dict(
-                    global_kernel=dense_attention.GLOBAL_KERNEL, eager_calls=dense.calls, declined=dense.declined,
+                    global_kernel=dense_attention.GLOBAL_KERNEL, sliding=dense_attention.SLIDING, eager_calls=dense.calls, declined=dense.declined,
                     layer_calls_with_pattern=sum(s.dense_calls for s in states.values()))
             if COMPILED_LAYERS:  # the adapters' products inside the base GEMMs: fast DoRA's, plain LoRA's
                 from trinity_core.train.fast_dora import lora_in_gemm
@@ -693,6 +695,9 @@ def main(argv: list[str]) -> None:
     b = sub.add_parser("build")
     b.add_argument("root", type=Path)
     b.add_argument("depths", type=int, nargs="+")
+    b.add_argument("--global-every", type=int, default=0, help="every Nth layer global (full attention), the rest "
+                   "sliding (Gemma-3: 6; default transformers' pattern, which makes a model of 4 layers all sliding "
+                   "and so the 48 grown from it)")
     r = sub.add_parser("run")
     r.add_argument("backend", choices=["peft", "unsloth"])
     r.add_argument("root", type=Path)
@@ -739,6 +744,8 @@ def main(argv: list[str]) -> None:
                    "attention, as transformers runs it (trinity_core.train.backends.unsloth.DENSE_ATTENTION)")
     r.add_argument("--global-kernel", choices=("cudnn", "flash"), default="cudnn", help="a global layer's dense "
                    "attention kernel (trinity_core.train.dense_attention.GLOBAL_KERNEL)")
+    r.add_argument("--dense-sliding", action="store_true", help="sliding layers' plain masks through "
+                   "FlashAttention-2 too (trinity_core.train.dense_attention.SLIDING)")
     r.add_argument("--only-grown", action="store_true", help="measure only the --grow-to rows")
     r.add_argument("--gated-tiles", default="", help="ROWS,BLOCK_T,BLOCK_N,WARPS of the gated activation's "
                    "backward kernel (trinity_core.train.fast_dora.mlp.BACKWARD_TILES; bench/gated_act_sweep.py)")
@@ -753,7 +760,7 @@ def main(argv: list[str]) -> None:
     t.add_argument("paths", nargs="+")
     a = ap.parse_args(argv)
     if a.cmd == "build":
-        build(a.root, a.depths)
+        build(a.root, a.depths, a.global_every)
     elif a.cmd == "run":
         deadline = time.time() + a.deadline
         global SELECT, T4_KERNEL, LEAN_NORMS, LEAN_ATTENTION, COMPILED_KERNELS, COMPILED_LAYERS, REGION_OPAQUE
@@ -781,6 +788,7 @@ def main(argv: list[str]) -> None:
 
         unsloth_backend.DENSE_ATTENTION = not a.no_dense_attention
         dense_attention.GLOBAL_KERNEL = a.global_kernel
+        dense_attention.SLIDING = a.dense_sliding
         if a.region_torch_act:
             from trinity_core.train.fast_dora import mlp
 

@@ -84,10 +84,18 @@ def _qkv(seq, heads=4, kv_heads=2, dim=16, seed=0):
 
 
 @pytest.mark.parametrize("window", [None, 24])
-def test_the_dense_path_computes_what_flex_attention_does(config, installed, window):
+def test_the_dense_path_computes_what_flex_attention_does(config, installed, window, monkeypatch):
     """Through the installed function: with the pattern, the dense path; without it, transformers' flex attention
-    with the block mask; the same values (forward: flex attention has no backward on the CPU)."""
+    with the block mask; the same values (forward: flex attention has no backward on the CPU). A sliding window
+    goes to flex attention unless ``SLIDING`` (module docstring: not faster in the layers, call 49)."""
     from torch.nn.attention.flex_attention import create_block_mask
+
+    if window:
+        monkeypatch.setattr(dense_attention, "SLIDING", False)
+        q, k, v = (t.detach() for t in _qkv(8))
+        assert dense_attention.applies(q, k, 0.0, None, {}, pattern(window)) == "a sliding window (SLIDING off)"
+        assert dense_attention.applies(q, k, 0.0, None, {}, pattern(None)) is None
+    monkeypatch.setattr(dense_attention, "SLIDING", True)
 
     masks, dense = installed
     seq = 96
@@ -121,11 +129,16 @@ def test_what_the_dense_kernels_cannot_do_goes_to_flex_attention():
     assert dense_attention.applies(q, k, 0.0, None, {"s_aux": torch.zeros(1)}) is not None
 
 
-def test_compiled_layers_pass_plain_masks_down_and_train_as_the_eager_model(tiny_spec, installed):
+@pytest.mark.parametrize("sliding", [True, False])
+def test_compiled_layers_pass_plain_masks_down_and_train_as_the_eager_model(tiny_spec, installed, sliding,
+                                                                            monkeypatch):
     """The tiny Gemma-3 (LoRA, flex attention) in compiled layers: every layer call of an unpadded batch gets its
     mask's pattern, and the loss and gradients are the eager model's under SDPA (fp32 rounding), at a length past
-    the sliding window (both patterns) and within it; a padded batch's calls get none."""
+    the sliding window (both patterns) and within it; a padded batch's calls get none. With ``SLIDING`` off the
+    sliding layers' calls run flex attention (no backward on the CPU: forward only there)."""
     from trinity_core.train.backends.peft import PeftBackend
+
+    monkeypatch.setattr(dense_attention, "SLIDING", sliding)
 
     masks, dense = installed
     spec = tiny_spec.model_copy(deep=True)
@@ -144,6 +157,13 @@ def test_compiled_layers_pass_plain_masks_down_and_train_as_the_eager_model(tiny
     assert compile_decoder_layers(fast, backend="aot_eager") == fast.config.num_hidden_layers
     state = next(m._trinity_region_state for m in fast.modules() if hasattr(m, "_trinity_region_state"))
     fast.train(), eager.train()
+    if not sliding:
+        ids = torch.randint(7, fast.config.vocab_size, (1, window + 40), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            torch.testing.assert_close(fast(input_ids=ids, labels=ids).loss, eager(input_ids=ids, labels=ids).loss,
+                                       rtol=1e-5, atol=1e-6)
+        assert state.dense_calls == fast.config.num_hidden_layers
+        return
     for seq in (window + 40, window // 2):
         ids = torch.randint(7, fast.config.vocab_size, (1, seq), generator=torch.Generator().manual_seed(seq))
         calls = state.dense_calls

@@ -40,6 +40,7 @@ def _errors(run, q, k, v, dout, window):
 @pytest.mark.parametrize("window", [None, 256])
 def test_dense_kernels_compute_the_masked_attention(monkeypatch, kernel, window):
     monkeypatch.setattr(dense_attention, "GLOBAL_KERNEL", kernel)
+    monkeypatch.setattr(dense_attention, "SLIDING", True)
     dense = DenseAttention(flex=None)
     module = torch.nn.Module()
     q, k, v, dout = _inputs(1024)
@@ -54,8 +55,9 @@ def test_dense_kernels_compute_the_masked_attention(monkeypatch, kernel, window)
     assert dense.calls["dense"] >= 1 and dense.calls["flex"] == 0
 
 
-def test_a_wrong_window_would_be_seen():
+def test_a_wrong_window_would_be_seen(monkeypatch):
     """The comparison above tells a window one key off (what ``window_size_left = window - 1`` gets right)."""
+    monkeypatch.setattr(dense_attention, "SLIDING", True)
     q, k, v, dout = _inputs(512)
     dense = DenseAttention(flex=None)
     module = torch.nn.Module()

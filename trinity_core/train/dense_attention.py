@@ -47,6 +47,15 @@ GLOBAL_KERNEL = "cudnn"
 sliding layers); bench/attention_kernels.py measures both."""
 
 
+SLIDING = False
+"""Sliding layers' plain masks through FlashAttention-2 too. Off: in the layers (4 of the 12B shape, H200, call 49)
+the kernels saved what inductor's fusions lost. Flex attention's templates take the q/k norm as a prologue and
+RoPE's backward into their own; around an opaque kernel those run on their own, with layout copies and the
+grouped heads' gradient sum: attention 37.6 → 23.2 ms an optimizer step, other kernels +16.5 ms, 48495 against
+49024 tok/s (``bench/profile_diff.py``). A global layer's kernel saves more (cuDNN 1.449 against flex 3.720 ms
+forward + backward, call 47) than that loss."""
+
+
 @dataclass(frozen=True)
 class Pattern:
     """A plain attention mask: causal, and with ``window`` keys kept per query (the query's own and the
@@ -119,8 +128,11 @@ def _dense_reference(query, key, value, window: int | None, scale: float) -> tor
     return out.transpose(1, 2)
 
 
-def applies(query: torch.Tensor, key: torch.Tensor, dropout: float, softcap: Any, kwargs: dict) -> str | None:
+def applies(query: torch.Tensor, key: torch.Tensor, dropout: float, softcap: Any, kwargs: dict,
+            plain: Pattern | None = None) -> str | None:
     """Why the dense kernel does not apply to this call (None: it does)."""
+    if plain is not None and plain.window is not None and not SLIDING:
+        return "a sliding window (SLIDING off)"
     if dropout:
         return "dropout"
     if softcap:
@@ -151,7 +163,7 @@ class DenseAttention:
     def __call__(self, module, query, key, value, attention_mask, scaling=None, softcap=None, **kwargs):
         plain: Pattern | None = kwargs.pop(KEYWORD, None)
         dropout = kwargs.get("dropout", 0.0)
-        why = "no plain mask" if plain is None else applies(query, key, dropout, softcap, kwargs)
+        why = "no plain mask" if plain is None else applies(query, key, dropout, softcap, kwargs, plain)
         if why is not None:
             if not torch.compiler.is_compiling():
                 self.calls["flex"] += 1
@@ -201,5 +213,5 @@ def uninstall() -> None:
         ALL_ATTENTION_FUNCTIONS["flex_attention"] = current.flex
 
 
-__all__ = ["GLOBAL_KERNEL", "KEYWORD", "DenseAttention", "Pattern", "applies", "classify", "expected_mask",
+__all__ = ["GLOBAL_KERNEL", "KEYWORD", "SLIDING", "DenseAttention", "Pattern", "applies", "classify", "expected_mask",
            "install", "installed", "pattern", "uninstall"]
