@@ -514,7 +514,8 @@ def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_
             if (dense := dense_attention.installed()) is not None:  # backends.unsloth.DENSE_ATTENTION
                 states = {id(s): s for m in model.modules() if (s := getattr(m, "_trinity_region_state", None))}
                 v2["dense_attention"] = dict(
-                    global_kernel=dense_attention.GLOBAL_KERNEL, sliding=dense_attention.SLIDING, eager_calls=dense.calls, declined=dense.declined,
+                    global_kernel=dense_attention.GLOBAL_KERNEL, sliding=dense_attention.SLIDING,
+                    eager_calls=dense.calls, declined=dense.declined,
                     layer_calls_with_pattern=sum(s.dense_calls for s in states.values()))
             if COMPILED_LAYERS:  # the adapters' products inside the base GEMMs: fast DoRA's, plain LoRA's
                 from trinity_core.train.fast_dora import lora_in_gemm

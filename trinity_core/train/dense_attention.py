@@ -2,17 +2,20 @@
 
 transformers runs Gemma-3 under flex attention (what Unsloth's loader chooses for it) with a block mask per layer
 kind. At the 12B shape (16 query / 8 key-value heads of 256, seq 4096) on an H200, forward + backward of one layer's
-attention took, by kernel (``python bench/attention_kernels.py``, call 47, raw ``bench/results/2026-11-30-h200-attention-kernels-47.txt``):
+attention took, by kernel (``python bench/attention_kernels.py``, call 47, raw
+``bench/results/2026-11-30-h200-attention-kernels-47.txt``):
 
     sliding (window 1024)   flex (compiled, IS_DIVISIBLE) 1.965 ms   torch's FlashAttention-2 (left window) 1.259 ms
     global (causal)         flex 3.720 ms                             FlashAttention-2 2.404 ms   cuDNN (SDPA) 1.449 ms
 
 within the same error against an fp32 reference. Flex attention's Triton templates at head dim 256 are the slow
 part; a plain causal or sliding-window mask needs none of its generality. So where the mask is plain, the layer's
-attention runs torch's built-in kernels instead: a sliding layer ``aten._flash_attention_forward`` with
-``window_size_left = window - 1`` (transformers' sliding overlay keeps keys with ``kv > q - window``), a global
-layer SDPA's cuDNN backend, causal; each with torch's own backward. Anything else (padding, packed sequences,
-image tokens' bidirectional blocks, offsets, a KV cache, dropout, softcapping, CPU tensors, fp32) goes to
+attention runs torch's built-in kernels instead: a global layer SDPA's cuDNN backend, causal (H200, 4 layers, every
+2nd global, call 50: +4.2% tok/s, 20.8 ms less device time an optimizer step); a sliding layer, only with
+:data:`SLIDING` (off: it was no faster in the layers, see there), ``aten._flash_attention_forward`` with
+``window_size_left = window - 1`` (transformers' sliding overlay keeps keys with ``kv > q - window``); each with
+torch's own backward. Anything else (padding, packed sequences,
+image tokens' bidirectional blocks, offsets, a KV cache, dropout, softcapping, fp32 on CUDA) goes to
 transformers' flex attention as before.
 
 Who knows the mask is plain: :mod:`trinity_core.train.block_masks` builds the masks of unpadded batches and
@@ -51,7 +54,7 @@ SLIDING = False
 """Sliding layers' plain masks through FlashAttention-2 too. Off: in the layers (4 of the 12B shape, H200, call 49)
 the kernels saved what inductor's fusions lost. Flex attention's templates take the q/k norm as a prologue and
 RoPE's backward into their own; around an opaque kernel those run on their own, with layout copies and the
-grouped heads' gradient sum: attention 37.6 → 23.2 ms an optimizer step, other kernels +16.5 ms, 48495 against
+grouped heads' gradient sum: attention 37.6 → 22.9 ms an optimizer step, other kernels +16.5 ms, 48495 against
 49024 tok/s (``bench/profile_diff.py``). A global layer's kernel saves more (cuDNN 1.449 against flex 3.720 ms
 forward + backward, call 47) than that loss."""
 
