@@ -530,6 +530,8 @@ def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_
                 v2["down_in_graph"] = mlp.DOWN_IN_GRAPH
                 v2["down_tiles"] = list(dataclasses.astuple(mlp.DOWN_TILES))
                 v2["down_paths"] = {" ".join(k): n for k, n in mlp.DOWN_PATHS.items()}  # traced backward launches
+            types_ = getattr(model.config, "layer_types", None) or []
+            v2["global_layers"] = sum(t == "full_attention" for t in types_)  # the grown model's own pattern
             v2.update(model_flops(v2))
             region = next((m._trinity_region_state for m in model.modules() if hasattr(m, "_trinity_region_state")),
                           None)
@@ -572,8 +574,10 @@ def model_flops(v: dict) -> dict:
     recompute and 2 for the input gradient (no weight gradient): 6; the tied lm_head 4 (no recompute).
     LoRA's A and B: 2 + 2 + 4 (weight gradients too). Attention (QKᵀ and PV, 4·heads·head_dim a key):
     forward, recompute and a backward of twice the forward, over the keys a token attends to (causal;
-    Gemma-3's sliding layers, all but every 6th, at most ``sliding_window``). Norms, RoPE, the
-    activation, DoRA's rescale and the loss are not counted."""
+    sliding layers at most ``sliding_window``). The global layers: the row's ``global_layers`` (its model's
+    ``layer_types``: none in a model grown from 4 layers of transformers' default pattern; rows before
+    2026-11-30's call 50 counted every 6th, so their MFU is ~1% high); without it, every 6th. Norms, RoPE,
+    the activation, DoRA's rescale and the loss are not counted."""
     s, depth, seq, r = SHAPE_12B, v["depth"], v["seq"], v["r"]
     hidden, inter, head_dim = s["hidden_size"], s["intermediate_size"], s["head_dim"]
     q_out, kv_out = s["num_attention_heads"] * head_dim, s["num_key_value_heads"] * head_dim
@@ -586,7 +590,7 @@ def model_flops(v: dict) -> dict:
     def mean_keys(window):
         return sum(min(i + 1, window or seq) for i in range(seq)) / seq
 
-    global_layers = depth // 6
+    global_layers = v.get("global_layers", depth // 6)
     keys = global_layers * mean_keys(None) + (depth - global_layers) * mean_keys(s["sliding_window"])
     attention = 4 * 4 * q_out * keys
     flop = depth * (6 * base + 8 * lora) + 4 * s["vocab_size"] * hidden + attention

@@ -46,6 +46,8 @@
 #                                             # in the GEMMs too), the LoRA layers without the cache
 #   bash bench/gpu_session_calls.sh dense     # dense attention's GPU test; 48 layers: LoRA layers, compiled LoRA, the
 #                                             # LoRA layers with flex attention (NOFLEX=1: not), fast DoRA (DORA=1)
+#   bash bench/gpu_session_calls.sh pattern   # 48 layers with the 12B's pattern (every 6th global): LoRA layers,
+#                                             # compiled LoRA, the LoRA layers with flex attention
 #   bash bench/gpu_session_calls.sh lengths   # 4 layers: a new sequence length, a new compile? LoRA with/without masks
 #   bash bench/gpu_session_calls.sh code      # inductor's code and a kept trace: fast DoRA's layers (NODOWN=1:
 #                                             # without GatedActDownInGraph; LORA=1: Trinity's LoRA layers with
@@ -271,6 +273,18 @@ case ${1:-} in
     UNSLOTH_COMPILE_DISABLE=0 row48 --only lora_acc4 --tag compiled_
     [ -n "${NOFLEX:-}" ] || row48 --only lora_acc4 --compile-layers --no-dense-attention --tag flex_layers_
     [ -z "${DORA:-}" ] || row48 --only dora_fast_acc4 --compile-layers --tag dense_layers_
+    wrap48 ;;
+  pattern)  # the 12B's layer pattern at 48 layers (every 6th global; the other modes' 48 are grown from 4 sliding
+            # layers, docs/BENCHMARKS.md "calls 47-50"): Trinity's LoRA layers (cuDNN on the global layers), Unsloth's
+            # compiled LoRA, the LoRA layers with flex attention everywhere (as budget allows)
+    end=$(( $(date +%s) + ${BUDGET:-450} ))
+    python bench/gpu_bench.py build /tmp/m12r 6 --global-every 6 > "$OUT/speed.log" 2>&1 || tail -5 "$OUT/speed.log"
+    python -c "import json; print(json.load(open('/tmp/m12r/L6/config.json'))['layer_types'])"
+    row6() { python bench/gpu_bench.py run unsloth /tmp/m12r "$OUT/speed.jsonl" --depths 6 --grow-to 48 --only-grown \
+               --deadline $(( end - $(date +%s) )) "$@" >> "$OUT/speed.log" 2>&1; }
+    row6 --only lora_acc4 --compile-layers --tag pattern_layers_
+    UNSLOTH_COMPILE_DISABLE=0 row6 --only lora_acc4 --tag pattern_compiled_
+    row6 --only lora_acc4 --compile-layers --no-dense-attention --tag pattern_flex_layers_
     wrap48 ;;
   lengths)  # whether a new sequence length compiles the layers again (call 41: fast DoRA's graph had specialised on
             # 4096): fast DoRA's row at 4 layers, then 2048, 3000 and 1000 tokens (--lengths), Dynamo's graphs after
