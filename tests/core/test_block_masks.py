@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.core.flex_masks import flex_config, gemma3_masks
 from trinity_core.train import block_masks
 
 
@@ -20,21 +21,7 @@ def cached():
 
 @pytest.fixture(scope="module")
 def config():
-    from transformers import Gemma3TextConfig
-
-    cfg = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1,
-                           head_dim=32, num_hidden_layers=2, sliding_window=64, vocab_size=100)
-    cfg._attn_implementation = "flex_attention"
-    return cfg
-
-
-def _masks(config, seq, attention_mask=None, position_ids=None):
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-    kwargs = dict(config=config, inputs_embeds=torch.zeros(1, seq, 8), attention_mask=attention_mask,
-                  past_key_values=None,
-                  position_ids=torch.arange(seq).unsqueeze(0) if position_ids is None else position_ids)
-    return create_causal_mask(**kwargs), create_sliding_window_causal_mask(**kwargs)
+    return flex_config()
 
 
 def _dense(mask):
@@ -48,14 +35,14 @@ def _dense(mask):
 
 
 def test_a_shape_s_masks_are_built_once_and_are_transformers_masks(config, cached):
-    first = _masks(config, 256)
+    first = gemma3_masks(config, 256)
     assert (cached.misses, cached.hits) == (2, 0), "causal and sliding: two entries"
-    again = _masks(config, 256)
+    again = gemma3_masks(config, 256)
     assert again[0] is first[0] and again[1] is first[1]
     assert cached.hits == 2
     block_masks.uninstall()
     assert block_masks.installed() is None
-    plain = _masks(config, 256)
+    plain = gemma3_masks(config, 256)
     assert plain[0] is not first[0]
     for ours, theirs in zip(first, plain):
         assert torch.equal(_dense(ours), _dense(theirs))
@@ -63,22 +50,22 @@ def test_a_shape_s_masks_are_built_once_and_are_transformers_masks(config, cache
 
 
 def test_another_length_is_another_mask(config, cached):
-    long, short = _masks(config, 256), _masks(config, 128)
+    long, short = gemma3_masks(config, 256), gemma3_masks(config, 128)
     assert cached.misses == 4 and short[0] is not long[0]
     assert short[0].shape[-2:] == (128, 128) and long[0].shape[-2:] == (256, 256)
 
 
 def test_an_all_ones_padding_mask_shares_the_entry_a_padded_batch_is_built_as_before(config, cached):
     seq = 128
-    none = _masks(config, seq)
-    ones = _masks(config, seq, attention_mask=torch.ones(1, seq, dtype=torch.long))
+    none = gemma3_masks(config, seq)
+    ones = gemma3_masks(config, seq, attention_mask=torch.ones(1, seq, dtype=torch.long))
     assert ones[0] is none[0] and ones[1] is none[1]
     padded = torch.ones(1, seq, dtype=torch.long)
     padded[0, -10:] = 0
-    ours = _masks(config, seq, attention_mask=padded)
+    ours = gemma3_masks(config, seq, attention_mask=padded)
     assert cached.uncached == 2 and ours[0] is not none[0]
     block_masks.uninstall()
-    theirs = _masks(config, seq, attention_mask=padded)
+    theirs = gemma3_masks(config, seq, attention_mask=padded)
     for a, b in zip(ours, theirs):
         assert torch.equal(_dense(a), _dense(b))
     assert not torch.equal(_dense(ours[0]), _dense(none[0])), "the padded keys are masked out"
@@ -87,10 +74,10 @@ def test_an_all_ones_padding_mask_shares_the_entry_a_padded_batch_is_built_as_be
 def test_packed_sequences_are_built_as_before(config, cached):
     seq = 128
     restart = torch.cat([torch.arange(64), torch.arange(64)]).unsqueeze(0)  # two sequences in one row
-    ours = _masks(config, seq, position_ids=restart)
+    ours = gemma3_masks(config, seq, position_ids=restart)
     assert cached.uncached == 2 and not cached.entries
     block_masks.uninstall()
-    theirs = _masks(config, seq, position_ids=restart)
+    theirs = gemma3_masks(config, seq, position_ids=restart)
     for a, b in zip(ours, theirs):
         assert torch.equal(_dense(a), _dense(b))
 
@@ -98,7 +85,7 @@ def test_packed_sequences_are_built_as_before(config, cached):
 def test_the_cache_keeps_the_newest_masks_only(config, cached, monkeypatch):
     monkeypatch.setattr(block_masks, "MAX_ENTRIES", 3)
     for seq in (128, 256, 384):
-        _masks(config, seq)
+        gemma3_masks(config, seq)
     assert len(cached.entries) == 3
     assert [key[1] for key in cached.entries] == [256, 384, 384], "least recently used dropped first"
 

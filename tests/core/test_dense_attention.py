@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 
+from tests.core.flex_masks import flex_config, gemma3_masks
 from trinity_core.train import block_masks, compiled_layers, dense_attention
 from trinity_core.train.compiled_layers import compile_decoder_layers
 from trinity_core.train.dense_attention import classify, expected_mask, pattern
@@ -44,37 +45,23 @@ def test_plain_masks_are_told_from_others():
 
 @pytest.fixture(scope="module")
 def config():
-    from transformers import Gemma3TextConfig
-
-    cfg = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1,
-                           head_dim=32, num_hidden_layers=2, sliding_window=64, vocab_size=100)
-    cfg._attn_implementation = "flex_attention"
-    return cfg
-
-
-def _masks(config, seq, attention_mask=None, position_ids=None):
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-    kwargs = dict(config=config, inputs_embeds=torch.zeros(1, seq, 8), attention_mask=attention_mask,
-                  past_key_values=None,
-                  position_ids=torch.arange(seq).unsqueeze(0) if position_ids is None else position_ids)
-    return create_causal_mask(**kwargs), create_sliding_window_causal_mask(**kwargs)
+    return flex_config()
 
 
 def test_transformers_masks_are_classified_when_built_and_forgotten_when_dropped(config, installed, monkeypatch):
     masks, _ = installed
-    causal, sliding = _masks(config, 256)
+    causal, sliding = gemma3_masks(config, 256)
     assert masks.pattern_of(causal) is pattern(None) and masks.pattern_of(sliding) is pattern(64)
-    short = _masks(config, 48)  # within the window: both causal
+    short = gemma3_masks(config, 48)  # within the window: both causal
     assert [masks.pattern_of(m) for m in short] == [pattern(None), pattern(None)]
     padded = torch.ones(1, 256, dtype=torch.long)
     padded[0, :3] = 0
-    assert not any(masks.pattern_of(m) for m in _masks(config, 256, attention_mask=padded))
+    assert not any(masks.pattern_of(m) for m in gemma3_masks(config, 256, attention_mask=padded))
     packed = torch.cat([torch.arange(100), torch.arange(156)]).unsqueeze(0)
-    assert not any(masks.pattern_of(m) for m in _masks(config, 256, position_ids=packed))
+    assert not any(masks.pattern_of(m) for m in gemma3_masks(config, 256, position_ids=packed))
     assert masks.pattern_of(object()) is None
     monkeypatch.setattr(block_masks, "MAX_ENTRIES", 2)
-    _masks(config, 128)  # two new entries push the older ones out, their patterns with them
+    gemma3_masks(config, 128)  # two new entries push the older ones out, their patterns with them
     assert masks.pattern_of(causal) is None and len(masks.patterns) == len(masks.entries) == 2
 
 
