@@ -14,9 +14,8 @@ attention runs torch's built-in kernels instead: a global layer SDPA's cuDNN bac
 2nd global, call 50: +4.2% tok/s, 20.8 ms less device time an optimizer step); a sliding layer, only with
 :data:`SLIDING` (off: it was no faster in the layers, see there), ``aten._flash_attention_forward`` with
 ``window_size_left = window - 1`` (transformers' sliding overlay keeps keys with ``kv > q - window``); each with
-torch's own backward. Anything else (padding, packed sequences,
-image tokens' bidirectional blocks, offsets, a KV cache, dropout, softcapping, fp32 on CUDA) goes to
-transformers' flex attention as before.
+torch's own backward. Anything else (padding, packed sequences, image tokens' bidirectional blocks, offsets, a KV
+cache, dropout, softcapping, fp32 on CUDA) goes to transformers' flex attention as before.
 
 Who knows the mask is plain: :mod:`trinity_core.train.block_masks` builds the masks of unpadded batches and
 classifies each once, on its first build, by evaluating its mask function densely against causal ∧ window

@@ -131,8 +131,7 @@ def compile_gemma3_kernels(model, layers: bool = False) -> dict:
     compiled region, fast DoRA inside (``trinity_core.train.compiled_layers``); flex attention's block masks
     built once a shape (``trinity_core.train.block_masks``, :data:`BLOCK_MASKS`) and, with both, the plain masks'
     attention through dense kernels (``trinity_core.train.dense_attention``, :data:`DENSE_ATTENTION`). What was
-    installed; nothing in
-    Unsloth's float32 mode (the T4 path has its own lean norm and attention) or without CUDA."""
+    installed; nothing in Unsloth's float32 mode (the T4 path has its own lean norm and attention) or without CUDA."""
     import torch
 
     from trinity_core.train import block_masks, compiled_kernels, dense_attention
