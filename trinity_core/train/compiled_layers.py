@@ -51,8 +51,9 @@ whole-block length would mean a compile of that size for a ~1% faster step.
 
 Dense attention. A call whose ``attention_mask`` is a block mask that :mod:`~trinity_core.train.block_masks` built
 and found plain (causal, or causal within a window) gets ``dense_attention=<its pattern>`` among its keywords, looked
-up here outside the region; where :mod:`~trinity_core.train.dense_attention` is installed the layer's attention then
-runs torch's FlashAttention-2 or cuDNN kernels instead of flex attention's templates (that module's docstring).
+up here outside the region; where :mod:`~trinity_core.train.dense_attention` is installed a global layer's attention
+then runs SDPA's cuDNN kernel instead of flex attention's templates (a sliding layer's FlashAttention-2 only with its
+``SLIDING``; that module's docstring).
 
 H200, 12B shape at 48 layers, the recipe's settings, one run (docs/BENCHMARKS.md, "Goal 1, 2026-11-29 (late)",
 call 22): 5900 tok/s against 6090 for Unsloth's compiled LoRA (0.969×); peak allocated 11.03 GiB (each layer's
