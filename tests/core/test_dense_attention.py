@@ -178,11 +178,17 @@ def test_compiled_layers_pass_plain_masks_down_and_train_as_the_eager_model(tiny
     assert state.dense_calls == calls, "a padded batch's mask is not plain"
 
 
-def test_without_the_dense_function_layers_pass_nothing(tiny_spec):
+def test_layers_pass_a_pattern_only_with_both_the_cache_and_the_dense_function(config):
     block_masks.uninstall(), dense_attention.uninstall()
-    block_masks.install()
     try:
-        assert compiled_layers._plain_pattern(object()) is None
-        assert dense_attention.installed() is None
-    finally:
+        block_masks.install()
+        causal, sliding = gemma3_masks(config, 256)
+        assert compiled_layers._plain_pattern(causal) is None, "no dense function: nothing to pass"
+        dense_attention.install()
+        assert compiled_layers._plain_pattern(causal) is pattern(None)
+        assert compiled_layers._plain_pattern(sliding) is pattern(64)
+        assert compiled_layers._plain_pattern(None) is None and compiled_layers._plain_pattern(object()) is None
         block_masks.uninstall()
+        assert compiled_layers._plain_pattern(causal) is None, "no cache: no classification"
+    finally:
+        block_masks.uninstall(), dense_attention.uninstall()
