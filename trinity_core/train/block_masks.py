@@ -28,6 +28,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from trinity_core.train import interface_fronts
+
 MAX_ENTRIES = 16
 """Masks kept (least recently used dropped first): a job's batches come in few lengths; generation with a KV cache
 would otherwise add one a step."""
@@ -149,39 +151,20 @@ def _pattern(mask: Any) -> Any:
     return classify(dense[0, 0])
 
 
+_WHERE = "transformers.masking_utils:ALL_MASK_ATTENTION_FUNCTIONS"
+
+
 def install() -> CachedMasks | None:
     """Put a :class:`CachedMasks` in front of transformers' flex-attention mask function, for every model of the
     process (its mask interface is one object); once. None where transformers has no such function."""
-    try:
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-    except ImportError:
-        return None
-    try:
-        current = ALL_MASK_ATTENTION_FUNCTIONS["flex_attention"]
-    except KeyError:
-        return None
-    if isinstance(current, CachedMasks):
-        return current
-    cached = CachedMasks(current)
-    ALL_MASK_ATTENTION_FUNCTIONS["flex_attention"] = cached
-    return cached
+    return interface_fronts.install(_WHERE, "flex_attention", CachedMasks)
 
 
 def installed() -> CachedMasks | None:
     """The cache in front of transformers' flex-attention mask function, if :func:`install` put one there."""
-    try:
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
-        current = ALL_MASK_ATTENTION_FUNCTIONS["flex_attention"]
-    except (ImportError, KeyError):
-        return None
-    return current if isinstance(current, CachedMasks) else None
+    return interface_fronts.installed(_WHERE, "flex_attention", CachedMasks)
 
 
 def uninstall() -> None:
     """transformers' function back (tests)."""
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
-    current = ALL_MASK_ATTENTION_FUNCTIONS["flex_attention"]
-    if isinstance(current, CachedMasks):
-        ALL_MASK_ATTENTION_FUNCTIONS["flex_attention"] = current.build
+    interface_fronts.uninstall(_WHERE, "flex_attention", CachedMasks, "build")

@@ -41,6 +41,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from trinity_core.train import interface_fronts
+
 KEYWORD = "dense_attention"
 """The keyword the compiled layers pass a :class:`Pattern` down with."""
 
@@ -179,40 +181,23 @@ class DenseAttention:
         return run(query, key, value, plain.window, scale), None
 
 
+_WHERE = "transformers.modeling_utils:ALL_ATTENTION_FUNCTIONS"
+
+
 def install() -> DenseAttention | None:
     """Put a :class:`DenseAttention` in front of transformers' ``flex_attention`` attention function, for every
     model of the process (the interface is one object); once. None where transformers has none."""
-    try:
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-        current = ALL_ATTENTION_FUNCTIONS["flex_attention"]
-    except (ImportError, KeyError):
-        return None
-    if isinstance(current, DenseAttention):
-        return current
-    dense = DenseAttention(current)
-    ALL_ATTENTION_FUNCTIONS["flex_attention"] = dense
-    return dense
+    return interface_fronts.install(_WHERE, "flex_attention", DenseAttention)
 
 
 def installed() -> DenseAttention | None:
     """The :class:`DenseAttention` :func:`install` put in front of the flex-attention function, if any."""
-    try:
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-        current = ALL_ATTENTION_FUNCTIONS["flex_attention"]
-    except (ImportError, KeyError):
-        return None
-    return current if isinstance(current, DenseAttention) else None
+    return interface_fronts.installed(_WHERE, "flex_attention", DenseAttention)
 
 
 def uninstall() -> None:
     """transformers' function back (tests)."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    current = ALL_ATTENTION_FUNCTIONS["flex_attention"]
-    if isinstance(current, DenseAttention):
-        ALL_ATTENTION_FUNCTIONS["flex_attention"] = current.flex
+    interface_fronts.uninstall(_WHERE, "flex_attention", DenseAttention, "flex")
 
 
 __all__ = ["GLOBAL_KERNEL", "KEYWORD", "SLIDING", "DenseAttention", "Pattern", "applies", "classify", "expected_mask",
