@@ -53,6 +53,8 @@
 #                                             # without GatedActDownInGraph; LORA=1: Trinity's LoRA layers with
 #                                             # lora_in_gemm on every projection instead), compiled LoRA, at 4 layers
 #   bash bench/gpu_session_calls.sh tinyjob   # run_job's tiny job with compiled decoder layers, CPU tensors probed
+#   bash bench/gpu_session_calls.sh lorajob   # flex attention's block configs (bench/flex_configs.py), then run_job's
+#                                             # tiny job with LoRA, the backend choosing Unsloth's compile (LIMIT=)
 #   bash bench/gpu_session_calls.sh pair      # the refresh, then LoRA vs fast DoRA at 4 and 48 layers
 #                                             # (bench/run_gpu.sh grown_bf16): one machine of two
 set -uo pipefail
@@ -343,5 +345,14 @@ case ${1:-} in
       > "$OUT/tinyjob.log" 2>&1
     echo "rc=$?" | tee -a "$OUT/tinyjob.log"
     grep -n -A4 "\[probe\]" "$OUT/tinyjob.log" | head -60 ;;
-  *) echo "usage: $0 tests|kernel|kernels|tiles|pair|refresh|t4mem|t4tests|speed|down|downtiles|gemm|loragemm|loraprof|loraproj|loraflex|loracode|lorablocks|masks|lengths|code|tinyjob"; exit 2 ;;
+  lorajob)  # flex attention's block configs at the 12B shape (bench/flex_configs.py, SWEEP seconds), then run_job's
+            # tiny job with LoRA, Unsloth's compile mode chosen by the backend (Trinity's compiled layers on a bf16 GPU)
+    timeout ${SWEEP:-200} python bench/flex_configs.py > "$OUT/flex_configs.txt" 2> "$OUT/flex_configs.err"
+    echo "flex_configs rc=$?"; cat "$OUT/flex_configs.txt"
+    env -u UNSLOTH_COMPILE_DISABLE TRINITY_BENCH_LORA=1 TORCH_LOGS=recompiles,graph_breaks \
+      timeout -s ABRT ${LIMIT:-300} python -X faulthandler bench/gpu_tiny_job.py train /tmp/tinyjob \
+      > "$OUT/lorajob.log" 2>&1
+    echo "rc=$?" | tee -a "$OUT/lorajob.log"
+    grep -v "^\s*$" "$OUT/lorajob.log" | grep -i "UNSLOTH_COMPILE_DISABLE\|compile\|backend\|loss\|error\|Traceback" | cut -c1-600 | tail -25 ;;
+  *) echo "usage: $0 tests|kernel|kernels|tiles|pair|refresh|t4mem|t4tests|speed|down|downtiles|gemm|loragemm|loraprof|loraproj|loraflex|loracode|lorablocks|masks|lengths|code|tinyjob|lorajob|pattern"; exit 2 ;;
 esac

@@ -23,24 +23,36 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def train(out: Path) -> None:
     """``TRINITY_BENCH_COMPILED_LAYERS=0``: with ``RunOptions(compiled_layers=False)`` (the decoder layers eager;
-    on by default since call 14, docs/BENCHMARKS.md "Goal 1, later on 2026-11-29")."""
+    on by default since call 14, docs/BENCHMARKS.md "Goal 1, later on 2026-11-29"). ``TRINITY_BENCH_LORA=1``: the
+    same job with LoRA (DoRA off), Unsloth imported by the backend, which chooses its compile mode itself
+    (``backends/unsloth.trinity_layers_for``: Trinity's compiled layers on a bf16 GPU)."""
     import os
 
-    os.environ.setdefault("UNSLOTH_COMPILE_DISABLE", "1")  # the backend's choice with DoRA
-    import unsloth  # noqa: F401  (before transformers)
+    lora = os.environ.get("TRINITY_BENCH_LORA") == "1"
+    if not lora:
+        os.environ.setdefault("UNSLOTH_COMPILE_DISABLE", "1")  # the backend's choice with DoRA
+        import unsloth  # noqa: F401  (before transformers)
 
-    from trinity_core.pipeline import run_job
+    import subprocess
+
+    from trinity_core.options import RunOptions
     from trinity_core.spec import load_spec
-    from trinity_core.fixtures.tiny import build_tiny_model
 
     spec = load_spec(ROOT / "examples" / "tiny.yaml")
-    spec.model.name_or_path = str(build_tiny_model(out / "tiny"))
+    spec.model.name_or_path = str(out / "tiny")
+    subprocess.run([sys.executable, "-c", "import sys; from trinity_core.fixtures.tiny import build_tiny_model; "
+                    "build_tiny_model(sys.argv[1])", spec.model.name_or_path], check=True)  # transformers elsewhere
     spec.model.backend = "unsloth"
     spec.train.max_steps = 20
+    spec.lora.use_dora = not lora
     spec.export.merge = spec.export.gguf = spec.export.evaluate = False
-    from trinity_core.options import RunOptions
-
     options = RunOptions(compiled_layers=os.environ.get("TRINITY_BENCH_COMPILED_LAYERS", "1") == "1")
+    if lora:  # the backend decides Unsloth's compile mode and imports it, before anything imports transformers
+        from trinity_core.train.backends.unsloth import UnslothBackend
+
+        UnslothBackend(spec, options)
+        print(f"UNSLOTH_COMPILE_DISABLE={os.environ.get('UNSLOTH_COMPILE_DISABLE')}", flush=True)
+    from trinity_core.pipeline import run_job
     if os.environ.get("TRINITY_BENCH_REGION_PROBE") == "1":
         probe_cpu_tensors()
     result = run_job(spec, out / "job", options=options)

@@ -294,18 +294,18 @@ def test_t4_rung_choice():
 
 
 def test_estimates_fall_down_the_ladder():
-    """Every rung is cheaper than the one before, except turning fast DoRA off without the compiled layers: since
-    fast DoRA v3 a DoRA layer's peak is LoRA's (measured within ±0.2 GiB at 48 layers), so that rung saves ~nothing;
-    with them (the default) it saves the dequantised projections they keep for a layer's backward."""
+    """Every rung is cheaper than the one before, except turning fast DoRA off: since fast DoRA v3 a DoRA layer's
+    peak is LoRA's (measured within ±0.2 GiB at 48 layers), so that rung saves ~nothing, with the compiled layers
+    (the default; a LoRA job runs them too since 2026-11-30, keeping the same dequantised projections) or
+    without."""
     spec = _spec(dora="fast", accum=4)
-    compiled = [p.estimate.gib for p in memory.plan(ladder.rungs(spec), spec, GEMMA3_12B, "unsloth", 80.0)]
-    assert compiled == sorted(compiled, reverse=True) and compiled[2] - compiled[3] > 0.3, compiled
-    plan = memory.plan(ladder.rungs(spec), spec, GEMMA3_12B, "unsloth", 80.0, compiled_layers=False)
-    for before, after in zip(plan, plan[1:]):
-        if after.name == "dora_off":
-            assert abs(after.estimate.gib - before.estimate.gib) < 0.25, (before, after)
-        else:
-            assert after.estimate.gib < before.estimate.gib, (before, after)
+    for compiled_layers in (True, False):
+        plan = memory.plan(ladder.rungs(spec), spec, GEMMA3_12B, "unsloth", 80.0, compiled_layers=compiled_layers)
+        for before, after in zip(plan, plan[1:]):
+            if after.name == "dora_off":
+                assert abs(after.estimate.gib - before.estimate.gib) < 0.25, (before, after)
+            else:
+                assert after.estimate.gib < before.estimate.gib, (before, after)
     peft_dora = memory.plan(ladder.rungs(spec), spec, GEMMA3_12B, "unsloth", 80.0, fast_dora=False)
     gibs = [p.estimate.gib for p in peft_dora]
     assert gibs == sorted(gibs, reverse=True)

@@ -59,6 +59,7 @@ T4_FAST_LAYER_TRANSIENT = 11.4  # × batch·seq·intermediate·2 bytes (its acti
 T4_STOCK_ATTENTION = 6.0  # × batch·seq·heads·head_dim·4 bytes: Unsloth's fp32 attention intermediates, kept
 # through the layer's MLP backward without RunOptions.lean_attention (measured +0.376 GiB at seq 4096, 4 and 48 layers)
 ALLOCATOR_MARGIN = (0.5, 0.05)  # fits when estimate + max(0.5 GiB, 5%) <= budget
+COMPILED_LAYER_MODELS = ("gemma3_text", "gemma3")  # the model types train/compiled_layers compiles (its LAYER_CLASSES)
 
 
 @dataclass
@@ -176,13 +177,15 @@ def estimate(config: Any, spec: JobSpec, backend: str, *, bf16_supported: bool =
         largest = max(proj[t][0] * proj[t][1] for t in targets)
         if fast_dora:
             layer += FAST_DORA_TRANSIENT * B * S * widest_out * act
-            if compiled_layers and backend == "unsloth" and act == 2 and spec.model.load_in_4bit:
-                # the compiled layers (train/compiled_layers) keep a layer's dequantised projections for its
-                # backward: all 7, adapted or not (12B shape: 0.42 GiB; measured +0.64 at 48 layers, call 18)
-                layer += linear_params * act
-                assumptions["compiled_layers"] = True
         else:
             layer += PEFT_DORA_TRANSIENT[0] * largest * 2 + PEFT_DORA_TRANSIENT[1] * B * S * widest_out * 4
+    if (compiled_layers and backend == "unsloth" and act == 2 and spec.model.load_in_4bit and targets
+            and (fast_dora or not dora) and s["model_type"] in COMPILED_LAYER_MODELS):
+        # the compiled layers (train/compiled_layers; a LoRA job's too, backends/unsloth.py) keep a layer's
+        # dequantised projections for its backward: all 7, adapted or not (12B shape: 0.42 GiB; measured +0.64
+        # at 48 layers with fast DoRA, call 18; +0.30 with LoRA, call 48)
+        layer += linear_params * act
+        assumptions["compiled_layers"] = True
     loss = LOGITS_FP32_COPIES * B * S * s["vocab"] * 4 if backend == "peft" else 0.0
     parts["transient"] = max(layer, loss) / GIB
     if loss >= layer and spec.train.grad_accum > 1:

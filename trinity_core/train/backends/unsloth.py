@@ -3,9 +3,12 @@
 Unsloth patches transformers and TRL globally and must be imported before them. Its torch.compile
 mode is 1.34x faster with LoRA after a ~58 s first step, but with PEFT's DoRA it stalled for over
 3 minutes and once crashed (H100 measurements in ../docs/BENCHMARKS.md), so compile is disabled
-when DoRA is on, unless ``RunOptions.unsloth_compile`` says otherwise. The choice is made once per
-process: Unsloth reads ``UNSLOTH_COMPILE_DISABLE`` at import, so it is set here, before the import
-(its only switch; trinity_core writes no other environment variable).
+when DoRA is on, unless ``RunOptions.unsloth_compile`` says otherwise. It is disabled for LoRA too where
+Trinity's compiled decoder layers run the job instead (:func:`trinity_layers_for`: a bf16 GPU, a 4-bit Gemma-3,
+``RunOptions.compiled_layers``; they ran 1.038-1.050x Unsloth's compiled LoRA at the 12B shape, H200, calls 45
+and 48, docs/BENCHMARKS.md). The choice is made once per process: Unsloth reads ``UNSLOTH_COMPILE_DISABLE`` at
+import, so it is set here, before the import (its only switch; trinity_core writes no other environment
+variable).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ class UnslothBackend:
         self.options = options or RunOptions()
         compile_ = self.options.unsloth_compile
         if "unsloth" not in sys.modules:
-            if compile_ is None and spec.lora.use_dora:
+            if compile_ is None and (spec.lora.use_dora or trinity_layers_for(spec, self.options)):
                 compile_ = False
             if compile_ is not None:
                 os.environ[COMPILE_ENV] = "0" if compile_ else "1"
@@ -72,14 +75,16 @@ class UnslothBackend:
         lean_norms = patch_gemma3_norms(model)  # Unsloth's float32 mode (the T4 path) only, as is the next
         lean_attention = patch_lean_attention(model) if self.options.lean_attention else 0
         compiled = os.environ.get(COMPILE_ENV, "0") not in ("1", "true", "True")
-        kernels = (compile_gemma3_kernels(model, layers=self.options.compiled_layers and fast_dora_layers > 0)
+        layers = self.options.compiled_layers and (fast_dora_layers > 0 or not spec.lora.use_dora)
+        kernels = (compile_gemma3_kernels(model, layers=layers)
                    if self.options.compiled_kernels and not compiled else {})
         self._info = {
             "backend": self.name,
             "compute_dtype": str(dtype).removeprefix("torch."),
             "device": "cuda",
             "unsloth_compile": compiled,
-            "unsloth_compile_reason": _compile_reason(spec.lora.use_dora, compiled),
+            "unsloth_compile_reason": _compile_reason(spec.lora.use_dora, compiled,
+                                                      trinity_layers_for(spec, self.options)),
             "fast_dora_layers": fast_dora_layers,
             "lean_norms": lean_norms,
             "lean_attention": lean_attention,
@@ -115,6 +120,12 @@ def patch_lean_attention(model) -> int:
 BLOCK_MASKS = True
 """Flex attention's block masks cached by shape (:mod:`trinity_core.train.block_masks`); False for the A/B
 (``bench/gpu_bench.py --no-block-masks``)."""
+
+
+LORA_LAYERS = True
+"""A LoRA job on a bf16 GPU runs Trinity's compiled decoder layers with Unsloth's compile off
+(:func:`trinity_layers_for`); False: Unsloth's compile mode for LoRA, as until 2026-11-30 (also
+``RunOptions(unsloth_compile=True)`` for one job, where the process has not imported Unsloth yet)."""
 
 
 DENSE_ATTENTION = True
@@ -181,8 +192,34 @@ def _compiled_prepare(hidden_states, q16, k16, v16, q_shape, kv_shape, position_
     return q, k, v, cos, sin, attention_mask
 
 
-def _compile_reason(dora: bool, compiled: bool) -> str:
+def trinity_layers_for(spec: JobSpec, options: RunOptions) -> bool:
+    """Whether a LoRA job of ``spec`` runs in Trinity's compiled decoder layers rather than Unsloth's compile
+    mode: ``RunOptions.compiled_kernels`` and ``compiled_layers`` (and :data:`LORA_LAYERS`), a CUDA GPU with bf16
+    and the spec's compute dtype resolving to it (not the T4 path: Unsloth's float32 mode compiles nothing of
+    ours), a 4-bit base, and a model whose decoder layers ``train/compiled_layers`` compiles (Gemma-3: the
+    model type in its config.json, read from the model's directory or the hub cache as JSON, so nothing imports
+    transformers before Unsloth). A model whose config cannot be read keeps Unsloth's compile."""
+    import torch
+
+    from trinity_core import gpu, model_config
+    from trinity_core.train.memory import COMPILED_LAYER_MODELS
+
+    if not (LORA_LAYERS and options.compiled_kernels and options.compiled_layers and spec.model.load_in_4bit
+            and gpu.bf16_supported() and gpu.compute_dtype(spec.model.compute_dtype) == torch.bfloat16):
+        return False
+    try:
+        data = model_config.resolve(spec.model.name_or_path, spec.model.revision).data
+    except Exception:  # noqa: BLE001 - unreadable: keep Unsloth's compile, the fallback that always worked
+        return False
+    text = data.get("text_config") if isinstance(data.get("text_config"), dict) else data
+    return str(text.get("model_type", data.get("model_type", ""))) in COMPILED_LAYER_MODELS
+
+
+def _compile_reason(dora: bool, compiled: bool, trinity_layers: bool = False) -> str:
     if dora:
         return (f"DoRA on, but compiled: unsloth was imported before {COMPILE_ENV} could be set"
                 if compiled else "DoRA on: compile disabled")
-    return "LoRA: compiled" if compiled else f"{COMPILE_ENV} set"
+    if compiled:
+        return (f"LoRA: compiled (unsloth was imported before {COMPILE_ENV} could be set)" if trinity_layers
+                else "LoRA: compiled")
+    return "LoRA: Trinity's compiled layers instead" if trinity_layers else f"{COMPILE_ENV} set"
