@@ -7,7 +7,9 @@ Two phases per kind of layer (sliding, global):
 
 1. Autotune: ``flex_attention`` compiled with ``max_autotune`` over a candidate list of configs (:data:`BWD_CANDIDATES`,
    :data:`FWD_CANDIDATES`, patched in as the CUDA heuristic's lists); inductor precompiles them in parallel and
-   benchmarks each kernel alone. Its per-choice timings are captured and printed, best first.
+   benchmarks each kernel alone. Its per-choice timings are captured and printed, best first. They are not the
+   op's: the autotuner makes its own inputs, the block mask's tensors included, so a sliding mask's sparsity is not
+   what it times (call 53: 7.2 ms for a backward the op runs in 1.3); phase 2 is the measurement.
 2. In the op: the default (no options) and the best autotuned backward configs with the best forward, each passed as
    ``kernel_options`` (``fwd_``/``bwd_`` prefixed, the way a model passes them), compiled without autotuning and timed
    forward and forward + backward (median of ``--reps``), with each one's largest error against the fp32 reference
@@ -37,7 +39,8 @@ BWD_CANDIDATES = [(64, 64, 64, 64, 2, 4),  # inductor's sm90 default for head di
 """(BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_stages, num_warps): 16 backward configs around the default, all
 satisfying the kernel's static assertions (N1 % M1 == 0, M2 % N2 == 0) and the 128-token sparse blocks. A list of
 96 did not finish its parallel precompile in 6 minutes on 16 cores (call 52: a head-dim-256 backward kernel takes
-about a minute to compile; 17 of them ran out of shared memory)."""
+about a minute to compile; 26 out-of-shared-memory reports before it stopped). Call 53 ran this list:
+inductor's default was the fastest in the op (docs/BENCHMARKS.md, "calls 52–55")."""
 
 FWD_CANDIDATES = [(64, 32, 3, 4),  # inductor's H100 default for bf16, head dim 256
                   (64, 64, 2, 4), (128, 64, 2, 8), (128, 32, 2, 8), (64, 32, 2, 4), (128, 64, 1, 8)]

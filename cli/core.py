@@ -33,7 +33,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--no-lean-attention", action="store_true",
                    help="on the T4 path keep Unsloth's Gemma-3 attention (faster, ~0.38 GiB more at seq 4096)")
     p.add_argument("--unsloth-compile", choices=("auto", "on", "off"), default="auto",
-                   help="Unsloth's torch.compile mode (auto: on for LoRA, off with DoRA)")
+                   help="Unsloth's torch.compile mode (auto: off where Trinity's compiled layers run the job (LoRA on a bf16 GPU) and with DoRA, on otherwise)")
     p.add_argument("--no-compiled-layers", action="store_true",
                    help="with fast DoRA on a bf16 GPU, run the decoder layers eagerly (no compile at the first step)")
     p.add_argument("--debug-memory", action="store_true",

@@ -24,15 +24,19 @@ class RunOptions:
     """With Unsloth's compile mode off on a bf16 GPU (the DoRA path), compile Gemma-3's norms and the
     attention's q/k norm + RoPE (``train/compiled_kernels``). False leaves them eager (benchmarks)."""
     compiled_layers: bool = True
-    """With ``compiled_kernels`` and fast DoRA: also compile each decoder layer as one region, fast DoRA inside
+    """With ``compiled_kernels`` and fast DoRA or LoRA: also compile each decoder layer as one region, fast DoRA inside
     (``train/compiled_layers``: fast DoRA's arithmetic fused by inductor, the frozen NF4 weights dequantised by
     ``train/nf4_dequant``'s kernel). H200, 12B shape at 48 layers, one run (call 18): 5815 tok/s against 6091 for
     Unsloth's compiled LoRA (0.955×), peak 11.33 GiB (+0.64: each layer's dequantised weights kept for its
     backward; the memory estimate counts them); the first step compiles (~60 s at 48 layers, as Unsloth's compile
     mode does for LoRA); run_job's tiny job and the multimodal GPU tests pass with it (call 19).
-    docs/BENCHMARKS.md, "Goal 1, 2026-11-29 (night)". False: the layers run eagerly (benchmarks)."""
+    docs/BENCHMARKS.md, "Goal 1, 2026-11-29 (night)". A LoRA job on a bf16 GPU runs them too, with Unsloth's compile
+    mode off (``backends/unsloth.trinity_layers_for``; 12B layer pattern at 48 layers, H200, call 54: 6356.1 tok/s
+    against 5938.8 for Unsloth's compiled LoRA, 1.070×, peak 11.06 against 10.75 GiB). False: the layers run eagerly
+    and a LoRA job keeps Unsloth's compile mode."""
     unsloth_compile: bool | None = None
-    """Unsloth's torch.compile mode; None: on for LoRA, off with DoRA (it stalls or crashes there)."""
+    """Unsloth's torch.compile mode; None: off with DoRA (it stalls or crashes there) and where Trinity's compiled
+    layers run a LoRA job (``backends/unsloth.trinity_layers_for``: a bf16 GPU, a 4-bit Gemma-3), on otherwise."""
     debug_memory: bool = False
     """After a failed ladder attempt, print what still holds CUDA memory (stderr)."""
     mlflow_tracking_uri: str | None = None

@@ -115,7 +115,7 @@ class Settings(BaseSettings):
     # How the worker runs jobs (trinity_core.options.RunOptions, built in worker/runner.py).
     fast_dora: bool = Field(True, description="Trinity's fast DoRA; false runs PEFT's own DoRA (benchmarks).")
     unsloth_compile: Literal["auto", "on", "off"] = Field(
-        "auto", description="Unsloth's torch.compile mode (auto: on for LoRA, off with DoRA).")
+        "auto", description="Unsloth's torch.compile mode (auto: off where Trinity's compiled layers run the job (LoRA on a bf16 GPU) and with DoRA, on otherwise).")
     compiled_layers: bool = Field(True, description="With fast DoRA on a bf16 GPU: each decoder layer compiled as "
                                   "one region (the first step compiles); false runs the layers eagerly.")
     debug_memory: bool = Field(False, description="After a failed OOM-ladder attempt, print what still holds CUDA memory.")
