@@ -38,7 +38,9 @@ def flash(q, k, v, window, scale):
     return out.transpose(1, 2)
 
 
-def make_flex(s, window, device):
+def make_flex(s, window, device, options=None):
+    """Flex attention compiled as transformers runs it (a block mask, ``IS_DIVISIBLE``), ``options`` added to its
+    ``kernel_options`` (``bench/flex_configs.py``: block configs)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     def causal(b, h, q_idx, kv_idx):
@@ -52,7 +54,7 @@ def make_flex(s, window, device):
 
     def run(q, k, v, _window, scale):
         return compiled(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True,
-                        kernel_options={"IS_DIVISIBLE": True})
+                        kernel_options={"IS_DIVISIBLE": True, **(options or {})})
     return run
 
 
@@ -77,6 +79,35 @@ def timed(fn, reps):
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def reference_values(q, k, v, dout, window, scale):
+    """The fp32 reference's output and q, k, v gradients."""
+    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = reference(*leaves, window, scale)
+    ref.backward(dout.float())
+    return [ref.detach()] + [t.grad for t in leaves]
+
+
+def measure(fn, q, k, v, dout, window, scale, ref_vals, reps):
+    """``fn``'s largest errors against ``ref_vals`` (output, dq, dk, dv; relative to the reference's largest value)
+    and its median forward and forward + backward milliseconds."""
+    xs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = fn(*xs, window, scale)
+    out.backward(dout)
+    errs = [(got.float() - want).abs().max().item() / want.abs().max().item()
+            for got, want in zip([out.detach()] + [t.grad for t in xs], ref_vals)]
+
+    def fwd():
+        with torch.no_grad():
+            fn(q, k, v, window, scale)
+
+    def fwd_bwd():
+        x = [t.detach().requires_grad_() for t in (q, k, v)]
+        fn(*x, window, scale).backward(dout)
+    for _ in range(3):
+        fwd_bwd()
+    return errs, timed(fwd, reps), timed(fwd_bwd, reps)
 
 
 def main() -> None:
@@ -106,32 +137,14 @@ def main() -> None:
     for kind, window in (("sliding", a.window), ("global", 0)):
         keys = sum(min(i + 1, window) if window else i + 1 for i in range(s))
         flop_fwd = 4 * a.heads * a.dim * keys
-        leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
-        ref = reference(*leaves, window, scale)
-        ref.backward(dout.float())
-        ref_vals = [ref.detach()] + [t.grad for t in leaves]
+        ref_vals = reference_values(q, k, v, dout, window, scale)
         kernels = {"flex (compiled, IS_DIVISIBLE)": make_flex(s, window, dev), "flash-2 (aten, window)": flash}
         if not window:
             kernels["sdpa cudnn"] = sdpa(SDPBackend.CUDNN_ATTENTION)
             kernels["sdpa flash"] = sdpa(SDPBackend.FLASH_ATTENTION)
         for name, fn in kernels.items():
             try:
-                xs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-                out = fn(*xs, window, scale)
-                out.backward(dout)
-                errs = [(got.float() - want).abs().max().item() / want.abs().max().item()
-                        for got, want in zip([out.detach()] + [t.grad for t in xs], ref_vals)]
-
-                def fwd():
-                    with torch.no_grad():
-                        fn(q, k, v, window, scale)
-
-                def fwd_bwd():
-                    x = [t.detach().requires_grad_() for t in (q, k, v)]
-                    fn(*x, window, scale).backward(dout)
-                for _ in range(3):
-                    fwd_bwd()
-                t_fwd, t_all = timed(fwd, a.reps), timed(fwd_bwd, a.reps)
+                errs, t_fwd, t_all = measure(fn, q, k, v, dout, window, scale, ref_vals, a.reps)
                 print(f"{kind:8s} {name:32s} fwd {t_fwd:7.3f} ms ({flop_fwd / t_fwd / 1e9:6.1f} TFLOP/s)  "
                       f"fwd+bwd {t_all:7.3f} ms ({3.5 * flop_fwd / t_all / 1e9:6.1f} TFLOP/s)  "
                       f"rel err out/dq/dk/dv {' '.join(f'{e:.1e}' for e in errs)}", flush=True)

@@ -29,7 +29,7 @@ import sys
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from attention_kernels import reference, timed  # noqa: E402
+from attention_kernels import make_flex, measure, reference_values  # noqa: E402
 
 BWD_CANDIDATES = [(64, 64, 64, 64, 2, 4),  # inductor's sm90 default for head dim > 128
                   (64, 64, 64, 64, 1, 4), (64, 64, 64, 64, 1, 8), (64, 64, 64, 64, 2, 8), (64, 64, 64, 64, 3, 4),
@@ -79,24 +79,6 @@ def patch_candidates() -> list[tuple[str, str, float]]:
     return results
 
 
-def flex_runner(s, window, options, device):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    def causal(b, h, q_idx, kv_idx):
-        return kv_idx <= q_idx
-
-    def sliding(b, h, q_idx, kv_idx):
-        return (kv_idx <= q_idx) & (kv_idx > q_idx - window)
-
-    block_mask = create_block_mask(sliding if window else causal, None, None, s, s, device=device)
-    compiled = torch.compile(flex_attention, dynamic=False)
-
-    def run(q, k, v, scale):
-        return compiled(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True,
-                        kernel_options={"IS_DIVISIBLE": True, **options})
-    return run
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seq", type=int, default=4096)
@@ -131,7 +113,7 @@ def main() -> None:
         torch._dynamo.reset()
         with inductor_config.patch(max_autotune=True):
             x = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-            flex_runner(s, window, {}, dev)(*x, scale).backward(dout)
+            make_flex(s, window, dev)(*x, window, scale).backward(dout)
         torch.cuda.synchronize()
         best: dict[str, list[tuple[float, dict]]] = {"fwd": [], "bwd": []}
         for name, description, ms in results:
@@ -147,10 +129,7 @@ def main() -> None:
             if best[which]:
                 print(f"   worst {best[which][-1][0]:.4f} ms")
         # phase 2: in the op, through kernel_options
-        leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
-        ref = reference(*leaves, window, scale)
-        ref.backward(dout.float())
-        ref_vals = [ref.detach()] + [t.grad for t in leaves]
+        ref_vals = reference_values(q, k, v, dout, window, scale)
         rows = [("default", {})]
         fwd_opts = ({f"fwd_{k_}": v_ for k_, v_ in best["fwd"][0][1].items()} if best["fwd"] else {})
         if fwd_opts:
@@ -160,23 +139,8 @@ def main() -> None:
         torch._dynamo.reset()
         for label, options in rows:
             try:
-                fn = flex_runner(s, window, options, dev)
-                xs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-                out = fn(*xs, scale)
-                out.backward(dout)
-                errs = [(got.float() - want).abs().max().item() / want.abs().max().item()
-                        for got, want in zip([out.detach()] + [t.grad for t in xs], ref_vals)]
-
-                def fwd():
-                    with torch.no_grad():
-                        fn(q, k, v, scale)
-
-                def fwd_bwd():
-                    x_ = [t.detach().requires_grad_() for t in (q, k, v)]
-                    fn(*x_, scale).backward(dout)
-                for _ in range(3):
-                    fwd_bwd()
-                t_fwd, t_all = timed(fwd, a.reps), timed(fwd_bwd, a.reps)
+                errs, t_fwd, t_all = measure(make_flex(s, window, dev, options), q, k, v, dout, window, scale,
+                                             ref_vals, a.reps)
                 print(f"{kind:8s} {label:24s} fwd {t_fwd:7.3f} ms  fwd+bwd {t_all:7.3f} ms "
                       f"({3.5 * flop_fwd / t_all / 1e9:6.1f} TFLOP/s)  bwd {t_all - t_fwd:7.3f} ms  "
                       f"rel err out/dq/dk/dv {' '.join(f'{e:.1e}' for e in errs)}  options {options}", flush=True)
