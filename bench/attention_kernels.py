@@ -110,25 +110,35 @@ def measure(fn, q, k, v, dout, window, scale, ref_vals, reps):
     return errs, timed(fwd, reps), timed(fwd_bwd, reps)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def shape_arguments(doc: str) -> argparse.ArgumentParser:
+    """The command line of the attention benchmarks: the 12B's attention shape, the window, repetitions."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--reps", type=int, default=20)
-    a = p.parse_args()
+    return p
+
+
+def inputs(a, dev):
+    """q, k, v and the output's gradient for ``a``'s shape (bf16, seeded)."""
+    g = torch.Generator(device=dev).manual_seed(0)
+    shapes = [(1, a.heads, a.seq, a.dim), (1, a.kv_heads, a.seq, a.dim), (1, a.kv_heads, a.seq, a.dim),
+              (1, a.heads, a.seq, a.dim)]
+    return [torch.randn(*shape, device=dev, dtype=torch.bfloat16, generator=g) for shape in shapes]
+
+
+def main() -> None:
+    a = shape_arguments(__doc__).parse_args()
     from torch.nn.attention import SDPBackend
 
     dev, s, scale = "cuda", a.seq, a.dim ** -0.5
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; batch 1, seq {s}, heads {a.heads}/"
           f"{a.kv_heads}, dim {a.dim}, bf16; window {a.window}")
-    g = torch.Generator(device=dev).manual_seed(0)
-    q = torch.randn(1, a.heads, s, a.dim, device=dev, dtype=torch.bfloat16, generator=g)
-    k = torch.randn(1, a.kv_heads, s, a.dim, device=dev, dtype=torch.bfloat16, generator=g)
-    v = torch.randn(1, a.kv_heads, s, a.dim, device=dev, dtype=torch.bfloat16, generator=g)
-    dout = torch.randn(1, a.heads, s, a.dim, device=dev, dtype=torch.bfloat16, generator=g)
+    q, k, v, dout = inputs(a, dev)
+    g = torch.Generator(device=dev).manual_seed(1)
     small = [torch.randn(1, h, 256, a.dim, device=dev, dtype=torch.bfloat16, generator=g)
              for h in (a.heads, a.kv_heads, a.kv_heads)]
     got = flash(*small, 16, scale).float()

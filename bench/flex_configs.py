@@ -21,15 +21,13 @@ CUDA only."""
 
 from __future__ import annotations
 
-import argparse
 import re
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from attention_kernels import make_flex, measure, reference_values  # noqa: E402
+from attention_kernels import inputs, make_flex, measure, reference_values, shape_arguments  # noqa: E402
 
 BWD_CANDIDATES = [(64, 64, 64, 64, 2, 4),  # inductor's sm90 default for head dim > 128
                   (64, 64, 64, 64, 1, 4), (64, 64, 64, 64, 1, 8), (64, 64, 64, 64, 2, 8), (64, 64, 64, 64, 3, 4),
@@ -80,13 +78,7 @@ def patch_candidates() -> list[tuple[str, str, float]]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seq", type=int, default=4096)
-    p.add_argument("--window", type=int, default=1024)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--reps", type=int, default=20)
+    p = shape_arguments(__doc__)
     p.add_argument("--top", type=int, default=3, help="best autotuned backward configs timed in phase 2")
     p.add_argument("--kinds", default="sliding,global")
     a = p.parse_args()
@@ -98,11 +90,7 @@ def main() -> None:
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; batch 1, seq {s}, heads {a.heads}/"
           f"{a.kv_heads}, dim {a.dim}, bf16; window {a.window}; {len(BWD_CANDIDATES)} backward and "
           f"{len(FWD_CANDIDATES)} forward candidates", flush=True)
-    g = torch.Generator(device=dev).manual_seed(0)
-    q = torch.randn(1, a.heads, s, a.dim, device=dev, dtype=torch.bfloat16, generator=g)
-    k = torch.randn(1, a.kv_heads, s, a.dim, device=dev, dtype=torch.bfloat16, generator=g)
-    v = torch.randn(1, a.kv_heads, s, a.dim, device=dev, dtype=torch.bfloat16, generator=g)
-    dout = torch.randn(1, a.heads, s, a.dim, device=dev, dtype=torch.bfloat16, generator=g)
+    q, k, v, dout = inputs(a, dev)
     results = patch_candidates()
     for kind in a.kinds.split(","):
         window = a.window if kind == "sliding" else 0
