@@ -86,3 +86,14 @@ def test_the_memory_estimate_counts_the_layers_for_lora_too():
         GEMMA3_12B, t4, "unsloth", compiled_layers=False).gib
     llama = dict(GEMMA3_12B, model_type="llama")
     assert "compiled_layers" not in memory.estimate(llama, _spec(), "unsloth").assumptions
+
+
+def test_the_recipes_model_chooses_trinity_layers(bf16_gpu):
+    """The default spec's model (the published pre-quantised multimodal checkpoint) through its shipped config.json:
+    no hub, no transformers import."""
+    from trinity_core.spec import JobSpec
+
+    spec = JobSpec()
+    spec.lora.use_dora = False
+    assert spec.model.name_or_path == "unsloth/gemma-3-12b-it-bnb-4bit"
+    assert backend.trinity_layers_for(spec, RunOptions())
