@@ -97,3 +97,26 @@ def test_the_recipes_model_chooses_trinity_layers(bf16_gpu):
     spec.lora.use_dora = False
     assert spec.model.name_or_path == "unsloth/gemma-3-12b-it-bnb-4bit"
     assert backend.trinity_layers_for(spec, RunOptions())
+
+
+@pytest.mark.parametrize("unsloth_compile, counted", [(None, True), (False, True), (True, False)])
+def test_the_ladders_preflight_counts_the_layers_only_where_they_run(tiny_spec, monkeypatch, unsloth_compile, counted):
+    """Forcing Unsloth's compile mode (``RunOptions(unsloth_compile=True)``) leaves Trinity's layers out of the job,
+    so the rung's estimate does not count their kept weights."""
+    from types import SimpleNamespace
+
+    from trinity_core.train import ladder
+
+    seen = {}
+
+    def preflight(spec, backend_name, **kw):
+        seen.update(kw)
+        return None
+
+    monkeypatch.setattr(memory, "preflight", preflight)
+    spec = _lora(tiny_spec)
+    rung = ladder.rungs(spec)[0]
+    attempt = ladder.Attempt(rung=rung.name, settings={})
+    assert not ladder.skip_by_estimate(attempt, rung, spec, SimpleNamespace(name="unsloth"),
+                                       RunOptions(unsloth_compile=unsloth_compile))
+    assert seen["compiled_layers"] is counted

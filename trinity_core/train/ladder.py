@@ -164,7 +164,8 @@ def skip_by_estimate(attempt: Attempt, rung: Rung, spec: JobSpec, backend: Any, 
 
     checked = memory.preflight(rung.settings.apply(spec), backend.name, fast_dora=options.fast_dora,
                                lean_attention=options.lean_attention,
-                               compiled_layers=options.compiled_kernels and options.compiled_layers)
+                               compiled_layers=(options.compiled_kernels and options.compiled_layers
+                                                and options.unsloth_compile is not True))  # forced: Unsloth's instead
     if checked is None:  # no CUDA, or a config we cannot read: the OOM ladder alone decides
         return False
     estimate, budget = checked

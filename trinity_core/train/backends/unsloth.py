@@ -5,8 +5,8 @@ mode is 1.34x faster with LoRA after a ~58 s first step, but with PEFT's DoRA it
 3 minutes and once crashed (H100 measurements in ../docs/BENCHMARKS.md), so compile is disabled
 when DoRA is on, unless ``RunOptions.unsloth_compile`` says otherwise. It is disabled for LoRA too where
 Trinity's compiled decoder layers run the job instead (:func:`trinity_layers_for`: a bf16 GPU, a 4-bit Gemma-3,
-``RunOptions.compiled_layers``; they ran 1.038-1.050x Unsloth's compiled LoRA at the 12B shape, H200, calls 45
-and 48, docs/BENCHMARKS.md). The choice is made once per process: Unsloth reads ``UNSLOTH_COMPILE_DISABLE`` at
+``RunOptions.compiled_layers``; 1.070x Unsloth's compiled LoRA at 48 layers of the 12B's shape and layer pattern, H200,
+call 54, docs/BENCHMARKS.md). The choice is made once per process: Unsloth reads ``UNSLOTH_COMPILE_DISABLE`` at
 import, so it is set here, before the import (its only switch; trinity_core writes no other environment
 variable).
 """
