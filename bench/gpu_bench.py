@@ -76,6 +76,10 @@ prepare as the Unsloth backend does (trinity_core.train.compiled_kernels); ``--e
 COMPILED_LAYERS = False
 """With COMPILED_KERNELS: also each decoder layer as one compiled region (trinity_core.train.compiled_layers);
 ``--compile-layers``."""
+CHECKPOINTING = "unsloth"
+"""Unsloth rows' ``use_gradient_checkpointing``: "unsloth" (its offloaded checkpointing, its default and the
+recipe's, every row until 2026-11-30) or "off" (every layer keeps its activations: the peer's fastest path where the
+card's memory allows, ~1.6 GB a layer of the 12B at seq 4096 by ``train/memory.py``); ``--checkpointing``."""
 REGION_OPAQUE = False
 """With COMPILED_LAYERS: the regions call bitsandbytes' ``gemm_4bit`` and fast DoRA's Triton custom ops, as
 until 2026-11-29, instead of tracing the NF4 dequantisation and DoRA's arithmetic for inductor to fuse;
@@ -483,7 +487,9 @@ def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_
             model = FastLanguageModel.get_peft_model(
                 model, r=v2["r"], lora_alpha=32, lora_dropout=0.0, target_modules=list(v2["targets"]),
                 use_rslora=True, use_dora=v2["dora"] != "none", bias="none",
-                use_gradient_checkpointing="unsloth", random_state=0, max_seq_length=v2["seq"])
+                use_gradient_checkpointing="unsloth" if CHECKPOINTING == "unsloth" else False, random_state=0,
+                max_seq_length=v2["seq"])
+            v2["checkpointing"] = CHECKPOINTING
             v2["fast_dora_layers"] = enable_fast_dora(model) if v2["dora"] == "fast" else 0
             v2["fused_mlps"] = fused_mlps(model)
             v2["lean_norms"] = patch_gemma3_norms(model) if LEAN_NORMS else 0  # as the Unsloth backend does
@@ -752,6 +758,8 @@ def main(argv: list[str]) -> None:
     r.add_argument("--dense-sliding", action="store_true", help="sliding layers' plain masks through "
                    "FlashAttention-2 too (trinity_core.train.dense_attention.SLIDING)")
     r.add_argument("--only-grown", action="store_true", help="measure only the --grow-to rows")
+    r.add_argument("--checkpointing", choices=("unsloth", "off"), default="unsloth",
+                   help="Unsloth rows' gradient checkpointing (see CHECKPOINTING)")
     r.add_argument("--gated-tiles", default="", help="ROWS,BLOCK_T,BLOCK_N,WARPS of the gated activation's "
                    "backward kernel (trinity_core.train.fast_dora.mlp.BACKWARD_TILES; bench/gated_act_sweep.py)")
     r.add_argument("--down-tiles", default="", help="ROWS,BLOCK_T,BLOCK_N,WARPS[,DOT_ACC] of that kernel with "
@@ -769,7 +777,8 @@ def main(argv: list[str]) -> None:
     elif a.cmd == "run":
         deadline = time.time() + a.deadline
         global SELECT, T4_KERNEL, LEAN_NORMS, LEAN_ATTENTION, COMPILED_KERNELS, COMPILED_LAYERS, REGION_OPAQUE
-        global ONLY_GROWN, NO_BNB_SYNC, LENGTHS
+        global ONLY_GROWN, NO_BNB_SYNC, LENGTHS, CHECKPOINTING
+        CHECKPOINTING = a.checkpointing
         SELECT = (set(a.only) if a.only else None, a.tag)
         T4_KERNEL, LEAN_NORMS, LEAN_ATTENTION = a.t4_kernel, not a.stock_norms, not a.stock_attention
         COMPILED_KERNELS, COMPILED_LAYERS, REGION_OPAQUE = not a.eager_kernels, a.compile_layers, a.region_opaque

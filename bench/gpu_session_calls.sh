@@ -48,6 +48,8 @@
 #                                             # LoRA layers with flex attention (NOFLEX=1: not), fast DoRA (DORA=1)
 #   bash bench/gpu_session_calls.sh pattern   # 48 layers with the 12B's pattern (every 6th global): LoRA layers,
 #                                             # compiled LoRA, the LoRA layers with flex attention
+#   bash bench/gpu_session_calls.sh nockpt    # the same without gradient checkpointing: compiled LoRA, LoRA layers
+#                                             # (the peer's fastest path where memory allows), then LoRA layers with it
 #   bash bench/gpu_session_calls.sh lengths   # 4 layers: a new sequence length, a new compile? LoRA with/without masks
 #   bash bench/gpu_session_calls.sh code      # inductor's code and a kept trace: fast DoRA's layers (NODOWN=1:
 #                                             # without GatedActDownInGraph; LORA=1: Trinity's LoRA layers with
@@ -288,6 +290,17 @@ case ${1:-} in
     UNSLOTH_COMPILE_DISABLE=0 row6 --only lora_acc4 --tag pattern_compiled_
     row6 --only lora_acc4 --compile-layers --no-dense-attention --tag pattern_flex_layers_
     wrap48 ;;
+  nockpt)  # the peer's fastest path on a card with the memory for it: the 12B's pattern at 48 layers (as `pattern`)
+           # without gradient checkpointing, Unsloth's compiled LoRA and Trinity's LoRA layers, then (as budget allows)
+           # the LoRA layers with Unsloth's offloaded checkpointing, the rows of call 54
+    end=$(( $(date +%s) + ${BUDGET:-450} ))
+    python bench/gpu_bench.py build /tmp/m12r 6 --global-every 6 > "$OUT/speed.log" 2>&1 || tail -5 "$OUT/speed.log"
+    row6() { python bench/gpu_bench.py run unsloth /tmp/m12r "$OUT/speed.jsonl" --depths 6 --grow-to 48 --only-grown \
+               --deadline $(( end - $(date +%s) )) "$@" >> "$OUT/speed.log" 2>&1; }
+    UNSLOTH_COMPILE_DISABLE=0 row6 --only lora_acc4 --checkpointing off --tag nockpt_compiled_
+    row6 --only lora_acc4 --compile-layers --checkpointing off --tag nockpt_layers_
+    row6 --only lora_acc4 --compile-layers --tag pattern_layers_
+    wrap48 ;;
   lengths)  # whether a new sequence length compiles the layers again (call 41: fast DoRA's graph had specialised on
             # 4096): fast DoRA's row at 4 layers, then 2048, 3000 and 1000 tokens (--lengths), Dynamo's graphs after
             # each; TORCH_LOGS=recompiles names the guard a new length failed. Then the LoRA layers at 4 layers with
@@ -354,5 +367,5 @@ case ${1:-} in
       > "$OUT/lorajob.log" 2>&1
     echo "rc=$?" | tee -a "$OUT/lorajob.log"
     grep -v "^\s*$" "$OUT/lorajob.log" | grep -i "UNSLOTH_COMPILE_DISABLE\|compile\|backend\|loss\|error\|Traceback" | cut -c1-600 | tail -25 ;;
-  *) echo "usage: $0 tests|kernel|kernels|tiles|pair|refresh|t4mem|t4tests|speed|down|downtiles|gemm|loragemm|loraprof|loraproj|loraflex|loracode|lorablocks|masks|lengths|code|tinyjob|lorajob|pattern"; exit 2 ;;
+  *) echo "usage: $0 tests|kernel|kernels|tiles|pair|refresh|t4mem|t4tests|speed|down|downtiles|gemm|loragemm|loraprof|loraproj|loraflex|loracode|lorablocks|masks|lengths|code|tinyjob|lorajob|pattern|nockpt"; exit 2 ;;
 esac
