@@ -6,6 +6,7 @@ not imported here (CPU), the GPU's answers are set."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,8 +34,8 @@ def _lora(tiny_spec, **model):
 
 def test_a_lora_job_on_a_bf16_gpu_runs_trinity_layers(tiny_spec, bf16_gpu):
     spec = _lora(tiny_spec)
-    assert json.loads((__import__("pathlib").Path(spec.model.name_or_path) / "config.json").read_text())[
-        "model_type"] in memory.COMPILED_LAYER_MODELS
+    config = json.loads((Path(spec.model.name_or_path) / "config.json").read_text())
+    assert config["model_type"] in memory.COMPILED_LAYER_MODELS
     assert backend.trinity_layers_for(spec, RunOptions())
     assert backend._compile_reason(False, False, True) == "LoRA: Trinity's compiled layers instead"
 
