@@ -36,8 +36,8 @@ BWD_CANDIDATES = [(64, 64, 64, 64, 2, 4),  # inductor's sm90 default for head di
                   (32, 32, 32, 32, 2, 4), (32, 32, 32, 32, 3, 4), (16, 64, 64, 16, 2, 4), (16, 32, 32, 16, 3, 4)]
 """(BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_stages, num_warps): 16 backward configs around the default, all
 satisfying the kernel's static assertions (N1 % M1 == 0, M2 % N2 == 0) and the 128-token sparse blocks. A list of
-96 did not finish its parallel precompile in 6 minutes on 16 cores (call 52: a head-dim-256 backward kernel takes
-about a minute to compile; 26 out-of-shared-memory reports before it stopped). Call 53 ran this list:
+96 did not finish its parallel precompile in ~6 minutes on 16 cores (call 52, by its stderr's timestamps; 26
+out-of-shared-memory reports before it stopped). Call 53 ran this list:
 inductor's default was the fastest in the op (docs/BENCHMARKS.md, "calls 52–55")."""
 
 FWD_CANDIDATES = [(64, 32, 3, 4),  # inductor's H100 default for bf16, head dim 256

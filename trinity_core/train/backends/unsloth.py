@@ -83,8 +83,9 @@ class UnslothBackend:
             "compute_dtype": str(dtype).removeprefix("torch."),
             "device": "cuda",
             "unsloth_compile": compiled,
-            "unsloth_compile_reason": _compile_reason(spec.lora.use_dora, compiled,
-                                                      trinity_layers_for(spec, self.options)),
+            "unsloth_compile_reason": _compile_reason(  # forced on: not "imported too early"
+                spec.lora.use_dora, compiled,
+                self.options.unsloth_compile is not True and trinity_layers_for(spec, self.options)),
             "fast_dora_layers": fast_dora_layers,
             "lean_norms": lean_norms,
             "lean_attention": lean_attention,
