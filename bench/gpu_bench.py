@@ -580,8 +580,10 @@ def model_flops(v: dict) -> dict:
     The 4-bit base is frozen: its projections cost 2 FLOPs a weight forward, 2 in the checkpointed
     recompute and 2 for the input gradient (no weight gradient): 6; the tied lm_head 4 (no recompute).
     LoRA's A and B: 2 + 2 + 4 (weight gradients too). Attention (QKᵀ and PV, 4·heads·head_dim a key):
-    forward, recompute and a backward of twice the forward, over the keys a token attends to (causal;
-    sliding layers at most ``sliding_window``). The global layers: the row's ``global_layers`` (its model's
+    forward, recompute and a backward of twice the forward, over the keys a token attends to. A row without
+    gradient checkpointing (``checkpointing: "off"``) has no recompute: 4, 6 and three forwards of attention
+    (until 2026-11-30's call 56 such rows were counted with it, their MFU 1.4× too high). The keys: causal,
+    on sliding layers at most ``sliding_window``. The global layers: the row's ``global_layers`` (its model's
     ``layer_types``: none in a model grown from 4 layers of transformers' default pattern; rows before
     2026-11-30's call 50 counted every 6th, so their MFU is ~1% high); without it, every 6th. Norms, RoPE,
     the activation, DoRA's rescale and the loss are not counted."""
@@ -599,8 +601,9 @@ def model_flops(v: dict) -> dict:
 
     global_layers = v.get("global_layers", depth // 6)
     keys = global_layers * mean_keys(None) + (depth - global_layers) * mean_keys(s["sliding_window"])
-    attention = 4 * 4 * q_out * keys
-    flop = depth * (6 * base + 8 * lora) + 4 * s["vocab_size"] * hidden + attention
+    passes = 3 if v.get("checkpointing") == "off" else 4  # forward, recompute, backward (2): in forwards' FLOPs
+    attention = passes * 4 * q_out * keys
+    flop = depth * (2 * (passes - 1) * base + 2 * passes * lora) + 4 * s["vocab_size"] * hidden + attention
     tflops = v["tok_s"] * flop / 1e12
     return dict(flop_per_token=round(flop / 1e9, 2), model_tflops=round(tflops, 1),
                 mfu=round(tflops / PEAK_TFLOPS, 3))
@@ -686,14 +689,18 @@ def fit(rows: list[dict], to_depth: int = 48) -> list[dict]:
 
 
 def print_table(paths: list[str]) -> None:
-    rows = [json.loads(line) for p in paths if Path(p).exists() for line in Path(p).read_text().splitlines()]
+    rows = [json.loads(line) for p in paths if Path(p).exists() for line in Path(p).read_text().splitlines()
+            if line.strip() and not line.startswith("#")]  # bench/results' copies start with a "# call N" line
     rows = [r for r in rows if "backend" in r]  # $OUT may hold other benchmarks' JSON lines
     print(f"{'backend':8} {'variant':20} {'L':>3} {'status':8} {'step_s':>7} {'tok/s':>8} {'alloc':>7} {'resv':>7} "
-          f"{'weights':>7}")
+          f"{'weights':>7} {'ckpt':>7} {'mfu':>6}")
     for r in rows:
+        targets = {"all7": ALL7, "qv": ("q_proj", "v_proj")}.get(r.get("targets"))  # as emit() wrote them
+        mfu = model_flops(dict(r, targets=targets))["mfu"] if r.get("tok_s") and targets else ""  # by today's count
         print(f"{r['backend']:8} {r['name']:20} {r['depth']:>3} {r['status'][:8]:8} {r.get('step_s', ''):>7} "
               f"{r.get('tok_s', ''):>8} {r.get('peak_alloc_gib', ''):>7} {r.get('peak_reserved_gib', ''):>7} "
-              f"{r.get('weights_gib', ''):>7}")
+              f"{r.get('weights_gib', ''):>7} {r.get('checkpointing', 'unsloth' if r['backend'] == 'unsloth' else ''):>7} "
+              f"{mfu:>6}")
     print("\nfit to 48 layers (from the two smallest depths):")
     for f in fit(rows):
         print(f"{f['backend']:8} {f['name']:20} alloc/L {f.get('peak_alloc_gib_per_layer', ''):>7} "

@@ -13,7 +13,9 @@ peak ≈ weights + adapter state + saved activations + the largest transient, wh
   their fp32 gradients are alive at a layer's backward peak (inside the fitted constants) and, with
   gradient accumulation, also at the logits peak of plain PEFT (added then).
 - **saved activations**: with gradient checkpointing one hidden-state tensor per layer (Unsloth
-  offloads most of them to CPU).
+  offloads most of them to CPU); without it each layer's activations for its backward (fitted on one
+  48-layer row, ``NO_CHECKPOINTING_SAVED_PER_LAYER``), and with Trinity's compiled layers each layer's
+  dequantised projections too (``kept_projections``).
 - **transient**: plain PEFT materialises the logits over the whole vocabulary (bf16, then fp32
   for the loss, its log-softmax and gradient: ~3 fp32 copies; 12 GiB for Gemma-3's 262k vocab
   at seq 4096); Unsloth's fused loss never does, so its peak is a layer's recompute and backward
@@ -58,6 +60,10 @@ T4_FAST_SAVED_PER_LAYER = 0.07  # × batch·seq·hidden·2 bytes (Unsloth offloa
 T4_FAST_LAYER_TRANSIENT = 11.4  # × batch·seq·intermediate·2 bytes (its activations are fp16 there)
 T4_STOCK_ATTENTION = 6.0  # × batch·seq·heads·head_dim·4 bytes: Unsloth's fp32 attention intermediates, kept
 # through the layer's MLP backward without RunOptions.lean_attention (measured +0.376 GiB at seq 4096, 4 and 48 layers)
+NO_CHECKPOINTING_SAVED_PER_LAYER = 5.9  # without gradient checkpointing: the activations a layer keeps for its
+# backward / (batch·seq·intermediate·act bytes); fitted 2026-11-30 on the H200's 12B pattern at 48 layers, seq 4096,
+# Unsloth's compiled LoRA (43.104 GiB, call 56, bench/results/2026-11-30-h200-nockpt-56.jsonl); until then an
+# uncalibrated 12.5 (a layer's transient each) that predicted 80.7 GiB
 ALLOCATOR_MARGIN = (0.5, 0.05)  # fits when estimate + max(0.5 GiB, 5%) <= budget
 COMPILED_LAYER_MODELS = ("gemma3_text", "gemma3")  # the model types train/compiled_layers compiles (its LAYER_CLASSES)
 
@@ -168,8 +174,8 @@ def estimate(config: Any, spec: JobSpec, backend: str, *, bf16_supported: bool =
         if dora and not fast_dora:
             saved += PEFT_DORA_SAVED_PER_LAYER.get((backend, act), 0.0)
         parts["activations"] = L * saved * hidden_state / GIB
-    else:  # not calibrated: every layer keeps its MLP and attention activations (~ the transient each)
-        parts["activations"] = L * LAYER_TRANSIENT_MLP * B * S * s["intermediate"] * act / GIB
+    else:  # every layer keeps its MLP's and attention's activations until its backward
+        parts["activations"] = L * NO_CHECKPOINTING_SAVED_PER_LAYER * B * S * s["intermediate"] * act / GIB
 
     layer = LAYER_TRANSIENT_MLP * B * S * s["intermediate"] * act
     if dora and targets:
@@ -183,8 +189,14 @@ def estimate(config: Any, spec: JobSpec, backend: str, *, bf16_supported: bool =
             and (fast_dora or not dora) and s["model_type"] in COMPILED_LAYER_MODELS):
         # the compiled layers (train/compiled_layers; a LoRA job's too, backends/unsloth.py) keep a layer's
         # dequantised projections for its backward: all 7, adapted or not (12B shape: 0.42 GiB; measured +0.64
-        # at 48 layers with fast DoRA, call 18; +0.30 with LoRA, call 48)
-        layer += linear_params * act
+        # at 48 layers with fast DoRA, call 18; +0.30 with LoRA, call 48). With gradient checkpointing that is
+        # one layer's at a time (its recompute, then its backward); without it every layer's, from its forward
+        # to its backward: 20.0 GiB at the 12B's 48 layers (measured +20.1 over Unsloth's compiled LoRA, call 56)
+        kept = linear_params * act
+        if spec.model.gradient_checkpointing:
+            layer += kept
+        else:
+            parts["kept_projections"] = L * kept / GIB
         assumptions["compiled_layers"] = True
     loss = LOGITS_FP32_COPIES * B * S * s["vocab"] * 4 if backend == "peft" else 0.0
     parts["transient"] = max(layer, loss) / GIB
