@@ -3,6 +3,8 @@
 # Carry .whl/site (../shared/gpu/wheels.sh) and, for `tests`, .gpu-extra/site.tar.gz (bench/gpu_extra.sh;
 # run_job's report needs its text metrics):
 #   bash bench/gpu_session_calls.sh tests     # multimodal Unsloth test (background) + NF4 kernel tests
+#   bash bench/gpu_session_calls.sh mmbf16    # the multimodal checkpoint on the bf16 path (Trinity's compiled layers),
+#                                             # fast DoRA and LoRA at once (~300 s; calls 57-59 had no rouge_score)
 #   bash bench/gpu_session_calls.sh refresh   # bench/norm_refresh.py --layers 48 --reuse-layer --sweep --profile
 #   bash bench/gpu_session_calls.sh kernel    # NF4 kernel tests, then the refresh (needs .whl/site only)
 #   bash bench/gpu_session_calls.sh kernels   # tests/gpu/test_qdora_cuda.py (K=: a -k expression)
@@ -104,6 +106,14 @@ case ${1:-} in
       > "$OUT/pytest-nf4.txt" 2>&1
     tail -4 "$OUT/pytest-nf4.txt"
     wait $mm; tail -6 "$OUT/pytest-multimodal.txt" ;;
+  mmbf16)  # each a fresh job process as the worker's; -x --tb=long: why it failed is printed before any timeout
+    T=tests/gpu/test_unsloth_multimodal.py::test_the_bf16_path_compiles_the_text_layers_only
+    for p in lora fast-dora; do
+      ( timeout "${LIMIT:-480}" python -m pytest -m gpu -x -q -rA --tb=long -p no:cacheprovider --durations=0 "$T[$p]" \
+          > "$OUT/pytest-mm-bf16-$p.txt" 2>&1; echo "rc=$?" >> "$OUT/pytest-mm-bf16-$p.txt" ) &
+    done
+    wait
+    for p in lora fast-dora; do echo "== $p"; tail -4 "$OUT/pytest-mm-bf16-$p.txt"; done ;;
   kernel)
     python -m pytest -m gpu -q -rf --tb=short -p no:cacheprovider tests/gpu/test_nf4_matmul_cuda.py \
       > "$OUT/pytest-nf4.txt" 2>&1
@@ -367,5 +377,5 @@ case ${1:-} in
       > "$OUT/lorajob.log" 2>&1
     echo "rc=$?" | tee -a "$OUT/lorajob.log"
     grep -v "^\s*$" "$OUT/lorajob.log" | grep -i "UNSLOTH_COMPILE_DISABLE\|compile\|backend\|loss\|error\|Traceback" | cut -c1-600 | tail -25 ;;
-  *) echo "usage: $0 tests|kernel|kernels|tiles|pair|refresh|t4mem|t4tests|speed|down|downtiles|gemm|loragemm|loraprof|loraproj|loraflex|loracode|lorablocks|masks|lengths|code|tinyjob|lorajob|pattern|nockpt"; exit 2 ;;
+  *) echo "usage: $0 tests|mmbf16|kernel|kernels|tiles|pair|refresh|t4mem|t4tests|speed|down|downtiles|gemm|loragemm|loraprof|loraproj|loraflex|loracode|lorablocks|masks|lengths|code|tinyjob|lorajob|pattern|nockpt"; exit 2 ;;
 esac

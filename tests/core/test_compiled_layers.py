@@ -460,3 +460,42 @@ def test_whole_blocks_tell_flex_attention_it_needs_no_bounds_checks(tiny_spec, m
     assert whole and general, seen[True]
     assert all(options and all(o is True for o in options) for options in whole), whole
     assert all(options and not any(o is True for o in options) for options in general), general
+
+
+@pytest.mark.parametrize("dora", [True, False], ids=["fast_dora", "lora"])
+def test_the_multimodal_checkpoint_compiles_its_text_layers_only(tiny_spec, tmp_path, dora):
+    """The published checkpoint's layout (Gemma3ForConditionalGeneration, pre-quantised 4-bit, SigLIP tower and
+    projector): the language model's 6 Gemma3DecoderLayers compile, nothing of the vision tower or projector is
+    touched, and two training steps (text rows, as a text fine-tune's) give the eager model's losses and gradients.
+    On a GPU the same with inductor: ``tests/gpu/test_unsloth_multimodal.py``."""
+    from trinity_core.fixtures.tiny_multimodal import build_multimodal_model
+    from trinity_core.train.backends.peft import PeftBackend
+
+    spec = tiny_spec.model_copy(deep=True)
+    spec.model.name_or_path = str(build_multimodal_model(tmp_path / "mm", quantized=True))
+    spec.lora.use_dora = dora
+    start, _ = PeftBackend().load(spec)
+    assert type(start.get_base_model()).__name__ == "Gemma3ForConditionalGeneration"
+    _nonzero_b(start)
+    eager, fast = copy.deepcopy(start), copy.deepcopy(start)
+    vision_forwards = {name: dict(m.__dict__).get("forward") for name, m in fast.named_modules()
+                       if "vision_tower" in name or "multi_modal_projector" in name}
+    torch._dynamo.reset()
+    graphs: list[int] = []
+
+    def backend(gm, example_inputs):
+        graphs.append(1)
+        return gm.forward
+
+    assert compile_decoder_layers(fast, backend=backend) == 6
+    layers = [m for m in fast.modules() if type(m).__name__ == "Gemma3DecoderLayer"]
+    assert len(layers) == 6 and all("language_model" in n for n, m in fast.named_modules() if m in layers)
+    assert vision_forwards and all(dict(m.__dict__).get("forward") is vision_forwards[name]
+                                   for name, m in fast.named_modules() if name in vision_forwards)
+    assert sum(isinstance(d, FastDoraLinearLayer) for m in layers for m2 in m._trinity_lora_modules
+               for d in m2.lora_magnitude_vector.values()) == (42 if dora else 0)
+    eager.train(), fast.train()
+    for seq in (16, 21):
+        ids = torch.randint(7, 200, (1, seq), generator=torch.Generator().manual_seed(seq))
+        _one_step(eager, fast, ids)
+    assert graphs, "the regions ran"
