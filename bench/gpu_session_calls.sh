@@ -3,6 +3,7 @@
 # Carry .whl/site (../shared/gpu/wheels.sh) and, for `tests`, .gpu-extra/site.tar.gz (bench/gpu_extra.sh;
 # run_job's report needs its text metrics):
 #   bash bench/gpu_session_calls.sh tests     # multimodal Unsloth test (background) + NF4 kernel tests
+#   bash bench/gpu_session_calls.sh gemms     # bench/gemm_shapes.py: a 12B layer's GEMMs alone by cuBLAS (< 1 min)
 #   bash bench/gpu_session_calls.sh mmbf16    # the multimodal checkpoint on the bf16 path (Trinity's compiled layers),
 #                                             # fast DoRA and LoRA at once (~300 s; calls 57-59 had no rouge_score)
 #   bash bench/gpu_session_calls.sh refresh   # bench/norm_refresh.py --layers 48 --reuse-layer --sweep --profile
@@ -106,6 +107,8 @@ case ${1:-} in
       > "$OUT/pytest-nf4.txt" 2>&1
     tail -4 "$OUT/pytest-nf4.txt"
     wait $mm; tail -6 "$OUT/pytest-multimodal.txt" ;;
+  gemms)
+    python bench/gemm_shapes.py > "$OUT/gemm_shapes.txt" 2>&1; cat "$OUT/gemm_shapes.txt" ;;
   mmbf16)  # each a fresh job process as the worker's; -x --tb=long: why it failed is printed before any timeout
     T=tests/gpu/test_unsloth_multimodal.py::test_the_bf16_path_compiles_the_text_layers_only
     for p in lora fast-dora; do
@@ -377,5 +380,5 @@ case ${1:-} in
       > "$OUT/lorajob.log" 2>&1
     echo "rc=$?" | tee -a "$OUT/lorajob.log"
     grep -v "^\s*$" "$OUT/lorajob.log" | grep -i "UNSLOTH_COMPILE_DISABLE\|compile\|backend\|loss\|error\|Traceback" | cut -c1-600 | tail -25 ;;
-  *) echo "usage: $0 tests|mmbf16|kernel|kernels|tiles|pair|refresh|t4mem|t4tests|speed|down|downtiles|gemm|loragemm|loraprof|loraproj|loraflex|loracode|lorablocks|masks|lengths|code|tinyjob|lorajob|pattern|nockpt"; exit 2 ;;
+  *) echo "usage: $0 tests|gemms|mmbf16|kernel|kernels|tiles|pair|refresh|t4mem|t4tests|speed|down|downtiles|gemm|loragemm|loraprof|loraproj|loraflex|loracode|lorablocks|masks|lengths|code|tinyjob|lorajob|pattern|nockpt"; exit 2 ;;
 esac
