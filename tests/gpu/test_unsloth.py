@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import make_spec
+from tests.helpers import make_spec, run_job_as_the_worker
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 needs_unsloth = pytest.mark.skipif(importlib.util.find_spec("unsloth") is None, reason="needs unsloth (gpu extra)")
@@ -70,41 +70,15 @@ def test_run_job_with_unsloth_on_the_tiny_model(tiny_spec, tmp_path):
     assert sum("lora_A" in k for k in weights) == sum("lora_B" in k for k in weights) == 42
 
 
-LORA_CHILD = """
-import json
-import sys
-from trinity_core.options import RunOptions
-from trinity_core.spec import JobSpec
-from trinity_core.train.backends.unsloth import UnslothBackend
-
-spec = JobSpec.model_validate_json(open(sys.argv[1]).read())
-UnslothBackend(spec, RunOptions())  # chooses Unsloth's compile mode and imports it, before transformers
-from trinity_core.pipeline import run_job
-
-result = run_job(spec, sys.argv[2])
-print(json.dumps({"backend": result.backend, "loss": [h["loss"] for h in result.loss_history]}))
-"""
-
-
 @needs_unsloth
 @pytest.mark.skipif(not torch.cuda.is_available() or not torch.cuda.is_bf16_supported(), reason="needs bf16")
 def test_a_lora_job_runs_trinitys_compiled_layers(tiny_spec, tmp_path):
     """A LoRA job on a bf16 GPU: the backend turns Unsloth's compile mode off and compiles Trinity's decoder
     layers (backends/unsloth.trinity_layers_for); in a fresh process without UNSLOTH_COMPILE_DISABLE, as the
     worker's. Call 53 (H200): 20 steps, loss 6.99 -> 3.98 (bench/gpu_session_calls.sh lorajob)."""
-    import subprocess
-    import sys
-
     spec = make_spec(tiny_spec, **{"model.backend": "unsloth", "lora.use_dora": False, "train.max_steps": 6,
                                    **NO_EXPORT})
-    spec_file = tmp_path / "spec.json"
-    spec_file.write_text(spec.model_dump_json())
-    env = {k: v for k, v in os.environ.items() if k != "UNSLOTH_COMPILE_DISABLE"}
-    env["PYTHONPATH"] = os.pathsep.join(sys.path)
-    proc = subprocess.run([sys.executable, "-c", LORA_CHILD, str(spec_file), str(tmp_path / "job")], env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_job_as_the_worker(spec, tmp_path / "job", tmp_path)
     info = out["backend"]
     assert info["unsloth_compile"] is False and info["unsloth_compile_reason"] == "LoRA: Trinity's compiled layers instead"
     assert info["fast_dora_layers"] == 0 and info["compiled_kernels"]["decoder_layers"] == 6

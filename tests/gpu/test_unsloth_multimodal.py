@@ -69,23 +69,6 @@ def test_unsloth_trains_the_language_model_only(tmp_path, quantized):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-MM_CHILD = """
-import json
-import sys
-from trinity_core.options import RunOptions
-from trinity_core.spec import JobSpec
-from trinity_core.train.backends.unsloth import UnslothBackend
-
-spec = JobSpec.model_validate_json(open(sys.argv[1]).read())
-UnslothBackend(spec, RunOptions())  # chooses Unsloth's compile mode and imports it, before transformers
-from trinity_core.pipeline import run_job
-
-result = run_job(spec, sys.argv[2])
-print(json.dumps({"backend": result.backend, "loss": [h["loss"] for h in result.loss_history],
-                  "merged_weights": result.report["merged_weights"]["ok"] if result.report else None}))
-"""
-
-
 @pytest.mark.skipif(not torch.cuda.is_available() or not torch.cuda.is_bf16_supported(), reason="needs bf16")
 @pytest.mark.parametrize("dora", [True, False], ids=["fast-dora", "lora"])
 def test_the_bf16_path_compiles_the_text_layers_only(tmp_path, dora):
@@ -94,11 +77,7 @@ def test_the_bf16_path_compiles_the_text_layers_only(tmp_path, dora):
     job's: backends/unsloth.trinity_layers_for reads the multimodal config's text_config), the dense attention
     and block masks, the vision tower and projector untouched in the merged model. A fresh process without
     UNSLOTH_COMPILE_DISABLE, as the worker's."""
-    import json
-    import os
-    import subprocess
-    import sys
-
+    from tests.helpers import run_job_as_the_worker
     from trinity_core.fixtures.tiny_multimodal import build_multimodal_model
     from trinity_core.spec import load_spec
 
@@ -111,14 +90,7 @@ def test_the_bf16_path_compiles_the_text_layers_only(tmp_path, dora):
     # the evaluation's text metrics need rouge_score, carried in .gpu-extra (bench/gpu_extra.sh); without it the
     # merged model's weights are not checked against base + adapter here (the vision tensors still are)
     spec.export.evaluate = importlib.util.find_spec("rouge_score") is not None
-    spec_file = tmp_path / "spec.json"
-    spec_file.write_text(spec.model_dump_json())
-    env = {k: v for k, v in os.environ.items() if k != "UNSLOTH_COMPILE_DISABLE"}
-    env["PYTHONPATH"] = os.pathsep.join(sys.path)
-    proc = subprocess.run([sys.executable, "-c", MM_CHILD, str(spec_file), str(tmp_path / "run")], env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_job_as_the_worker(spec, tmp_path / "run", tmp_path)
     info = out["backend"]
     assert info["unsloth_compile"] is False, info
     assert info["compiled_kernels"]["decoder_layers"] == 6, info
