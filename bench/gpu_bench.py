@@ -79,8 +79,8 @@ COMPILED_LAYERS = False
 CHECKPOINTING = "unsloth"
 """Unsloth rows' ``use_gradient_checkpointing``: "unsloth" (its offloaded checkpointing, its default and the
 recipe's, every row until 2026-11-30) or "off" (every layer keeps its activations: the peer's fastest path where the
-card's memory allows, 1.57 GB a layer of the 12B at seq 4096 by ``train/memory.py``'s uncalibrated term,
-bench/results/2026-11-30-cpu-estimate-no-checkpointing.txt); ``--checkpointing``."""
+card's memory allows: call 56, 8280.2 tok/s for compiled LoRA at 43.1 GiB against 5938.8 with checkpointing in call 54,
+docs/BENCHMARKS.md; 0.69 GiB a layer of the 12B at seq 4096, ``train/memory.py``'s term fitted on it); ``--checkpointing``."""
 REGION_OPAQUE = False
 """With COMPILED_LAYERS: the regions call bitsandbytes' ``gemm_4bit`` and fast DoRA's Triton custom ops, as
 until 2026-11-29, instead of tracing the NF4 dequantisation and DoRA's arithmetic for inductor to fuse;
