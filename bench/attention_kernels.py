@@ -1,6 +1,7 @@
 """Gemma-3 attention at the 12B shape, forward + backward, by kernel: flex attention as transformers runs it
 (compiled, a block mask, ``IS_DIVISIBLE``), torch's built-in FlashAttention-2 (``aten._flash_attention_forward``
-with a left window for the sliding layers), and SDPA's cuDNN and flash backends where they apply (causal only).
+with a left window for the sliding layers), SDPA's cuDNN and flash backends where they apply (causal only), and
+cuDNN's kernel with a band through cudnn-frontend's op where that package is importable (``bench/gpu_cudnn_fe.sh``).
 
     python bench/attention_kernels.py [--seq 4096] [--window 1024] [--reps 20]
 
@@ -67,6 +68,13 @@ def sdpa(backend):
         with sdpa_kernel(backend):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     return run
+
+
+def cudnn_frontend(q, k, v, window, scale):
+    """cuDNN's fused attention through cudnn-frontend's op (``nvidia-cudnn-frontend``), causal, with a diagonal band
+    of ``window`` keys on sliding layers: what ``dense_attention.SLIDING_KERNEL = "cudnn"`` runs."""
+    out, _ = torch.ops.cudnn.sdpa_fwd(q, k, v, scale, is_causal=True, window_left=window or -1, return_lse=True)
+    return out
 
 
 def timed(fn, reps):
@@ -144,11 +152,17 @@ def main() -> None:
     got = flash(*small, 16, scale).float()
     print("# flash window 16 at seq 256 against references of window 15/16/17 (max abs error): " + " ".join(
         f"{(got - reference(*small, w, scale)).abs().max().item():.4f}" for w in (15, 16, 17)))
+    from trinity_core.train.dense_attention import load_cudnn_frontend
+
+    frontend_error = load_cudnn_frontend()
+    print(f"# cudnn-frontend: {frontend_error or 'torch.ops.cudnn.sdpa_fwd'}")
     for kind, window in (("sliding", a.window), ("global", 0)):
         keys = sum(min(i + 1, window) if window else i + 1 for i in range(s))
         flop_fwd = 4 * a.heads * a.dim * keys
         ref_vals = reference_values(q, k, v, dout, window, scale)
         kernels = {"flex (compiled, IS_DIVISIBLE)": make_flex(s, window, dev), "flash-2 (aten, window)": flash}
+        if frontend_error is None:
+            kernels["cudnn-frontend (band)" if window else "cudnn-frontend"] = cudnn_frontend
         if not window:
             kernels["sdpa cudnn"] = sdpa(SDPBackend.CUDNN_ATTENTION)
             kernels["sdpa flash"] = sdpa(SDPBackend.FLASH_ATTENTION)

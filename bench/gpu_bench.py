@@ -522,6 +522,7 @@ def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_
                 states = {id(s): s for m in model.modules() if (s := getattr(m, "_trinity_region_state", None))}
                 v2["dense_attention"] = dict(
                     global_kernel=dense_attention.GLOBAL_KERNEL, sliding=dense_attention.SLIDING,
+                    sliding_kernel=dense_attention.SLIDING_KERNEL,
                     eager_calls=dense.calls, declined=dense.declined,
                     layer_calls_with_pattern=sum(s.dense_calls for s in states.values()))
             if COMPILED_LAYERS:  # the adapters' products inside the base GEMMs: fast DoRA's, plain LoRA's
@@ -764,7 +765,10 @@ def main(argv: list[str]) -> None:
     r.add_argument("--global-kernel", choices=("cudnn", "flash"), default="cudnn", help="a global layer's dense "
                    "attention kernel (trinity_core.train.dense_attention.GLOBAL_KERNEL)")
     r.add_argument("--dense-sliding", action="store_true", help="sliding layers' plain masks through "
-                   "FlashAttention-2 too (trinity_core.train.dense_attention.SLIDING)")
+                   "a dense kernel too (trinity_core.train.dense_attention.SLIDING)")
+    r.add_argument("--sliding-kernel", choices=("flash", "cudnn"), default="flash", help="that kernel: "
+                   "FlashAttention-2, or cuDNN's banded kernel through cudnn-frontend "
+                   "(trinity_core.train.dense_attention.SLIDING_KERNEL; bench/gpu_cudnn_fe.sh)")
     r.add_argument("--only-grown", action="store_true", help="measure only the --grow-to rows")
     r.add_argument("--checkpointing", choices=("unsloth", "off"), default="unsloth",
                    help="Unsloth rows' gradient checkpointing (see CHECKPOINTING)")
@@ -811,6 +815,7 @@ def main(argv: list[str]) -> None:
         unsloth_backend.DENSE_ATTENTION = not a.no_dense_attention
         dense_attention.GLOBAL_KERNEL = a.global_kernel
         dense_attention.SLIDING = a.dense_sliding
+        dense_attention.SLIDING_KERNEL = a.sliding_kernel
         if a.region_torch_act:
             from trinity_core.train.fast_dora import mlp
 

@@ -3,6 +3,10 @@
 # Carry .whl/site (../shared/gpu/wheels.sh) and, for `tests`, .gpu-extra/site.tar.gz (bench/gpu_extra.sh;
 # run_job's report needs its text metrics):
 #   bash bench/gpu_session_calls.sh tests     # multimodal Unsloth test (background) + NF4 kernel tests
+#   bash bench/gpu_session_calls.sh cudnnsliding  # cuDNN's banded kernel for sliding layers (carry .gpu-cudnn too,
+#                                             # bench/gpu_cudnn_fe.sh): attention_kernels, its GPU test, then the
+#                                             # 12B pattern at 48 layers without checkpointing: LoRA layers with it,
+#                                             # compiled LoRA, the LoRA layers without it (as BUDGET allows)
 #   bash bench/gpu_session_calls.sh gemms     # bench/gemm_shapes.py: a 12B layer's GEMMs alone by cuBLAS (< 1 min)
 #   bash bench/gpu_session_calls.sh mmbf16    # the multimodal checkpoint on the bf16 path (Trinity's compiled layers),
 #                                             # fast DoRA and LoRA at once (~300 s; calls 57-59 had no rouge_score)
@@ -65,7 +69,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 [ -d .gpu-extra/site ] || [ ! -f .gpu-extra/site.tar.gz ] || tar xzf .gpu-extra/site.tar.gz -C .gpu-extra
-export PYTHONPATH=$PWD/.whl/site:$PWD/.gpu-extra/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 \
+for w in .gpu-cudnn/*.whl; do  # bench/gpu_cudnn_fe.sh's wheel, where carried
+  [ -f "$w" ] && [ ! -d .gpu-cudnn/site ] && python -m zipfile -e "$w" .gpu-cudnn/site
+done
+export PYTHONPATH=$PWD/.whl/site:$PWD/.gpu-extra/site:$PWD/.gpu-cudnn/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 \
   TOKENIZERS_PARALLELISM=false UNSLOTH_COMPILE_DISABLE=1
 OUT=${OUT:-bench/results/gpu-out}
 mkdir -p "$OUT"
@@ -107,6 +114,20 @@ case ${1:-} in
       > "$OUT/pytest-nf4.txt" 2>&1
     tail -4 "$OUT/pytest-nf4.txt"
     wait $mm; tail -6 "$OUT/pytest-multimodal.txt" ;;
+  cudnnsliding)
+    end=$(( $(date +%s) + ${BUDGET:-480} ))
+    python bench/attention_kernels.py > "$OUT/attention_kernels.txt" 2>&1; cat "$OUT/attention_kernels.txt"
+    python -m pytest -m gpu -x -q -rA --tb=short -p no:cacheprovider tests/gpu/test_dense_attention_cuda.py \
+      > "$OUT/pytest-dense.txt" 2>&1; tail -4 "$OUT/pytest-dense.txt"
+    grep -q "torch.ops.cudnn.sdpa_fwd" "$OUT/attention_kernels.txt" || { echo "no cudnn-frontend: no rows"; exit 3; }
+    python bench/gpu_bench.py build /tmp/m12r 6 --global-every 6 > "$OUT/speed.log" 2>&1 || tail -5 "$OUT/speed.log"
+    row6() { python bench/gpu_bench.py run unsloth /tmp/m12r "$OUT/speed.jsonl" --depths 6 --grow-to 48 --only-grown \
+               --deadline $(( end - $(date +%s) )) "$@" >> "$OUT/speed.log" 2>&1; }
+    row6 --only lora_acc4 --compile-layers --checkpointing off --dense-sliding --sliding-kernel cudnn \
+      --tag nockpt_cudnn_layers_
+    UNSLOTH_COMPILE_DISABLE=0 row6 --only lora_acc4 --checkpointing off --tag nockpt_compiled_
+    row6 --only lora_acc4 --compile-layers --checkpointing off --tag nockpt_layers_
+    wrap48 ;;
   gemms)
     python bench/gemm_shapes.py > "$OUT/gemm_shapes.txt" 2>&1; cat "$OUT/gemm_shapes.txt" ;;
   mmbf16)  # each a fresh job process as the worker's; -x --tb=long: why it failed is printed before any timeout
@@ -380,5 +401,5 @@ case ${1:-} in
       > "$OUT/lorajob.log" 2>&1
     echo "rc=$?" | tee -a "$OUT/lorajob.log"
     grep -v "^\s*$" "$OUT/lorajob.log" | grep -i "UNSLOTH_COMPILE_DISABLE\|compile\|backend\|loss\|error\|Traceback" | cut -c1-600 | tail -25 ;;
-  *) echo "usage: $0 tests|gemms|mmbf16|kernel|kernels|tiles|pair|refresh|t4mem|t4tests|speed|down|downtiles|gemm|loragemm|loraprof|loraproj|loraflex|loracode|lorablocks|masks|lengths|code|tinyjob|lorajob|pattern|nockpt"; exit 2 ;;
+  *) echo "usage: $0 tests|cudnnsliding|gemms|mmbf16|kernel|kernels|tiles|pair|refresh|t4mem|t4tests|speed|down|downtiles|gemm|loragemm|loraprof|loraproj|loraflex|loracode|lorablocks|masks|lengths|code|tinyjob|lorajob|pattern|nockpt"; exit 2 ;;
 esac

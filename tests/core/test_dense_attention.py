@@ -116,6 +116,32 @@ def test_what_the_dense_kernels_cannot_do_goes_to_flex_attention():
     assert dense_attention.applies(q, k, 0.0, None, {"s_aux": torch.zeros(1)}) is not None
 
 
+def test_a_sliding_layer_s_cudnn_kernel_needs_cudnn_frontend(monkeypatch):
+    """``SLIDING_KERNEL = "cudnn"``: on CUDA a sliding pattern runs cuDNN's banded kernel only where cudnn-frontend's op
+    was imported (:func:`load_cudnn_frontend`, which :func:`install` calls); without it the layer keeps flex attention
+    and the reason says why. On the CPU the dense path is the reference either way (not CUDA)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(dense_attention, "SLIDING", True)
+    monkeypatch.setattr(dense_attention, "SLIDING_KERNEL", "cudnn")
+    monkeypatch.setattr(dense_attention, "_CUDNN_SDPA", None)
+    monkeypatch.setattr(dense_attention, "_CUDNN_ERROR", None)
+    cuda_q = SimpleNamespace(shape=(1, 16, 64, 256), is_cuda=True, dtype=torch.bfloat16)
+    cuda_k = SimpleNamespace(shape=(1, 8, 64, 256), is_cuda=True, dtype=torch.bfloat16)
+    assert dense_attention.applies(cuda_q, cuda_k, 0.0, None, {}, pattern(16)).startswith("cudnn-frontend not loaded")
+    assert dense_attention.applies(cuda_q, cuda_k, 0.0, None, {}, pattern(None)) is None, "global layers: SDPA's cuDNN"
+    error = dense_attention.load_cudnn_frontend()  # not installed on the CPU machines
+    assert error and error.startswith("cudnn-frontend not importable") and dense_attention.load_cudnn_frontend() == error
+    assert dense_attention.applies(cuda_q, cuda_k, 0.0, None, {}, pattern(16)) == error
+    monkeypatch.setattr(dense_attention, "_CUDNN_SDPA", object())  # as after a successful import
+    assert dense_attention.applies(cuda_q, cuda_k, 0.0, None, {}, pattern(16)) is None
+    q, k, _ = _qkv(8)
+    monkeypatch.setattr(dense_attention, "_CUDNN_SDPA", None)
+    assert dense_attention.applies(q, k, 0.0, None, {}, pattern(4)) is None, "CPU: the reference"
+    monkeypatch.setattr(dense_attention, "SLIDING_KERNEL", "flash")
+    assert dense_attention.applies(cuda_q, cuda_k, 0.0, None, {}, pattern(16)) is None
+
+
 @pytest.mark.parametrize("sliding", [True, False])
 def test_compiled_layers_pass_plain_masks_down_and_train_as_the_eager_model(tiny_spec, installed, sliding,
                                                                             monkeypatch):

@@ -1,5 +1,5 @@
 """GPU-only: the dense kernels of ``trinity_core.train.dense_attention`` (torch's FlashAttention-2 with a left
-window, SDPA's cuDNN backend) at Gemma-3 12B's heads (16 query, 8 key-value, dim 256), against an fp32 reference
+window, SDPA's cuDNN backend, cudnn-frontend's banded cuDNN kernel where it is importable) at Gemma-3 12B's heads (16 query, 8 key-value, dim 256), against an fp32 reference
 with the mask flex attention applies, eagerly and inside a ``fullgraph`` compile. Run on the lent GPU:
 
     PYTHONPATH=.whl/site:. pytest -m gpu tests/gpu/test_dense_attention_cuda.py
@@ -64,3 +64,28 @@ def test_a_wrong_window_would_be_seen(monkeypatch):
     errors = _errors(lambda *x: dense(module, *x, None, scaling=256 ** -0.5, dense_attention=pattern(16))[0],
                      q, k, v, dout, 17)
     assert max(errors) > 5e-2, errors
+
+
+@pytest.mark.parametrize("window", [16, 1024])
+def test_cudnn_frontend_s_banded_kernel_computes_the_sliding_window(monkeypatch, window):
+    """``SLIDING_KERNEL = "cudnn"`` (cudnn-frontend's ``torch.ops.cudnn.sdpa_fwd`` with ``window_left``): the masked
+    attention, eagerly and inside a ``fullgraph`` compile, at 2048 tokens; with 16 keys a window one key off would be
+    seen (with 1024 one key is ~0.1% of the weights, under the tolerance)."""
+    if (error := dense_attention.load_cudnn_frontend()) is not None:
+        pytest.skip(error)
+    monkeypatch.setattr(dense_attention, "SLIDING", True)
+    monkeypatch.setattr(dense_attention, "SLIDING_KERNEL", "cudnn")
+    dense = DenseAttention(flex=None)
+    module = torch.nn.Module()
+    q, k, v, dout = _inputs(2048)
+
+    def eager(q, k, v):
+        return dense(module, q, k, v, None, scaling=256 ** -0.5, dense_attention=pattern(window))[0]
+
+    compiled = torch.compile(eager, fullgraph=True)
+    for run in (eager, compiled):
+        errors = _errors(run, q, k, v, dout, window)
+        assert max(errors) < 2e-2, errors
+    assert dense.calls["dense"] >= 1 and dense.calls["flex"] == 0
+    for off_by_one in (window - 1, window + 1) if window == 16 else ():
+        assert max(_errors(eager, q, k, v, dout, off_by_one)) > 5e-2, off_by_one

@@ -13,8 +13,9 @@ part; a plain causal or sliding-window mask needs none of its generality. So whe
 attention runs torch's built-in kernels instead: a global layer SDPA's cuDNN backend, causal (H200, 4 layers, every
 2nd global, call 50: +4.2% tok/s, 20.8 ms less device time an optimizer step); a sliding layer, only with
 :data:`SLIDING` (off: it was no faster in the layers, see there), ``aten._flash_attention_forward`` with
-``window_size_left = window - 1`` (transformers' sliding overlay keeps keys with ``kv > q - window``); each with
-torch's own backward. Anything else (padding, packed sequences, image tokens' bidirectional blocks, offsets, a KV
+``window_size_left = window - 1`` (transformers' sliding overlay keeps keys with ``kv > q - window``), or with
+:data:`SLIDING_KERNEL` "cudnn" cuDNN's banded kernel through cudnn-frontend's op (not yet measured); each with its
+own backward. Anything else (padding, packed sequences, image tokens' bidirectional blocks, offsets, a KV
 cache, dropout, softcapping, fp32 on CUDA) goes to transformers' flex attention as before.
 
 Who knows the mask is plain: :mod:`trinity_core.train.block_masks` builds the masks of unpadded batches and
@@ -52,12 +53,27 @@ sliding layers); bench/attention_kernels.py measures both."""
 
 
 SLIDING = False
-"""Sliding layers' plain masks through FlashAttention-2 too. Off: in the layers (4 of the 12B shape, H200, call 49)
-the kernels saved what inductor's fusions lost. Flex attention's templates take the q/k norm as a prologue and
-RoPE's backward into their own; around an opaque kernel those run on their own, with layout copies and the
-grouped heads' gradient sum: attention 37.6 → 22.9 ms an optimizer step, other kernels +16.5 ms, 48495 against
-49024 tok/s (``bench/profile_diff.py``). A global layer's kernel saves more (cuDNN 1.449 against flex 3.720 ms
-forward + backward, call 47) than that loss."""
+"""Sliding layers' plain masks through a dense kernel too (:data:`SLIDING_KERNEL`). Off: with FlashAttention-2, in the
+layers (4 of the 12B shape, H200, call 49) the kernel saved what inductor's fusions lost. Flex attention's templates
+take the q/k norm as a prologue and RoPE's backward into their own; around an opaque kernel those run on their own,
+with layout copies and the grouped heads' gradient sum: attention 37.6 → 22.9 ms an optimizer step, other kernels
++16.5 ms, 48495 against 49024 tok/s (``bench/profile_diff.py``). A global layer's kernel saves more (cuDNN 1.449
+against flex 3.720 ms forward + backward, call 47) than that loss."""
+
+SLIDING_KERNEL = "flash"
+"""A sliding layer's kernel where :data:`SLIDING` is on: "flash" (torch's FlashAttention-2 with a left window) or
+"cudnn": cuDNN's fused attention with a diagonal band, through the ``torch.ops.cudnn.sdpa_fwd`` op of NVIDIA's
+cudnn-frontend (``nvidia-cudnn-frontend``, not a dependency: without it the layer keeps flex attention, and
+:func:`applies` says why). cuDNN takes the BHSD layout and the grouped key-value heads as they are, as the global
+layers' SDPA cuDNN path does, whose kernels saved about what they measured in the layers (call 50), unlike
+FlashAttention-2's copies. The band: keys ``k`` with ``q - window < k <= q`` (cuDNN's left bound is that count,
+``window``). Not yet measured on a GPU (cudnn-frontend 1.32.0 was found after 2026-11-30's device time was spent:
+``tests/gpu/test_dense_attention_cuda.py``, ``bench/attention_kernels.py``, ``bench/gpu_bench.py --dense-sliding
+--sliding-kernel cudnn``)."""
+
+_CUDNN_SDPA: Callable | None = None
+"""``torch.ops.cudnn.sdpa_fwd`` once :func:`load_cudnn_frontend` has imported the module that registers it."""
+_CUDNN_ERROR: str | None = None
 
 
 @dataclass(frozen=True)
@@ -109,9 +125,26 @@ def expected_mask(length: int, window: int | None, device: Any = None) -> torch.
     return keep & (k >= q - left) if left >= 0 else keep
 
 
+def load_cudnn_frontend() -> str | None:
+    """Import cudnn-frontend's torch ops (once; outside a compiled region, where :func:`install` calls it): None if
+    ``torch.ops.cudnn.sdpa_fwd`` is there, else why not."""
+    global _CUDNN_SDPA, _CUDNN_ERROR
+    if _CUDNN_SDPA is None and _CUDNN_ERROR is None:
+        try:
+            import cudnn.sdpa.fwd.torch_op  # noqa: F401  (registers torch.ops.cudnn.sdpa_fwd / sdpa_bwd and autograd)
+
+            _CUDNN_SDPA = torch.ops.cudnn.sdpa_fwd
+        except Exception as error:  # not installed, or no cuDNN library it can load
+            _CUDNN_ERROR = f"cudnn-frontend not importable ({type(error).__name__}: {str(error)[:120]})"
+    return _CUDNN_ERROR
+
+
 def _dense_cuda(query, key, value, window: int | None, scale: float) -> torch.Tensor:
     """(batch, heads, seq, dim) in; (batch, seq, heads, dim) out, as transformers' flex attention returns it."""
     length = query.shape[2]
+    if window is not None and SLIDING_KERNEL == "cudnn":
+        out, _ = _CUDNN_SDPA(query, key, value, scale, is_causal=True, window_left=window, return_lse=True)
+        return out.transpose(1, 2)
     if window is None and GLOBAL_KERNEL == "cudnn":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -135,8 +168,11 @@ def _dense_reference(query, key, value, window: int | None, scale: float) -> tor
 def applies(query: torch.Tensor, key: torch.Tensor, dropout: float, softcap: Any, kwargs: dict,
             plain: Pattern | None = None) -> str | None:
     """Why the dense kernel does not apply to this call (None: it does)."""
-    if plain is not None and plain.window is not None and not SLIDING:
-        return "a sliding window (SLIDING off)"
+    if plain is not None and plain.window is not None:
+        if not SLIDING:
+            return "a sliding window (SLIDING off)"
+        if SLIDING_KERNEL == "cudnn" and query.is_cuda and _CUDNN_SDPA is None:
+            return _CUDNN_ERROR or "cudnn-frontend not loaded (load_cudnn_frontend)"
     if dropout:
         return "dropout"
     if softcap:
@@ -186,7 +222,10 @@ _WHERE = "transformers.modeling_utils:ALL_ATTENTION_FUNCTIONS"
 
 def install() -> DenseAttention | None:
     """Put a :class:`DenseAttention` in front of transformers' ``flex_attention`` attention function, for every
-    model of the process (the interface is one object); once. None where transformers has none."""
+    model of the process (the interface is one object); once. None where transformers has none. With
+    :data:`SLIDING` and ``SLIDING_KERNEL == "cudnn"`` on a CUDA machine, cudnn-frontend's op is imported here."""
+    if SLIDING and SLIDING_KERNEL == "cudnn" and torch.cuda.is_available():
+        load_cudnn_frontend()
     return interface_fronts.install(_WHERE, "flex_attention", DenseAttention)
 
 
@@ -200,5 +239,5 @@ def uninstall() -> None:
     interface_fronts.uninstall(_WHERE, "flex_attention", DenseAttention, "flex")
 
 
-__all__ = ["GLOBAL_KERNEL", "KEYWORD", "SLIDING", "DenseAttention", "Pattern", "applies", "classify", "expected_mask",
-           "install", "installed", "pattern", "uninstall"]
+__all__ = ["GLOBAL_KERNEL", "KEYWORD", "SLIDING", "SLIDING_KERNEL", "DenseAttention", "Pattern", "applies", "classify",
+           "expected_mask", "install", "installed", "load_cudnn_frontend", "pattern", "uninstall"]
