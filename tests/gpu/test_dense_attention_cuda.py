@@ -36,14 +36,12 @@ def _errors(run, q, k, v, dout, window):
     return [((got.float() - want).abs().max() / want.abs().max()).item() for got, want in pairs]
 
 
-@pytest.mark.parametrize("kernel", ["cudnn", "flash"])
-@pytest.mark.parametrize("window", [None, 256])
-def test_dense_kernels_compute_the_masked_attention(monkeypatch, kernel, window):
-    monkeypatch.setattr(dense_attention, "GLOBAL_KERNEL", kernel)
-    monkeypatch.setattr(dense_attention, "SLIDING", True)
+def _check_dense(window, seq):
+    """The dense path for ``pattern(window)``, eagerly and inside a ``fullgraph`` compile, against the reference at
+    ``seq`` tokens; returns the eager function and its inputs."""
     dense = DenseAttention(flex=None)
     module = torch.nn.Module()
-    q, k, v, dout = _inputs(1024)
+    q, k, v, dout = _inputs(seq)
 
     def eager(q, k, v):
         return dense(module, q, k, v, None, scaling=256 ** -0.5, dense_attention=pattern(window))[0]
@@ -53,6 +51,15 @@ def test_dense_kernels_compute_the_masked_attention(monkeypatch, kernel, window)
         errors = _errors(run, q, k, v, dout, window)
         assert max(errors) < 2e-2, errors  # bf16 inputs and output; flex attention's are ~4e-3 (bench)
     assert dense.calls["dense"] >= 1 and dense.calls["flex"] == 0
+    return eager, (q, k, v, dout)
+
+
+@pytest.mark.parametrize("kernel", ["cudnn", "flash"])
+@pytest.mark.parametrize("window", [None, 256])
+def test_dense_kernels_compute_the_masked_attention(monkeypatch, kernel, window):
+    monkeypatch.setattr(dense_attention, "GLOBAL_KERNEL", kernel)
+    monkeypatch.setattr(dense_attention, "SLIDING", True)
+    _check_dense(window, 1024)
 
 
 def test_a_wrong_window_would_be_seen(monkeypatch):
@@ -75,17 +82,6 @@ def test_cudnn_frontend_s_banded_kernel_computes_the_sliding_window(monkeypatch,
         pytest.skip(error)
     monkeypatch.setattr(dense_attention, "SLIDING", True)
     monkeypatch.setattr(dense_attention, "SLIDING_KERNEL", "cudnn")
-    dense = DenseAttention(flex=None)
-    module = torch.nn.Module()
-    q, k, v, dout = _inputs(2048)
-
-    def eager(q, k, v):
-        return dense(module, q, k, v, None, scaling=256 ** -0.5, dense_attention=pattern(window))[0]
-
-    compiled = torch.compile(eager, fullgraph=True)
-    for run in (eager, compiled):
-        errors = _errors(run, q, k, v, dout, window)
-        assert max(errors) < 2e-2, errors
-    assert dense.calls["dense"] >= 1 and dense.calls["flex"] == 0
+    eager, inputs = _check_dense(window, 2048)
     for off_by_one in (window - 1, window + 1) if window == 16 else ():
-        assert max(_errors(eager, q, k, v, dout, off_by_one)) > 5e-2, off_by_one
+        assert max(_errors(eager, *inputs, off_by_one)) > 5e-2, off_by_one
