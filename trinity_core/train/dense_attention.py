@@ -65,8 +65,7 @@ SLIDING_KERNEL = "flash"
 "cudnn": cuDNN's fused attention with a diagonal band, through the ``torch.ops.cudnn.sdpa_fwd`` op of NVIDIA's
 cudnn-frontend (``nvidia-cudnn-frontend``, not a dependency: without it the layer keeps flex attention, and
 :func:`applies` says why). cuDNN takes the BHSD layout and the grouped key-value heads as they are, as the global
-layers' SDPA cuDNN path does, whose kernels saved about what they measured in the layers (call 50), unlike
-FlashAttention-2's copies. The band: keys ``k`` with ``q - window < k <= q`` (cuDNN's left bound is that count,
+layers' SDPA cuDNN path does (a net gain in the layers, call 50), without FlashAttention-2's copies. The band: keys ``k`` with ``q - window < k <= q`` (cuDNN's left bound is that count,
 ``window``). Not yet measured on a GPU (cudnn-frontend 1.32.0 was found after 2026-11-30's device time was spent:
 ``tests/gpu/test_dense_attention_cuda.py``, ``bench/attention_kernels.py``, ``bench/gpu_bench.py --dense-sliding
 --sliding-kernel cudnn``)."""
