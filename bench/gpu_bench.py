@@ -523,6 +523,7 @@ def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_
                 v2["dense_attention"] = dict(
                     global_kernel=dense_attention.GLOBAL_KERNEL, sliding=dense_attention.SLIDING,
                     sliding_kernel=dense_attention.SLIDING_KERNEL,
+                    cudnn_frontend=dense_attention._CUDNN_ERROR or ("loaded" if dense_attention._CUDNN_SDPA else "-"),
                     eager_calls=dense.calls, declined=dense.declined,
                     layer_calls_with_pattern=sum(s.dense_calls for s in states.values()))
             if COMPILED_LAYERS:  # the adapters' products inside the base GEMMs: fast DoRA's, plain LoRA's
@@ -764,11 +765,10 @@ def main(argv: list[str]) -> None:
                    "attention, as transformers runs it (trinity_core.train.backends.unsloth.DENSE_ATTENTION)")
     r.add_argument("--global-kernel", choices=("cudnn", "flash"), default="cudnn", help="a global layer's dense "
                    "attention kernel (trinity_core.train.dense_attention.GLOBAL_KERNEL)")
-    r.add_argument("--dense-sliding", action="store_true", help="sliding layers' plain masks through "
-                   "a dense kernel too (trinity_core.train.dense_attention.SLIDING)")
-    r.add_argument("--sliding-kernel", choices=("flash", "cudnn"), default="flash", help="that kernel: "
-                   "FlashAttention-2, or cuDNN's banded kernel through cudnn-frontend "
-                   "(trinity_core.train.dense_attention.SLIDING_KERNEL; bench/gpu_cudnn_fe.sh)")
+    r.add_argument("--sliding-kernel", choices=("cudnn", "flash", "flex"), default="cudnn", help="sliding layers' "
+                   "plain masks: cuDNN's banded kernel through cudnn-frontend (the default where it loads; "
+                   "bench/gpu_cudnn_fe.sh), FlashAttention-2, or flex attention (trinity_core.train.dense_attention."
+                   "SLIDING / SLIDING_KERNEL)")
     r.add_argument("--only-grown", action="store_true", help="measure only the --grow-to rows")
     r.add_argument("--checkpointing", choices=("unsloth", "off"), default="unsloth",
                    help="Unsloth rows' gradient checkpointing (see CHECKPOINTING)")
@@ -814,8 +814,8 @@ def main(argv: list[str]) -> None:
 
         unsloth_backend.DENSE_ATTENTION = not a.no_dense_attention
         dense_attention.GLOBAL_KERNEL = a.global_kernel
-        dense_attention.SLIDING = a.dense_sliding
-        dense_attention.SLIDING_KERNEL = a.sliding_kernel
+        dense_attention.SLIDING = a.sliding_kernel != "flex"
+        dense_attention.SLIDING_KERNEL = a.sliding_kernel if dense_attention.SLIDING else "cudnn"
         if a.region_torch_act:
             from trinity_core.train.fast_dora import mlp
 

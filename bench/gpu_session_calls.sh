@@ -6,7 +6,8 @@
 #   bash bench/gpu_session_calls.sh cudnnsliding  # cuDNN's banded kernel for sliding layers (carry .gpu-cudnn too,
 #                                             # bench/gpu_cudnn_fe.sh): attention_kernels, its GPU test, then the
 #                                             # 12B pattern at 48 layers without checkpointing: LoRA layers with it,
-#                                             # compiled LoRA, the LoRA layers without it (as BUDGET allows)
+#                                             # compiled LoRA, the LoRA layers without it (as BUDGET allows;
+#                                             # ROWS=0: no rows)
 #   bash bench/gpu_session_calls.sh gemms     # bench/gemm_shapes.py: a 12B layer's GEMMs alone by cuBLAS (< 1 min)
 #   bash bench/gpu_session_calls.sh mmbf16    # the multimodal checkpoint on the bf16 path (Trinity's compiled layers),
 #                                             # fast DoRA and LoRA at once (~300 s; calls 57-59 had no rouge_score)
@@ -57,6 +58,8 @@
 #                                             # compiled LoRA, the LoRA layers with flex attention
 #   bash bench/gpu_session_calls.sh nockpt    # the same without gradient checkpointing: compiled LoRA, LoRA layers
 #                                             # (the peer's fastest path where memory allows), then LoRA layers with it
+#   bash bench/gpu_session_calls.sh doranockpt # the same for the recipe's fast DoRA (cuDNN's band where carried) against
+#                                             # compiled LoRA, then fast DoRA with flex on the sliding layers
 #   bash bench/gpu_session_calls.sh lengths   # 4 layers: a new sequence length, a new compile? LoRA with/without masks
 #   bash bench/gpu_session_calls.sh code      # inductor's code and a kept trace: fast DoRA's layers (NODOWN=1:
 #                                             # without GatedActDownInGraph; LORA=1: Trinity's LoRA layers with
@@ -120,13 +123,13 @@ case ${1:-} in
     python -m pytest -m gpu -x -q -rA --tb=short -p no:cacheprovider tests/gpu/test_dense_attention_cuda.py \
       > "$OUT/pytest-dense.txt" 2>&1; tail -4 "$OUT/pytest-dense.txt"
     grep -q "torch.ops.cudnn.sdpa_fwd" "$OUT/attention_kernels.txt" || { echo "no cudnn-frontend: no rows"; exit 3; }
+    [ "${ROWS:-1}" = 1 ] || exit 0  # ROWS=0: the kernel timings and the GPU test only
     python bench/gpu_bench.py build /tmp/m12r 6 --global-every 6 > "$OUT/speed.log" 2>&1 || tail -5 "$OUT/speed.log"
     row6() { python bench/gpu_bench.py run unsloth /tmp/m12r "$OUT/speed.jsonl" --depths 6 --grow-to 48 --only-grown \
                --deadline $(( end - $(date +%s) )) "$@" >> "$OUT/speed.log" 2>&1; }
-    row6 --only lora_acc4 --compile-layers --checkpointing off --dense-sliding --sliding-kernel cudnn \
-      --tag nockpt_cudnn_layers_
+    row6 --only lora_acc4 --compile-layers --checkpointing off --sliding-kernel cudnn --tag nockpt_cudnn_layers_
     UNSLOTH_COMPILE_DISABLE=0 row6 --only lora_acc4 --checkpointing off --tag nockpt_compiled_
-    row6 --only lora_acc4 --compile-layers --checkpointing off --tag nockpt_layers_
+    row6 --only lora_acc4 --compile-layers --checkpointing off --sliding-kernel flex --tag nockpt_layers_
     wrap48 ;;
   gemms)
     python bench/gemm_shapes.py > "$OUT/gemm_shapes.txt" 2>&1; cat "$OUT/gemm_shapes.txt" ;;
@@ -334,6 +337,18 @@ case ${1:-} in
     UNSLOTH_COMPILE_DISABLE=0 row6 --only lora_acc4 --checkpointing off --tag nockpt_compiled_
     row6 --only lora_acc4 --compile-layers --checkpointing off --tag nockpt_layers_
     row6 --only lora_acc4 --compile-layers --tag pattern_layers_
+    wrap48 ;;
+  doranockpt)  # goal 1's DoRA half against the best peer path: the 12B's pattern at 48 layers without checkpointing,
+               # the recipe's fast DoRA in Trinity's layers (the defaults: cuDNN's band on the sliding layers where
+               # cudnn-frontend loads; carry .gpu-cudnn), Unsloth's compiled LoRA, then (as budget allows) fast DoRA
+               # with flex attention on the sliding layers
+    end=$(( $(date +%s) + ${BUDGET:-470} ))
+    python bench/gpu_bench.py build /tmp/m12r 6 --global-every 6 > "$OUT/speed.log" 2>&1 || tail -5 "$OUT/speed.log"
+    row6() { python bench/gpu_bench.py run unsloth /tmp/m12r "$OUT/speed.jsonl" --depths 6 --grow-to 48 --only-grown \
+               --deadline $(( end - $(date +%s) )) "$@" >> "$OUT/speed.log" 2>&1; }
+    row6 --only dora_fast_acc4 --compile-layers --checkpointing off --tag nockpt_layers_
+    UNSLOTH_COMPILE_DISABLE=0 row6 --only lora_acc4 --checkpointing off --tag nockpt_compiled_
+    row6 --only dora_fast_acc4 --compile-layers --checkpointing off --sliding-kernel flex --tag nockpt_flex_layers_
     wrap48 ;;
   lengths)  # whether a new sequence length compiles the layers again (call 41: fast DoRA's graph had specialised on
             # 4096): fast DoRA's row at 4 layers, then 2048, 3000 and 1000 tokens (--lengths), Dynamo's graphs after

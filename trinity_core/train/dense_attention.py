@@ -11,10 +11,11 @@ attention took, by kernel (``python bench/attention_kernels.py``, call 47, raw
 within the same error against an fp32 reference. Flex attention's Triton templates at head dim 256 are the slow
 part; a plain causal or sliding-window mask needs none of its generality. So where the mask is plain, the layer's
 attention runs torch's built-in kernels instead: a global layer SDPA's cuDNN backend, causal (H200, 4 layers, every
-2nd global, call 50: +4.2% tok/s, 20.8 ms less device time an optimizer step); a sliding layer, only with
-:data:`SLIDING` (off: it was no faster in the layers, see there), ``aten._flash_attention_forward`` with
-``window_size_left = window - 1`` (transformers' sliding overlay keeps keys with ``kv > q - window``), or with
-:data:`SLIDING_KERNEL` "cudnn" cuDNN's banded kernel through cudnn-frontend's op (not yet measured); each with its
+2nd global, call 50: +4.2% tok/s, 20.8 ms less device time an optimizer step); a sliding layer (:data:`SLIDING`)
+cuDNN's banded kernel through cudnn-frontend's op where that optional package is installed and this is a Hopper GPU
+(:data:`SLIDING_KERNEL`; H200, 48 layers, call 61: +2.2% tok/s; elsewhere flex attention), or
+``aten._flash_attention_forward`` with ``window_size_left = window - 1`` (transformers' sliding overlay keeps keys
+with ``kv > q - window``; no gain in the layers, see :data:`SLIDING`); each with its
 own backward. Anything else (padding, packed sequences, image tokens' bidirectional blocks, offsets, a KV
 cache, dropout, softcapping, fp32 on CUDA) goes to transformers' flex attention as before.
 
@@ -52,23 +53,27 @@ GLOBAL_KERNEL = "cudnn"
 sliding layers); bench/attention_kernels.py measures both."""
 
 
-SLIDING = False
-"""Sliding layers' plain masks through a dense kernel too (:data:`SLIDING_KERNEL`). Off: with FlashAttention-2, in the
-layers (4 of the 12B shape, H200, call 49) the kernel saved what inductor's fusions lost. Flex attention's templates
-take the q/k norm as a prologue and RoPE's backward into their own; around an opaque kernel those run on their own,
-with layout copies and the grouped heads' gradient sum: attention 37.6 → 22.9 ms an optimizer step, other kernels
-+16.5 ms, 48495 against 49024 tok/s (``bench/profile_diff.py``). A global layer's kernel saves more (cuDNN 1.449
-against flex 3.720 ms forward + backward, call 47) than that loss."""
+SLIDING = True
+"""Sliding layers' plain masks through a dense kernel too (:data:`SLIDING_KERNEL`). With FlashAttention-2 it was no
+gain in the layers (4 of the 12B shape, H200, call 49): the kernel saved what inductor's fusions lost. Flex attention's
+templates take the q/k norm as a prologue and RoPE's backward into their own; around an opaque kernel those run on
+their own, with FlashAttention-2's layout copies and the grouped heads' gradient sum: attention 37.6 → 22.9 ms an
+optimizer step, other kernels +16.5 ms, 48495 against 49024 tok/s (``bench/profile_diff.py``). cuDNN's banded kernel
+(the default, below) needs neither copy nor sum and is a gain in the layers (call 61)."""
 
-SLIDING_KERNEL = "flash"
-"""A sliding layer's kernel where :data:`SLIDING` is on: "flash" (torch's FlashAttention-2 with a left window) or
-"cudnn": cuDNN's fused attention with a diagonal band, through the ``torch.ops.cudnn.sdpa_fwd`` op of NVIDIA's
-cudnn-frontend (``nvidia-cudnn-frontend``, not a dependency: without it the layer keeps flex attention, and
-:func:`applies` says why). cuDNN takes the BHSD layout and the grouped key-value heads as they are, as the global
-layers' SDPA cuDNN path does (a net gain in the layers, call 50), without FlashAttention-2's copies. The band: keys ``k`` with ``q - window < k <= q`` (cuDNN's left bound is that count,
-``window``). Not yet measured on a GPU (cudnn-frontend 1.32.0 was found after 2026-11-30's device time was spent:
-``tests/gpu/test_dense_attention_cuda.py``, ``bench/attention_kernels.py``, ``bench/gpu_bench.py --dense-sliding
---sliding-kernel cudnn``)."""
+SLIDING_KERNEL = "cudnn"
+"""A sliding layer's kernel where :data:`SLIDING` is on: "cudnn" (the default) cuDNN's fused attention with a
+diagonal band, through the ``torch.ops.cudnn.sdpa_fwd`` op of NVIDIA's cudnn-frontend (``nvidia-cudnn-frontend``,
+optional: without it, off Hopper, or where :func:`load_cudnn_frontend`'s probe fails, the layer keeps flex attention
+and :func:`applies` says why), or "flash" (torch's FlashAttention-2 with a left window). cuDNN takes the BHSD layout
+and the grouped key-value heads as they are, as the global layers' SDPA cuDNN path does. The band: keys ``k`` with
+``q - window < k <= q`` (cuDNN's left bound is that count, ``window``). H200, the 12B's pattern at 48 layers (40
+sliding, 8 global), no checkpointing, LoRA, call 61 (``bench/results/2026-11-30-h200-cudnnsliding-61.jsonl``):
+9025.5 tok/s with it against 8827.6 with flex on the sliding layers, **+2.2%** in the same run. Alone (call 61,
+``bench/attention_kernels.py``) it runs a sliding layer forward + backward in 1.195 ms against flex's 1.865."""
+
+CUDNN_CAPABILITY = 9
+"""The compute capability (major) cuDNN's banded kernel is used on: Hopper, where it was measured (H200)."""
 
 _CUDNN_SDPA: Callable | None = None
 """``torch.ops.cudnn.sdpa_fwd`` once :func:`load_cudnn_frontend` has imported the module that registers it."""
@@ -125,17 +130,38 @@ def expected_mask(length: int, window: int | None, device: Any = None) -> torch.
 
 
 def load_cudnn_frontend() -> str | None:
-    """Import cudnn-frontend's torch ops (once; outside a compiled region, where :func:`install` calls it): None if
-    ``torch.ops.cudnn.sdpa_fwd`` is there, else why not."""
+    """Import cudnn-frontend's torch ops and probe them once (outside a compiled region, where :func:`install` calls
+    it): None if ``torch.ops.cudnn.sdpa_fwd`` is there and ran a banded forward + backward on this GPU at head dim
+    256 with grouped heads, else why not (not installed, no cuDNN it can load, not Hopper, the probe raised)."""
     global _CUDNN_SDPA, _CUDNN_ERROR
     if _CUDNN_SDPA is None and _CUDNN_ERROR is None:
         try:
             import cudnn.sdpa.fwd.torch_op  # noqa: F401  (registers torch.ops.cudnn.sdpa_fwd / sdpa_bwd and autograd)
-
-            _CUDNN_SDPA = torch.ops.cudnn.sdpa_fwd
         except Exception as error:  # not installed, or no cuDNN library it can load
             _CUDNN_ERROR = f"cudnn-frontend not importable ({type(error).__name__}: {str(error)[:120]})"
+            return _CUDNN_ERROR
+        if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != CUDNN_CAPABILITY:
+            _CUDNN_ERROR = f"cuDNN's banded kernel is used on compute capability {CUDNN_CAPABILITY}.x only (measured there)"
+            return _CUDNN_ERROR
+        try:
+            _probe(torch.ops.cudnn.sdpa_fwd)
+        except Exception as error:  # this cuDNN has no engine for the band at this shape, or another failure
+            _CUDNN_ERROR = f"cudnn-frontend's probe failed ({type(error).__name__}: {str(error)[:120]})"
+            return _CUDNN_ERROR
+        _CUDNN_SDPA = torch.ops.cudnn.sdpa_fwd
     return _CUDNN_ERROR
+
+
+def _probe(op: Callable) -> None:
+    """One banded forward + backward through ``op`` (bf16, 2 query heads over 1 key-value head of 256, 256
+    positions, window 64), so a cuDNN without an engine for it fails here and not in a training step."""
+    q = torch.randn(1, 2, 256, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(1, 1, 256, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    out, _ = op(q, k, v, 256 ** -0.5, is_causal=True, window_left=64, return_lse=True)
+    out.float().sum().backward()
+    torch.cuda.synchronize()
+    if not all(bool(t.grad.isfinite().all()) for t in (q, k, v)):
+        raise ValueError("non-finite gradients")
 
 
 def _dense_cuda(query, key, value, window: int | None, scale: float) -> torch.Tensor:
@@ -222,7 +248,8 @@ _WHERE = "transformers.modeling_utils:ALL_ATTENTION_FUNCTIONS"
 def install() -> DenseAttention | None:
     """Put a :class:`DenseAttention` in front of transformers' ``flex_attention`` attention function, for every
     model of the process (the interface is one object); once. None where transformers has none. With
-    :data:`SLIDING` and ``SLIDING_KERNEL == "cudnn"`` on a CUDA machine, cudnn-frontend's op is imported here."""
+    :data:`SLIDING` and ``SLIDING_KERNEL == "cudnn"`` on a CUDA machine, cudnn-frontend's op is imported (and probed)
+    here."""
     if SLIDING and SLIDING_KERNEL == "cudnn" and torch.cuda.is_available():
         load_cudnn_frontend()
     return interface_fronts.install(_WHERE, "flex_attention", DenseAttention)
@@ -238,5 +265,5 @@ def uninstall() -> None:
     interface_fronts.uninstall(_WHERE, "flex_attention", DenseAttention, "flex")
 
 
-__all__ = ["GLOBAL_KERNEL", "KEYWORD", "SLIDING", "SLIDING_KERNEL", "DenseAttention", "Pattern", "applies", "classify",
+__all__ = ["CUDNN_CAPABILITY", "GLOBAL_KERNEL", "KEYWORD", "SLIDING", "SLIDING_KERNEL", "DenseAttention", "Pattern", "applies", "classify",
            "expected_mask", "install", "installed", "load_cudnn_frontend", "pattern", "uninstall"]
