@@ -142,6 +142,41 @@ def test_a_sliding_layer_s_cudnn_kernel_needs_cudnn_frontend(monkeypatch):
     assert dense_attention.applies(cuda_q, cuda_k, 0.0, None, {}, pattern(16)) is None
 
 
+def test_the_sliding_kernel_is_reported_and_needs_hopper_and_a_working_probe(monkeypatch):
+    """What the job's backend info reports for sliding layers (:func:`sliding_kernel`), and the gates of
+    :func:`load_cudnn_frontend` after a successful import: a Hopper GPU (where the band was measured), then a probe
+    that ran; either failing leaves the sliding layers on flex attention with the reason."""
+    import sys
+    from types import ModuleType
+
+    for name in ("cudnn", "cudnn.sdpa", "cudnn.sdpa.fwd", "cudnn.sdpa.fwd.torch_op"):  # an importable frontend
+        monkeypatch.setitem(sys.modules, name, ModuleType(name))
+    monkeypatch.setattr(dense_attention, "SLIDING", True)
+    monkeypatch.setattr(dense_attention, "SLIDING_KERNEL", "cudnn")
+    monkeypatch.setattr(dense_attention, "_CUDNN_SDPA", None)
+    monkeypatch.setattr(dense_attention, "_CUDNN_ERROR", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    error = dense_attention.load_cudnn_frontend()
+    assert error == "cuDNN's banded kernel is used on compute capability 9.x only (measured there)"
+    assert dense_attention.sliding_kernel() == f"flex ({error})"
+
+    def failing():
+        raise RuntimeError("no engine")
+    monkeypatch.setattr(dense_attention, "_CUDNN_ERROR", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(dense_attention, "_probe", failing)
+    assert dense_attention.load_cudnn_frontend() == "cudnn-frontend's probe failed (RuntimeError: no engine)"
+    assert dense_attention._CUDNN_SDPA is None
+
+    monkeypatch.setattr(dense_attention, "_CUDNN_SDPA", object())  # as after an import and a probe that ran
+    assert dense_attention.sliding_kernel() == "cudnn"
+    monkeypatch.setattr(dense_attention, "SLIDING_KERNEL", "flash")
+    assert dense_attention.sliding_kernel() == "flash"
+    monkeypatch.setattr(dense_attention, "SLIDING", False)
+    assert dense_attention.sliding_kernel() == "flex (SLIDING off)"
+
+
 @pytest.mark.parametrize("sliding", [True, False])
 def test_compiled_layers_pass_plain_masks_down_and_train_as_the_eager_model(tiny_spec, installed, sliding,
                                                                             monkeypatch):

@@ -95,6 +95,8 @@ def test_the_bf16_path_compiles_the_text_layers_only(tmp_path, dora):
     assert info["unsloth_compile"] is False, info
     assert info["compiled_kernels"]["decoder_layers"] == 6, info
     assert info["compiled_kernels"]["dense_attention"] and info["compiled_kernels"]["block_masks"], info
+    if importlib.util.find_spec("cudnn") is not None and torch.cuda.get_device_capability()[0] == 9:
+        assert info["compiled_kernels"]["sliding_attention"] == "cudnn", info  # cudnn-frontend carried: its band
     assert info["fast_dora_layers"] == (42 if dora else 0), info
     losses = out["loss"]
     assert len(losses) == 6 and all(x == x for x in losses) and losses[-1] < losses[0], losses

@@ -144,17 +144,27 @@ def load_cudnn_frontend() -> str | None:
             _CUDNN_ERROR = f"cuDNN's banded kernel is used on compute capability {CUDNN_CAPABILITY}.x only (measured there)"
             return _CUDNN_ERROR
         try:
-            _probe(torch.ops.cudnn.sdpa_fwd)
-        except Exception as error:  # this cuDNN has no engine for the band at this shape, or another failure
+            _CUDNN_SDPA = _probe()
+        except Exception as error:  # no op registered, no engine for the band at this shape, or another failure
             _CUDNN_ERROR = f"cudnn-frontend's probe failed ({type(error).__name__}: {str(error)[:120]})"
-            return _CUDNN_ERROR
-        _CUDNN_SDPA = torch.ops.cudnn.sdpa_fwd
     return _CUDNN_ERROR
 
 
-def _probe(op: Callable) -> None:
-    """One banded forward + backward through ``op`` (bf16, 2 query heads over 1 key-value head of 256, 256
-    positions, window 64), so a cuDNN without an engine for it fails here and not in a training step."""
+def sliding_kernel() -> str:
+    """What a sliding layer's plain mask runs on a CUDA machine after :func:`install`: "cudnn", "flash", or
+    "flex (why)" (the job's backend info reports it)."""
+    if not SLIDING:
+        return "flex (SLIDING off)"
+    if SLIDING_KERNEL == "cudnn" and _CUDNN_SDPA is None:
+        return f"flex ({_CUDNN_ERROR or 'cudnn-frontend not loaded'})"
+    return SLIDING_KERNEL
+
+
+def _probe() -> Callable:
+    """``torch.ops.cudnn.sdpa_fwd`` after one banded forward + backward through it (bf16, 2 query heads over 1
+    key-value head of 256, 256 positions, window 64), so a cuDNN without an engine for it fails here and not in a
+    training step."""
+    op = torch.ops.cudnn.sdpa_fwd
     q = torch.randn(1, 2, 256, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(1, 1, 256, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     out, _ = op(q, k, v, 256 ** -0.5, is_causal=True, window_left=64, return_lse=True)
@@ -162,6 +172,7 @@ def _probe(op: Callable) -> None:
     torch.cuda.synchronize()
     if not all(bool(t.grad.isfinite().all()) for t in (q, k, v)):
         raise ValueError("non-finite gradients")
+    return op
 
 
 def _dense_cuda(query, key, value, window: int | None, scale: float) -> torch.Tensor:
@@ -266,4 +277,4 @@ def uninstall() -> None:
 
 
 __all__ = ["CUDNN_CAPABILITY", "GLOBAL_KERNEL", "KEYWORD", "SLIDING", "SLIDING_KERNEL", "DenseAttention", "Pattern", "applies", "classify",
-           "expected_mask", "install", "installed", "load_cudnn_frontend", "pattern", "uninstall"]
+           "expected_mask", "install", "installed", "load_cudnn_frontend", "pattern", "sliding_kernel", "uninstall"]

@@ -142,7 +142,8 @@ def compile_gemma3_kernels(model, layers: bool = False) -> dict:
     attention of the process (the same arithmetic as Unsloth's). ``layers``: also each decoder layer as one
     compiled region, fast DoRA inside (``trinity_core.train.compiled_layers``); flex attention's block masks
     built once a shape (``trinity_core.train.block_masks``, :data:`BLOCK_MASKS`) and, with both, the plain masks'
-    attention through dense kernels (``trinity_core.train.dense_attention``, :data:`DENSE_ATTENTION`). What was
+    attention through dense kernels (``trinity_core.train.dense_attention``, :data:`DENSE_ATTENTION`; with it,
+    ``sliding_attention``: the sliding layers' kernel, or flex attention and why). What was
     installed; nothing in Unsloth's float32 mode (the T4 path has its own lean norm and attention) or without CUDA."""
     import torch
 
@@ -152,11 +153,14 @@ def compile_gemma3_kernels(model, layers: bool = False) -> dict:
 
     if float32_mode() or not torch.cuda.is_available():
         return {}
-    return {"norms": compiled_kernels.install_compiled_norms(model), "attention_prepare": _swap_unsloth_prepare(),
-            "decoder_layers": compile_decoder_layers(model) if layers else 0,
-            "block_masks": BLOCK_MASKS and block_masks.install() is not None,
-            "dense_attention": (layers and BLOCK_MASKS and DENSE_ATTENTION
-                                and dense_attention.install() is not None)}
+    installed = {"norms": compiled_kernels.install_compiled_norms(model), "attention_prepare": _swap_unsloth_prepare(),
+                 "decoder_layers": compile_decoder_layers(model) if layers else 0,
+                 "block_masks": BLOCK_MASKS and block_masks.install() is not None,
+                 "dense_attention": (layers and BLOCK_MASKS and DENSE_ATTENTION
+                                     and dense_attention.install() is not None)}
+    if installed["dense_attention"]:  # cuDNN's band, or flex attention and why
+        installed["sliding_attention"] = dense_attention.sliding_kernel()
+    return installed
 
 
 def _swap_unsloth_prepare() -> bool:
