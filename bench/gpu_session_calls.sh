@@ -8,6 +8,7 @@
 #                                             # 12B pattern at 48 layers without checkpointing: LoRA layers with it,
 #                                             # compiled LoRA, the LoRA layers without it (as BUDGET allows;
 #                                             # ROWS=0: no rows)
+#   bash bench/gpu_session_calls.sh bandplans # cuDNN's band and causal graphs by plan, timed alone (carry .gpu-cudnn)
 #   bash bench/gpu_session_calls.sh gemms     # bench/gemm_shapes.py: a 12B layer's GEMMs alone by cuBLAS (< 1 min)
 #   bash bench/gpu_session_calls.sh mmbf16    # the multimodal checkpoint on the bf16 path (Trinity's compiled layers),
 #                                             # fast DoRA and LoRA at once (~300 s; calls 57-59 had no rouge_score)
@@ -131,6 +132,11 @@ case ${1:-} in
     UNSLOTH_COMPILE_DISABLE=0 row6 --only lora_acc4 --checkpointing off --tag nockpt_compiled_
     row6 --only lora_acc4 --compile-layers --checkpointing off --sliding-kernel flex --tag nockpt_layers_
     wrap48 ;;
+  bandplans)  # cuDNN's banded (sliding) and causal (global) graphs by execution plan, each timed alone, beside
+              # cudnn-frontend's op per call (bench/cudnn_band_plans.py; carry .gpu-cudnn; < 2 min)
+    python bench/cudnn_band_plans.py > "$OUT/band_plans.txt" 2>&1
+    python bench/cudnn_band_plans.py --window 0 > "$OUT/causal_plans.txt" 2>&1
+    cat "$OUT/band_plans.txt" "$OUT/causal_plans.txt" ;;
   gemms)
     python bench/gemm_shapes.py > "$OUT/gemm_shapes.txt" 2>&1; cat "$OUT/gemm_shapes.txt" ;;
   mmbf16)  # each a fresh job process as the worker's; -x --tb=long: why it failed is printed before any timeout
