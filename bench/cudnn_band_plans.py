@@ -17,23 +17,13 @@ Prints one line a plan: its index, name, workspace, milliseconds, and whether it
 from __future__ import annotations
 
 import argparse
-import statistics
+import sys
+from pathlib import Path
 
 import torch
 
-
-def timed(fn, reps: int) -> float:
-    """Median milliseconds of ``fn`` on the current stream (after two warm-up calls)."""
-    fn(), fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attention_kernels import timed  # noqa: E402  (the same CUDA-event median)
 
 
 def new_graph(cudnn, handle):
@@ -95,7 +85,9 @@ def sweep(cudnn, handle, label, g, uids, buffers, outputs, expected, reps):
             torch.cuda.synchronize()
             same = all(bool(torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2))
                        for a, b in zip(outputs, expected))
-            ms = timed(lambda: g.execute(buffers, workspace, handle=handle, tensor_uids=uids), reps)
+            run = lambda: g.execute(buffers, workspace, handle=handle, tensor_uids=uids)  # noqa: E731
+            run()
+            ms = timed(run, reps)
             print(f"{label:8} plan {index:2d} {name[:60]:60} workspace {workspace.numel() / 2**20:8.1f} MiB "
                   f"{ms:8.3f} ms  same as the op: {same}")
         except Exception as error:  # a plan that declines this graph or fails to build: said, not hidden
@@ -138,6 +130,7 @@ def main() -> None:
     def op_forward_backward():
         y = [t.detach().requires_grad_() for t in (q, k, v)]
         op(*y, scale, is_causal=True, window_left=left, return_lse=True)[0].backward(do)
+    op_forward(), op_forward_backward()  # warm: the op builds and caches its graphs on a first call
     print(f"op       forward {timed(op_forward, a.reps):.3f} ms, forward + backward "
           f"{timed(op_forward_backward, a.reps):.3f} ms (torch.ops.cudnn.sdpa_fwd and its autograd, per call)")
 
