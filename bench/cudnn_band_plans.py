@@ -16,14 +16,13 @@ Prints one line a plan: its index, name, workspace, milliseconds, and whether it
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention_kernels import timed  # noqa: E402  (the same CUDA-event median)
+from attention_kernels import shape_arguments, timed  # noqa: E402  (the 12B shape; the CUDA-event median)
 
 
 def new_graph(cudnn, handle):
@@ -98,22 +97,17 @@ def sweep(cudnn, handle, label, g, uids, buffers, outputs, expected, reps):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seq", type=int, default=4096)
-    p.add_argument("--window", type=int, default=1024, help="0: causal (a global layer)")
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--reps", type=int, default=20)
+    p = shape_arguments(__doc__)  # --seq, --window (0 here: causal), --heads, --kv-heads, --dim, --reps
     a = p.parse_args()
 
     import cudnn
     import cudnn.sdpa.fwd.torch_op  # noqa: F401  (torch.ops.cudnn.sdpa_fwd)
 
     dev, scale, window = "cuda", a.dim ** -0.5, a.window
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, cuDNN {getattr(cudnn, 'backend_version', lambda: '?')()}, "
-          f"cudnn-frontend {getattr(cudnn, '__version__', '?')}; batch 1, seq {a.seq}, heads {a.heads}/{a.kv_heads}, dim {a.dim}, bf16, "
-          f"window {window or 'none (causal)'}")
+    backend = getattr(cudnn, "backend_version", lambda: "?")()
+    versions = f"cuDNN {backend}, cudnn-frontend {getattr(cudnn, '__version__', '?')}"
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {versions}; batch 1, seq {a.seq}, heads "
+          f"{a.heads}/{a.kv_heads}, dim {a.dim}, bf16, window {window or 'none (causal)'}")
     g = torch.Generator(device=dev).manual_seed(0)
     q = torch.randn(1, a.heads, a.seq, a.dim, device=dev, dtype=torch.bfloat16, generator=g)
     k, v = (torch.randn(1, a.kv_heads, a.seq, a.dim, device=dev, dtype=torch.bfloat16, generator=g) for _ in "kv")

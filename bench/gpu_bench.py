@@ -815,7 +815,8 @@ def main(argv: list[str]) -> None:
         unsloth_backend.DENSE_ATTENTION = not a.no_dense_attention
         dense_attention.GLOBAL_KERNEL = a.global_kernel
         dense_attention.SLIDING = a.sliding_kernel != "flex"
-        dense_attention.SLIDING_KERNEL = a.sliding_kernel if dense_attention.SLIDING else "cudnn"
+        if dense_attention.SLIDING:
+            dense_attention.SLIDING_KERNEL = a.sliding_kernel
         if a.region_torch_act:
             from trinity_core.train.fast_dora import mlp
 

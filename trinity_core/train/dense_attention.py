@@ -141,7 +141,8 @@ def load_cudnn_frontend() -> str | None:
             _CUDNN_ERROR = f"cudnn-frontend not importable ({type(error).__name__}: {str(error)[:120]})"
             return _CUDNN_ERROR
         if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != CUDNN_CAPABILITY:
-            _CUDNN_ERROR = f"cuDNN's banded kernel is used on compute capability {CUDNN_CAPABILITY}.x only (measured there)"
+            _CUDNN_ERROR = (f"cuDNN's banded kernel is used on compute capability {CUDNN_CAPABILITY}.x only "
+                            "(measured there)")
             return _CUDNN_ERROR
         try:
             _CUDNN_SDPA = _probe()
@@ -276,5 +277,6 @@ def uninstall() -> None:
     interface_fronts.uninstall(_WHERE, "flex_attention", DenseAttention, "flex")
 
 
-__all__ = ["CUDNN_CAPABILITY", "GLOBAL_KERNEL", "KEYWORD", "SLIDING", "SLIDING_KERNEL", "DenseAttention", "Pattern", "applies", "classify",
-           "expected_mask", "install", "installed", "load_cudnn_frontend", "pattern", "sliding_kernel", "uninstall"]
+__all__ = ["CUDNN_CAPABILITY", "GLOBAL_KERNEL", "KEYWORD", "SLIDING", "SLIDING_KERNEL", "DenseAttention", "Pattern",
+           "applies", "classify", "expected_mask", "install", "installed", "load_cudnn_frontend", "pattern",
+           "sliding_kernel", "uninstall"]
