@@ -59,12 +59,14 @@ def _check_dense(window, seq):
 def test_dense_kernels_compute_the_masked_attention(monkeypatch, kernel, window):
     monkeypatch.setattr(dense_attention, "GLOBAL_KERNEL", kernel)
     monkeypatch.setattr(dense_attention, "SLIDING", True)
+    monkeypatch.setattr(dense_attention, "SLIDING_KERNEL", "flash")  # FlashAttention-2's window (cuDNN's: below)
     _check_dense(window, 1024)
 
 
 def test_a_wrong_window_would_be_seen(monkeypatch):
     """The comparison above tells a window one key off (what ``window_size_left = window - 1`` gets right)."""
     monkeypatch.setattr(dense_attention, "SLIDING", True)
+    monkeypatch.setattr(dense_attention, "SLIDING_KERNEL", "flash")
     q, k, v, dout = _inputs(512)
     dense = DenseAttention(flex=None)
     module = torch.nn.Module()
