@@ -522,7 +522,7 @@ def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_
                 states = {id(s): s for m in model.modules() if (s := getattr(m, "_trinity_region_state", None))}
                 v2["dense_attention"] = dict(
                     global_kernel=dense_attention.GLOBAL_KERNEL, sliding=dense_attention.SLIDING,
-                    sliding_kernel=dense_attention.SLIDING_KERNEL,
+                    sliding_kernel=dense_attention.SLIDING_KERNEL, projection_layout=dense_attention.PROJECTION_LAYOUT,
                     cudnn_frontend=dense_attention._CUDNN_ERROR or ("loaded" if dense_attention._CUDNN_SDPA else "-"),
                     eager_calls=dense.calls, declined=dense.declined,
                     layer_calls_with_pattern=sum(s.dense_calls for s in states.values()))
@@ -769,6 +769,9 @@ def main(argv: list[str]) -> None:
                    "plain masks: cuDNN's banded kernel through cudnn-frontend (the default where it loads; "
                    "bench/gpu_cudnn_fe.sh), FlashAttention-2, or flex attention (trinity_core.train.dense_attention."
                    "SLIDING / SLIDING_KERNEL)")
+    r.add_argument("--attention-layout", choices=("projection", "heads"), default="projection", help="q, k, v "
+                   "into cuDNN's kernels in the projections' (batch, seq, heads, dim) memory order, or (batch, heads, "
+                   "seq, dim)-contiguous (trinity_core.train.dense_attention.PROJECTION_LAYOUT)")
     r.add_argument("--only-grown", action="store_true", help="measure only the --grow-to rows")
     r.add_argument("--checkpointing", choices=("unsloth", "off"), default="unsloth",
                    help="Unsloth rows' gradient checkpointing (see CHECKPOINTING)")
@@ -814,6 +817,7 @@ def main(argv: list[str]) -> None:
 
         unsloth_backend.DENSE_ATTENTION = not a.no_dense_attention
         dense_attention.GLOBAL_KERNEL = a.global_kernel
+        dense_attention.PROJECTION_LAYOUT = a.attention_layout == "projection"
         dense_attention.SLIDING = a.sliding_kernel != "flex"
         if dense_attention.SLIDING:
             dense_attention.SLIDING_KERNEL = a.sliding_kernel

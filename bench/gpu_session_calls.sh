@@ -8,6 +8,10 @@
 #                                             # 12B pattern at 48 layers without checkpointing: LoRA layers with it,
 #                                             # compiled LoRA, the LoRA layers without it (as BUDGET allows;
 #                                             # ROWS=0: no rows)
+#   bash bench/gpu_session_calls.sh layout    # cuDNN's kernels on the projections' memory order (profiled), compiled
+#                                             # LoRA, then on heads-contiguous inputs (ROW=dora_fast_acc4: fast DoRA)
+#   bash bench/gpu_session_calls.sh bandprof  # call 61's cuDNN-band LoRA row, one optimizer step profiled: the GPU's
+#                                             # idle time and kernel totals (SK=flex: flex on the sliding layers)
 #   bash bench/gpu_session_calls.sh bandplans # cuDNN's band and causal graphs by plan, timed alone (carry .gpu-cudnn)
 #   bash bench/gpu_session_calls.sh gemms     # bench/gemm_shapes.py: a 12B layer's GEMMs alone by cuBLAS (< 1 min)
 #   bash bench/gpu_session_calls.sh mmbf16    # the multimodal checkpoint on the bf16 path (Trinity's compiled layers),
@@ -132,6 +136,29 @@ case ${1:-} in
     UNSLOTH_COMPILE_DISABLE=0 row6 --only lora_acc4 --checkpointing off --tag nockpt_compiled_
     row6 --only lora_acc4 --compile-layers --checkpointing off --sliding-kernel flex --tag nockpt_layers_
     wrap48 ;;
+  layout)  # cuDNN's kernels fed in the projections' memory order (the default) against compiled LoRA and against
+            # (batch, heads, seq, dim)-contiguous inputs: call 61's rows, the first profiled (carry .gpu-cudnn)
+    end=$(( $(date +%s) + ${BUDGET:-480} ))
+    python bench/gpu_bench.py build /tmp/m12r 6 --global-every 6 > "$OUT/speed.log" 2>&1 || tail -5 "$OUT/speed.log"
+    row6() { python bench/gpu_bench.py run unsloth /tmp/m12r "$OUT/speed.jsonl" --depths 6 --grow-to 48 --only-grown \
+               --deadline $(( end - $(date +%s) )) "$@" >> "$OUT/speed.log" 2>&1; }
+    TRINITY_BENCH_PROFILE=$OUT TRINITY_BENCH_TRACE=1 TRINITY_BENCH_KEEP_TRACE=1 row6 --only ${ROW:-lora_acc4} \
+      --compile-layers --checkpointing off --tag nockpt_cudnn_proj_layers_
+    cat "$OUT"/prof-timeline-*.txt | head -3
+    UNSLOTH_COMPILE_DISABLE=0 row6 --only lora_acc4 --checkpointing off --tag nockpt_compiled_
+    row6 --only ${ROW:-lora_acc4} --compile-layers --checkpointing off --attention-layout heads \
+      --tag nockpt_cudnn_heads_layers_
+    wrap48 ;;
+  bandprof)  # call 61's first row (LoRA layers, cuDNN's band, no checkpointing, 48 layers) with one more optimizer
+              # step profiled: kernel totals and the GPU's idle time (bench/gpu_timeline.py; CUDA activity only, so
+              # the host is not slowed by its own tracing); carry .gpu-cudnn
+    end=$(( $(date +%s) + ${BUDGET:-300} ))
+    python bench/gpu_bench.py build /tmp/m12r 6 --global-every 6 > "$OUT/speed.log" 2>&1 || tail -5 "$OUT/speed.log"
+    TRINITY_BENCH_PROFILE=$OUT TRINITY_BENCH_TRACE=1 TRINITY_BENCH_KEEP_TRACE=1 python bench/gpu_bench.py run unsloth \
+      /tmp/m12r "$OUT/speed.jsonl" --depths 6 --grow-to 48 --only-grown --deadline $(( end - $(date +%s) )) \
+      --only lora_acc4 --compile-layers --checkpointing off --sliding-kernel "${SK:-cudnn}" \
+      --tag "nockpt_${SK:-cudnn}_layers_" >> "$OUT/speed.log" 2>&1
+    cat "$OUT"/prof-timeline-*.txt | head -40; wrap48 ;;
   bandplans)  # cuDNN's banded (sliding) and causal (global) graphs by execution plan, each timed alone, beside
               # cudnn-frontend's op per call (bench/cudnn_band_plans.py; carry .gpu-cudnn; < 2 min)
     python bench/cudnn_band_plans.py > "$OUT/band_plans.txt" 2>&1

@@ -72,6 +72,14 @@ sliding, 8 global), no checkpointing, LoRA, call 61 (``bench/results/2026-11-30-
 9025.5 tok/s with it against 8827.6 with flex on the sliding layers, **+2.2%** in the same run. Alone (call 61,
 ``bench/attention_kernels.py``) it runs a sliding layer forward + backward in 1.195 ms against flex's 1.865."""
 
+PROJECTION_LAYOUT = True
+"""cuDNN's kernels (a sliding layer's band, a global layer's SDPA) take their q, k and v in the projections' own
+memory order, (batch, seq, heads, dim), seen as (batch, heads, seq, dim) through strides, and so return the output
+and the gradients: the compiled layer's RoPE writes q and k in that order, v is the projection itself, the output
+is o_proj's input as it is, and the output's gradient o_proj's. Off, the layer hands them over (batch, heads, seq,
+dim)-contiguous, as transformers' attention does, and inductor copies each of q, k, v, the output and its gradient
+between the two orders (a profiled step, call 66: ~0.4 ms of copy kernels a sliding layer's forward + backward)."""
+
 CUDNN_CAPABILITY = 9
 """The compute capability (major) cuDNN's banded kernel is used on: Hopper, where it was measured (H200)."""
 
@@ -179,6 +187,8 @@ def _probe() -> Callable:
 def _dense_cuda(query, key, value, window: int | None, scale: float) -> torch.Tensor:
     """(batch, heads, seq, dim) in; (batch, seq, heads, dim) out, as transformers' flex attention returns it."""
     length = query.shape[2]
+    if PROJECTION_LAYOUT and (SLIDING_KERNEL if window is not None else GLOBAL_KERNEL) == "cudnn":
+        query, key, value = (_projection_order(x) for x in (query, key, value))
     if window is not None and SLIDING_KERNEL == "cudnn":
         out, _ = _CUDNN_SDPA(query, key, value, scale, is_causal=True, window_left=window, return_lse=True)
         return out.transpose(1, 2)
@@ -192,6 +202,12 @@ def _dense_cuda(query, key, value, window: int | None, scale: float) -> torch.Te
     return torch.ops.aten._flash_attention_forward(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), None, None, length, length, 0.0, True,
         False, scale=scale, window_size_left=left, window_size_right=right)[0]
+
+
+def _projection_order(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (batch, heads, seq, dim) with (batch, seq, heads, dim) memory (:data:`PROJECTION_LAYOUT`): a view where
+    it already is (v), else one copy, which inductor writes from the producing kernel (q's and k's RoPE)."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def _dense_reference(query, key, value, window: int | None, scale: float) -> torch.Tensor:
@@ -277,6 +293,6 @@ def uninstall() -> None:
     interface_fronts.uninstall(_WHERE, "flex_attention", DenseAttention, "flex")
 
 
-__all__ = ["CUDNN_CAPABILITY", "GLOBAL_KERNEL", "KEYWORD", "SLIDING", "SLIDING_KERNEL", "DenseAttention", "Pattern",
-           "applies", "classify", "expected_mask", "install", "installed", "load_cudnn_frontend", "pattern",
+__all__ = ["CUDNN_CAPABILITY", "GLOBAL_KERNEL", "KEYWORD", "PROJECTION_LAYOUT", "SLIDING", "SLIDING_KERNEL",
+           "DenseAttention", "Pattern", "applies", "classify", "expected_mask", "install", "installed", "load_cudnn_frontend", "pattern",
            "sliding_kernel", "uninstall"]
