@@ -253,3 +253,50 @@ def test_layers_pass_a_pattern_only_with_both_the_cache_and_the_dense_function(c
         assert compiled_layers._plain_pattern(causal) is None, "no cache: no classification"
     finally:
         block_masks.uninstall(), dense_attention.uninstall()
+
+
+_SEEN_STRIDES: list[tuple[int, ...]] = []
+
+
+@torch.library.custom_op("trinity_test::opaque_attention", mutates_args=())
+def _opaque_attention(query: torch.Tensor) -> torch.Tensor:
+    """An opaque kernel as cuDNN's op is to inductor (a custom op, default layout constraint): records the strides
+    it is handed."""
+    _SEEN_STRIDES.append(tuple(query.stride()))
+    return query.clone()
+
+
+@_opaque_attention.register_fake
+def _(query):
+    return torch.empty_like(query)
+
+
+_opaque_attention.register_autograd(lambda ctx, grad: grad)  # the clone's gradient
+
+
+def test_the_projection_layout_reaches_an_opaque_kernel_through_inductor():
+    """PROJECTION_LAYOUT's premise: the compiled layer's q (the projection through qkv_heads' RMSNorm and RoPE, made
+    heads-contiguous there) reaches an opaque kernel (a custom op, as cuDNN's is to inductor) in the projection's
+    (batch, seq, heads, dim) memory order where dense_attention puts it in that order; inductor writes it so from
+    the RoPE kernel (on an H200, call 67: the copy kernels around cuDNN's are gone)."""
+    from trinity_core.train.compiled_kernels import qkv_heads
+
+    batch, seq, heads, dim = 1, 16, 4, 8
+    proj = torch.nn.Linear(32, heads * dim, bias=False)
+    cos, sin, norm = torch.randn(batch, seq, dim), torch.randn(batch, seq, dim), torch.randn(dim)
+
+    def layer(x, order):
+        y = proj(x)
+        q, _, _ = qkv_heads(y, y, y, cos, sin, norm, norm, 1e-6, 1e-6, heads, heads)
+        q = order(q)
+        return _opaque_attention(q).transpose(1, 2).reshape(batch, seq, heads * dim)
+
+    x = torch.randn(batch, seq, 32)
+    for order, strides in ((dense_attention._projection_order, (seq * heads * dim, dim, heads * dim, 1)),
+                           (lambda q: q, (seq * heads * dim, seq * dim, dim, 1))):
+        _SEEN_STRIDES.clear()
+        torch._dynamo.reset()
+        out = torch.compile(layer, backend="inductor", fullgraph=True)(x, order)
+        torch.testing.assert_close(out, layer(x, order))
+        out.sum().backward()  # a training graph, as the layers' (forward and backward compiled together)
+        assert _SEEN_STRIDES[0] == strides

@@ -15,9 +15,10 @@ attention runs torch's built-in kernels instead: a global layer SDPA's cuDNN bac
 cuDNN's banded kernel through cudnn-frontend's op where that optional package is installed and this is a Hopper GPU
 (:data:`SLIDING_KERNEL`; H200, 48 layers, call 61: +2.2% tok/s; elsewhere flex attention), or
 ``aten._flash_attention_forward`` with ``window_size_left = window - 1`` (transformers' sliding overlay keeps keys
-with ``kv > q - window``; no gain in the layers, see :data:`SLIDING`); each with its
-own backward. Anything else (padding, packed sequences, image tokens' bidirectional blocks, offsets, a KV
-cache, dropout, softcapping, fp32 on CUDA) goes to transformers' flex attention as before.
+with ``kv > q - window``; no gain in the layers, see :data:`SLIDING`); each with its own backward; cuDNN's kernels
+take q, k and v in the projections' memory order (:data:`PROJECTION_LAYOUT`). Anything else (padding, packed
+sequences, image tokens' bidirectional blocks, offsets, a KV cache, dropout, softcapping, fp32 on CUDA) goes to
+transformers' flex attention as before.
 
 Who knows the mask is plain: :mod:`trinity_core.train.block_masks` builds the masks of unpadded batches and
 classifies each once, on its first build, by evaluating its mask function densely against causal ∧ window
@@ -69,8 +70,10 @@ and :func:`applies` says why), or "flash" (torch's FlashAttention-2 with a left 
 and the grouped key-value heads as they are, as the global layers' SDPA cuDNN path does. The band: keys ``k`` with
 ``q - window < k <= q`` (cuDNN's left bound is that count, ``window``). H200, the 12B's pattern at 48 layers (40
 sliding, 8 global), no checkpointing, LoRA, call 61 (``bench/results/2026-11-30-h200-cudnnsliding-61.jsonl``):
-9025.5 tok/s with it against 8827.6 with flex on the sliding layers, **+2.2%** in the same run. Alone (call 61,
-``bench/attention_kernels.py``) it runs a sliding layer forward + backward in 1.195 ms against flex's 1.865."""
+9025.5 tok/s with it against 8827.6 with flex on the sliding layers, **+2.2%** in the same run; with
+:data:`PROJECTION_LAYOUT` as well 9142.4 and 9257.2 tok/s (calls 67 and 69, 1.101× and 1.121× Unsloth's compiled
+LoRA). Alone (call 61, ``bench/attention_kernels.py``) it runs a sliding layer forward + backward in 1.195 ms
+against flex's 1.865."""
 
 PROJECTION_LAYOUT = True
 """cuDNN's kernels (a sliding layer's band, a global layer's SDPA) take their q, k and v in the projections' own
@@ -78,7 +81,8 @@ memory order, (batch, seq, heads, dim), seen as (batch, heads, seq, dim) through
 and the gradients: the compiled layer's RoPE writes q and k in that order, v is the projection itself, the output
 is o_proj's input as it is, and the output's gradient o_proj's. Off, the layer hands them over (batch, heads, seq,
 dim)-contiguous, as transformers' attention does, and inductor copies each of q, k, v, the output and its gradient
-between the two orders (a profiled step, call 66: ~0.4 ms of copy kernels a sliding layer's forward + backward)."""
+between the two orders (a profiled step, call 66: ~0.4 ms of copy kernels a sliding layer's forward + backward).
+H200, call 61's rows: +2.3% and +3.3% tok/s (calls 67 and 69) and 1.5 GiB less peak memory without checkpointing."""
 
 CUDNN_CAPABILITY = 9
 """The compute capability (major) cuDNN's banded kernel is used on: Hopper, where it was measured (H200)."""
@@ -294,5 +298,5 @@ def uninstall() -> None:
 
 
 __all__ = ["CUDNN_CAPABILITY", "GLOBAL_KERNEL", "KEYWORD", "PROJECTION_LAYOUT", "SLIDING", "SLIDING_KERNEL",
-           "DenseAttention", "Pattern", "applies", "classify", "expected_mask", "install", "installed", "load_cudnn_frontend", "pattern",
-           "sliding_kernel", "uninstall"]
+           "DenseAttention", "Pattern", "applies", "classify", "expected_mask", "install", "installed",
+           "load_cudnn_frontend", "pattern", "sliding_kernel", "uninstall"]
