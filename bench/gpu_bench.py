@@ -522,7 +522,8 @@ def run_unsloth(model_root: Path, depths: list[int], out, deadline: float, grow_
                 states = {id(s): s for m in model.modules() if (s := getattr(m, "_trinity_region_state", None))}
                 v2["dense_attention"] = dict(
                     global_kernel=dense_attention.GLOBAL_KERNEL, sliding=dense_attention.SLIDING,
-                    sliding_kernel=dense_attention.SLIDING_KERNEL, projection_layout=dense_attention.PROJECTION_LAYOUT,
+                    sliding_kernel=dense_attention.SLIDING_KERNEL,
+                    projection_layout=dense_attention.PROJECTION_LAYOUT,
                     cudnn_frontend=dense_attention._CUDNN_ERROR or ("loaded" if dense_attention._CUDNN_SDPA else "-"),
                     eager_calls=dense.calls, declined=dense.declined,
                     layer_calls_with_pattern=sum(s.dense_calls for s in states.values()))
